@@ -1,0 +1,15 @@
+# rollguard gateway image (CPU). Build: docker build -t rollguard .
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+COPY serving ./serving
+COPY policy ./policy
+COPY config ./config
+# torch is optional; add '[torch]' to serve PyTorch models (pinned CPU wheel).
+RUN pip install --no-cache-dir '.' && useradd --uid 10001 rollguard
+USER rollguard
+ENV ROLLGUARD_HOST=0.0.0.0 ROLLGUARD_PORT=8080
+EXPOSE 8080
+ENTRYPOINT ["rollguard"]
+CMD ["serve", "--config", "/app/config/rollguard.yaml"]

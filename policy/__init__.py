@@ -1,0 +1,1 @@
+"""Rollout policies: schema, validation, statistics, checks, decisions, state and audit."""

@@ -1,0 +1,61 @@
+"""The numbers a rollout decision is made from: per-variant counts and recent samples.
+
+The gateway's windows produce these; the policy package only reads them, so every
+check and decision can be tested without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class VariantEvidence:
+    """One variant's record since the rollout began (counts) plus its recent window.
+
+    Counts are cumulative since the rollout (candidate) began, which is what an
+    always-valid sequential test needs; the arrays are the recent ring-buffer window,
+    for percentiles and reports.
+    """
+
+    version: str
+    requests: int = 0  # completed routed requests
+    errors: int = 0  # of those, model errors and timeouts (never bad input)
+    routed: int = 0  # requests routed here since the split weights last changed (for SRM)
+    latency_threshold: float | None = None  # seconds; frozen by the engine, see checks
+    since_threshold: int = 0  # completed requests since the threshold was set
+    over_threshold: int = 0  # of those, slower than the threshold
+    labelled: int = 0  # requests whose feedback label arrived
+    correct: int = 0  # of those, predicted correctly
+    compared: int = 0  # shadow: requests compared with the primary's answer
+    agreed: int = 0  # of those, the same answer
+    latencies: np.ndarray = field(default_factory=lambda: np.empty(0))  # seconds, recent
+    inputs: np.ndarray | None = None  # recent input rows (2-D) for drift, when recorded
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.compared if self.compared else None
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th latency percentile of the recent window, in seconds."""
+        return float(np.percentile(self.latencies, q)) if self.latencies.size else None
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Both sides of a rollout at one instant, plus what the split should look like."""
+
+    stable: VariantEvidence
+    candidate: VariantEvidence
+    candidate_weight: float  # configured percent of traffic to the candidate
+    reference: np.ndarray | None = None  # training-input sample for drift, 2-D

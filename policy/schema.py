@@ -1,0 +1,202 @@
+"""The Rollout document (apiVersion rollguard/v1): typed, frozen, validated once.
+
+The JSON Schema shipped for editors (policy/rollout.schema.json) is generated from
+these models (`python -m policy.schema > policy/rollout.schema.json`), so the two
+cannot drift apart; a test checks the shipped file is current.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """'250ms', '5s', '2m', '1h' or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (e.g. 250ms, 5s, 2m, 1h)")
+    if seconds < 0:
+        raise ValueError(f"{value!r}: durations are not negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Strategy = Literal["canary", "ab", "blue_green", "shadow"]
+OnFail = Literal["rollback", "hold", "alert"]
+_LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metadata(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Step(_Frozen):
+    """One canary / blue-green step: candidate weight in percent, how long, how many."""
+
+    weight: float = Field(ge=0, le=100)
+    hold: Duration = 0.0
+    min_requests: int = Field(default=0, ge=0)
+
+
+class Check(_Frozen):
+    """One check over the per-variant evidence.
+
+    metric: error_rate | latency_pNN (e.g. latency_p99) | accuracy | agreement | drift | srm
+    Bounds (which apply depends on the metric):
+      max                  candidate's value must stay at or below (error_rate, latency in s)
+      min                  candidate's value must stay at or above (accuracy, agreement)
+      max_ratio_to_stable  latency: candidate pNN at most this times stable's pNN
+      max_increase_vs_stable  error_rate: candidate minus stable, absolute
+      max_drop_vs_stable   accuracy: stable minus candidate, absolute
+      threshold            drift: PSI above which a feature has drifted (default 0.25)
+    """
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+    max_ratio_to_stable: float | None = Field(default=None, gt=0)
+    max_increase_vs_stable: float | None = Field(default=None, ge=0)
+    max_drop_vs_stable: float | None = Field(default=None, ge=0)
+    threshold: float | None = Field(default=None, gt=0)
+    method: Literal["psi", "ks"] | None = None
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    min_samples: int = Field(default=200, ge=1)
+    on_fail: OnFail = "rollback"
+
+    @property
+    def percentile(self) -> float | None:
+        m = _LATENCY.match(self.metric)
+        return float(m.group(1)) if m else None
+
+    @model_validator(mode="after")
+    def _bounds_fit_metric(self) -> Check:
+        metric = self.metric
+        allowed: set[str]
+        if metric == "error_rate":
+            allowed = {"max", "max_increase_vs_stable"}
+        elif self.percentile is not None:
+            if not 0 < self.percentile < 100:
+                raise ValueError(f"metric {metric!r}: percentile must be in (0, 100)")
+            allowed = {"max", "max_ratio_to_stable"}
+        elif metric == "accuracy":
+            allowed = {"min", "max_drop_vs_stable"}
+        elif metric == "agreement":
+            allowed = {"min"}
+        elif metric == "drift":
+            allowed = {"threshold"}
+        elif metric == "srm":
+            allowed = set()
+        else:
+            raise ValueError(
+                f"unknown metric {metric!r}; expected error_rate, latency_pNN, accuracy, "
+                "agreement, drift or srm"
+            )
+        given = {
+            k
+            for k in (
+                "max",
+                "min",
+                "max_ratio_to_stable",
+                "max_increase_vs_stable",
+                "max_drop_vs_stable",
+                "threshold",
+            )
+            if getattr(self, k) is not None
+        }
+        if extra := given - allowed:
+            raise ValueError(
+                f"metric {metric!r} does not take {sorted(extra)}; it takes {sorted(allowed)}"
+            )
+        if not given and metric not in ("drift", "srm"):
+            raise ValueError(f"metric {metric!r} needs one of {sorted(allowed)}")
+        if self.method is not None and metric != "drift":
+            raise ValueError("'method' applies to the drift metric only")
+        return self
+
+
+class Webhook(_Frozen):
+    webhook: str = Field(pattern=r"^https?://")
+    timeout: Duration = 5.0
+    retries: int = Field(default=3, ge=0, le=10)
+
+
+class Spec(_Frozen):
+    model: str = Field(min_length=1)
+    stable: str = Field(min_length=1)
+    candidate: str = Field(min_length=1)
+    strategy: Strategy = "canary"
+    split: Literal["hash", "random"] = "hash"
+    key: str | None = Field(default=None, pattern=r"^(header|cookie):[A-Za-z0-9_.-]+$")
+    steps: list[Step] = Field(default_factory=list)
+    window: int = Field(default=2000, ge=10, le=1_000_000)
+    interval: Duration = 5.0
+    require_approval: bool = False
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    # ab: fixed split until a sample size or duration, then a verdict.
+    ab_weight: float = Field(default=50.0, gt=0, lt=100)
+    sample_size: int | None = Field(default=None, ge=10)
+    duration: Duration | None = None
+    primary_metric: Literal["error_rate", "accuracy", "latency"] = "error_rate"
+    # blue_green: how long the old side stays warm after the flip.
+    warm_hold: Duration = 300.0
+    # shadow: hand over to a canary of these steps once the shadow checks pass.
+    then_canary: bool = False
+    checks: list[Check] = Field(default_factory=list)
+    notify: list[Webhook] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Spec:
+        if self.stable == self.candidate:
+            raise ValueError(f"stable and candidate are both {self.stable!r}")
+        if self.split == "hash" and self.key is None and self.strategy != "shadow":
+            raise ValueError("split 'hash' needs 'key' (header:NAME or cookie:NAME)")
+        if self.strategy in ("canary", "blue_green") and not self.steps:
+            raise ValueError(f"strategy {self.strategy!r} needs at least one step")
+        weights = [s.weight for s in self.steps]
+        if weights != sorted(weights):
+            raise ValueError(f"step weights must not decrease: {weights}")
+        if self.strategy == "ab" and self.sample_size is None and self.duration is None:
+            raise ValueError("strategy 'ab' needs 'sample_size' or 'duration'")
+        if self.interval <= 0:
+            raise ValueError("interval must be positive")
+        return self
+
+
+class Rollout(_Frozen):
+    apiVersion: Literal["rollguard/v1"]
+    kind: Literal["Rollout"]
+    metadata: Metadata
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def json_schema() -> dict[str, object]:
+    """The JSON Schema of a Rollout document, for editors and CI linters."""
+    schema = Rollout.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rollguard Rollout"
+    return schema
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))

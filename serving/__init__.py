@@ -1,0 +1,1 @@
+"""Model serving core: the registry directory, framework runners and micro-batching."""

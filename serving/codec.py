@@ -1,0 +1,325 @@
+"""Open Inference Protocol (V2) JSON and binary-tensor codec: bodies <-> named numpy arrays.
+
+The one place that knows the wire format; the gateway's handlers and the HTTP upstream
+runner both call it. Follows kserve/open-inference-protocol `inference_rest.md` and the
+binary tensor data extension that tritonclient uses (Inference-Header-Content-Length).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from serving.errors import InvalidInput, UpstreamError
+from serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
+
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded V2 infer request."""
+
+    inputs: Tensors
+    id: str | None = None
+    outputs: list[str] | None = None  # requested output names, None = all
+    binary_outputs: set[str] = field(default_factory=set)  # outputs wanted as binary
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _loads(body: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def _tensor_from_json(
+    item: Any, where: str, binary: memoryview | None, offset: int
+) -> tuple[str, np.ndarray, int]:
+    if not isinstance(item, dict):
+        raise InvalidInput(f"{where}: each tensor must be a JSON object")
+    name = item.get("name")
+    datatype = item.get("datatype")
+    shape = item.get("shape")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+    if datatype not in V2_TO_NUMPY:
+        raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    dtype = V2_TO_NUMPY[datatype]
+    count = math.prod(shape)
+    params = item.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        if binary is None or not isinstance(size, int) or offset + size > len(binary):
+            raise InvalidInput(f"input '{name}': binary_data_size exceeds the binary payload")
+        chunk = binary[offset : offset + size]
+        offset += size
+        if datatype == "BYTES":
+            array = _bytes_from_binary(chunk, count, name)
+        else:
+            if size != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input '{name}': {size} binary bytes do not hold shape {shape} of {datatype}"
+                )
+            array = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        return name, array, offset
+    if "data" not in item:
+        raise InvalidInput(f"input '{name}': missing 'data'")
+    data = item["data"]
+    try:
+        if datatype == "BYTES":
+            flat = np.asarray(data, dtype=object).reshape(-1)
+            array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
+        else:
+            array = np.asarray(data, dtype=dtype)
+            if array.dtype.kind in "iu" and np.asarray(data).dtype.kind == "f":
+                raise InvalidInput(f"input '{name}': {datatype} data holds non-integer values")
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input '{name}': data does not fit {datatype}: {exc}") from None
+    if array.size != count:
+        raise InvalidInput(
+            f"input '{name}': shape {shape} needs {count} values, data has {array.size}"
+        )
+    return name, array.reshape(shape), offset
+
+
+def _bytes_from_binary(chunk: memoryview, count: int, name: str) -> np.ndarray:
+    # BYTES elements are each a 4-byte little-endian length then the bytes.
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(chunk):
+        if pos + 4 > len(chunk):
+            raise InvalidInput(f"input '{name}': truncated BYTES element")
+        n = int.from_bytes(chunk[pos : pos + 4], "little")
+        out.append(bytes(chunk[pos + 4 : pos + 4 + n]))
+        pos += 4 + n
+    if len(out) != count:
+        raise InvalidInput(f"input '{name}': {len(out)} BYTES elements, shape needs {count}")
+    return np.array(out, dtype=object)
+
+
+def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    """Parse a V2 infer body (JSON, or JSON + binary tensors when header_length is set)."""
+    binary: memoryview | None = None
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{BINARY_HEADER} {header_length!r} is not an integer") from None
+        if not 0 < n <= len(body):
+            raise InvalidInput(f"{BINARY_HEADER} {n} is outside the body of {len(body)} bytes")
+        view = memoryview(body)
+        doc, binary = _loads(view[:n]), view[n:]
+    else:
+        doc = _loads(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    inputs: Tensors = {}
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        name, array, offset = _tensor_from_json(item, f"inputs[{i}]", binary, offset)
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' given twice")
+        inputs[name] = array
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    outputs: list[str] | None = None
+    binary_outputs: set[str] = set()
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for item in raw_outputs:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                raise InvalidInput("each requested output needs a string 'name'")
+            outputs.append(item["name"])
+            oparams = item.get("parameters") or {}
+            if isinstance(oparams, dict) and oparams.get("binary_data") is True:
+                binary_outputs.add(item["name"])
+    elif params.get("binary_data_output") is True:
+        binary_outputs = {"*"}
+    return InferRequest(inputs, request_id, outputs, binary_outputs, params)
+
+
+def select_outputs(
+    outputs: Tensors, requested: Sequence[str] | None, declared: Sequence[TensorSpec] = ()
+) -> Tensors:
+    """The requested outputs in request order (all, in declared order, when none requested)."""
+    if requested is None:
+        order = [s.name for s in declared if s.name in outputs]
+        order += [n for n in outputs if n not in order]
+        return {n: outputs[n] for n in order}
+    missing = [n for n in requested if n not in outputs]
+    if missing:
+        raise InvalidInput(f"unknown output(s) {missing}; the model gives {sorted(outputs)}")
+    return {n: outputs[n] for n in requested}
+
+
+def _output_json(name: str, array: np.ndarray) -> dict[str, Any]:
+    datatype = v2_datatype(array)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    data: Any
+    if datatype == "BYTES":
+        data = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in flat]
+    else:
+        data = flat
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def encode_infer_response(
+    outputs: Tensors,
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    binary_outputs: set[str] | frozenset[str] = frozenset(),
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """A V2 response body; the second value is the JSON header length when binary follows."""
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in outputs.items():
+        if binary_outputs and ("*" in binary_outputs or name in binary_outputs):
+            raw = _binary_bytes(array)
+            tensors.append(
+                {
+                    "name": name,
+                    "datatype": v2_datatype(array),
+                    "shape": list(array.shape),
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            )
+            chunks.append(raw)
+        else:
+            tensors.append(_output_json(name, array))
+    doc["outputs"] = tensors
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
+
+
+def _binary_bytes(array: np.ndarray) -> bytes:
+    if v2_datatype(array) == "BYTES":
+        parts = []
+        for v in array.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            parts.append(len(b).to_bytes(4, "little") + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def encode_infer_request(
+    inputs: Tensors, *, request_id: str | None = None, outputs: list[str] | None = None
+) -> bytes:
+    """A V2 JSON infer request body (what the HTTP upstream runner sends)."""
+    doc: dict[str, Any] = {"inputs": [_output_json(n, a) for n, a in inputs.items()]}
+    if request_id is not None:
+        doc["id"] = request_id
+    if outputs is not None:
+        doc["outputs"] = [{"name": n} for n in outputs]
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_infer_response(body: bytes) -> tuple[Tensors, dict[str, Any]]:
+    """Tensors by name and the top-level fields of an upstream's V2 JSON response."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"upstream answered with invalid JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise UpstreamError("upstream response has no 'outputs' list")
+    tensors: Tensors = {}
+    try:
+        for i, item in enumerate(doc["outputs"]):
+            name, array, _ = _tensor_from_json(item, f"outputs[{i}]", None, 0)
+            tensors[name] = array
+    except InvalidInput as exc:
+        raise UpstreamError(f"upstream response: {exc}") from None
+    meta = {k: v for k, v in doc.items() if k != "outputs"}
+    return tensors, meta
+
+
+def decode_predict_request(
+    body: bytes, specs: Sequence[TensorSpec]
+) -> tuple[Tensors, str | None, bool]:
+    """Parse the simple `/predict` body into tensors for a model's declared inputs.
+
+    `{"features": F}` is one row, `{"instances": [F, ...]}` several. F is either a list of
+    numbers (models with one input: that input's row) or an object keyed by input name.
+    Returns (tensors, request id, whether it was a single-row `features` request).
+    """
+    doc = _loads(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    if ("features" in doc) == ("instances" in doc):
+        raise InvalidInput("give exactly one of 'features' (one row) or 'instances' (rows)")
+    single = "features" in doc
+    rows = [doc["features"]] if single else doc["instances"]
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput("'instances' must be a non-empty list")
+    if not specs:
+        raise InvalidInput("the model declares no inputs; use the V2 infer endpoint")
+    columns: dict[str, list[Any]] = {s.name: [] for s in specs}
+    for i, row in enumerate(rows):
+        if isinstance(row, list):
+            if len(specs) != 1:
+                raise InvalidInput(
+                    f"row {i}: a list fits only one-input models; name the inputs "
+                    f"{[s.name for s in specs]}"
+                )
+            columns[specs[0].name].append(row)
+        elif isinstance(row, dict):
+            unknown = set(row) - set(columns)
+            if unknown:
+                raise InvalidInput(f"row {i}: unknown input(s) {sorted(unknown)}")
+            for s in specs:
+                if s.name not in row:
+                    raise InvalidInput(f"row {i}: missing input '{s.name}'")
+                columns[s.name].append(row[s.name])
+        else:
+            raise InvalidInput(f"row {i}: expected a list or an object")
+    tensors: Tensors = {}
+    for s in specs:
+        try:
+            array = np.asarray(columns[s.name], dtype=s.dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInput(f"input '{s.name}': values do not fit {s.datatype}: {exc}") from None
+        tensors[s.name] = array
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return tensors, request_id, single
+
+
+def encode_predictions(outputs: Tensors, single: bool) -> list[dict[str, Any]] | dict[str, Any]:
+    """Rows of {output name: value} for the simple `/predict` response."""
+    n = next(iter(outputs.values())).shape[0] if outputs else 0
+    lists = {
+        k: (v.tolist() if v.dtype != object else [str(x) for x in v]) for k, v in outputs.items()
+    }
+    rows = [{k: lists[k][i] for k in lists} for i in range(n)]
+    return rows[0] if single and rows else rows

@@ -1,0 +1,65 @@
+"""The serving package's exception tree; no HTTP codes here (proxy/errors.py maps them).
+
+ServingError
+├── ManifestError          model.yaml missing, unparsable or invalid
+├── ArtifactError          artifact missing, sha256 mismatch, unloadable
+│   └── FrameworkUnavailable   the framework's library is not installed
+├── ModelNotFound          no such model in the registry
+│   └── VersionNotFound    the model exists, the version does not
+├── NotReady               the version exists but is not loaded / not ready
+├── InvalidInput           tensors do not match the manifest (name, datatype, shape)
+├── ModelExecutionError    the model raised while predicting
+├── UpstreamError          an HTTP upstream answered with an error or not at all
+│   └── UpstreamTimeout    the upstream did not answer in time
+└── Overloaded             a bounded queue is full
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Root of every error the serving core raises."""
+
+
+class ManifestError(ServingError):
+    """A model.yaml is missing, does not parse, or does not validate."""
+
+
+class ArtifactError(ServingError):
+    """An artifact is missing, has the wrong sha256, or cannot be loaded."""
+
+
+class FrameworkUnavailable(ArtifactError):
+    """The artifact needs a library (e.g. torch) that is not installed."""
+
+
+class ModelNotFound(ServingError):
+    """No model of that name is known."""
+
+
+class VersionNotFound(ModelNotFound):
+    """The model is known but not that version."""
+
+
+class NotReady(ServingError):
+    """The version is known but not loaded, or the model has no servable version."""
+
+
+class InvalidInput(ServingError):
+    """The request's tensors do not match what the model declares."""
+
+
+class ModelExecutionError(ServingError):
+    """The model itself raised while predicting."""
+
+
+class UpstreamError(ServingError):
+    """An HTTP upstream failed: connection refused, 5xx, or an unreadable answer."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """An HTTP upstream did not answer within its timeout."""
+
+
+class Overloaded(ServingError):
+    """A bounded queue or concurrency limit is full."""

@@ -1,0 +1,140 @@
+"""The model.yaml manifest of one registry version: parsed and validated once, then frozen."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serving.errors import ManifestError
+from serving.tensors import V2_TO_NUMPY, TensorSpec
+
+MANIFEST_NAME = "model.yaml"
+Framework = Literal["onnx", "torch", "sklearn", "http"]
+Stage = Literal["development", "staging", "production", "archived"]
+ARTIFACT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "onnx": (".onnx",),
+    "torch": (".pt", ".pt2"),
+    "sklearn": (".skops", ".joblib"),
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorField(_Frozen):
+    name: str = Field(min_length=1)
+    datatype: str
+    shape: list[int] = Field(min_length=1)
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in V2_TO_NUMPY:
+            raise ValueError(f"unknown datatype {value!r}; expected one of {sorted(V2_TO_NUMPY)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in value):
+            raise ValueError(f"shape {value}: dimensions are positive or -1")
+        return value
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+class Batching(_Frozen):
+    max_batch_size: int = Field(ge=1, le=65536)
+    max_delay_ms: float = Field(ge=0, le=10_000)
+
+
+class Manifest(_Frozen):
+    """Everything model.yaml may say about one version."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    framework: Framework
+    artifact: str | None = None
+    endpoint: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    stage: Stage = "development"
+    parent: str | None = None
+    inputs: list[TensorField] = Field(default_factory=list)
+    outputs: list[TensorField] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_by: str | None = None
+    created_at: datetime | None = None
+    batching: Batching | None = None
+    reference: str | None = None
+    # skops: extra type names the artifact may contain, on top of skops' own safe list.
+    trusted_types: list[str] = Field(default_factory=list)
+    # http: seconds before an upstream call is abandoned.
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Parameters the runner passes to its framework (e.g. intra_op_threads for onnx).
+    runtime: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _artifact_or_endpoint(self) -> Manifest:
+        if self.framework == "http":
+            if not self.endpoint:
+                raise ValueError("framework 'http' needs 'endpoint' (the upstream's V2 model URL)")
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {self.endpoint!r} is not an http(s) URL")
+            return self
+        if not self.artifact:
+            raise ValueError(f"framework {self.framework!r} needs 'artifact' (a file name)")
+        if "/" in self.artifact or self.artifact in (".", ".."):
+            raise ValueError(f"artifact {self.artifact!r} must be a plain file name")
+        if not self.artifact.endswith(ARTIFACT_SUFFIXES[self.framework]):
+            raise ValueError(
+                f"artifact {self.artifact!r} does not fit framework {self.framework!r} "
+                f"(expected {' or '.join(ARTIFACT_SUFFIXES[self.framework])})"
+            )
+        if not self.sha256:
+            raise ValueError("'sha256' of the artifact is required")
+        return self
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.inputs]
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.outputs]
+
+
+def parse_manifest(data: Any, source: str) -> Manifest:
+    """Validate already-parsed YAML; errors name `source` and the offending field."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a mapping at the top level")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ManifestError(f"{source}: {where}: {first['msg']}") from None
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate one model.yaml."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    return parse_manifest(data, str(path))
+
+
+def dump_manifest(manifest: Manifest, path: Path) -> None:
+    """Write a manifest as YAML (used by `registry add` and the demo builder)."""
+    data = manifest.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
