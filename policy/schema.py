@@ -11,7 +11,14 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -32,7 +39,15 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# Durations are written "5s" in YAML: the editor schema must accept the string form too.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": _DURATION.pattern},
+    ],
+    "description": "seconds, or a number with a unit: 250ms, 5s, 2m, 1h",
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Strategy = Literal["canary", "ab", "blue_green", "shadow"]
 OnFail = Literal["rollback", "hold", "alert"]
 _LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")

@@ -1,0 +1,187 @@
+"""Benchmark: dynamic micro-batching on and off, C concurrent single-row callers, same executor.
+
+Run: `python load_tests/bench_batching.py` (about a minute). It trains a wide MLP on
+load_digits (scikit-learn), exports it to ONNX with skl2onnx, serves it with the
+OnnxRunner on a 2-thread executor, and drives C concurrent callers, each sending one
+row at a time, first straight to the runner, then through a BatchingRunner. It prints
+rows/s, p50 and p99 latency per mode and the ratio. It asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from serving.batching import BatchingRunner
+from serving.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from serving.runners import Runner, create_runner
+from serving.tensors import Tensors
+
+
+class CountingRunner(Runner):
+    """Delegates to a runner and counts its calls and rows, to report batch sizes."""
+
+    def __init__(self, inner: Runner) -> None:
+        super().__init__(inner.manifest, inner.directory)
+        self.inner = inner
+        self.calls = 0
+        self.rows = 0
+
+    async def load(self) -> None:
+        await self.inner.load()
+        self.ready = True
+
+    async def predict(self, inputs: Tensors) -> Tensors:
+        self.calls += 1
+        self.rows += next(iter(inputs.values())).shape[0]
+        return await self.inner.predict(inputs)
+
+    async def unload(self) -> None:
+        self.ready = False
+        await self.inner.unload()
+
+
+def build_model(directory: Path, hidden: int, layers: int) -> tuple[Manifest, np.ndarray]:
+    """Train a wide MLP on load_digits, export it to ONNX, write a registry version."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a one-epoch fit does not converge; it need not
+        mlp = MLPClassifier(hidden_layer_sizes=(hidden,) * layers, max_iter=1, random_state=0)
+        mlp.fit(x[:400], y[:400])  # accuracy is beside the point; build time is not
+        onnx_model = convert_sklearn(
+            mlp,
+            initial_types=[("input", FloatTensorType([None, x.shape[1]]))],
+            options={MLPClassifier: {"zipmap": False}},
+        )
+    data = onnx_model.SerializeToString()
+    directory.mkdir(parents=True)
+    (directory / "model.onnx").write_bytes(data)
+    manifest = Manifest.model_validate(
+        {
+            "name": "wide-mlp",
+            "version": "1",
+            "framework": "onnx",
+            "artifact": "model.onnx",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, x.shape[1]]}],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+            ],
+        }
+    )
+    dump_manifest(manifest, directory / MANIFEST_NAME)
+    return manifest, x
+
+
+async def drive(
+    runner: Runner, rows: np.ndarray, requests: int, concurrency: int
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """C callers send single rows until `requests` are done: (seconds, latencies, probs)."""
+    latencies = np.zeros(requests)
+    probabilities = np.zeros((requests, 10), dtype=np.float32)
+    next_index = 0
+
+    async def caller() -> None:
+        nonlocal next_index
+        while next_index < requests:
+            i = next_index
+            next_index += 1
+            row = rows[i % len(rows)][None, :]
+            start = time.perf_counter()
+            out = await runner.predict({"input": row})
+            latencies[i] = time.perf_counter() - start
+            probabilities[i] = out["probabilities"][0]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies, probabilities
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        manifest, rows = build_model(Path(tmp) / "wide-mlp" / "1", args.hidden, args.layers)
+        print(
+            f"model: MLP {args.layers}x{args.hidden} on load_digits, ONNX, "
+            f"built in {time.perf_counter() - started:.1f} s; executor: {args.threads} threads, "
+            f"{args.concurrency} concurrent single-row callers, {args.requests} requests a mode"
+        )
+        with ThreadPoolExecutor(args.threads) as executor:
+            inner = create_runner(manifest, Path(tmp) / "wide-mlp" / "1", executor=executor)
+            await inner.load()
+            single = rows[:1]
+            for _ in range(20):
+                await inner.predict({"input": single})
+            t0 = time.perf_counter()
+            for _ in range(100):
+                await inner.predict({"input": single})
+            print(f"one row, one caller: {(time.perf_counter() - t0) * 10:.2f} ms a call")
+            results = {}
+            for mode in ("off", "on"):
+                counting = CountingRunner(inner)
+                runner: Runner = counting
+                if mode == "on":
+                    runner = BatchingRunner(
+                        counting,
+                        max_batch_size=args.max_batch_size,
+                        max_delay_ms=args.max_delay_ms,
+                        max_concurrent_batches=args.threads,
+                    )
+                await runner.load()
+                await drive(runner, rows, args.concurrency * 4, args.concurrency)  # warm-up
+                counting.calls = counting.rows = 0
+                seconds, latencies, probabilities = await drive(
+                    runner, rows, args.requests, args.concurrency
+                )
+                results[mode] = (seconds, latencies, probabilities, counting.rows / counting.calls)
+                await runner.unload()
+            print(f"\n{'batching':<10}{'rows/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'rows/call':>11}")
+            for mode, (seconds, latencies, _, per_call) in results.items():
+                print(
+                    f"{mode:<10}{args.requests / seconds:>10.0f}"
+                    f"{np.percentile(latencies, 50) * 1e3:>10.2f}"
+                    f"{np.percentile(latencies, 99) * 1e3:>10.2f}{per_call:>11.1f}"
+                )
+            off, on = results["off"], results["on"]  # (seconds, latencies, probs, rows/call)
+            print(f"\nthroughput ratio on/off: {off[0] / on[0]:.2f}x")
+            same = np.allclose(off[2], on[2], atol=1e-5)
+            print(f"outputs equal in both modes (atol 1e-5): {'yes' if same else 'NO'}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main(parse_args()))
+    else:
+        uvloop.run(main(parse_args()))

@@ -1,0 +1,313 @@
+"""A rollout's checks against its evidence: one pass / fail / inconclusive verdict each.
+
+Pure functions of (check, evidence); the statistics live in policy/sequential.py,
+policy/srm.py and policy/drift.py. Semantics, per metric:
+
+- Alpha. evaluate_checks splits spec.alpha over the sequential checks (error_rate,
+  latency_pNN, accuracy, agreement) by Bonferroni; a check whose `confidence` asks for
+  more gets 1 − confidence instead. Each sequential check is an always-valid one-sided
+  test in the direction of harm, so the chance that any of them ever FAILs a candidate
+  that meets every bound stays ≤ spec.alpha however often the checks run.
+- INCONCLUSIVE while an arm has fewer than `min_samples` observations (requests, labelled
+  requests, compared requests or requests since the latency threshold; both arms for
+  comparisons), and whenever the evidence does not decide yet.
+- FAIL only when the whole confidence sequence lies beyond the bound *and* the candidate
+  shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers):
+  error_rate  max: candidate's lower bound > max; max_increase_vs_stable: lower bound of
+              candidate − stable > the margin. A margin of 0 is allowed; 0.005 (half a
+              point) is the practical default: it ignores differences nobody would roll
+              back for and needs far fewer requests to decide.
+  latency_pNN the engine freezes a threshold T (latency_threshold below: T = ratio ×
+              stable's window pNN, or T = max) on both variants and counts requests
+              slower than T since then. FAIL when the lower bound of the candidate's
+              P(latency > T) exceeds 1 − NN/100, i.e. its pNN is above T with
+              always-valid confidence. The windows' percentiles and their ratio are
+              reported, not tested: a windowed percentile looked at repeatedly is not.
+  accuracy    max_drop_vs_stable: lower bound of stable − candidate (correct/labelled) >
+              margin; min: candidate's upper bound < min. Label rates per variant are
+              reported and flagged when their ratio leaves [0.8, 1.25] (with delayed
+              labels a variant whose share just grew is legitimately behind).
+  agreement   (shadow) min: upper bound of agreed/compared < min.
+  drift       not sequential: PSI (default) of the worst feature > threshold (0.25), or
+              with method ks a Bonferroni-adjusted KS p < alpha and statistic >
+              threshold (default 0.1); needs ≥ 500 rows of reference and live inputs.
+              Use on_fail hold or alert, not rollback: drift says the inputs moved, not
+              that the candidate is worse.
+  srm         Pearson chi-square of routed counts against candidate_weight: FAIL at
+              p < 0.001 with ≥ 8 expected per arm (or min_samples, when set). Not
+              applicable at weight 0 or 100 or to shadows. On SRM hold: every
+              comparison between the variants is suspect.
+- PASS when there are enough samples and the point estimate is within the bound.
+
+Every result carries `detail`, the numbers that decided it, for the audit log: n per
+arm, rates, ci_lower / ci_upper (the sequence's bounds, one of them trivial for a
+one-sided test), pvalue (always-valid, against the bound), alpha and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+from policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
+from policy.evidence import Evidence, VariantEvidence
+from policy.schema import Check, Spec
+from policy.sequential import Bounds, Side, difference_sequence, rate_sequence
+from policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, srm_pvalue
+from policy.verdict import CheckResult, Verdict
+
+__all__ = ["MIN_EVENTS", "check_alpha", "evaluate", "evaluate_checks", "latency_threshold"]
+
+MIN_EVENTS = 5
+KS_MIN_STATISTIC = 0.1
+_TAIL_ROWS = 10  # stable's window must hold this many requests above its pNN to set T
+_LABEL_RATE_RATIO = 1.25
+Detail = dict[str, float | int | str | None]
+
+
+def _sequential(check: Check) -> bool:
+    return check.metric in ("error_rate", "accuracy", "agreement") or check.percentile is not None
+
+
+def check_alpha(spec: Spec, check: Check) -> float:
+    """The alpha one check runs at: spec.alpha / (number of sequential checks), or less."""
+    k = max(1, sum(_sequential(c) for c in spec.checks))
+    return min(spec.alpha / k, 1.0 - check.confidence)
+
+
+def evaluate_checks(spec: Spec, evidence: Evidence) -> list[CheckResult]:
+    """Every check of the rollout, in order, at its Bonferroni share of spec.alpha."""
+    results = []
+    for check in spec.checks:
+        if check.metric == "srm" and spec.strategy == "shadow":
+            why = "a shadow mirrors all traffic; there is no split to check"
+            results.append(CheckResult(check, Verdict.INCONCLUSIVE, detail={"reason": why}))
+            continue
+        results.append(evaluate(check, evidence, alpha=check_alpha(spec, check)))
+    return results
+
+
+def evaluate(check: Check, evidence: Evidence, *, alpha: float) -> CheckResult:
+    """One check at the given alpha (see the module docstring for the semantics)."""
+    if check.metric == "error_rate":
+        return _error_rate(check, evidence, alpha)
+    if check.percentile is not None:
+        return _latency(check, evidence, alpha)
+    if check.metric == "accuracy":
+        return _accuracy(check, evidence, alpha)
+    if check.metric == "agreement":
+        return _agreement(check, evidence, alpha)
+    if check.metric == "drift":
+        return _drift(check, evidence, alpha)
+    if check.metric == "srm":
+        return _srm(check, evidence)
+    raise ValueError(f"unknown metric {check.metric!r}")
+
+
+def latency_threshold(check: Check, stable: VariantEvidence) -> float | None:
+    """The threshold T (seconds) to freeze for a latency check, or None if not yet known.
+
+    T = max for an absolute bound. For max_ratio_to_stable, T = ratio × stable's window
+    pNN once stable has min_samples requests and its window holds enough rows for the
+    pNN to rest on at least 10 slower requests (1000 for p99): a p99 from 200 rows is
+    so noisy that a healthy candidate would be judged against a threshold set too low.
+    """
+    q = check.percentile
+    if q is None:
+        raise ValueError(f"{check.metric!r} is not a latency check")
+    if check.max is not None:
+        return check.max
+    assert check.max_ratio_to_stable is not None  # the schema requires one of the two
+    rows = max(check.min_samples, math.ceil(_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9))
+    if stable.requests < check.min_samples or stable.latencies.size < rows:
+        return None
+    pnn = stable.percentile(q)
+    return None if pnn is None else check.max_ratio_to_stable * pnn
+
+
+def _verdict(enough: bool, crossed: bool, events: int, within: bool) -> Verdict:
+    if not enough:
+        return Verdict.INCONCLUSIVE
+    if crossed and events >= MIN_EVENTS:
+        return Verdict.FAIL
+    return Verdict.PASS if within else Verdict.INCONCLUSIVE
+
+
+def _reason(verdict: Verdict, enough: bool, need: str) -> str:
+    if not enough:
+        return f"too few samples: {need}"
+    if verdict is Verdict.FAIL:
+        return "the confidence sequence lies beyond the bound"
+    if verdict is Verdict.PASS:
+        return "the estimate is within the bound"
+    return "the estimate is beyond the bound but the evidence does not decide yet"
+
+
+def _bounds_detail(b: Bounds, alpha: float) -> Detail:
+    return {"ci_lower": b.lower, "ci_upper": b.upper, "pvalue": b.pvalue, "alpha": alpha}
+
+
+def _one_sample(
+    check: Check, events: int, n: int, good_events: bool, limit: float, alpha: float, name: str
+) -> CheckResult:
+    """A candidate rate held to `limit`: at most (good_events False), or at least."""
+    side: Side = "upper" if good_events else "lower"
+    b = rate_sequence(events, n, alpha, side=side, null=limit)
+    harmful = n - events if good_events else events
+    crossed = b.upper < limit if good_events else b.lower > limit
+    within = b.estimate >= limit if good_events else b.estimate <= limit
+    enough = n >= check.min_samples
+    verdict = _verdict(enough, crossed, harmful, within)
+    need = f"candidate has {n} {name}, needs {check.min_samples}"
+    detail: Detail = {"n_candidate": n, "events_candidate": events, "harmful_events": harmful}
+    detail |= _bounds_detail(b, alpha) | {"reason": _reason(verdict, enough, need)}
+    return CheckResult(check, verdict, b.estimate if n else None, limit, detail)
+
+
+def _two_sample(
+    check: Check,
+    stable: tuple[int, int],
+    candidate: tuple[int, int],
+    good_events: bool,
+    margin: float,
+    alpha: float,
+    name: str,
+) -> CheckResult:
+    """Candidate's rate worse than stable's by more than `margin` (events/n pairs)."""
+    (xs, ns), (xc, nc) = stable, candidate
+    if good_events:  # harm = stable − candidate
+        b = difference_sequence(xc, nc, xs, ns, alpha, side="lower", null=margin)
+        harmful = nc - xc
+    else:  # harm = candidate − stable
+        b = difference_sequence(xs, ns, xc, nc, alpha, side="lower", null=margin)
+        harmful = xc
+    enough = min(ns, nc) >= check.min_samples
+    verdict = _verdict(enough, b.lower > margin, harmful, b.estimate <= margin)
+    need = f"stable has {ns} and candidate {nc} {name}, each needs {check.min_samples}"
+    detail: Detail = {
+        "n_stable": ns,
+        "n_candidate": nc,
+        "rate_stable": xs / ns if ns else None,
+        "rate_candidate": xc / nc if nc else None,
+        "harm": b.estimate,
+        "harmful_events": harmful,
+    }
+    detail |= _bounds_detail(b, alpha) | {"reason": _reason(verdict, enough, need)}
+    return CheckResult(check, verdict, b.estimate if ns and nc else None, margin, detail)
+
+
+def _error_rate(check: Check, ev: Evidence, alpha: float) -> CheckResult:
+    s, c = ev.stable, ev.candidate
+    if check.max is not None:
+        return _one_sample(check, c.errors, c.requests, False, check.max, alpha, "requests")
+    margin = check.max_increase_vs_stable
+    assert margin is not None  # the schema requires max or max_increase_vs_stable
+    pairs = (s.errors, s.requests), (c.errors, c.requests)
+    return _two_sample(check, *pairs, False, margin, alpha, "requests")
+
+
+def _latency(check: Check, ev: Evidence, alpha: float) -> CheckResult:
+    q = check.percentile
+    assert q is not None
+    s, c = ev.stable, ev.candidate
+    p_s, p_c = s.percentile(q), c.percentile(q)
+    window: Detail = {
+        "stable_window_pnn": p_s,
+        "candidate_window_pnn": p_c,
+        "window_ratio": p_c / p_s if p_s and p_c is not None else None,
+        "threshold_s": c.latency_threshold,
+        "stable_exceedance": s.over_threshold / s.since_threshold if s.since_threshold else None,
+    }
+    if c.latency_threshold is None:
+        detail = window | {"reason": "the latency threshold is not frozen yet"}
+        return CheckResult(check, Verdict.INCONCLUSIVE, None, 1.0 - q / 100.0, detail)
+    result = _one_sample(
+        check, c.over_threshold, c.since_threshold, False, 1.0 - q / 100.0, alpha,
+        "requests since the latency threshold was set",
+    )  # fmt: skip
+    return CheckResult(check, result.verdict, result.value, result.bound, window | result.detail)
+
+
+def _accuracy(check: Check, ev: Evidence, alpha: float) -> CheckResult:
+    s, c = ev.stable, ev.candidate
+    if check.min is not None:
+        result = _one_sample(check, c.correct, c.labelled, True, check.min, alpha, "labels")
+    else:
+        margin = check.max_drop_vs_stable
+        assert margin is not None  # the schema requires min or max_drop_vs_stable
+        pairs = (s.correct, s.labelled), (c.correct, c.labelled)
+        result = _two_sample(check, *pairs, True, margin, alpha, "labels")
+    rate_s = s.labelled / s.requests if s.requests else None
+    rate_c = c.labelled / c.requests if c.requests else None
+    ratio = rate_c / rate_s if rate_s and rate_c is not None else None
+    differ = ratio is not None and not 1 / _LABEL_RATE_RATIO <= ratio <= _LABEL_RATE_RATIO
+    labels: Detail = {
+        "label_rate_stable": rate_s,
+        "label_rate_candidate": rate_c,
+        "label_rates_differ": "yes" if differ else "no",
+    }
+    return CheckResult(check, result.verdict, result.value, result.bound, result.detail | labels)
+
+
+def _agreement(check: Check, ev: Evidence, alpha: float) -> CheckResult:
+    c = ev.candidate
+    assert check.min is not None  # the schema allows only min
+    return _one_sample(check, c.agreed, c.compared, True, check.min, alpha, "compared requests")
+
+
+def _drift(check: Check, ev: Evidence, alpha: float) -> CheckResult:
+    ref, cur = ev.reference, ev.candidate.inputs
+    method = check.method or "psi"
+    threshold = check.threshold or (PSI_ALERT if method == "psi" else KS_MIN_STATISTIC)
+    rows = max(DRIFT_MIN_ROWS, check.min_samples)
+    n_ref = 0 if ref is None else len(ref)
+    n_cur = 0 if cur is None else len(cur)
+    detail: Detail = {"reference_rows": n_ref, "candidate_rows": n_cur, "method": method}
+    if ref is None or cur is None or min(n_ref, n_cur) < rows:
+        detail["reason"] = f"too few samples: drift needs {rows} reference and live rows"
+        return CheckResult(check, Verdict.INCONCLUSIVE, None, threshold, detail)
+    if ref.reshape(n_ref, -1).shape[1] != cur.reshape(n_cur, -1).shape[1]:
+        detail["reason"] = f"reference shape {ref.shape} does not match inputs {cur.shape}"
+        return CheckResult(check, Verdict.INCONCLUSIVE, None, threshold, detail)
+    report = drift_report(ref.reshape(n_ref, -1), cur.reshape(n_cur, -1))
+    worst, worst_ks = report.worst, report.worst_ks
+    detail |= {
+        "features": len(report.features),
+        "worst_feature": worst.feature,
+        "worst_psi": worst.psi,
+        "psi_level": "alert" if worst.psi > PSI_ALERT else "warn" if worst.psi > PSI_WARN else "ok",
+        "worst_ks_feature": worst_ks.feature,
+        "worst_ks_statistic": worst_ks.ks_statistic,
+        "worst_ks_pvalue_adjusted": worst_ks.ks_pvalue_adjusted,
+        "alpha": alpha,
+    }
+    if method == "psi":
+        value, failed = worst.psi, worst.psi > threshold
+    else:
+        drifted = [
+            f for f in report.features
+            if f.ks_pvalue_adjusted < alpha and f.ks_statistic > threshold
+        ]  # fmt: skip
+        pick = max(drifted, key=lambda f: f.ks_statistic) if drifted else worst_ks
+        value, failed = pick.ks_statistic, bool(drifted)
+        detail["ks_feature"] = pick.feature
+    detail["reason"] = f"{method} of the worst feature {'above' if failed else 'within'} bound"
+    return CheckResult(check, Verdict.FAIL if failed else Verdict.PASS, value, threshold, detail)
+
+
+def _srm(check: Check, ev: Evidence) -> CheckResult:
+    w = ev.candidate_weight
+    counts = [ev.stable.routed, ev.candidate.routed]
+    detail: Detail = {"routed_stable": counts[0], "routed_candidate": counts[1], "weight": w}
+    if not 0 < w < 100:
+        detail["reason"] = f"no split to check at candidate weight {w}"
+        return CheckResult(check, Verdict.INCONCLUSIVE, None, SRM_PVALUE, detail)
+    per_arm = check.min_samples if "min_samples" in check.model_fields_set else SRM_MIN_PER_ARM
+    total = sum(counts)
+    detail["observed_share"] = counts[1] / total if total else None
+    if total * min(w, 100 - w) / 100 < per_arm:
+        detail["reason"] = f"too few samples: needs {per_arm} expected per arm"
+        return CheckResult(check, Verdict.INCONCLUSIVE, None, SRM_PVALUE, detail)
+    p = srm_pvalue(counts, [100 - w, w])
+    failed = p < SRM_PVALUE
+    detail |= {"pvalue": p, "reason": "split mismatch" if failed else "split as configured"}
+    return CheckResult(check, Verdict.FAIL if failed else Verdict.PASS, p, SRM_PVALUE, detail)

@@ -1,0 +1,225 @@
+"""The policies directory: what changed since the last look, as Applied/Rejected/Removed events.
+
+scan() is synchronous and cheap (list, stat, read a few small files); the caller polls
+it. Files are compared by content hash, so a Kubernetes ConfigMap update (an atomic
+rename of the `..data` symlink, which may leave every visible mtime unchanged) is seen.
+A file that stops validating is Rejected and its last good Rollout stays current. One
+rollout per name and per model: a second file claiming either is Rejected, naming both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from policy.errors import PolicyInvalid
+from policy.loader import MAX_POLICY_BYTES, find_line, parse_rollout_bytes
+from policy.schema import Rollout
+
+Change = Literal["none", "thresholds", "new_rollout"]
+_IDENTITY = ("model", "stable", "candidate", "strategy")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A file's Rollout is valid and now current (first seen, edited, moved, re-validated)."""
+
+    name: str
+    rollout: Rollout
+    path: Path
+    changed_fields: tuple[str, ...]  # dotted paths that differ from `previous`
+    previous: Rollout | None = None  # the Rollout of this name it replaces, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A file does not hold a usable Rollout; `name`'s last good Rollout keeps running."""
+
+    path: Path
+    error: str  # `<file>:<line>: <field>: <reason>`, one line per problem
+    name: str | None = None  # the rollout this file held before, if any
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The file that held rollout `name` is gone (or now declares another name)."""
+
+    name: str
+    path: Path
+
+
+PolicyEvent = Applied | Rejected | Removed
+
+
+@dataclass(slots=True)
+class _Seen:
+    digest: str  # sha256 of the content, or of the read error
+    name: str | None = None  # the rollout this file holds (its last good one)
+    pending: Rollout | None = None  # valid, but its name or model is taken by another file
+    text: str = field(default="", repr=False)  # the content, to find lines for messages
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    rollout: Rollout
+    path: Path
+
+
+def classify_change(old: Rollout, new: Rollout) -> Change:
+    """Whether an edit keeps a rollout's progress ('thresholds') or starts over."""
+    if old == new:
+        return "none"
+    if old.name != new.name or any(getattr(old.spec, f) != getattr(new.spec, f) for f in _IDENTITY):
+        return "new_rollout"
+    return "thresholds"
+
+
+def changed_fields(old: Rollout | None, new: Rollout) -> tuple[str, ...]:
+    """Dotted paths of the fields that differ (lists item by item when lengths match)."""
+    if old is None:
+        return ()
+    return tuple(_diff(old.model_dump(), new.model_dump(), ""))
+
+
+class PolicyDirectory:
+    """The Rollout files of one directory and the current good Rollout of each name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._seen: dict[Path, _Seen] = {}
+        self._current: dict[str, _Current] = {}
+        self._vanished: dict[str, _Current] = {}
+
+    def current(self) -> dict[str, Rollout]:
+        """Every rollout now in force, by name (a rejected edit leaves the last good one)."""
+        return {name: c.rollout for name, c in self._current.items()}
+
+    def path_of(self, name: str) -> Path | None:
+        current = self._current.get(name)
+        return current.path if current else None
+
+    def scan(self) -> list[PolicyEvent]:
+        """Read the directory and report what changed since the previous scan."""
+        files = self._list()
+        # Rollouts whose file vanished are reported Removed only at the end: if another
+        # file declares the same name in this scan (a renamed file), it is a move.
+        self._vanished = {}
+        for path in sorted(self._seen.keys() - files.keys()):
+            seen = self._seen.pop(path)
+            if seen.name is not None and self.path_of(seen.name) == path:
+                self._vanished[seen.name] = self._current.pop(seen.name)
+        events: list[PolicyEvent] = []
+        for path in sorted(files):
+            events.extend(self._consider(path, files[path]))
+        # A file rejected as a duplicate may be free to apply now that this scan
+        # removed or renamed the rollout it collided with.
+        for path, seen in sorted(self._seen.items()):
+            if seen.pending is not None and self._owner_conflict(seen.pending, path) is None:
+                events.extend(self._apply(path, seen.pending, seen.digest, seen.text))
+        events.extend(Removed(name, gone.path) for name, gone in sorted(self._vanished.items()))
+        self._vanished = {}
+        return events
+
+    def _list(self) -> dict[Path, bytes | OSError]:
+        found: dict[Path, bytes | OSError] = {}
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return found  # a missing directory holds no policies (yet)
+        for entry in entries:
+            # `..data` and `..2026_…` are ConfigMap internals; dot-files are editor litter.
+            if entry.name.startswith(".") or not entry.name.endswith((".yaml", ".yml")):
+                continue
+            path = Path(entry.path)
+            try:
+                if not entry.is_file():  # follows symlinks; a dangling one is absent
+                    continue
+                with open(path, "rb") as f:
+                    found[path] = f.read(MAX_POLICY_BYTES + 1)
+            except FileNotFoundError:
+                continue  # deleted between listing and reading
+            except OSError as exc:
+                found[path] = exc
+        return found
+
+    def _consider(self, path: Path, content: bytes | OSError) -> list[PolicyEvent]:
+        if isinstance(content, OSError):
+            digest = "error:" + str(content)
+        else:
+            digest = hashlib.sha256(content).hexdigest()
+        seen = self._seen.get(path)
+        if seen is not None and seen.digest == digest:
+            return []
+        held = seen.name if seen is not None else None
+        if isinstance(content, OSError):
+            error = f"{path}: cannot read: {content.strerror or content}"
+            self._seen[path] = _Seen(digest, held)
+            return [Rejected(path, error, held)]
+        try:
+            rollout = parse_rollout_bytes(content, str(path))
+        except PolicyInvalid as exc:
+            self._seen[path] = _Seen(digest, held)
+            return [Rejected(path, str(exc), held, exc.line)]
+        return self._apply(path, rollout, digest, content.decode("utf-8"))
+
+    def _apply(self, path: Path, rollout: Rollout, digest: str, text: str) -> list[PolicyEvent]:
+        seen = self._seen.get(path)
+        held = seen.name if seen is not None else None
+        conflict = self._owner_conflict(rollout, path)
+        if conflict is not None:
+            field_name, other = conflict
+            line = find_line(text, field_name)
+            error = (
+                f"{path}:{line or 1}: {field_name}: {_field_value(rollout, field_name)!r} "
+                f"is already declared by {other}"
+            )
+            self._seen[path] = _Seen(digest, held, pending=rollout, text=text)
+            return [Rejected(path, error, held, line)]
+        events: list[PolicyEvent] = []
+        if held is not None and held != rollout.name and self.path_of(held) == path:
+            del self._current[held]
+            events.append(Removed(held, path))
+        previous = self._current.get(rollout.name) or self._vanished.pop(rollout.name, None)
+        old = previous.rollout if previous is not None else None
+        self._current[rollout.name] = _Current(rollout, path)
+        self._seen[path] = _Seen(digest, rollout.name)
+        events.append(Applied(rollout.name, rollout, path, changed_fields(old, rollout), old))
+        return events
+
+    def _owner_conflict(self, rollout: Rollout, path: Path) -> tuple[str, Path] | None:
+        """Another file already holds this rollout's name, or a rollout of the same model."""
+        for name, current in self._current.items():
+            if current.path == path:
+                continue
+            if name == rollout.name:
+                return "metadata.name", current.path
+            if current.rollout.spec.model == rollout.spec.model:
+                return "spec.model", current.path
+        return None
+
+
+def _field_value(rollout: Rollout, dotted: str) -> Any:
+    value: Any = rollout.model_dump()
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _diff(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[str] = []
+        for key in sorted(old.keys() | new.keys()):
+            out.extend(_diff(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [
+            p
+            for i, (a, b) in enumerate(zip(old, new, strict=True))
+            for p in _diff(a, b, f"{prefix}{i}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".")]

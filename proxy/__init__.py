@@ -1,0 +1,1 @@
+"""The aiohttp gateway: protocol, routing, shadow mirroring, windows, admin API, CLI."""

@@ -1,0 +1,147 @@
+"""The aiohttp application: middleware (limits, ids, error mapping) and start/stop of services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy import admin, dataplane
+from proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
+from proxy.gateway import Gateway
+from proxy.metrics import Metrics
+from proxy.rollouts import Rollouts
+from proxy.settings import Settings
+from proxy.shadow import ShadowMirror
+from proxy.state import GATEWAY, REQUEST_ID_HEADER, ROLLOUTS, SETTINGS
+from serving.registry import Registry
+
+log = logging.getLogger("rollguard")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, request_id: str | None) -> web.Response:
+    response = web.Response(
+        body=orjson.dumps({"error": message}), status=status, content_type="application/json"
+    )
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    if status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return response
+
+
+def _limits(settings: Settings, metrics: Metrics) -> Middleware:
+    inflight = 0
+    limit = settings.max_inflight
+    max_body = settings.max_body_bytes
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal inflight
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id:
+            request["request_id"] = request_id
+        try:
+            length = request.content_length
+            if length is not None and length > max_body:
+                raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {max_body}")
+            if inflight >= limit and request.method == "POST":
+                model = request.match_info.get("model", "")
+                metrics.rejected.labels(model, "overloaded").inc()
+                raise TooBusy(f"{inflight} requests in flight, the limit is {limit}")
+            inflight += 1
+            try:
+                return await handler(request)
+            finally:
+                inflight -= 1
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body exceeds the limit of {max_body} bytes", request_id)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason, request_id)
+        except Exception as exc:
+            status = status_for(exc)
+            if status >= 500 and status not in (502, 503, 504):
+                log.warning("%s %s failed: %s", request.method, request.path, exc)
+            return _error(status, str(exc), request_id)
+
+    return middleware
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[GATEWAY].metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """The gateway application; services start in its cleanup context."""
+    metrics = Metrics(registry)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[_limits(settings, metrics)]
+    )
+    app[SETTINGS] = settings
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="model")
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None),
+            connector=aiohttp.TCPConnector(limit=settings.max_inflight),
+        )
+        models = Registry(
+            settings.registry,
+            executor=executor,
+            http_session=session,
+            poll_interval=settings.registry_poll_s,
+        )
+        shadow = ShadowMirror(
+            metrics,
+            concurrency=settings.shadow_concurrency,
+            queue=settings.shadow_queue,
+            timeout_s=settings.shadow_timeout_s,
+        )
+        gateway = Gateway(
+            models,
+            metrics=metrics,
+            timeout_s=settings.request_timeout_s,
+            window_size=settings.window,
+            feedback_capacity=settings.feedback_capacity,
+            shadow=shadow,
+            agreement_tolerance=settings.agreement_tolerance,
+        )
+        rollouts = Rollouts(gateway, settings)
+        app[GATEWAY] = gateway
+        app[ROLLOUTS] = rollouts
+        await models.start()
+        await rollouts.start()
+        log.info(
+            "serving %d model(s) from %s on %s:%d",
+            len(models.models()),
+            settings.registry,
+            settings.host,
+            settings.port,
+        )
+        try:
+            yield
+        finally:
+            await rollouts.stop()
+            await shadow.drain(1.0)
+            await models.stop()
+            await session.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app.cleanup_ctx.append(services)
+    dataplane.add_routes(app)
+    admin.add_routes(app)
+    app.router.add_get("/metrics", _metrics)
+    return app

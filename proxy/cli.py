@@ -1,0 +1,281 @@
+"""The `rollguard` command line: serve, demo, policy, registry, rollout actions, audit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr with a non-zero exit."""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from proxy.app import create_app
+    from proxy.settings import load_settings
+
+    settings = load_settings(
+        args.config,
+        {
+            "registry": args.registry,
+            "policies": args.policies,
+            "state": args.state,
+            "host": args.host,
+            "port": args.port,
+        },
+    )
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=uvloop.new_event_loop(),
+        access_log=None,
+        print=lambda msg: logging.getLogger("rollguard").info(msg),
+        shutdown_timeout=5.0,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(workdir=args.workdir, port=args.port, quick=args.quick)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from policy.loader import check_files
+
+    failed = 0
+    for path, error in check_files([Path(p) for p in args.files]):
+        if error is None:
+            print(f"{path}: ok")
+        else:
+            failed += 1
+            print(error, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from serving import catalog
+
+    root = Path(args.registry)
+    if args.registry_command in ("list", "verify"):
+        infos = (
+            catalog.verify(root)
+            if args.registry_command == "verify"
+            else catalog.list_versions(root)
+        )
+        bad = 0
+        for info in infos:
+            status = info.status if info.reason is None else f"{info.status}: {info.reason}"
+            bad += info.reason is not None
+            print(f"{info.model}/{info.version}\t{info.framework}\t{info.stage}\t{status}")
+        if not infos:
+            print(f"no versions under {root}")
+        return 1 if bad and args.registry_command == "verify" else 0
+    if args.registry_command == "show":
+        print(json.dumps(catalog.show(root, args.model, args.version), indent=2, default=str))
+        return 0
+    path = catalog.add(
+        root,
+        Path(args.artifact),
+        model=args.model,
+        version=args.version,
+        framework=args.framework,
+        stage=args.stage,
+        parent=args.parent,
+        created_by=args.created_by or os.environ.get("USER"),
+        endpoint=args.endpoint,
+    )
+    print(f"added {args.model}/{args.version} at {path}")
+    return 0
+
+
+def _request(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("ROLLGUARD_ADMIN_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise CliError(f"{method} {path}: {exc.code} {message}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"cannot reach rollguard at {url}: {exc.reason}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    overview = _request(args.url, "GET", "/admin/rollouts")
+    for r in overview["rollouts"]:
+        print(
+            f"{r['name']}\t{r['model']}\t{r['strategy']}\t{r['phase']}\t"
+            f"stable={r['stable']} candidate={r['candidate']} "
+            f"weight={r['weight']:g}%\t{r['reason']}"
+        )
+    for bad in overview.get("rejected", []):
+        print(f"REJECTED {bad['file']}: {bad['error']}")
+    if not overview["rollouts"]:
+        print("no rollouts")
+    return 0
+
+
+def _action(args: argparse.Namespace) -> int:
+    overview = _request(args.url, "GET", "/admin/rollouts")
+    names = [r["name"] for r in overview["rollouts"] if args.model in (r["name"], r["model"])]
+    if not names:
+        raise CliError(f"no rollout for {args.model!r}")
+    if len(names) > 1:
+        raise CliError(f"{args.model!r} matches rollouts {names}; name one")
+    actor = args.actor or os.environ.get("USER") or "cli"
+    result = _request(
+        args.url,
+        "POST",
+        f"/admin/rollouts/{names[0]}/{args.command}",
+        {"actor": actor, "reason": args.reason or ""},
+    )
+    print(f"{names[0]}: {result.get('phase')} (weight {result.get('weight')}%)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from policy.audit import export, verify
+
+    path = Path(args.state) / "audit.jsonl"
+    if args.audit_command == "verify":
+        result = verify(path)
+        if not result.ok:
+            raise CliError(
+                f"audit log {path} fails at line {result.first_bad_line}: {result.reason}"
+            )
+        print(f"{path}: {result.entries} entries, chain intact")
+        return 0
+    since = datetime.fromisoformat(args.since) if args.since else None
+    until = datetime.fromisoformat(args.until) if args.until else None
+    text = export(path, since=since, until=until, fmt=args.format)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollguard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="settings file (default config/rollguard.yaml)")
+    serve.add_argument("--registry", help="model registry directory")
+    serve.add_argument("--policies", help="rollout policies directory")
+    serve.add_argument("--state", help="state and audit directory")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser(
+        "demo", help="build a registry, serve it, roll a bad and a good candidate"
+    )
+    demo.add_argument("--workdir", type=Path, default=Path("rollguard-demo"))
+    demo.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    demo.add_argument("--quick", action="store_true", help="shorter holds (tests)")
+    demo.set_defaults(func=_demo)
+
+    policy = sub.add_parser("policy", help="rollout policy files")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    check = psub.add_parser("check", help="validate policy files offline")
+    check.add_argument("files", nargs="+")
+    check.set_defaults(func=_policy_check)
+
+    registry = sub.add_parser("registry", help="inspect or add to a registry directory")
+    registry.add_argument("--registry", default=os.environ.get("ROLLGUARD_REGISTRY", "registry"))
+    rsub = registry.add_subparsers(dest="registry_command", required=True)
+    rsub.add_parser("list", help="every version and whether it verifies")
+    rsub.add_parser("verify", help="check manifests and sha256; non-zero exit on any failure")
+    show = rsub.add_parser("show", help="one version's manifest and verification")
+    show.add_argument("model")
+    show.add_argument("version")
+    add = rsub.add_parser("add", help="copy an artifact in and write its manifest")
+    add.add_argument("artifact")
+    add.add_argument("--model", required=True)
+    add.add_argument("--version", required=True)
+    add.add_argument("--framework", choices=["onnx", "torch", "sklearn", "http"])
+    add.add_argument("--stage", default="development")
+    add.add_argument("--parent")
+    add.add_argument("--created-by")
+    add.add_argument("--endpoint", help="framework http: the upstream's V2 model URL")
+    registry.set_defaults(func=_registry)
+
+    status = sub.add_parser("status", help="rollouts of a running gateway")
+    status.add_argument("--url", default=os.environ.get("ROLLGUARD_URL", DEFAULT_URL))
+    status.set_defaults(func=_status)
+
+    for action in ("rollback", "promote", "pause", "resume", "approve"):
+        cmd = sub.add_parser(action, help=f"{action} the rollout of MODEL")
+        cmd.add_argument("model", help="model or rollout name")
+        cmd.add_argument("--url", default=os.environ.get("ROLLGUARD_URL", DEFAULT_URL))
+        cmd.add_argument("--actor", help="who acts (default $USER)")
+        cmd.add_argument("--reason")
+        cmd.set_defaults(func=_action)
+
+    audit = sub.add_parser("audit", help="the hash-chained audit log")
+    audit.add_argument("--state", default=os.environ.get("ROLLGUARD_STATE", ".rollguard"))
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    asub.add_parser("verify", help="non-zero exit on any changed, removed or reordered line")
+    exp = asub.add_parser("export", help="entries in a date range as JSON or CSV")
+    exp.add_argument("--since")
+    exp.add_argument("--until")
+    exp.add_argument("--format", choices=["json", "csv"], default="json")
+    exp.add_argument("--output")
+    audit.set_defaults(func=_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"rollguard: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # every product error becomes one line, not a traceback
+        from policy.errors import PolicyError
+        from proxy.settings import SettingsError
+        from serving.errors import ServingError
+
+        if isinstance(exc, PolicyError | ServingError | SettingsError | OSError | ValueError):
+            print(f"rollguard: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

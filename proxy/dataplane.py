@@ -1,0 +1,210 @@
+"""Data-plane HTTP handlers: Open Inference Protocol (V2) REST, /predict and feedback.
+
+Handlers only do HTTP: read the body, call the codec and the Gateway, write the answer.
+Errors propagate to the middleware in proxy/app.py, which maps them in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import FeedbackUnknown
+from proxy.gateway import Answer, Gateway
+from proxy.state import GATEWAY, VARIANT_HEADER
+from serving.codec import (
+    BINARY_HEADER,
+    decode_infer_request,
+    decode_predict_request,
+    encode_infer_response,
+    encode_predictions,
+    select_outputs,
+)
+from serving.errors import InvalidInput, NotReady
+from serving.manifest import Manifest
+
+SERVER_NAME = "rollguard"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "rollouts", "feedback"]
+_PLATFORM = {
+    "onnx": "onnxruntime_onnx",
+    "torch": "pytorch",
+    "sklearn": "sklearn",
+    "http": "remote_v2",
+}
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _key(gateway: Gateway, request: web.Request, model: str) -> str | None:
+    table = gateway.router.table(model)
+    if table is None or table.key_source is None:
+        return None
+    return table.key_source.extract(request.headers, request.cookies)
+
+
+def _answered(answer: Answer, body: bytes, header_len: int | None) -> web.Response:
+    response = web.Response(body=body, content_type="application/json")
+    if header_len is not None:
+        response.content_type = "application/octet-stream"
+        response.headers[BINARY_HEADER] = str(header_len)
+    response.headers[VARIANT_HEADER] = answer.version
+    response.headers["x-request-id"] = answer.request_id
+    return response
+
+
+async def infer(request: web.Request) -> web.Response:
+    """POST /v2/models/{model}/infer and /v2/models/{model}/versions/{version}/infer."""
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    pinned = request.match_info.get("version")
+    parsed = decode_infer_request(await request.read(), request.headers.get(BINARY_HEADER))
+    request_id = parsed.id or request.get("request_id")
+    answer = await gateway.infer(
+        model,
+        parsed.inputs,
+        request_id=request_id,
+        key=None if pinned else _key(gateway, request, model),
+        version=pinned,
+        requested=parsed.outputs,
+    )
+    manifest = gateway.registry.get(model, answer.version).manifest
+    outputs = select_outputs(answer.outputs, parsed.outputs, manifest.output_specs)
+    body, header_len = encode_infer_response(
+        outputs,
+        model_name=model,
+        model_version=answer.version,
+        request_id=parsed.id,
+        binary_outputs=parsed.binary_outputs,
+    )
+    return _answered(answer, body, header_len)
+
+
+async def predict(request: web.Request) -> web.Response:
+    """POST /predict/{model}: {"features": ...} or {"instances": [...]} for non-V2 callers."""
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    specs = gateway.registry.get(model, gateway.primary_version(model)).manifest.input_specs
+    tensors, request_id, single = decode_predict_request(await request.read(), specs)
+    answer = await gateway.infer(
+        model,
+        tensors,
+        request_id=request_id or request.get("request_id"),
+        key=_key(gateway, request, model),
+    )
+    doc = {
+        "model": model,
+        "version": answer.version,
+        "id": answer.request_id,
+        "predictions": encode_predictions(answer.outputs, single),
+    }
+    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _answered(answer, body, None)
+
+
+async def feedback(request: web.Request) -> web.Response:
+    """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list."""
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    gateway.registry.versions(model)  # 404 for an unknown model
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"feedback body is not valid JSON: {exc}") from None
+    items = doc if isinstance(doc, list) else [doc]
+    if not items:
+        raise InvalidInput("feedback list is empty")
+    labels: list[tuple[str, float]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise InvalidInput(f"feedback[{i}]: needs a string 'id'")
+        label = item.get("label")
+        if isinstance(label, list) and len(label) == 1:
+            label = label[0]
+        if isinstance(label, bool) or not isinstance(label, int | float):
+            raise InvalidInput(f"feedback[{i}]: 'label' must be a number")
+        labels.append((item["id"], float(label)))
+    accepted, unknown = [], []
+    for request_id, label in labels:
+        result = gateway.feedback(request_id, label)
+        if result is None:
+            unknown.append(request_id)
+            continue
+        version, correct = result
+        gateway.metrics.feedback.labels(model, version, "correct" if correct else "wrong").inc()
+        accepted.append({"id": request_id, "version": version, "correct": correct})
+    if not accepted and not isinstance(doc, list):
+        raise FeedbackUnknown(f"request id {labels[0][0]!r} is unknown or already labelled")
+    return json_response({"accepted": accepted, "unknown": unknown})
+
+
+def _version_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+    return {
+        "name": manifest.name,
+        "versions": versions,
+        "platform": _PLATFORM[manifest.framework],
+        "inputs": [t.spec().to_json() for t in manifest.inputs],
+        "outputs": [t.spec().to_json() for t in manifest.outputs],
+        "parameters": {"version": manifest.version, "stage": manifest.stage},
+    }
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    """GET /v2/models/{model}[/versions/{version}]."""
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    versions = gateway.registry.versions(model)
+    version = request.match_info.get("version")
+    if version is None:
+        version = gateway.primary_version(model)
+    manifest = gateway.registry.get(model, version).manifest
+    return json_response(_version_metadata(manifest, versions))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    """GET /v2/models/{model}[/versions/{version}]/ready: 200 when it can serve."""
+    gateway = request.app[GATEWAY]
+    model = request.match_info["model"]
+    version = request.match_info.get("version")
+    if version is None:
+        version = gateway.primary_version(model)
+    loaded = gateway.registry.get(model, version)
+    if not loaded.runner.ready:
+        raise NotReady(f"{model}/{version} is not ready")
+    return web.Response(status=200)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def ready(request: web.Request) -> web.Response:
+    if not request.app[GATEWAY].registry.models():
+        raise NotReady("no model is loaded yet")
+    return web.Response(status=200)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2/models/{model}", model_metadata)
+    app.router.add_get("/v2/models/{model}/ready", model_ready)
+    app.router.add_get("/v2/models/{model}/versions/{version}", model_metadata)
+    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
+    app.router.add_post("/v2/models/{model}/infer", infer)
+    app.router.add_post("/v2/models/{model}/versions/{version}/infer", infer)
+    app.router.add_post("/v2/models/{model}/feedback", feedback)
+    app.router.add_post("/predict/{model}", predict)

@@ -1,0 +1,20 @@
+"""Typed keys for what the aiohttp application shares between handlers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxy.settings import Settings
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
+    from proxy.rollouts import Rollouts
+
+VARIANT_HEADER = "x-rollguard-variant"
+REQUEST_ID_HEADER = "x-request-id"
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+ROLLOUTS: web.AppKey[Rollouts] = web.AppKey("rollouts")

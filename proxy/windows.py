@@ -1,0 +1,247 @@
+"""Per-variant ring-buffer windows and counters, and the request-id index for feedback.
+
+Owned by the event loop: `record` and friends run on the request path without locks;
+`evidence()` is the one allocating call, made by the policy loop every few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from policy.evidence import VariantEvidence
+
+
+class Outcome(IntEnum):
+    """How a routed request ended; bad input is never recorded at all."""
+
+    OK = 0
+    MODEL_ERROR = 1
+    TIMEOUT = 2
+
+
+class VariantWindow:
+    """The last `size` requests of one version, plus counters since the last reset.
+
+    Slot `seq % size` holds record `seq`; a parallel array of the seq in each slot lets
+    late feedback tell whether its request is still there. Counters cover every
+    record since `reset()` even after the window has wrapped.
+    """
+
+    def __init__(
+        self, version: str, size: int, *, input_width: int | None = None, tol: float = 0.0
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"window size {size!r}: expected at least 1")
+        if input_width is not None and input_width < 1:
+            raise ValueError(f"input_width {input_width!r}: expected at least 1")
+        if not tol >= 0.0:
+            raise ValueError(f"tol {tol!r}: expected a non-negative tolerance")
+        self.version = version
+        self.size = size
+        self.tol = tol
+        self._latency = np.zeros(size, dtype=np.float64)
+        self._outcome = np.zeros(size, dtype=np.uint8)
+        self._prediction = np.full(size, np.nan, dtype=np.float64)
+        self._seqs = np.full(size, -1, dtype=np.int64)  # -1: empty, or its label consumed
+        self._inputs = None if input_width is None else np.zeros((size, input_width), np.float32)
+        self._has_row = None if input_width is None else np.zeros(size, dtype=np.bool_)
+        self._next = 0  # the seq the next record gets; never reset
+        self._epoch = 0  # first seq counted since the last reset()
+        self._threshold: float | None = None
+        self.reset()
+        self.reset_routed()
+
+    def reset(self) -> None:
+        """Zero the counters (a rollout begins); the recent samples stay."""
+        self._epoch = self._next
+        self._requests = self._errors = 0
+        self._labelled = self._correct = 0
+        self._compared = self._agreed = 0
+        self._since_threshold = self._over_threshold = 0
+
+    def reset_routed(self) -> None:
+        """Zero the routed count: the split weights just changed (sample-ratio checks)."""
+        self._routed = 0
+
+    def set_latency_threshold(self, seconds: float | None) -> None:
+        """Count requests slower than `seconds` from now on (None stops counting)."""
+        self._threshold = seconds
+        self._since_threshold = self._over_threshold = 0
+
+    def count_routed(self) -> None:
+        self._routed += 1
+
+    def record(
+        self, latency_s: float, outcome: int, prediction: float, row: np.ndarray | None = None
+    ) -> int:
+        """Store one completed request; returns its sequence number for feedback."""
+        seq = self._next
+        self._next = seq + 1
+        i = seq % self.size
+        self._latency[i] = latency_s
+        self._outcome[i] = outcome
+        self._prediction[i] = prediction
+        self._seqs[i] = seq
+        if self._inputs is not None and self._has_row is not None:
+            self._has_row[i] = row is not None
+            if row is not None:
+                self._inputs[i] = row
+        self._requests += 1
+        if outcome:
+            self._errors += 1
+        threshold = self._threshold
+        if threshold is not None:
+            self._since_threshold += 1
+            if latency_s > threshold:
+                self._over_threshold += 1
+        return seq
+
+    def feedback(self, seq: int, label: float) -> bool | None:
+        """Whether the prediction of record `seq` matched `label`; None if it is gone.
+
+        A record is gone once its slot is overwritten or it already took a label, so a
+        label never lands on the wrong request or twice. Records without a prediction
+        (errors) and records from before the last reset() answer but are not counted:
+        errors already weigh in the error rate, and old labels belong to an old rollout.
+        """
+        if seq < 0:
+            return None
+        i = seq % self.size
+        if self._seqs[i] != seq:
+            return None
+        self._seqs[i] = -1
+        prediction = float(self._prediction[i])
+        if math.isnan(prediction):
+            return False
+        correct = abs(label - prediction) <= self.tol
+        if seq >= self._epoch:
+            self._labelled += 1
+            self._correct += correct
+        return correct
+
+    def record_comparison(self, agreed: bool) -> None:
+        """A shadow answer was compared with the primary's."""
+        self._compared += 1
+        self._agreed += agreed
+
+    @property
+    def recorded(self) -> int:
+        """Records ever made (the next record's seq)."""
+        return self._next
+
+    @property
+    def requests(self) -> int:
+        return self._requests
+
+    @property
+    def errors(self) -> int:
+        return self._errors
+
+    @property
+    def routed(self) -> int:
+        return self._routed
+
+    def _chronological(self, array: np.ndarray) -> np.ndarray:
+        """A copy of the valid part of a ring array, oldest first."""
+        n = self._next
+        if n <= self.size:
+            return array[:n].copy()
+        start = n % self.size
+        return np.concatenate((array[start:], array[:start]))
+
+    def evidence(self) -> VariantEvidence:
+        """A snapshot for the policy engine (copies the window; not for the hot path)."""
+        inputs = None
+        if self._inputs is not None and self._has_row is not None:
+            inputs = self._chronological(self._inputs)[self._chronological(self._has_row)]
+        return VariantEvidence(
+            version=self.version,
+            requests=self._requests,
+            errors=self._errors,
+            routed=self._routed,
+            latency_threshold=self._threshold,
+            since_threshold=self._since_threshold,
+            over_threshold=self._over_threshold,
+            labelled=self._labelled,
+            correct=self._correct,
+            compared=self._compared,
+            agreed=self._agreed,
+            latencies=self._chronological(self._latency),
+            inputs=inputs,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers for the admin API and the demo; latencies in seconds."""
+        ev = self.evidence()
+        p50, p95, p99 = (
+            (float(q) for q in np.percentile(ev.latencies, (50, 95, 99)))
+            if ev.latencies.size
+            else (None, None, None)
+        )
+        return {
+            "version": self.version,
+            "requests": ev.requests,
+            "errors": ev.errors,
+            "error_rate": ev.error_rate,
+            "routed": ev.routed,
+            "window": int(ev.latencies.size),
+            "latency_p50": p50,
+            "latency_p95": p95,
+            "latency_p99": p99,
+            "labelled": ev.labelled,
+            "accuracy": ev.accuracy,
+            "compared": ev.compared,
+            "agreement": ev.agreement,
+        }
+
+
+class FeedbackIndex:
+    """Request id → (window, seq) for the last `capacity` recorded requests.
+
+    A preallocated ring remembers insertion order; when it wraps, the oldest id is
+    dropped, so feedback for it finds nothing. A repeated id points at its newest
+    request (ids come from clients and need not be unique).
+    """
+
+    __slots__ = ("_ids", "_pos", "_seqs", "_slot_of", "_windows", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity {capacity!r}: expected at least 1")
+        self.capacity = capacity
+        self._ids: list[str | None] = [None] * capacity
+        self._windows: list[VariantWindow | None] = [None] * capacity
+        self._seqs: list[int] = [0] * capacity
+        self._slot_of: dict[str, int] = {}
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def put(self, request_id: str, window: VariantWindow, seq: int) -> None:
+        pos = self._pos
+        self._pos = pos + 1 if pos + 1 < self.capacity else 0
+        slot_of = self._slot_of
+        old = self._ids[pos]
+        # The old id may have been popped, or re-put since into a newer slot.
+        if old is not None and slot_of.get(old) == pos:
+            del slot_of[old]
+        self._ids[pos] = request_id
+        self._windows[pos] = window
+        self._seqs[pos] = seq
+        slot_of[request_id] = pos
+
+    def pop(self, request_id: str) -> tuple[VariantWindow, int] | None:
+        """Take the id's (window, seq); None if unknown or already evicted."""
+        pos = self._slot_of.pop(request_id, None)
+        if pos is None:
+            return None
+        window = self._windows[pos]
+        self._windows[pos] = None
+        self._ids[pos] = None
+        assert window is not None  # every indexed slot holds a window
+        return window, self._seqs[pos]

@@ -1,0 +1,381 @@
+"""The model registry: watches root/<model>/<version>/, loads verified versions, answers lookups.
+
+The directory is polled, not watched with inotify: polling sees Kubernetes-style
+atomic symlink swaps and works on network filesystems. Each scan fingerprints every
+version directory (name, device, inode, size and mtime of each visible file, symlinks
+followed) and looks again only where a fingerprint changed.
+
+A version whose files changed is verified (manifest valid, names match its
+directories, artifact sha256 matches) and then loaded. When verification fails, the
+version is given one more scan to settle, because a copy may still be in progress;
+if it fails again with the same files it is refused: one WARNING line
+`refused <model>/<version>: <reason>`, and it stays refused until its files change.
+A version that was serving and whose files change to something bad is unloaded and
+refused rather than kept serving: the files on disk are the source of truth, and an
+old model in memory that no longer matches them would be served by nobody's intent.
+While its new files settle (one scan), the old model keeps serving. A changed
+version that verifies is loaded beside the old one and swapped in before the old one
+is unloaded, so it never stops serving; files that change but keep the same manifest
+and sha256 (a touch, a ConfigMap re-sync) cause no reload. `http` versions whose
+upstream is not ready are retried on every scan, since nothing on disk will change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from serving.batching import BatchingRunner
+from serving.catalog import verify_directory, version_directories, version_key
+from serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
+from serving.manifest import Manifest
+from serving.runners import Runner, create_runner
+
+if TYPE_CHECKING:
+    import aiohttp
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[str, str]
+# (file name, st_dev, st_ino, st_size, st_mtime_ns) of every visible file, sorted.
+_Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVersion:
+    """A verified version whose runner is loaded and serving."""
+
+    manifest: Manifest
+    runner: Runner
+    directory: Path
+    loaded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VersionState:
+    """What the registry knows of one version directory, loaded or not."""
+
+    version: str
+    status: Literal["loaded", "refused", "pending"]
+    reason: str | None = None
+    manifest: Manifest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryChanges:
+    """What one scan changed. A version reloaded in place appears in `loaded` only."""
+
+    loaded: tuple[tuple[str, str], ...] = ()
+    unloaded: tuple[tuple[str, str], ...] = ()
+    refused: tuple[tuple[str, str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded or self.unloaded or self.refused)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: str
+    manifest: Manifest | None
+    retry: bool  # look again every scan even if the files did not change
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """The result of examining one version directory."""
+
+    loaded: LoadedVersion | None = None  # a new runner, loaded
+    unchanged: bool = False  # same manifest and artifact as the one serving
+    reason: str | None = None  # failure
+    final: bool = False  # failure that waiting cannot cure (the files verified)
+    manifest: Manifest | None = None
+    retry: bool = False
+
+
+def _fingerprint(directory: Path) -> _Fingerprint:
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return ()
+    found = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            st = os.stat(entry.path)  # follows symlinks: ConfigMap files link into ..data
+        except OSError:
+            continue
+        found.append((entry.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def _scan(root: Path) -> dict[_Key, tuple[Path, _Fingerprint]]:
+    return {(m, v): (d, _fingerprint(d)) for m, v, d in version_directories(root)}
+
+
+@dataclass
+class _ChangeLog:
+    loaded: list[tuple[str, str]] = field(default_factory=list)
+    unloaded: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def freeze(self) -> RegistryChanges:
+        return RegistryChanges(tuple(self.loaded), tuple(self.unloaded), tuple(self.refused))
+
+
+class Registry:
+    """Versions under `root`, kept loaded in step with the directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        executor: Executor | None = None,
+        http_session: aiohttp.ClientSession | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.root = root
+        self.poll_interval = poll_interval
+        self._executor = executor
+        self._http_session = http_session
+        self._loaded: dict[_Key, LoadedVersion] = {}
+        self._refused: dict[_Key, _Refusal] = {}
+        self._pending: dict[_Key, tuple[_Fingerprint, str]] = {}  # failed once, settling
+        self._settled: dict[_Key, _Fingerprint] = {}  # files behind the loaded/refused state
+        self._subscribers: list[Callable[[RegistryChanges], None]] = []
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Scan and load what is there, then keep polling in the background."""
+        self._stopping.clear()
+        await self.refresh()
+        if self._pending:
+            # At start-up the files are what they are: a second look refuses what still
+            # fails now, instead of one poll interval later.
+            await self.refresh()
+        self._watcher = asyncio.create_task(self._watch(), name=f"registry watcher {self.root}")
+
+    async def stop(self) -> None:
+        """Stop polling (letting a scan in progress finish) and unload every version."""
+        self._stopping.set()
+        if self._watcher is not None:
+            await self._watcher
+            self._watcher = None
+        async with self._lock:
+            for key in list(self._loaded):
+                await self._loaded.pop(key).runner.unload()
+            self._refused.clear()
+            self._pending.clear()
+            self._settled.clear()
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                await self.refresh()
+            except Exception:  # the watcher must outlive any one bad scan
+                logger.exception("registry scan of %s failed", self.root)
+
+    def subscribe(self, callback: Callable[[RegistryChanges], None]) -> Callable[[], None]:
+        """Call `callback` after every scan that changed something; returns an unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    # --- scanning ----------------------------------------------------------------------
+
+    async def refresh(self) -> RegistryChanges:
+        """Scan the directory once now and bring the loaded versions in step with it."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            seen = await loop.run_in_executor(None, _scan, self.root)
+            log = _ChangeLog()
+            for key in self._known() - set(seen):
+                await self._forget(key, log)
+            todo = [(key, d, fp) for key, (d, fp) in seen.items() if self._needs_look(key, fp)]
+            outcomes = await asyncio.gather(*(self._examine(key, d) for key, d, _ in todo))
+            for (key, _, fp), outcome in zip(todo, outcomes, strict=True):
+                await self._apply(key, fp, outcome, log)
+            changes = log.freeze()
+        if changes:
+            for callback in list(self._subscribers):
+                try:
+                    callback(changes)
+                except Exception:
+                    logger.exception("registry subscriber %r failed", callback)
+        return changes
+
+    def _known(self) -> set[_Key]:
+        return self._loaded.keys() | self._refused.keys() | self._pending.keys()
+
+    def _needs_look(self, key: _Key, fingerprint: _Fingerprint) -> bool:
+        refusal = self._refused.get(key)
+        return (
+            key in self._pending
+            or (refusal is not None and refusal.retry)
+            or self._settled.get(key) != fingerprint
+        )
+
+    async def _examine(self, key: _Key, directory: Path) -> _Outcome:
+        loop = asyncio.get_running_loop()
+        try:  # hashing reads the whole artifact: off the event loop, off the model executor
+            manifest = await loop.run_in_executor(None, verify_directory, directory, *key)
+        except ServingError as exc:
+            return _Outcome(reason=str(exc))
+        except OSError as exc:  # the directory changed under us mid-read
+            return _Outcome(reason=f"{directory}: {exc}")
+        current = self._loaded.get(key)
+        if current is not None and current.manifest == manifest:
+            return _Outcome(unchanged=True)
+        try:
+            runner = create_runner(
+                manifest, directory, executor=self._executor, http_session=self._http_session
+            )
+            if manifest.batching is not None:
+                runner = BatchingRunner(
+                    runner,
+                    max_batch_size=manifest.batching.max_batch_size,
+                    max_delay_ms=manifest.batching.max_delay_ms,
+                )
+            await runner.load()
+        except Exception as exc:  # a runner may raise anything its framework raises
+            reason = str(exc) or type(exc).__name__
+            name = manifest.artifact or manifest.endpoint or ""
+            if name not in reason:
+                reason = f"{directory / name}: {reason}"
+            return _Outcome(
+                reason=reason, final=True, manifest=manifest, retry=manifest.framework == "http"
+            )
+        return _Outcome(loaded=LoadedVersion(manifest, runner, directory, datetime.now(UTC)))
+
+    async def _apply(
+        self, key: _Key, fingerprint: _Fingerprint, outcome: _Outcome, log: _ChangeLog
+    ) -> None:
+        label = "/".join(key)
+        if outcome.reason is None:
+            self._pending.pop(key, None)
+            self._refused.pop(key, None)
+            self._settled[key] = fingerprint
+            if outcome.loaded is not None:
+                old = self._loaded.get(key)
+                self._loaded[key] = outcome.loaded
+                log.loaded.append(key)
+                manifest = outcome.loaded.manifest
+                logger.info(
+                    "%s %s (%s, %s)", "reloaded" if old else "loaded", label,
+                    manifest.framework, manifest.stage,
+                )  # fmt: skip
+                if old is not None:
+                    await old.runner.unload()
+            return
+        settled = (
+            outcome.final
+            or self._pending.get(key, ((), ""))[0] == fingerprint
+            or (key in self._refused and self._settled.get(key) == fingerprint)
+        )
+        if not settled:
+            logger.debug("waiting for %s to settle: %s", label, outcome.reason)
+            self._pending[key] = (fingerprint, outcome.reason)
+            return
+        self._pending.pop(key, None)
+        self._settled[key] = fingerprint
+        previous = self._refused.get(key)
+        self._refused[key] = _Refusal(outcome.reason, outcome.manifest, outcome.retry)
+        old = self._loaded.pop(key, None)
+        if old is not None:
+            logger.warning(
+                "refused %s: %s (it was serving; unloaded because its files changed)",
+                label, outcome.reason,
+            )  # fmt: skip
+            await old.runner.unload()
+            log.unloaded.append(key)
+        elif previous is None or previous.reason != outcome.reason:
+            logger.warning("refused %s: %s", label, outcome.reason)
+        if previous is None or previous.reason != outcome.reason:
+            log.refused.append((*key, outcome.reason))
+
+    async def _forget(self, key: _Key, log: _ChangeLog) -> None:
+        self._refused.pop(key, None)
+        self._pending.pop(key, None)
+        self._settled.pop(key, None)
+        old = self._loaded.pop(key, None)
+        if old is not None:
+            logger.info("unloaded %s: its directory is gone", "/".join(key))
+            await old.runner.unload()
+            log.unloaded.append(key)
+
+    # --- queries -----------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """Every model with at least one version directory, loaded or not."""
+        return sorted({model for model, _ in self._known()})
+
+    def versions(self, model: str) -> list[str]:
+        """The model's loaded versions, in natural version order."""
+        if model not in self.models():
+            raise ModelNotFound(f"model {model!r} is not in the registry")
+        return sorted((v for m, v in self._loaded if m == model), key=version_key)
+
+    def get(self, model: str, version: str) -> LoadedVersion:
+        """A loaded version; ModelNotFound, VersionNotFound, or NotReady saying why not."""
+        key = (model, version)
+        if key in self._loaded:
+            return self._loaded[key]
+        if key in self._refused:
+            raise NotReady(f"{model} {version} was refused: {self._refused[key].reason}")
+        if key in self._pending:
+            raise NotReady(f"{model} {version} is not loaded yet: {self._pending[key][1]}")
+        if model in self.models():
+            raise VersionNotFound(f"model {model!r} has no version {version!r}")
+        raise ModelNotFound(f"model {model!r} is not in the registry")
+
+    def default_version(self, model: str) -> str:
+        """The highest loaded version whose stage is `production`."""
+        production = [
+            v
+            for v in self.versions(model)
+            if self._loaded[(model, v)].manifest.stage == "production"
+        ]
+        if not production:
+            raise NotReady(f"model {model!r} has no loaded version with stage 'production'")
+        return production[-1]
+
+    def known_versions(self, model: str) -> list[VersionState]:
+        """Every version directory of the model, with its status and, if not loaded, why."""
+        states = [
+            VersionState(v, "loaded", None, loaded.manifest)
+            for (m, v), loaded in self._loaded.items()
+            if m == model
+        ]
+        states += [
+            VersionState(v, "refused", refusal.reason, refusal.manifest)
+            for (m, v), refusal in self._refused.items()
+            if m == model
+        ]
+        states += [
+            VersionState(v, "pending", reason)
+            for (m, v), (_, reason) in self._pending.items()
+            if m == model and (m, v) not in self._loaded
+        ]
+        if not states:
+            raise ModelNotFound(f"model {model!r} is not in the registry")
+        return sorted(states, key=lambda s: version_key(s.version))
+
+    def refused(self) -> dict[tuple[str, str], str]:
+        """Every refused version and the reason."""
+        return {key: refusal.reason for key, refusal in self._refused.items()}

@@ -1,0 +1,248 @@
+"""The audit log: chained appends, tamper detection at the right line, export by time range."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from policy.audit import GENESIS, AuditLog, VerifyResult, export, read_entries, verify
+from policy.errors import AuditError
+
+T0 = datetime(2026, 11, 23, 4, 0, tzinfo=UTC)
+N = 20
+Lines = list[bytes]
+
+
+def make_log(path: Path, n: int = N) -> Path:
+    ticks = iter(range(n))
+    with AuditLog(path, clock=lambda: (T0 + timedelta(minutes=next(ticks))).timestamp()) as log:
+        for i in range(n):
+            kind = "admin" if i % 5 == 0 else "decision"
+            log.append(kind, "fraud", "engine", {"i": i, "weight": i * 5.0, "note": "é"})
+    return path
+
+
+def lines_of(path: Path) -> Lines:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def canonical(entry: dict[str, object]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_entries_are_chained(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, clock=lambda: T0.timestamp()) as log:
+        first = log.append("policy_applied", "fraud", "watcher", {"file": "fraud.yaml"})
+        second = log.append("admin", None, "alice", {"action": "pause"})
+        assert log.head == (2, second["hash"])
+    assert first["seq"] == 1 and first["prev"] == GENESIS
+    assert first["ts"] == "2026-11-23T04:00:00.000000Z"
+    assert second["prev"] == first["hash"]
+    body = {k: v for k, v in second.items() if k != "hash"}
+    assert second["hash"] == hashlib.sha256(canonical(body)).hexdigest()
+    assert lines_of(path) == [canonical(first) + b"\n", canonical(second) + b"\n"]
+    assert verify(path).ok
+
+
+def test_reopening_continues_the_chain(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 3)
+    with AuditLog(path) as log:
+        entry = log.append("admin", "fraud", "bob", {})
+    assert entry["seq"] == 4
+    assert entry["prev"] == json.loads(lines_of(path)[2])["hash"]
+    assert verify(path) == VerifyResult(True, 4)
+
+
+def _change(k: int) -> Callable[[Lines], Lines]:
+    def tamper(lines: Lines) -> Lines:
+        entry = json.loads(lines[k - 1])
+        entry["data"]["weight"] = 100.0  # still canonical JSON: only the hash can tell
+        return [*lines[: k - 1], canonical(entry) + b"\n", *lines[k:]]
+
+    return tamper
+
+
+def _rehash(k: int) -> Callable[[Lines], Lines]:
+    def tamper(lines: Lines) -> Lines:
+        entry = json.loads(lines[k - 1])
+        entry["actor"] = "mallory"
+        entry["hash"] = hashlib.sha256(
+            canonical({key: v for key, v in entry.items() if key != "hash"})
+        ).hexdigest()
+        return [*lines[: k - 1], canonical(entry) + b"\n", *lines[k:]]
+
+    return tamper
+
+
+def _delete(k: int) -> Callable[[Lines], Lines]:
+    return lambda lines: [*lines[: k - 1], *lines[k:]]
+
+
+def _swap(k: int) -> Callable[[Lines], Lines]:
+    return lambda lines: [*lines[: k - 1], lines[k], lines[k - 1], *lines[k + 1 :]]
+
+
+def _insert_copy(k: int) -> Callable[[Lines], Lines]:
+    return lambda lines: [*lines[:k], lines[k - 1], *lines[k:]]
+
+
+def _reformat(k: int) -> Callable[[Lines], Lines]:
+    def tamper(lines: Lines) -> Lines:
+        pretty = json.dumps(json.loads(lines[k - 1]), sort_keys=True).encode() + b"\n"
+        return [*lines[: k - 1], pretty, *lines[k:]]
+
+    return tamper
+
+
+CASES = [
+    *[(f"change line {k}", _change(k), k) for k in range(1, N + 1)],
+    # A rewritten entry with a correct own hash breaks the next link (or the head).
+    *[(f"rehash line {k}", _rehash(k), min(k + 1, N)) for k in range(1, N + 1)],
+    *[(f"delete line {k}", _delete(k), k) for k in range(1, N + 1)],
+    *[(f"swap lines {k},{k + 1}", _swap(k), k) for k in range(1, N)],
+    *[(f"insert a copy of line {k}", _insert_copy(k), k + 1) for k in range(1, N + 1)],
+    *[(f"reformat line {k}", _reformat(k), k) for k in (1, 10, N)],
+    ("truncate the last line", lambda lines: [*lines[:-1], lines[-1][:40]], N),
+    ("drop the final newline", lambda lines: [*lines[:-1], lines[-1][:-1]], N),
+    ("blank line inserted", lambda lines: [*lines[:5], b"\n", *lines[5:]], 6),
+]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 20-entry log, built once: every tampering test starts from a copy of it."""
+    return make_log(tmp_path_factory.mktemp("pristine") / "audit.jsonl")
+
+
+def copy_log(source: Path, directory: Path) -> Path:
+    for name in ("audit.jsonl", "audit.jsonl.head"):
+        (directory / name).write_bytes((source.parent / name).read_bytes())
+    return directory / "audit.jsonl"
+
+
+@pytest.mark.parametrize(("tamper", "bad_line"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_tampering_is_found_at_its_line(
+    tmp_path: Path, pristine: Path, tamper: Callable[[Lines], Lines], bad_line: int
+) -> None:
+    path = copy_log(pristine, tmp_path)
+    assert verify(path) == VerifyResult(True, N)
+    path.write_bytes(b"".join(tamper(lines_of(path))))
+    result = verify(path)
+    assert not result.ok
+    assert result.first_bad_line == bad_line, result.reason
+    assert result.entries <= bad_line - 1
+    assert result.reason
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [_delete(N), lambda lines: [*lines[:-1], lines[-1][:40]], _change(N)],
+    ids=["last line deleted", "last line truncated", "last line changed"],
+)
+def test_a_damaged_log_refuses_further_appends(
+    tmp_path: Path, pristine: Path, tamper: Callable[[Lines], Lines]
+) -> None:
+    path = copy_log(pristine, tmp_path)
+    path.write_bytes(b"".join(tamper(lines_of(path))))
+    with pytest.raises(AuditError, match="rollguard audit verify"):
+        AuditLog(path)
+    assert not verify(path).ok
+
+
+def test_removing_the_head_file_is_detected(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 3)
+    (tmp_path / "audit.jsonl.head").unlink()
+    result = verify(path)
+    assert (result.ok, result.first_bad_line) == (False, 2)
+    with pytest.raises(AuditError):
+        AuditLog(path)
+
+
+def test_crash_between_append_and_head_update_is_tolerated(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 4)
+    head = tmp_path / "audit.jsonl.head"
+    # The head as it was before the fourth append: the log is one entry ahead.
+    third = json.loads(lines_of(path)[2])
+    head.write_text(json.dumps({"seq": 3, "hash": third["hash"]}))
+    assert verify(path).ok
+    with AuditLog(path) as log:  # opening finishes the interrupted append
+        assert log.head[0] == 4
+        log.append("admin", "fraud", "bob", {})
+    assert verify(path).entries == 5
+
+
+def test_failed_append_stops_the_log(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 2)
+    calls = {"n": 0}
+
+    def failing_fsync(fd: int) -> None:
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    log = AuditLog(path, fsync=failing_fsync)
+    with pytest.raises(AuditError, match="No space left"):
+        log.append("decision", "fraud", "engine", {})
+    with pytest.raises(AuditError, match="append failed"):
+        log.append("decision", "fraud", "engine", {})
+    assert calls["n"] == 1
+    log.close()
+
+
+def test_unserialisable_data_is_refused_and_the_chain_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        with pytest.raises(AuditError, match="not JSON-serialisable"):
+            log.append("decision", "fraud", "engine", {"x": object()})
+        assert log.append("decision", "fraud", "engine", {"x": 1})["seq"] == 1
+    assert verify(path).ok
+
+
+def test_concurrent_appends_from_threads_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+
+        def worker(w: int) -> None:
+            for i in range(25):
+                log.append("decision", f"r{w}", "engine", {"i": i})
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert verify(path) == VerifyResult(True, 100)
+
+
+def test_missing_log_verifies_as_empty(tmp_path: Path) -> None:
+    assert verify(tmp_path / "audit.jsonl").ok
+    assert read_entries(tmp_path / "audit.jsonl") == []
+
+
+def test_export_by_time_range(pristine: Path) -> None:
+    path = pristine
+    since, until = T0 + timedelta(minutes=5), T0 + timedelta(minutes=8)
+    chosen = json.loads(export(path, since=since, until=until, fmt="json"))
+    assert [e["seq"] for e in chosen] == [6, 7, 8]  # since inclusive, until exclusive
+    assert len(json.loads(export(path))) == N
+    naive = since.replace(tzinfo=None)  # naive datetimes are read as UTC
+    assert [e["seq"] for e in json.loads(export(path, since=naive))] == list(range(6, N + 1))
+    assert json.loads(export(path, until=T0)) == []
+
+
+def test_export_csv(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 3)
+    rows = list(csv.DictReader(io.StringIO(export(path, fmt="csv"))))
+    assert [r["seq"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["seq", "ts", "kind", "rollout", "actor", "data", "prev", "hash"]
+    assert rows[0]["kind"] == "admin" and rows[0]["prev"] == GENESIS
+    assert json.loads(rows[1]["data"]) == {"i": 1, "weight": 5.0, "note": "é"}
+    assert rows[2]["hash"] == json.loads(lines_of(path)[2])["hash"]

@@ -1,0 +1,232 @@
+"""Rollout files: valid documents load; each kind of mistake is named by file, line and field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from policy.errors import PolicyInvalid
+from policy.loader import check_files, find_line, load_rollout, parse_rollout
+from policy.schema import json_schema
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted([*REPO.glob("config/policies/*.yaml"), *REPO.glob("config/examples/*.yaml")])
+
+VALID = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {name: fraud}
+spec:
+  model: fraud
+  stable: "1.0.0"
+  candidate: "1.1.0"
+  strategy: canary
+  key: header:x-user-id
+  steps:
+    - {weight: 5, hold: 2s, min_requests: 50}
+    - {weight: 100}
+  checks:
+    - {metric: error_rate, max: 0.01}
+    - metric: latency_p99
+      max_ratio_to_stable: 1.5
+"""
+
+
+def _error(text: str) -> PolicyInvalid:
+    with pytest.raises(PolicyInvalid) as info:
+        parse_rollout(text, "fraud.yaml")
+    return info.value
+
+
+def test_valid_document_parses() -> None:
+    rollout = parse_rollout(VALID, "fraud.yaml")
+    assert rollout.name == "fraud"
+    assert rollout.spec.steps[0].hold == 2.0
+    assert rollout.spec.checks[1].percentile == 99.0
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # a scalar: the line of its key, and the value in the reason
+        ("strategy: canary", "strategy: canery", "fraud.yaml:8: spec.strategy: Input should be"),
+        # nested in a list item
+        ("hold: 2s,", "hold: 2 fortnights,", "fraud.yaml:11: spec.steps.0.hold: '2 fortnights'"),
+        # an unknown key, with a suggestion
+        ("max_ratio_to_stable", "max_ratio_to_stabel", "fraud.yaml:16: spec.checks.1.max_ratio_"),
+        # a rule over the whole check points at the list item
+        ("metric: latency_p99", "metric: latency_q99", "fraud.yaml:15: spec.checks.1: unknown"),
+        # a rule over the whole spec points at `spec:`
+        ('candidate: "1.1.0"', 'candidate: "1.0.0"', "fraud.yaml:4: spec: stable and candidate"),
+        # a missing field is named; the line is its parent's
+        ("  model: fraud\n", "", "fraud.yaml:4: spec.model: required field is missing"),
+    ],
+)
+def test_errors_name_file_line_and_field(old: str, new: str, expected: str) -> None:
+    assert old in VALID
+    error = _error(VALID.replace(old, new, 1))
+    assert str(error).startswith(expected), str(error)
+    assert error.file == "fraud.yaml"
+    assert error.line == int(expected.split(":")[1])
+
+
+def test_unknown_field_suggests_the_close_one() -> None:
+    error = _error(VALID.replace("max_ratio_to_stable", "max_ratio_to_stabel"))
+    assert "did you mean 'max_ratio_to_stable'?" in str(error)
+
+
+def test_unquoted_version_number_gets_a_quoting_hint() -> None:
+    error = _error(VALID.replace('stable: "1.0.0"', "stable: 1.10"))
+    assert str(error) == (
+        'fraud.yaml:6: spec.stable: expected a string, got the number 1.10; quote it: "1.10"'
+    )
+
+
+def test_several_problems_one_line_each_earliest_first() -> None:
+    text = VALID.replace("strategy: canary", "strategy: nope").replace("weight: 100", "weight: 101")
+    lines = str(_error(text)).splitlines()
+    assert [line.split(":")[1] for line in lines] == ["8", "12"]
+    assert lines[1].startswith("fraud.yaml:12: spec.steps.1.weight:")
+
+
+def test_yaml_syntax_error_uses_yamls_mark() -> None:
+    error = _error(VALID.replace("    - {weight: 100}", "    - {weight: 100"))
+    assert str(error).startswith("fraud.yaml:13: YAML: ")
+    assert error.line == 13
+
+
+def test_second_document_is_an_error_at_its_line() -> None:
+    error = _error(VALID + "---\n" + VALID)
+    assert str(error) == (
+        "fraud.yaml:17: YAML: a second YAML document; a file holds exactly one Rollout"
+    )
+
+
+def test_duplicate_key_is_an_error_not_silently_the_last() -> None:
+    error = _error(VALID + "  interval: 5s\n  interval: 1s\n")
+    assert str(error) == "fraud.yaml:18: spec.interval: duplicate key 'interval'"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "fraud.yaml:1: (document): empty; expected a Rollout"),
+        ("- a\n- b\n", "fraud.yaml:1: (document): expected a mapping, got a list"),
+        (
+            "apiVersion: rollguard/v1\nkind: Rollout\nmetadata: {name: x}\nspec:\n",
+            "fraud.yaml:4: spec: expected a mapping, got nothing",
+        ),
+    ],
+)
+def test_documents_of_the_wrong_shape(text: str, expected: str) -> None:
+    assert str(_error(text)) == expected
+
+
+def test_load_rollout_reads_files_and_reports_unreadable_ones(tmp_path: Path) -> None:
+    good = tmp_path / "fraud.yaml"
+    good.write_text(VALID)
+    assert load_rollout(good).spec.candidate == "1.1.0"
+    binary = tmp_path / "bad.yaml"
+    binary.write_bytes(VALID.encode() + b"# \xff\xfe\n")
+    with pytest.raises(PolicyInvalid, match=r"bad\.yaml:17: \(document\): not UTF-8"):
+        load_rollout(binary)
+    with pytest.raises(PolicyInvalid, match="cannot read"):
+        load_rollout(tmp_path / "missing.yaml")
+
+
+def test_check_files_reports_each_file(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(VALID)
+    bad.write_text(VALID.replace("kind: Rollout", "kind: Deployment"))
+    results = check_files([good, bad])
+    assert results[0] == (str(good), None)
+    assert results[1][0] == str(bad)
+    assert results[1][1] is not None and results[1][1].startswith(f"{bad}:2: kind: ")
+
+
+def test_find_line() -> None:
+    assert find_line(VALID, "metadata.name") == 3
+    assert find_line(VALID, "spec.checks.1.metric") == 15
+    assert find_line(VALID, "spec.nothing") is None
+    assert find_line("a: [", "a") is None
+
+
+def test_shipped_schema_is_current() -> None:
+    shipped = json.loads((REPO / "policy" / "rollout.schema.json").read_text())
+    assert shipped == json.loads(json.dumps(json_schema()))
+
+
+def test_shipped_policies_exist_and_validate() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"fraud-canary.yaml", "shadow.yaml", "ab.yaml", "blue-green.yaml"} <= names
+    assert "approval.yaml" in names
+    assert check_files(SHIPPED) == [(str(p), None) for p in SHIPPED]
+
+
+def _python_with_jsonschema() -> str | None:
+    """The venv may lack jsonschema; a system interpreter that has it will do."""
+    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if (
+            candidate
+            and subprocess.run(
+                [candidate, "-c", "import jsonschema"], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
+            return candidate
+    return None
+
+
+_VALIDATE = """
+import json, sys, jsonschema
+schema, documents = json.load(sys.stdin)
+jsonschema.Draft202012Validator.check_schema(schema)
+validator = jsonschema.Draft202012Validator(schema)
+for name, document in documents.items():
+    for error in validator.iter_errors(document):
+        print(name, list(error.absolute_path), error.message)
+"""
+
+
+def test_shipped_policies_validate_against_the_json_schema() -> None:
+    python = _python_with_jsonschema()
+    if python is None:
+        pytest.skip("no interpreter with jsonschema; the pydantic model validated them above")
+    schema = json.loads((REPO / "policy" / "rollout.schema.json").read_text())
+    documents = {p.name: yaml.safe_load(p.read_text()) for p in SHIPPED}
+    # The schema must also accept what the model accepts in other spellings.
+    documents["durations-as-numbers"] = yaml.safe_load(VALID.replace("hold: 2s", "hold: 2.5"))
+    done = subprocess.run(
+        [python, "-c", _VALIDATE],
+        input=json.dumps([schema, documents]),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+
+
+def test_json_schema_rejects_what_the_model_rejects_structurally() -> None:
+    python = _python_with_jsonschema()
+    if python is None:
+        pytest.skip("no interpreter with jsonschema")
+    schema = json.loads((REPO / "policy" / "rollout.schema.json").read_text())
+    bad = yaml.safe_load(VALID.replace("hold: 2s", "hold: 2 fortnights").replace("canary", "x"))
+    done = subprocess.run(
+        [python, "-c", _VALIDATE],
+        input=json.dumps([schema, {"bad": bad}]),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert "['spec', 'steps', 0, 'hold']" in done.stdout
+    assert "['spec', 'strategy']" in done.stdout

@@ -1,0 +1,36 @@
+"""Fixtures for gateway tests: a real demo registry, built once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from serving.demo.build import build_demo_registry
+
+
+@pytest.fixture(scope="session")
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "registry"
+    build_demo_registry(root)
+    return root
+
+
+MakeRegistry = Callable[..., Path]
+
+
+@pytest.fixture
+def make_registry(tmp_path: Path, demo_registry: Path) -> MakeRegistry:
+    """A registry of chosen demo versions ("fraud/1.0.0", ...), linked, not copied."""
+
+    def make(*versions: str) -> Path:
+        root = tmp_path / "registry"
+        for item in versions:
+            model, version = item.split("/")
+            (root / model).mkdir(parents=True, exist_ok=True)
+            (root / model / version).symlink_to(demo_registry / model / version)
+        root.mkdir(exist_ok=True)
+        return root
+
+    return make

@@ -1,0 +1,254 @@
+"""End-to-end: the real gateway on loopback, driven by tritonclient and plain aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import tritonclient.http.aio as triton_aio
+from tritonclient.http import InferInput, InferRequestedOutput
+
+from serving.demo.build import load_eval_data
+from serving.manifest import load_manifest
+from serving.runners import create_runner
+from tests.proxy.conftest import MakeRegistry
+from tests.proxy.support import serve
+
+
+async def _direct_predictions(
+    registry: Path, model: str, version: str, x: np.ndarray
+) -> np.ndarray:
+    directory = registry / model / version
+    runner = create_runner(load_manifest(directory / "model.yaml"), directory)
+    await runner.load()
+    try:
+        return (await runner.predict({"input": x}))["label"]
+    finally:
+        await runner.unload()
+
+
+async def test_tritonclient_metadata_infer_and_pinned(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry(
+        "fraud/1.0.0", "fraud/1.1.0", "fraud-onnx/1.0.0", "fraud-torch/1.0.0", "fraud-torch/1.1.0"
+    )
+    x, _ = load_eval_data()
+    async with serve(tmp_path, registry) as server:
+        client = triton_aio.InferenceServerClient(server.url.removeprefix("http://"))
+        try:
+            assert await client.is_server_live()
+            assert await client.is_server_ready()
+            assert await client.is_model_ready("fraud")
+            meta = await client.get_model_metadata("fraud")
+            assert meta["name"] == "fraud"
+            assert meta["versions"] == ["1.0.0", "1.1.0"]
+            assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+            assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities"]
+            server_meta = await client.get_server_metadata()
+            assert server_meta["name"] == "rollguard"
+
+            for model in ("fraud", "fraud-onnx", "fraud-torch"):
+                for binary in (False, True):
+                    inp = InferInput("input", list(x[:16].shape), "FP32")
+                    inp.set_data_from_numpy(x[:16], binary_data=binary)
+                    out = InferRequestedOutput("label", binary_data=binary)
+                    result = await client.infer(model, [inp], outputs=[out], request_id="t-1")
+                    version = result.get_response()["model_version"]
+                    expected = await _direct_predictions(registry, model, version, x[:16])
+                    np.testing.assert_array_equal(result.as_numpy("label"), expected)
+                    assert result.get_response()["id"] == "t-1"
+                    assert result.as_numpy("probabilities") is None  # not requested
+
+            inp = InferInput("input", [4, 30], "FP32")
+            inp.set_data_from_numpy(x[:4], binary_data=False)
+            pinned = await client.infer("fraud", [inp], model_version="1.1.0")
+            assert pinned.get_response()["model_version"] == "1.1.0"
+            # torch.export (.pt2) through a pinned version.
+            pt2 = await client.infer("fraud-torch", [inp], model_version="1.1.0")
+            expected = await _direct_predictions(registry, "fraud-torch", "1.1.0", x[:4])
+            np.testing.assert_array_equal(pt2.as_numpy("label"), expected)
+            # Pinned calls never count in windows.
+            assert server.gateway.windows.get("fraud", "1.1.0").requests == 0
+        finally:
+            await client.close()
+
+
+async def test_plain_http_predict_feedback_and_accuracy(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry("fraud/1.0.0")
+    x, y = load_eval_data()
+    async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http:
+        ids = []
+        for i in range(40):
+            body = {"features": x[i].tolist(), "id": f"req-{i}"}
+            async with http.post(f"{server.url}/predict/fraud", json=body) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-rollguard-variant"] == "1.0.0"
+                assert resp.headers["x-request-id"] == f"req-{i}"
+                doc = await resp.json()
+                assert set(doc["predictions"]) == {"label", "probabilities"}
+                ids.append(doc["id"])
+        async with http.post(
+            f"{server.url}/predict/fraud", json={"instances": [x[0].tolist(), x[1].tolist()]}
+        ) as resp:
+            doc = await resp.json()
+            assert len(doc["predictions"]) == 2
+            assert resp.headers["x-request-id"] == doc["id"]  # generated when not given
+        labels = [{"id": rid, "label": int(y[i])} for i, rid in enumerate(ids)]
+        async with http.post(f"{server.url}/v2/models/fraud/feedback", json=labels) as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+            assert len(doc["accepted"]) == 40 and doc["unknown"] == []
+        window = server.gateway.windows.get("fraud", "1.0.0")
+        evidence = window.evidence()
+        expected = await _direct_predictions(registry, "fraud", "1.0.0", x[:40])
+        assert evidence.labelled == 40
+        assert evidence.correct == int((expected == y[:40]).sum())
+        # A label for an unknown id is a 404 with a V2 error body; a repeat label too.
+        async with http.post(
+            f"{server.url}/v2/models/fraud/feedback", json={"id": "req-0", "label": 1}
+        ) as resp:
+            assert resp.status == 404
+            assert "error" in await resp.json()
+        async with http.get(f"{server.url}/metrics") as resp:
+            text = await resp.text()
+            series = (
+                'rollguard_requests_total{code="200",model="fraud",role="stable",version="1.0.0"}'
+            )
+            assert f"{series} 41.0" in text
+            assert "rollguard_feedback_labels_total" in text
+
+
+async def test_every_error_status(tmp_path: Path, make_registry: MakeRegistry) -> None:
+    registry = make_registry("fraud/1.0.0", "fraud/1.2.0")
+    x, _ = load_eval_data()
+    good = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": x[0].tolist()}]
+    }
+    async with (
+        serve(tmp_path, registry, max_body_bytes=64 * 1024) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        infer = f"{server.url}/v2/models/fraud/infer"
+        bad_bodies = [
+            b"not json",
+            b"[]",
+            b'{"inputs": []}',
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 29], "data": []}]}',
+            b'{"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 30], "data": '
+            + str([0.0] * 30).encode()
+            + b"}]}",
+            b'{"inputs": [{"name": "other", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": ["x"]}]}',
+        ]
+        for body in bad_bodies:
+            async with http.post(infer, data=body) as resp:
+                assert resp.status == 400, body
+                assert "error" in await resp.json()
+                assert resp.headers.get("x-request-id") is None or resp.status == 400
+        async with http.post(infer, json={**good, "outputs": [{"name": "nope"}]}) as resp:
+            assert resp.status == 400
+        # Bad input counted against no variant.
+        assert server.gateway.windows.get("fraud", "1.0.0").requests == 0
+        for url in (
+            f"{server.url}/v2/models/nope/infer",
+            f"{server.url}/v2/models/fraud/versions/9.9.9/infer",
+        ):
+            async with http.post(url, json=good) as resp:
+                assert resp.status == 404
+                assert "error" in await resp.json()
+        async with http.get(f"{server.url}/v2/models/nope") as resp:
+            assert resp.status == 404
+        async with http.post(infer, data=b"x" * (65 * 1024)) as resp:
+            assert resp.status == 413
+            assert "error" in await resp.json()
+        # A model error is a 500 counted against that version only.
+        faulty = f"{server.url}/v2/models/fraud/versions/1.2.0/infer"
+        statuses = []
+        for i in range(60):
+            row = {
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [1, 30], "data": x[i].tolist()}
+                ]
+            }
+            async with http.post(faulty, json=row) as resp:
+                statuses.append(resp.status)
+                if resp.status != 200:
+                    assert "error" in await resp.json()
+        assert set(statuses) <= {200, 500} and 500 in statuses
+
+
+async def _upstream(mode: str) -> tuple[aiohttp.web.AppRunner, str]:
+    from aiohttp import web
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def infer(request: web.Request) -> web.Response:
+        if mode == "fail":
+            return web.json_response({"error": "upstream exploded"}, status=500)
+        await asyncio.sleep(2.0)  # slower than the manifest's timeout
+        return web.json_response({"outputs": []})
+
+    app = web.Application()
+    app.router.add_get("/v2/models/m/ready", ready)
+    app.router.add_post("/v2/models/m/infer", infer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v2/models/m"
+
+
+@pytest.mark.parametrize(("mode", "status"), [("fail", 502), ("slow", 504)])
+async def test_upstream_failure_and_timeout(tmp_path: Path, mode: str, status: int) -> None:
+    upstream, endpoint = await _upstream(mode)
+    registry = tmp_path / "registry" / "remote" / "1"
+    registry.mkdir(parents=True)
+    (registry / "model.yaml").write_text(
+        f"name: remote\nversion: '1'\nframework: http\nendpoint: {endpoint}\nstage: production\n"
+        "timeout_s: 0.3\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+    )
+    try:
+        async with (
+            serve(tmp_path, tmp_path / "registry") as server,
+            aiohttp.ClientSession() as http,
+        ):
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+            async with http.post(f"{server.url}/v2/models/remote/infer", json=body) as resp:
+                assert resp.status == status
+                assert "error" in await resp.json()
+            window = server.gateway.windows.get("remote", "1")
+            assert (window.requests, window.errors) == (1, 1)
+    finally:
+        await upstream.cleanup()
+
+
+async def test_overload_answers_503_with_retry_after(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry("fraud/1.3.0")  # the slow version: about 50 ms a call
+    (registry / "fraud" / "1.3.0")  # stage is not production: pin it
+    x, _ = load_eval_data()
+    row = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": x[0].tolist()}]
+    }
+    async with serve(tmp_path, registry, max_inflight=2) as server, aiohttp.ClientSession() as http:
+        url = f"{server.url}/v2/models/fraud/versions/1.3.0/infer"
+
+        async def one() -> tuple[int, str | None]:
+            async with http.post(url, json=row) as resp:
+                return resp.status, resp.headers.get("Retry-After")
+
+        results = await asyncio.gather(*(one() for _ in range(12)))
+        assert {s for s, _ in results} == {200, 503}
+        assert all(r == "1" for s, r in results if s == 503)
+        # No production version and no rollout: the model is not ready to serve.
+        async with http.post(f"{server.url}/v2/models/fraud/infer", json=row) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "1"

@@ -1,0 +1,284 @@
+"""End-to-end rollouts over loopback: automatic rollback, promotion, bad edits, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from policy.audit import verify
+from serving.demo.build import load_eval_data
+from tests.proxy.conftest import MakeRegistry
+from tests.proxy.support import Server, serve
+
+X, Y = load_eval_data()
+
+CANARY = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {{name: fraud}}
+spec:
+  model: fraud
+  stable: "1.0.0"
+  candidate: "{candidate}"
+  strategy: canary
+  split: hash
+  key: header:x-user-id
+  steps:
+    - {{weight: 20, hold: 0.3s, min_requests: 60}}
+    - {{weight: 50, hold: 0.3s, min_requests: 60}}
+    - {{weight: 100, hold: 0.3s, min_requests: 60}}
+  interval: 0.2s
+  checks:
+    - {{metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 60, on_fail: rollback}}
+    - {{metric: accuracy, max_drop_vs_stable: 0.1, min_samples: 30, on_fail: rollback}}
+"""
+
+
+async def drive(
+    server: Server,
+    http: aiohttp.ClientSession,
+    until: Callable[[], bool],
+    *,
+    deadline_s: float = 60.0,
+    concurrency: int = 8,
+) -> dict[str, int]:
+    """Send real rows with random user keys, and their true labels, until `until()`."""
+    served: dict[str, int] = {}
+    stop = time.monotonic() + deadline_s
+    rng = np.random.default_rng(0)
+
+    async def worker(w: int) -> None:
+        i = w
+        while not until() and time.monotonic() < stop:
+            row = i % len(X)
+            body = {"features": X[row].tolist(), "id": f"w{w}-{i}"}
+            headers = {"x-user-id": f"user-{rng.integers(1_000_000)}"}
+            async with http.post(f"{server.url}/predict/fraud", json=body, headers=headers) as r:
+                variant = r.headers.get("x-rollguard-variant", "?")
+                served[variant] = served.get(variant, 0) + 1
+                if r.status == 200:
+                    label = {"id": body["id"], "label": int(Y[row])}
+                    async with http.post(f"{server.url}/v2/models/fraud/feedback", json=label):
+                        pass
+            i += concurrency
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    assert until(), f"condition not reached within {deadline_s}s; served {served}"
+    return served
+
+
+def _phase(server: Server, name: str = "fraud") -> str:
+    return str(server.rollouts.describe(name)["phase"])
+
+
+async def test_faulty_candidate_is_rolled_back(tmp_path: Path, make_registry: MakeRegistry) -> None:
+    registry = make_registry("fraud/1.0.0", "fraud/1.2.0")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(CANARY.format(candidate="1.2.0"))
+    async with (
+        serve(tmp_path, registry, policies=policies) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        served = await drive(server, http, lambda: _phase(server) == "rolled_back")
+        assert served.get("1.2.0", 0) > 0
+        table = server.gateway.router.table("fraud")
+        assert table is not None and table.weight == 0
+        # Every request after the rollback goes to stable.
+        async with http.post(
+            f"{server.url}/predict/fraud",
+            json={"features": X[0].tolist()},
+            headers={"x-user-id": "anyone"},
+        ) as r:
+            assert r.headers["x-rollguard-variant"] == "1.0.0"
+        entries = server.rollouts.audit_entries(since=None, until=None, rollout="fraud")
+        rollback = [e for e in entries if e["data"].get("action") == "rollback"]
+        assert rollback and "error_rate" in rollback[0]["data"]["reason"]
+    assert verify(tmp_path / "state" / "audit.jsonl").ok
+
+
+async def test_good_candidate_walks_every_step_and_is_promoted(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(CANARY.format(candidate="1.1.0"))
+    async with (
+        serve(tmp_path, registry, policies=policies) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        await drive(server, http, lambda: _phase(server) == "promoted", deadline_s=90)
+        entries = server.rollouts.audit_entries(since=None, until=None, rollout="fraud")
+        actions = [e["data"].get("action") for e in entries if e["kind"] == "decision"]
+        assert actions.count("advance") == 2 and actions[-1] == "promote"
+        async with http.post(
+            f"{server.url}/predict/fraud",
+            json={"features": X[0].tolist()},
+            headers={"x-user-id": "anyone"},
+        ) as r:
+            assert r.headers["x-rollguard-variant"] == "1.1.0"
+
+
+async def test_bad_edit_is_rejected_and_the_old_policy_keeps_running(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    path = policies / "fraud.yaml"
+    path.write_text(CANARY.format(candidate="1.1.0").replace("interval: 0.2s", "interval: 60s"))
+    async with (
+        serve(tmp_path, registry, policies=policies, policy_poll_s=0.05) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        before = server.gateway.router.table("fraud")
+        assert before is not None and before.weight == 20
+        path.write_text(path.read_text().replace("weight: 50", "weight: fifty"))
+        deadline = time.monotonic() + 10
+        while not server.rollouts.rejected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        async with http.get(f"{server.url}/admin/rollouts") as r:
+            overview = await r.json()
+        [rejected] = overview["rejected"]
+        assert "fraud.yaml:" in rejected["error"] and "weight" in rejected["error"]
+        line = int(rejected["error"].split("fraud.yaml:")[1].split(":")[0])
+        assert "fifty" in path.read_text().splitlines()[line - 1]
+        assert overview["rollouts"][0]["weight"] == 20
+        variants = set()
+        for i in range(200):
+            async with http.post(
+                f"{server.url}/predict/fraud",
+                json={"features": X[i % len(X)].tolist()},
+                headers={"x-user-id": f"u{i}"},
+            ) as r:
+                assert r.status == 200
+                variants.add(r.headers["x-rollguard-variant"])
+        assert variants == {"1.0.0", "1.1.0"}
+        async with http.get(f"{server.url}/metrics") as r:
+            assert f'rollguard_policy_invalid{{file="{path}"}} 1.0' in await r.text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(registry: Path, policies: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
+    log = (state.parent / "serve.log").open("ab")
+    with log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--registry",
+                str(registry),
+                "--policies",
+                str(policies),
+                "--state",
+                str(state),
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "ROLLGUARD_LOG_LEVEL": "WARNING"},
+        )
+
+
+async def _wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "gateway exited; see serve.log"
+        try:
+            async with http.get(f"{url}/v2/health/ready") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("gateway did not become ready")
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_rollout_resumes_from_persisted_state(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    policies, state = tmp_path / "policies", tmp_path / "state"
+    policies.mkdir()
+    # Long holds: the rollout stops at step 2 of 3 while we kill it.
+    (policies / "fraud.yaml").write_text(
+        CANARY.format(candidate="1.1.0").replace(
+            "hold: 0.3s, min_requests: 60}}\n    - {weight: 100",
+            "hold: 1h, min_requests: 60}\n    - {weight: 100",
+        )
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        proc = _start(registry, policies, state, port)
+        try:
+            await _wait_ready(http, url, proc)
+
+            async def step() -> int:
+                async with http.get(f"{url}/admin/rollouts/fraud") as r:
+                    return int((await r.json())["step"])
+
+            i = 0
+            while await step() < 1 and i < 20_000:
+                async with http.post(
+                    f"{url}/predict/fraud",
+                    json={"features": X[i % len(X)].tolist(), "id": f"r{i}"},
+                    headers={"x-user-id": f"u{i}"},
+                ) as r:
+                    assert r.status == 200
+                async with http.post(
+                    f"{url}/v2/models/fraud/feedback",
+                    json={"id": f"r{i}", "label": int(Y[i % len(Y)])},
+                ):
+                    pass
+                i += 1
+            assert await step() == 1
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        proc = _start(registry, policies, state, port)
+        try:
+            await _wait_ready(http, url, proc)
+            async with http.get(f"{url}/admin/rollouts/fraud") as r:
+                doc = await r.json()
+            assert (doc["step"], doc["phase"], doc["weight"]) == (1, "progressing", 50)
+            # An operator rollback survives the next restart too.
+            async with http.post(
+                f"{url}/admin/rollouts/fraud/rollback", json={"actor": "alice"}
+            ) as r:
+                assert r.status == 200
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        proc = _start(registry, policies, state, port)
+        try:
+            await _wait_ready(http, url, proc)
+            async with http.get(f"{url}/admin/rollouts/fraud") as r:
+                doc = await r.json()
+            assert (doc["phase"], doc["weight"]) == ("rolled_back", 0)
+        finally:
+            proc.terminate()
+            proc.wait()
+    result = verify(state / "audit.jsonl")
+    assert result.ok, result.reason

@@ -1,0 +1,178 @@
+"""HttpRunner against a real V2 server on loopback that serves a real scikit-learn model."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from serving.demo import load_eval_data
+from serving.errors import ArtifactError, UpstreamError, UpstreamTimeout
+from serving.manifest import parse_manifest
+from serving.runners.http import HttpRunner
+
+MODEL_PATH = "/v2/models/fraud/versions/2"
+
+
+@pytest.fixture(scope="module")
+def model() -> Pipeline:
+    x, y = load_breast_cancer(return_X_y=True)
+    return make_pipeline(StandardScaler(), LogisticRegression()).fit(x.astype(np.float32), y)
+
+
+class Upstream:
+    """A minimal V2 model server, written by hand so it does not share our codec."""
+
+    def __init__(self, model: Pipeline) -> None:
+        self.model = model
+        self.ready = True
+        self.fail = False
+        self.stall = False
+        self.release = asyncio.Event()  # set at teardown: stalled handlers may finish
+        self.url = ""
+
+    async def handle_ready(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.json_response({"name": "fraud", "ready": True})
+        return web.json_response({"error": "model is loading"}, status=503)
+
+    async def handle_infer(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        if self.fail:
+            return web.json_response({"error": "model exploded"}, status=500)
+        if self.stall:
+            await self.release.wait()
+        tensor = doc["inputs"][0]
+        assert tensor["datatype"] == "FP32"
+        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        label = self.model.predict(x)
+        probabilities = self.model.predict_proba(x).astype(np.float32)
+        outputs = [
+            {"name": "label", "datatype": "INT64", "shape": [len(x)], "data": label.tolist()},
+            {
+                "name": "probabilities",
+                "datatype": "FP32",
+                "shape": list(probabilities.shape),
+                "data": probabilities.ravel().tolist(),
+            },
+        ]
+        body = {"model_name": "fraud", "model_version": "2", "outputs": outputs}
+        return web.json_response(body)
+
+
+@pytest.fixture
+async def upstream(model: Pipeline) -> AsyncIterator[Upstream]:
+    server = Upstream(model)
+    app = web.Application()
+    app.router.add_get(f"{MODEL_PATH}/ready", server.handle_ready)
+    app.router.add_post(f"{MODEL_PATH}/infer", server.handle_infer)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    server.url = f"http://127.0.0.1:{sock.getsockname()[1]}{MODEL_PATH}"
+    yield server
+    server.release.set()
+    await runner.cleanup()
+    sock.close()
+
+
+def _manifest_for(url: str, timeout_s: float = 5.0) -> Any:
+    return parse_manifest(
+        {
+            "name": "fraud",
+            "version": "2.0.0",
+            "framework": "http",
+            "endpoint": url,
+            "timeout_s": timeout_s,
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
+        },
+        "test",
+    )
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{MODEL_PATH}"
+
+
+async def test_predictions_equal_the_direct_model_call(
+    upstream: Upstream, model: Pipeline, tmp_path: Path
+) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)  # owns its own session
+    await runner.load()
+    assert runner.ready
+    x, _ = load_eval_data()
+    got = await runner.predict({"input": x})
+    np.testing.assert_array_equal(got["label"], model.predict(x))
+    assert got["probabilities"].dtype == np.float32
+    np.testing.assert_array_equal(got["probabilities"], model.predict_proba(x).astype(np.float32))
+    await runner.unload()
+    assert not runner.ready
+
+
+async def test_a_shared_session_is_left_open(upstream: Upstream, tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        runner = HttpRunner(_manifest_for(upstream.url), tmp_path, session=session)
+        await runner.load()
+        await runner.unload()
+        assert not session.closed
+
+
+async def test_upstream_500_is_an_upstream_error(upstream: Upstream, tmp_path: Path) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    upstream.fail = True
+    x, _ = load_eval_data()
+    with pytest.raises(UpstreamError, match="answered 500: model exploded") as info:
+        await runner.predict({"input": x[:2]})
+    assert not isinstance(info.value, UpstreamTimeout)
+    await runner.unload()
+
+
+async def test_slow_upstream_is_an_upstream_timeout(upstream: Upstream, tmp_path: Path) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url, timeout_s=0.2), tmp_path)
+    await runner.load()
+    upstream.stall = True
+    x, _ = load_eval_data()
+    with pytest.raises(UpstreamTimeout, match=r"no answer within 0\.2 s"):
+        await runner.predict({"input": x[:2]})
+    await runner.unload()
+
+
+async def test_refused_connection_is_an_upstream_error(tmp_path: Path) -> None:
+    url = _closed_port_url()
+    async with aiohttp.ClientSession() as session:
+        runner = HttpRunner(_manifest_for(url), tmp_path, session=session)
+        x, _ = load_eval_data()
+        with pytest.raises(UpstreamError, match="ClientConnectorError") as info:
+            await runner.predict({"input": x[:2]})
+        assert not isinstance(info.value, UpstreamTimeout)
+        with pytest.raises(ArtifactError, match="unreachable"):
+            await runner.load()
+
+
+async def test_ready_probe_gates_load(upstream: Upstream, tmp_path: Path) -> None:
+    upstream.ready = False
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    with pytest.raises(ArtifactError, match=r"not ready.*503.*model is loading"):
+        await runner.load()
+    assert not runner.ready
+    upstream.ready = True
+    await runner.load()
+    assert runner.ready
+    await runner.unload()
