@@ -2,8 +2,9 @@
 
 Run `python load_tests/policy_simulation.py [--replicates N] [--quick] [--scenario NAME]
 [--out FILE.json]`. Each replicate streams `horizon` requests through a split (a
-5 % → 25 % → 50 % canary, or a fixed 10 %): Bernoulli errors, lognormal latencies,
-labels that arrive for 60 % of requests after an exponential delay (mean 1000 requests).
+5 % → 25 % → 50 % canary, or a fixed 10 %): Bernoulli errors, lognormal latencies
+(median 50 ms, σ 0.5), labels for 60 % of requests that come back in batches after an
+exponential delay (mean 1000 requests).
 At every 10th, 100th and 1000th request the evidence the gateway would hold is built and
 the policy's checks decide. A/A scenarios count replicates that ever roll back (or, for
 SRM, ever hold): the rate's upper 95 % Wilson bound must be ≤ alpha. Power scenarios
@@ -89,29 +90,38 @@ def _scenarios() -> list[Scenario]:
         for sched in ("canary", "fixed10")
         for p in (0.001, 0.01, 0.05)
     ]
-    out += [Scenario(f"aa_strict_canary_err{p:g}", "canary", (p, p), STRICT_CHECKS)
-            for p in (0.001, 0.01, 0.05)]  # fmt: skip
+    out += [
+        Scenario(f"aa_strict_canary_err{p:g}", "canary", (p, p), STRICT_CHECKS)
+        for p in (0.001, 0.01, 0.05)
+    ]
     out.append(Scenario("aa_tight_latency_canary", "canary", (0.01, 0.01), TIGHT_LATENCY))
     long = 50_000
     out += [
         Scenario("power_err_1to2", "canary", (0.01, 0.02), horizon=long),
         Scenario("power_latency_+50%", "canary", (0.01, 0.01), latency_scale=1.5, horizon=long),
         Scenario("power_latency_+20%", "canary", (0.01, 0.01), latency_scale=1.2, horizon=long),
-        Scenario("power_latency_+20%_tight", "canary", (0.01, 0.01), TIGHT_LATENCY, 1.2,
-                 horizon=long),  # fmt: skip
-        Scenario("power_accuracy_-3pt", "canary", (0.01, 0.01), accuracy=(0.90, 0.87),
-                 horizon=long),  # fmt: skip
+        Scenario(
+            "power_latency_+20%_tight", "canary", (0.01, 0.01), TIGHT_LATENCY, 1.2, horizon=long
+        ),
+        Scenario(
+            "power_accuracy_-3pt", "canary", (0.01, 0.01), accuracy=(0.90, 0.87), horizon=long
+        ),
     ]
     return out
 
 
 def _spec(sc: Scenario) -> Spec:
     steps = [{"weight": 5}, {"weight": 25}, {"weight": 50}]
-    return Spec.model_validate({
-        "model": "sim", "stable": "1", "candidate": "2", "key": "header:x-user",
-        "steps": steps if sc.schedule == "canary" else [{"weight": 10}],
-        "checks": [c.model_dump(exclude_unset=True) for c in sc.checks],
-    })  # fmt: skip
+    return Spec.model_validate(
+        {
+            "model": "sim",
+            "stable": "1",
+            "candidate": "2",
+            "key": "header:x-user",
+            "steps": steps if sc.schedule == "canary" else [{"weight": 10}],
+            "checks": [c.model_dump(exclude_unset=True) for c in sc.checks],
+        }
+    )
 
 
 def _weights(sc: Scenario) -> tuple[npt.NDArray[np.float64], Ints]:
@@ -229,14 +239,16 @@ def _screen(sc: Scenario, spec: Spec, ch: Chunk) -> tuple[Bools, Bools]:
         alpha = check_alpha(spec, check)
         if check.metric == "error_rate":
             m = check.max_increase_vs_stable or 0.0
-            _, lo, _, _ = difference_bounds(n["s_err"], n["s_req"], n["c_err"], n["c_req"],
-                                            alpha, side="lower", null=m)  # fmt: skip
+            _, lo, _, _ = difference_bounds(
+                n["s_err"], n["s_req"], n["c_err"], n["c_req"], alpha, side="lower", null=m
+            )
             enough = np.minimum(n["s_req"], n["c_req"]) >= check.min_samples
             flag = (lo > m - 1e-12) & enough & (n["c_err"] >= MIN_EVENTS)
         elif check.metric == "accuracy":
             m = check.max_drop_vs_stable or 0.0
-            _, lo, _, _ = difference_bounds(n["c_cor"], n["c_lab"], n["s_cor"], n["s_lab"],
-                                            alpha, side="lower", null=m)  # fmt: skip
+            _, lo, _, _ = difference_bounds(
+                n["c_cor"], n["c_lab"], n["s_cor"], n["s_lab"], alpha, side="lower", null=m
+            )
             enough = np.minimum(n["s_lab"], n["c_lab"]) >= check.min_samples
             flag = (lo > m - 1e-12) & enough & (n["c_lab"] - n["c_cor"] >= MIN_EVENTS)
         elif check.percentile is not None:
@@ -266,11 +278,17 @@ def _evidence(sc: Scenario, ch: Chunk, r: int, j: int, rng: np.random.Generator)
     def side(v: str, p: str, scale: float) -> VariantEvidence:
         window = _latencies(rng, min(n[f"{p}_req"], WINDOW), scale)
         return VariantEvidence(
-            v, requests=n[f"{p}_req"], errors=n[f"{p}_err"], routed=n[f"{p}_routed"],
-            latency_threshold=t, since_threshold=n[f"{p}_since"] if frozen else 0,
-            over_threshold=n[f"{p}_over"] if frozen else 0, labelled=n[f"{p}_lab"],
-            correct=n[f"{p}_cor"], latencies=window,
-        )  # fmt: skip
+            v,
+            requests=n[f"{p}_req"],
+            errors=n[f"{p}_err"],
+            routed=n[f"{p}_routed"],
+            latency_threshold=t,
+            since_threshold=n[f"{p}_since"] if frozen else 0,
+            over_threshold=n[f"{p}_over"] if frozen else 0,
+            labelled=n[f"{p}_lab"],
+            correct=n[f"{p}_cor"],
+            latencies=window,
+        )
 
     stable, candidate = side("1", "s", 1.0), side("2", "c", sc.latency_scale)
     return Evidence(stable, candidate, float(sc.weights[0][end - 1]))
@@ -285,16 +303,14 @@ def _kinds(spec: Spec, ev: Evidence) -> tuple[bool, bool]:
 @dataclass
 class Tally:
     replicates: int = 0
-    first: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # key -> (r, j)
-    naive: dict[int, int] = field(default_factory=dict)
+    # "rollback@100" -> candidate requests at each replicate's first FAIL on that cadence
+    first: dict[str, list[int]] = field(default_factory=dict)
+    naive: dict[int, int] = field(default_factory=dict)  # cadence -> replicates ever rejected
     audited: int = 0
     misses: int = 0
-    cand_requests: dict[str, list[int]] = field(default_factory=dict)
 
 
-def _confirm(
-    sc: Scenario, spec: Spec, ch: Chunk, tally: Tally, rng: np.random.Generator, offset: int
-) -> None:
+def _confirm(sc: Scenario, spec: Spec, ch: Chunk, tally: Tally, rng: np.random.Generator) -> None:
     """Run evaluate_checks at flagged looks, in order, until each cadence's first FAIL."""
     rollback, hold = _screen(sc, spec, ch)
     for kind, flags in (("rollback", rollback), ("hold", hold)):
@@ -306,9 +322,8 @@ def _confirm(
                     continue
                 if _kinds(spec, _evidence(sc, ch, int(r), int(j), rng))[kind == "hold"]:
                     for c in due:
-                        key = f"{kind}@{c}"
-                        tally.first.setdefault(key, []).append((offset + int(r), int(j)))
-                        tally.cand_requests.setdefault(key, []).append(int(ch.counts["c_req"][r, j]))
+                        first = tally.first.setdefault(f"{kind}@{c}", [])
+                        first.append(int(ch.counts["c_req"][r, j]))
                         open_cadences.remove(c)
                 if not open_cadences:
                     break
@@ -323,12 +338,16 @@ def _naive(ch: Chunk, tally: Tally) -> None:
     """The contrast: a fixed-horizon one-sided z-test (α = 0.05) on error rates, peeked at."""
     n = ch.counts
     pooled = (n["s_err"] + n["c_err"]) / ch.looks[None, :]
-    se = np.sqrt(pooled * (1 - pooled) * (1 / np.maximum(n["s_req"], 1) + 1 / np.maximum(n["c_req"], 1)))
+    se = np.sqrt(
+        pooled * (1 - pooled) * (1 / np.maximum(n["s_req"], 1) + 1 / np.maximum(n["c_req"], 1))
+    )
     diff = n["c_err"] / np.maximum(n["c_req"], 1) - n["s_err"] / np.maximum(n["s_req"], 1)
     z = np.divide(diff, se, out=np.zeros_like(diff), where=se > 0)
     rejects = (z > norm.isf(0.05)) & (np.minimum(n["s_req"], n["c_req"]) >= 200)
     for c in CADENCES:
-        tally.naive[c] = tally.naive.get(c, 0) + int(rejects[:, ch.looks % c == 0].any(axis=1).sum())
+        tally.naive[c] = tally.naive.get(c, 0) + int(
+            rejects[:, ch.looks % c == 0].any(axis=1).sum()
+        )
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -349,29 +368,42 @@ def run_scenario(sc: Scenario, replicates: int, seed: int = 0) -> dict[str, Any]
     tally, started = Tally(), time.perf_counter()
     for begin in range(0, replicates, chunk):
         size = min(chunk, replicates - begin)
-        _confirm(sc, spec, _simulate(sc, size, rng), tally, rng, offset=begin)
+        _confirm(sc, spec, _simulate(sc, size, rng), tally, rng)
         tally.replicates += size
     rows = []
     for kind in ("rollback", "hold"):
         for c in CADENCES:
-            key = f"{kind}@{c}"
-            k = len(tally.first.get(key, []))
+            cand = tally.first.get(f"{kind}@{c}", [])
+            k = len(cand)
             lo, hi = wilson(k, tally.replicates)
-            cand = tally.cand_requests.get(key, [])
-            rows.append({
-                "kind": kind, "cadence": c, "replicates": tally.replicates, "fails": k,
-                "rate": k / tally.replicates, "wilson_low": lo, "wilson_high": hi,
-                "median_candidate_requests": float(np.median(cand)) if cand else None,
-                "naive_z_fails": tally.naive.get(c) if kind == "rollback" else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "kind": kind,
+                    "cadence": c,
+                    "replicates": tally.replicates,
+                    "fails": k,
+                    "rate": k / tally.replicates,
+                    "wilson_low": lo,
+                    "wilson_high": hi,
+                    "median_candidate_requests": float(np.median(cand)) if cand else None,
+                    "naive_z_fails": tally.naive.get(c) if kind == "rollback" else None,
+                }
+            )
     return {
-        "scenario": sc.name, "aa": sc.aa, "schedule": sc.schedule, "error": list(sc.error),
-        "latency_scale": sc.latency_scale, "accuracy": list(sc.accuracy),
-        "horizon": sc.horizon, "alpha": spec.alpha,
+        "scenario": sc.name,
+        "aa": sc.aa,
+        "schedule": sc.schedule,
+        "error": list(sc.error),
+        "latency_scale": sc.latency_scale,
+        "accuracy": list(sc.accuracy),
+        "horizon": sc.horizon,
+        "alpha": spec.alpha,
         "checks": [c.model_dump(exclude_unset=True) for c in sc.checks],
-        "audited_looks": tally.audited, "misses": tally.misses,
-        "seconds": time.perf_counter() - started, "rows": rows,
-    }  # fmt: skip
+        "audited_looks": tally.audited,
+        "misses": tally.misses,
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -407,8 +439,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
             )
     audited = sum(r["audited_looks"] for r in results)
     misses = sum(r["misses"] for r in results)
-    out.append(f"\nScreen audit: {audited} unflagged looks re-run through evaluate_checks,"
-               f" {misses} FAILs missed.")  # fmt: skip
+    out.append(
+        f"\nScreen audit: {audited} unflagged looks re-run through evaluate_checks,"
+        f" {misses} FAILs missed."
+    )
     return "\n".join(out)
 
 

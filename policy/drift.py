@@ -43,21 +43,26 @@ _FLOOR = 1e-4  # share given to an empty bin, so ln(a/e) stays finite (a common 
 def psi(reference: npt.ArrayLike, current: npt.ArrayLike, bins: int = 10) -> float:
     """PSI of `current` against `reference` (1-D), on bins at the reference's quantiles.
 
-    Repeated quantiles (a discrete feature) merge their bins, so a constant feature has
-    one bin and PSI 0 unless the live values leave it.
+    Repeated quantiles (a discrete feature) merge, and each value that is an edge gets a
+    bin of its own, between the open intervals: a constant feature is one bin and any
+    other live value is drift; for continuous data those point bins stay empty.
     """
     ref = np.asarray(reference, dtype=np.float64).ravel()
     cur = np.asarray(current, dtype=np.float64).ravel()
     if ref.size == 0 or cur.size == 0:
         raise ValueError("psi needs non-empty reference and current samples")
     edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    # side="right": a value equal to an edge falls in the bin above it, the same for both
-    # samples, so ties at a decile never create drift on their own.
-    expected = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
-    actual = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=edges.size + 1)
-    e = np.maximum(expected / ref.size, _FLOOR)
-    a = np.maximum(actual / cur.size, _FLOOR)
-    return float(np.sum((a - e) * np.log(a / e)))
+    expected = _shares(edges, ref)
+    actual = _shares(edges, cur)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def _shares(edges: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Share of x in each of the 2k + 1 bins: (−∞, e1), {e1}, (e1, e2), ..., (ek, ∞)."""
+    left = np.searchsorted(edges, x, side="left")
+    on_edge = np.searchsorted(edges, x, side="right") != left
+    counts = np.bincount(2 * left + on_edge, minlength=2 * edges.size + 1)
+    return np.maximum(counts / x.size, _FLOOR)
 
 
 def ks_test(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[float, float]:

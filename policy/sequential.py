@@ -118,7 +118,8 @@ def _pvalue(
     the null, with ρ held at the configured alpha (as GrowthBook's bisection does).
 
     Two-sided: 1/Λn, Λn the mixture likelihood ratio (Johari et al. eq. for Λn). One-sided:
-    solve log(1 + sqrt(nρ²+1)/(2α)) = D for α, with D = ρ² n excess² / (2 s² (nρ²+1)).
+    solve log(1 + sqrt(nρ²+1)/(2α)) = D for α, with D = ρ² n² excess² / (2 s² (nρ²+1)),
+    s² the variance of one draw (so s²/n is the estimate's).
     """
     one_sided = side != "two-sided"
     rho2 = sequential_rho(alpha, n_star, one_sided=one_sided) ** 2
@@ -126,7 +127,8 @@ def _pvalue(
     safe_n = np.where(positive, n, 1.0)
     safe_s2 = np.where(positive, s2, 1.0)
     tr2p1 = safe_n * rho2 + 1.0
-    d = np.minimum(rho2 * safe_n * excess * excess / (2.0 * safe_s2 * tr2p1), _MAX_EXPONENT)
+    d = rho2 * safe_n * safe_n * excess * excess / (2.0 * safe_s2 * tr2p1)
+    d = np.minimum(d, _MAX_EXPONENT)
     if one_sided:
         log_p = 0.5 * np.log(tr2p1) - math.log(2.0) - np.log(np.expm1(np.maximum(d, 1e-300)))
         harmful = excess > 0 if side == "lower" else excess < 0

@@ -15,30 +15,42 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy import admin, dataplane
 from proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
-from proxy.gateway import Gateway
+from proxy.gateway import Gateway, RequestIds, variant_of
 from proxy.metrics import Metrics
 from proxy.rollouts import Rollouts
 from proxy.settings import Settings
 from proxy.shadow import ShadowMirror
-from proxy.state import GATEWAY, REQUEST_ID_HEADER, ROLLOUTS, SETTINGS
+from proxy.state import (
+    GATEWAY,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    ROLLOUTS,
+    SETTINGS,
+    VARIANT_HEADER,
+)
+from serving.errors import ModelExecutionError
 from serving.registry import Registry
 
 log = logging.getLogger("rollguard")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str, request_id: str | None) -> web.Response:
+def _error(
+    status: int, message: str, request_id: str | None, variant: str | None = None
+) -> web.Response:
     response = web.Response(
         body=orjson.dumps({"error": message}), status=status, content_type="application/json"
     )
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
+    if variant:
+        response.headers[VARIANT_HEADER] = variant
     if status == 503:
         response.headers["Retry-After"] = RETRY_AFTER_S
     return response
 
 
-def _limits(settings: Settings, metrics: Metrics) -> Middleware:
+def _limits(settings: Settings, metrics: Metrics, new_id: RequestIds) -> Middleware:
     inflight = 0
     limit = settings.max_inflight
     max_body = settings.max_body_bytes
@@ -46,9 +58,7 @@ def _limits(settings: Settings, metrics: Metrics) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal inflight
-        request_id = request.headers.get(REQUEST_ID_HEADER)
-        if request_id:
-            request["request_id"] = request_id
+        request[REQUEST_ID] = request.headers.get(REQUEST_ID_HEADER)
         try:
             length = request.content_length
             if length is not None and length > max_body:
@@ -59,20 +69,27 @@ def _limits(settings: Settings, metrics: Metrics) -> Middleware:
                 raise TooBusy(f"{inflight} requests in flight, the limit is {limit}")
             inflight += 1
             try:
-                return await handler(request)
+                response = await handler(request)
             finally:
                 inflight -= 1
+            if REQUEST_ID_HEADER not in response.headers:
+                response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID] or new_id()
+            return response
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body exceeds the limit of {max_body} bytes", request_id)
+            return _error(
+                413,
+                f"body exceeds the limit of {max_body} bytes",
+                request[REQUEST_ID] or new_id(),
+            )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, exc.reason, request_id)
+            return _error(exc.status, exc.reason, request[REQUEST_ID] or new_id())
         except Exception as exc:
             status = status_for(exc)
-            if status >= 500 and status not in (502, 503, 504):
-                log.warning("%s %s failed: %s", request.method, request.path, exc)
-            return _error(status, str(exc), request_id)
+            if status == 500 and not isinstance(exc, ModelExecutionError):
+                log.exception("%s %s failed", request.method, request.path)
+            return _error(status, str(exc), request[REQUEST_ID] or new_id(), variant_of(exc))
 
     return middleware
 
@@ -87,8 +104,10 @@ async def _metrics(request: web.Request) -> web.Response:
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
     """The gateway application; services start in its cleanup context."""
     metrics = Metrics(registry)
+    request_ids = RequestIds()
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[_limits(settings, metrics)]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[_limits(settings, metrics, request_ids)],
     )
     app[SETTINGS] = settings
 
@@ -118,6 +137,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             feedback_capacity=settings.feedback_capacity,
             shadow=shadow,
             agreement_tolerance=settings.agreement_tolerance,
+            request_ids=request_ids,
         )
         rollouts = Rollouts(gateway, settings)
         app[GATEWAY] = gateway

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.errors import FeedbackUnknown
 from proxy.gateway import Answer, Gateway
-from proxy.state import GATEWAY, VARIANT_HEADER
+from proxy.state import GATEWAY, REQUEST_ID, VARIANT_HEADER
 from serving.codec import (
     BINARY_HEADER,
     decode_infer_request,
@@ -67,7 +67,8 @@ async def infer(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     pinned = request.match_info.get("version")
     parsed = decode_infer_request(await request.read(), request.headers.get(BINARY_HEADER))
-    request_id = parsed.id or request.get("request_id")
+    request_id = parsed.id or request[REQUEST_ID] or gateway.new_request_id()
+    request[REQUEST_ID] = request_id
     answer = await gateway.infer(
         model,
         parsed.inputs,
@@ -93,11 +94,13 @@ async def predict(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     model = request.match_info["model"]
     specs = gateway.registry.get(model, gateway.primary_version(model)).manifest.input_specs
-    tensors, request_id, single = decode_predict_request(await request.read(), specs)
+    tensors, body_id, single = decode_predict_request(await request.read(), specs)
+    request_id = body_id or request[REQUEST_ID] or gateway.new_request_id()
+    request[REQUEST_ID] = request_id
     answer = await gateway.infer(
         model,
         tensors,
-        request_id=request_id or request.get("request_id"),
+        request_id=request_id,
         key=_key(gateway, request, model),
     )
     doc = {

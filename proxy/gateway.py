@@ -29,6 +29,16 @@ from serving.errors import (
 from serving.registry import LoadedVersion, Registry
 from serving.tensors import Tensors, check_inputs
 
+VARIANT_NOTE = "rollguard-variant="  # how a failure says which version failed (see variant_of)
+
+
+def variant_of(exc: BaseException) -> str | None:
+    """The version that failed, when the failure came from a model call."""
+    for note in getattr(exc, "__notes__", ()):
+        if note.startswith(VARIANT_NOTE):
+            return str(note[len(VARIANT_NOTE) :])
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -82,6 +92,20 @@ def answers_agree(primary: Tensors, shadow: Tensors, tol: float) -> bool:
     )
 
 
+class RequestIds:
+    """Request ids for requests that bring none: a per-process random prefix and a counter.
+
+    Cheaper than uuid4 on the hot path, and unique across replicas by the prefix.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
+
+
 class Windows:
     """The per-(model, version) ring buffers; sized by the rollout that watches them."""
 
@@ -126,6 +150,7 @@ class Gateway:
         feedback_capacity: int = 100_000,
         shadow: ShadowMirror | None = None,
         agreement_tolerance: float = 1e-6,
+        request_ids: RequestIds | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.registry = registry
@@ -137,11 +162,7 @@ class Gateway:
         self.timeout_s = timeout_s
         self.tolerance = agreement_tolerance
         self._clock = clock
-        self._ids = itertools.count()
-        self._id_prefix = os.urandom(4).hex()
-
-    def new_request_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids)}"
+        self.new_request_id = request_ids or RequestIds()
 
     def primary_version(self, model: str) -> str:
         """The version that answers for the model as a whole: rollout stable, else default."""
@@ -238,16 +259,22 @@ class Gateway:
         if timeout is None:
             http = loaded.manifest.framework == "http"
             timeout = loaded.manifest.timeout_s if http else self.timeout_s
+        note = VARIANT_NOTE + loaded.manifest.version
         try:
             async with asyncio.timeout(timeout):
                 return await loaded.runner.predict(inputs)
         except TimeoutError:
             name = f"{loaded.manifest.name}/{loaded.manifest.version}"
-            raise UpstreamTimeout(f"{name} did not answer within {timeout}s") from None
-        except ServingError:
+            timed_out = UpstreamTimeout(f"{name} did not answer within {timeout}s")
+            timed_out.add_note(note)
+            raise timed_out from None
+        except ServingError as exc:
+            exc.add_note(note)
             raise
         except Exception as exc:  # a runner bug must still count as that version's error
-            raise ModelExecutionError(f"{type(exc).__name__}: {exc}") from exc
+            failed = ModelExecutionError(f"{type(exc).__name__}: {exc}")
+            failed.add_note(note)
+            raise failed from exc
 
     def _record_failure(
         self,

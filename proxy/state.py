@@ -18,3 +18,5 @@ REQUEST_ID_HEADER = "x-request-id"
 SETTINGS = web.AppKey("settings", Settings)
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 ROLLOUTS: web.AppKey[Rollouts] = web.AppKey("rollouts")
+# The request's id as known so far: the x-request-id header, then the body's id.
+REQUEST_ID: web.RequestKey[str | None] = web.RequestKey("request_id")

@@ -38,6 +38,7 @@ class _Request:
     inputs: Tensors
     rows: int
     key: _Key | None  # None: cannot be concatenated with anything (0-d inputs)
+    arrived: float  # clock() when queued
     future: asyncio.Future[Tensors] = field(repr=False)
 
 
@@ -117,7 +118,7 @@ class BatchingRunner(Runner):
                 f"({self.max_queued} requests waiting)"
             )
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(inputs, rows, _key(inputs), future))
+        self._queue.append(_Request(inputs, rows, _key(inputs), self._clock(), future))
         self._waiting += 1
         self._arrived.set()
         return await future
@@ -142,7 +143,9 @@ class BatchingRunner(Runner):
         if first.key is None or rows >= self.max_batch_size:
             return batch
         deferred: list[_Request] = []
-        deadline = self._clock() + self.max_delay
+        # Counted from the oldest request's arrival: one that already waited for a free
+        # batch slot does not wait again, so max_delay bounds the added latency.
+        deadline = first.arrived + self.max_delay
         try:
             while True:
                 while self._queue and rows < self.max_batch_size:

@@ -84,7 +84,10 @@ def verify_directory(directory: Path, model: str, version: str) -> Manifest:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ManifestError(f"{manifest_path}: missing")
-    manifest = load_manifest(manifest_path)
+    try:
+        manifest = load_manifest(manifest_path)
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{manifest_path}: not UTF-8 text: {exc.reason}") from None
     for field, value, expected in (
         ("name", manifest.name, model),
         ("version", manifest.version, version),
@@ -147,7 +150,7 @@ def _inspect(model: str, version: str, directory: Path) -> VersionInfo:
     except ServingError as exc:
         try:  # still report framework and stage when only the artifact is at fault
             partial: Manifest | None = load_manifest(directory / MANIFEST_NAME)
-        except ManifestError:
+        except (ManifestError, UnicodeDecodeError):
             partial = None
         return VersionInfo(model, version, directory, "refused", str(exc), partial)
     return VersionInfo(model, version, directory, "ok", None, manifest)

@@ -92,8 +92,8 @@ class _Refusal:
 class _Outcome:
     """The result of examining one version directory."""
 
+    # Neither `loaded` nor `reason`: same manifest and artifact as the one serving.
     loaded: LoadedVersion | None = None  # a new runner, loaded
-    unchanged: bool = False  # same manifest and artifact as the one serving
     reason: str | None = None  # failure
     final: bool = False  # failure that waiting cannot cure (the files verified)
     manifest: Manifest | None = None
@@ -117,7 +117,18 @@ def _fingerprint(directory: Path) -> _Fingerprint:
     return tuple(sorted(found))
 
 
-def _scan(root: Path) -> dict[_Key, tuple[Path, _Fingerprint]]:
+def _naming_the_file(reason: str, directory: Path, manifest: Manifest) -> str:
+    """A runner's reason, made to start with the artifact's full path if it lacks it."""
+    if manifest.artifact is None or reason.startswith(str(directory / manifest.artifact)):
+        return reason  # http: the reason names the endpoint URL
+    if reason.startswith(manifest.artifact):
+        return f"{directory}/{reason}"
+    return f"{directory / manifest.artifact}: {reason}"
+
+
+def _scan(root: Path) -> dict[_Key, tuple[Path, _Fingerprint]] | None:
+    if not root.is_dir():
+        return None
     return {(m, v): (d, _fingerprint(d)) for m, v, d in version_directories(root)}
 
 
@@ -154,6 +165,7 @@ class Registry:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._root_missing = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -204,6 +216,17 @@ class Registry:
         async with self._lock:
             loop = asyncio.get_running_loop()
             seen = await loop.run_in_executor(None, _scan, self.root)
+            if seen is None:
+                # A missing root is more likely an unmounted volume than a wish to stop
+                # serving everything: keep what is loaded and say so once.
+                if not self._root_missing:
+                    logger.warning(
+                        "registry root %s is missing or not a directory; keeping the %d "
+                        "loaded version(s)", self.root, len(self._loaded),
+                    )  # fmt: skip
+                self._root_missing = True
+                return RegistryChanges()
+            self._root_missing = False
             log = _ChangeLog()
             for key in self._known() - set(seen):
                 await self._forget(key, log)
@@ -237,11 +260,11 @@ class Registry:
             manifest = await loop.run_in_executor(None, verify_directory, directory, *key)
         except ServingError as exc:
             return _Outcome(reason=str(exc))
-        except OSError as exc:  # the directory changed under us mid-read
-            return _Outcome(reason=f"{directory}: {exc}")
+        except Exception as exc:  # e.g. the directory changed under us mid-read
+            return _Outcome(reason=f"{directory}: {type(exc).__name__}: {exc}")
         current = self._loaded.get(key)
         if current is not None and current.manifest == manifest:
-            return _Outcome(unchanged=True)
+            return _Outcome()
         try:
             runner = create_runner(
                 manifest, directory, executor=self._executor, http_session=self._http_session
@@ -254,10 +277,7 @@ class Registry:
                 )
             await runner.load()
         except Exception as exc:  # a runner may raise anything its framework raises
-            reason = str(exc) or type(exc).__name__
-            name = manifest.artifact or manifest.endpoint or ""
-            if name not in reason:
-                reason = f"{directory / name}: {reason}"
+            reason = _naming_the_file(str(exc) or type(exc).__name__, directory, manifest)
             return _Outcome(
                 reason=reason, final=True, manifest=manifest, retry=manifest.framework == "http"
             )

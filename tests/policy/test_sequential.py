@@ -41,7 +41,10 @@ def test_growthbook_relative_lift_reference() -> None:
 def _johari_halfwidth(v: float, n: float, tau2: float, alpha: float) -> float:
     """Johari et al. 2017: sqrt(V(V+nτ²)/(n²τ²)·[2 log(1/α) + log((V+nτ²)/V)])."""
     return math.sqrt(
-        v * (v + n * tau2) / (n * n * tau2) * (2 * math.log(1 / alpha) + math.log((v + n * tau2) / v))
+        v
+        * (v + n * tau2)
+        / (n * n * tau2)
+        * (2 * math.log(1 / alpha) + math.log((v + n * tau2) / v))
     )
 
 
@@ -52,6 +55,18 @@ def test_halfwidth_is_joharis_msprt_with_tau2_rho2_v(n: int) -> None:
     assert float(mixture_halfwidth(v, n, alpha)) == pytest.approx(
         _johari_halfwidth(v, n, tau2, alpha), rel=1e-12
     )
+
+
+@pytest.mark.parametrize(("x", "n", "null"), [(30, 1000, 0.01), (5, 200, 0.1), (900, 1000, 0.85)])
+def test_two_sided_pvalue_is_one_over_johari_lambda(x: int, n: int, null: float) -> None:
+    """Λn = sqrt(V/(V+nτ²))·exp(n²τ²(θ̂−θ₀)²/(2V(V+nτ²))), p = min(1, 1/Λn)."""
+    alpha = 0.05
+    v = _smoothed(x, n)
+    tau2 = sequential_rho(alpha) ** 2 * v
+    lam = math.sqrt(v / (v + n * tau2)) * math.exp(
+        n * n * tau2 * (x / n - null) ** 2 / (2 * v * (v + n * tau2))
+    )
+    assert rate_sequence(x, n, alpha, null=null).pvalue == pytest.approx(min(1.0, 1 / lam))
 
 
 def _smoothed(x: int, n: int) -> float:
@@ -90,9 +105,7 @@ def test_unequal_arms_are_the_msprt_in_information_time(n_a: int, n_b: int) -> N
     assert widths[1] < b.upper - b.lower < widths[0]
 
 
-@given(
-    st.integers(100, 100_000), st.floats(0.001, 0.5), st.sampled_from([0.001, 0.01, 0.05, 0.2])
-)
+@given(st.integers(100, 100_000), st.floats(0.001, 0.5), st.sampled_from([0.001, 0.01, 0.05, 0.2]))
 def test_wider_than_scipys_fixed_n_interval(n: int, p: float, alpha: float) -> None:
     """Valid at every n at once costs width: never narrower than the z-interval at one n."""
     x = round(p * n)
@@ -132,9 +145,12 @@ def test_more_data_at_the_same_rate_shrinks_the_bounds(n: int, x_raw: int, k: in
 
 
 @given(
-    st.integers(0, 3000), st.integers(1, 3000), st.integers(0, 300), st.integers(1, 300),
+    st.integers(0, 3000),
+    st.integers(1, 3000),
+    st.integers(0, 300),
+    st.integers(1, 300),
     st.floats(0.0, 0.05),
-)  # fmt: skip
+)
 def test_pvalue_below_alpha_exactly_when_the_bound_excludes_the_null(
     xa: int, ea: int, xb: int, eb: int, margin: float
 ) -> None:
@@ -188,7 +204,9 @@ def test_time_uniform_coverage_of_a_canary_difference() -> None:
     """5 % → 25 % → 50 % allocation, one-sided lower bound of candidate − stable at 0."""
     rng = np.random.default_rng(11)
     paths, horizon, p, alpha = 1000, 20_000, 0.05, 0.05
-    weight = np.where(np.arange(horizon) < 4000, 0.05, np.where(np.arange(horizon) < 10_000, 0.25, 0.5))
+    weight = np.where(
+        np.arange(horizon) < 4000, 0.05, np.where(np.arange(horizon) < 10_000, 0.25, 0.5)
+    )
     cand = rng.random((paths, horizon)) < weight
     err = rng.random((paths, horizon)) < p
     looks = np.arange(100, horizon + 1, 10) - 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,8 +14,12 @@ from serving.demo.build import build_demo_registry
 
 @pytest.fixture(scope="session")
 def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built in a child process: training leaves library state (torch, sklearn) behind
+    that the gateway tests should not inherit."""
     root = tmp_path_factory.mktemp("demo") / "registry"
-    build_demo_registry(root)
+    code = f"from pathlib import Path; from {build_demo_registry.__module__} import "
+    code += f"build_demo_registry; build_demo_registry(Path({str(root)!r}))"
+    subprocess.run([sys.executable, "-c", code], check=True)
     return root
 
 

@@ -150,7 +150,7 @@ async def test_every_error_status(tmp_path: Path, make_registry: MakeRegistry) -
             async with http.post(infer, data=body) as resp:
                 assert resp.status == 400, body
                 assert "error" in await resp.json()
-                assert resp.headers.get("x-request-id") is None or resp.status == 400
+                assert resp.headers["x-request-id"]  # every response, errors included
         async with http.post(infer, json={**good, "outputs": [{"name": "nope"}]}) as resp:
             assert resp.status == 400
         # Bad input counted against no variant.
@@ -178,6 +178,8 @@ async def test_every_error_status(tmp_path: Path, make_registry: MakeRegistry) -
             }
             async with http.post(faulty, json=row) as resp:
                 statuses.append(resp.status)
+                assert resp.headers["x-rollguard-variant"] == "1.2.0"
+                assert resp.headers["x-request-id"]
                 if resp.status != 200:
                     assert "error" in await resp.json()
         assert set(statuses) <= {200, 500} and 500 in statuses

@@ -134,6 +134,35 @@ async def test_tampered_artifact_is_refused_and_others_keep_serving(
     await assert_serves(registry, "1.1.0", cancer_features, cancer_estimator)
 
 
+async def test_unloadable_artifact_and_unreadable_manifest_are_refused(
+    registry: Registry,
+    write_version: WriteVersion,
+    write_version_files: WriteVersion,
+    cancer_features: np.ndarray,
+    cancer_estimator: Pipeline,
+) -> None:
+    write_version("fraud", "1.0.0")
+    garbage = write_version_files(
+        registry.root / "fraud" / "1.1.0",
+        b"\x08\x07 not an onnx graph",
+        name="fraud",
+        version="1.1.0",
+        framework="onnx",
+        artifact_name="model.onnx",
+    )
+    unreadable = registry.root / "fraud" / "1.2.0"
+    unreadable.mkdir()
+    (unreadable / "model.yaml").write_bytes(b"name: \xff\xfe\n")
+    first = await registry.refresh()
+    # The sha256 matched, so the file is complete: no point waiting, refused at once.
+    assert first.refused == (("fraud", "1.1.0", registry.refused()[("fraud", "1.1.0")]),)
+    assert registry.refused()[("fraud", "1.1.0")].startswith(f"{garbage / 'model.onnx'}: ")
+    await registry.refresh()
+    assert "not UTF-8" in registry.refused()[("fraud", "1.2.0")]
+    assert registry.versions("fraud") == ["1.0.0"]
+    await assert_serves(registry, "1.0.0", cancer_features, cancer_estimator)
+
+
 async def test_half_copied_version_waits_to_settle(
     registry: Registry, write_version: WriteVersion, onnx_bytes: bytes
 ) -> None:
@@ -300,3 +329,22 @@ async def test_stop_unloads_everything(registry_root: Path, write_version: Write
     assert not runner.ready
     assert not runner.inner.ready
     assert registry.models() == []
+
+
+async def test_missing_root_keeps_what_is_loaded(
+    registry: Registry, write_version: WriteVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_version("fraud", "1.0.0")
+    await registry.start()
+    moved = registry.root.with_name("unmounted")
+    registry.root.rename(moved)
+    assert await registry.refresh() == RegistryChanges()
+    assert await registry.refresh() == RegistryChanges()
+    assert registry.versions("fraud") == ["1.0.0"]
+    assert [r.getMessage() for r in caplog.records if "missing" in r.getMessage()] == [
+        f"registry root {registry.root} is missing or not a directory; keeping the 1 "
+        "loaded version(s)"
+    ]
+    moved.rename(registry.root)
+    shutil.rmtree(registry.root / "fraud")
+    assert await registry.refresh() == RegistryChanges(unloaded=(("fraud", "1.0.0"),))

@@ -1,0 +1,288 @@
+"""The results: per-target medians over rounds, ratios to bare, the issue's targets, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+FIGURES = ("rps", "p50_ms", "p95_ms", "p99_ms", "cpu_s_per_1k")
+_LIBS = ("aiohttp", "uvloop", "orjson", "onnxruntime", "numpy", "scikit-learn", "prometheus-client")
+
+
+@dataclass
+class Row:
+    """One target's runs; its figures are medians over rounds."""
+
+    target: str
+    about: str
+    runs: list[dict[str, float]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def figure(self, name: str) -> float:
+        values = [r[name] for r in self.runs if r[name] == r[name]]  # NaN-free
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def errors(self) -> int:
+        return int(sum(r["errors"] for r in self.runs))
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """A target from the issue: `target`'s `figure` over `baseline`'s, at least or at most."""
+
+    label: str
+    target: str
+    baseline: str
+    figure: str
+    bound: float | None  # None: a reference figure, printed but not judged
+    at_least: bool = True
+
+    def check(self, rows: dict[str, Row]) -> dict[str, Any] | None:
+        if self.target not in rows or self.baseline not in rows:
+            return None
+        ratio = rows[self.target].figure(self.figure) / rows[self.baseline].figure(self.figure)
+        if self.bound is None:
+            return {"goal": self.label, "ratio": ratio, "met": None, "gap_percent": None}
+        met = ratio >= self.bound if self.at_least else ratio <= self.bound
+        gap = (ratio / self.bound - 1) * 100
+        return {"goal": self.label, "ratio": ratio, "met": met, "gap_percent": gap}
+
+
+GOALS = (
+    Goal(
+        "rollguard in-process, canary: throughput >= 0.85 x bare",
+        "rollguard",
+        "bare",
+        "rps",
+        0.85,
+        True,
+    ),
+    Goal(
+        "rollguard in-process, canary: p99 <= 1.2 x bare", "rollguard", "bare", "p99_ms", 1.2, False
+    ),
+    Goal(
+        "rollguard proxy: throughput >= 0.5 x direct to upstream",
+        "rollguard-proxy",
+        "bare",
+        "rps",
+        0.5,
+        True,
+    ),
+    Goal(
+        "rollguard proxy: throughput >= 1.5 x naive aiohttp proxy",
+        "rollguard-proxy",
+        "naive-proxy",
+        "rps",
+        1.5,
+        True,
+    ),
+    Goal(
+        "shadow 100% (proxy): throughput >= 0.9 x no shadow",
+        "rollguard-proxy-shadow",
+        "rollguard-proxy",
+        "rps",
+        0.9,
+        True,
+    ),
+    Goal(
+        "shadow 100% (in-process): throughput >= 0.9 x canary, no shadow",
+        "rollguard-shadow",
+        "rollguard",
+        "rps",
+        0.9,
+        True,
+    ),
+    Goal(
+        "reference: nginx mirror throughput / nginx proxy",
+        "nginx-mirror",
+        "nginx-proxy",
+        "rps",
+        None,
+    ),
+    Goal("reference: naive aiohttp proxy / bare", "naive-proxy", "bare", "rps", None),
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def machine(tools: dict[str, str]) -> dict[str, Any]:
+    libs = {}
+    for lib in _LIBS:
+        try:
+            libs[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            libs[lib] = "missing"
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_gib": round(_mem_gib(), 1),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "libraries": libs,
+        "tools": tools,
+    }
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "—" if value != value else f"{value:,.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    """The markdown table: absolute figures, then each as a ratio to bare."""
+    bare = next((r for r in rows if r.target == "bare"), None)
+    head = "| target | req/s | p50 ms | p95 ms | p99 ms | CPU s/1k req | errors |"
+    head += " req/s ×bare | p50 ×bare | p95 ×bare | p99 ×bare | CPU ×bare |"
+    lines = [head, "|" + "---|" * 12]
+    for row in rows:
+        cells = [row.target, _fmt(row.figure("rps"), 0)]
+        cells += [_fmt(row.figure(f)) for f in ("p50_ms", "p95_ms", "p99_ms")]
+        cells += [_fmt(row.figure("cpu_s_per_1k"), 3), str(row.errors)]
+        for f in FIGURES:
+            base = bare.figure(f) if bare else float("nan")
+            cells.append(_fmt(row.figure(f) / base) if base else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _state(notes: dict[str, Any]) -> str:
+    """What rollguard reported after the runs: rollout phase and weight, shadow results."""
+    parts = []
+    if "rollout" in notes:
+        parts.append(
+            f"rollout {notes['rollout']['phase']} at weight {notes['rollout']['weight']:g}%"
+        )
+    if "shadow_requests" in notes:
+        counts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(notes["shadow_requests"].items()))
+        parts.append(f"shadow copies {counts}")
+    return f" (after the runs: {'; '.join(parts)})" if parts else ""
+
+
+def goals(rows: list[Row]) -> list[dict[str, Any]]:
+    by_name = {r.target: r for r in rows}
+    return [c for g in GOALS if (c := g.check(by_name)) is not None]
+
+
+def goal_lines(checked: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in checked:
+        if c["met"] is None:
+            lines.append(f"- {c['goal']}: {c['ratio']:.2f}")
+            continue
+        verdict = "met" if c["met"] else f"MISSED by {abs(c['gap_percent']):.0f}%"
+        lines.append(f"- {c['goal']}: {c['ratio']:.2f} — {verdict}")
+    return lines
+
+
+NOTES = "## Notes"
+
+
+def kept_notes(md_path: Path) -> str:
+    """The hand-written '## Notes' section of the previous bench.md, kept across runs."""
+    try:
+        text = md_path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    start = text.find(NOTES)
+    return "\n" + text[start:] if start >= 0 else ""
+
+
+def write(
+    out: Path,
+    rows: list[Row],
+    settings: dict[str, Any],
+    host: dict[str, Any],
+    skipped: dict[str, str],
+) -> tuple[Path, Path]:
+    """bench.json (every run) and bench.md (table, targets, machine) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    checked = goals(rows)
+    doc = {
+        "machine": host,
+        "settings": settings,
+        "targets": [asdict(r) | {"median": {f: r.figure(f) for f in FIGURES}} for r in rows],
+        "goals": checked,
+        "skipped": skipped,
+    }
+    json_path = out / "bench.json"
+    json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+    libs = ", ".join(f"{k} {v}" for k, v in host["libraries"].items())
+    tools = ", ".join(f"{k}: {v}" for k, v in host["tools"].items())
+    md = [
+        "# Side-by-side benchmark: rollguard against its peers",
+        "",
+        f"`python -m load_tests.bench`, {host['date']}. Medians over {settings['rounds']} "
+        f"interleaved round(s); each run {settings['duration_s']:g} s at "
+        f"{settings['connections']} connections after a {settings['warmup_s']:g} s warm-up; "
+        f"client: {settings['client']}. Every request is the same V2 JSON body (one "
+        "breast_cancer row); CPU is utime+stime of every serving process (proxies, their "
+        "upstreams, nginx master and worker) per 1,000 answered requests.",
+        "",
+        table(rows),
+        "",
+        "Targets:",
+        "",
+        *(f"- **{r.target}**: {r.about}{_state(r.notes)}" for r in rows),
+        *(f"- **{name}**: skipped — {why}" for name, why in skipped.items()),
+        "",
+        "## Goals from the issue",
+        "",
+        *goal_lines(checked),
+        "",
+        "## Profiles (py-spy, one extra run per target, front process only)",
+        "",
+        *(
+            line
+            for r in rows
+            if "profile" in r.notes
+            for line in (f"- **{r.target}**", *r.notes["profile"])
+        ),
+        "",
+        "## Machine",
+        "",
+        f"- {host['nproc']} CPUs: {host['cpu']}; {host['memory_gib']} GiB; Linux {host['kernel']}",
+        f"- load average at start {host['load_average_at_start']} (a shared machine: other "
+        "work was running; ratios within one run are the figures to read)",
+        f"- Python {host['python']}; {libs}",
+        f"- {tools}",
+        "",
+    ]
+    md_path = out / "bench.md"
+    md_path.write_text("\n".join(md) + kept_notes(md_path), encoding="utf-8")
+    return md_path, json_path
+
+
+def rerender(out: Path) -> tuple[Path, Path]:
+    """Rewrite bench.md (and bench.json) from the runs recorded in bench.json."""
+    doc = orjson.loads((out / "bench.json").read_bytes())
+    rows = [Row(t["target"], t["about"], t["runs"], t["notes"]) for t in doc["targets"]]
+    return write(out, rows, doc["settings"], doc["machine"], doc["skipped"])

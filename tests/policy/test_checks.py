@@ -1,0 +1,266 @@
+"""Checks against evidence: the three-way verdicts, their gates, alpha and detail."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from policy.checks import MIN_EVENTS, check_alpha, evaluate, evaluate_checks, latency_threshold
+from policy.evidence import Evidence, VariantEvidence
+from policy.schema import Check, Spec
+from policy.verdict import Verdict
+
+PASS, FAIL, INCONCLUSIVE = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE
+ALPHA = 0.05
+
+
+def _ev(
+    stable: dict[str, Any], candidate: dict[str, Any], weight: float = 10.0, **kw: Any
+) -> Evidence:
+    return Evidence(VariantEvidence("1", **stable), VariantEvidence("2", **candidate), weight, **kw)
+
+
+def _spec(*checks: Check, **kw: Any) -> Spec:
+    base: dict[str, Any] = {"model": "m", "stable": "1", "candidate": "2", "key": "header:x-user"}
+    return Spec.model_validate(base | {"steps": [{"weight": 10}]} | kw | {"checks": list(checks)})
+
+
+def _verdict(check: Check, ev: Evidence) -> Verdict:
+    return evaluate(check, ev, alpha=ALPHA).verdict
+
+
+# --- error rate ---------------------------------------------------------------------------
+
+INCREASE = Check(metric="error_rate", max_increase_vs_stable=0.005)
+
+
+def test_error_rate_increase_fails_on_a_clear_regression() -> None:
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 2000, "errors": 100})
+    result = evaluate(INCREASE, ev, alpha=ALPHA)
+    assert result.verdict is FAIL
+    assert result.value == pytest.approx(0.04) and result.bound == 0.005
+    d = result.detail
+    assert d["ci_lower"] is not None and float(d["ci_lower"]) > 0.005
+    assert d["n_stable"] == 20_000 and d["n_candidate"] == 2000
+    assert d["rate_candidate"] == pytest.approx(0.05) and float(d["pvalue"] or 1) < ALPHA
+
+
+def test_error_rate_increase_passes_a_healthy_candidate() -> None:
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 2000, "errors": 21})
+    assert _verdict(INCREASE, ev) is PASS
+
+
+def test_too_few_samples_is_inconclusive_however_bad() -> None:
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 199, "errors": 199})
+    result = evaluate(INCREASE, ev, alpha=ALPHA)
+    assert result.verdict is INCONCLUSIVE
+    assert "199" in str(result.detail["reason"])
+    assert _verdict(INCREASE, _ev({"requests": 150}, {"requests": 5000})) is INCONCLUSIVE
+
+
+def test_beyond_the_margin_but_undecided_is_inconclusive() -> None:
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 300, "errors": 6})
+    result = evaluate(INCREASE, ev, alpha=ALPHA)
+    assert result.value is not None and result.value > 0.005
+    assert result.verdict is INCONCLUSIVE
+
+
+def test_fewer_than_five_harmful_events_never_fail() -> None:
+    no_margin = Check(metric="error_rate", max_increase_vs_stable=0.0, min_samples=5)
+    for alpha in (0.05, 0.2, 0.45):
+        for n in (5, 20, 200):
+            ev = _ev({"requests": 1_000_000}, {"requests": n, "errors": MIN_EVENTS - 1})
+            assert evaluate(no_margin, ev, alpha=alpha).verdict is not FAIL
+    ev = _ev({"requests": 1_000_000}, {"requests": 300, "errors": 20})
+    assert _verdict(no_margin, ev) is FAIL
+
+
+def test_error_rate_max_is_one_sample() -> None:
+    cap = Check(metric="error_rate", max=0.01)
+    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 150})) is FAIL
+    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 40})) is PASS
+    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 60})) is INCONCLUSIVE
+    assert _verdict(cap, _ev({}, {"requests": 100, "errors": 100})) is INCONCLUSIVE
+
+
+# --- latency ------------------------------------------------------------------------------
+
+P99 = Check(metric="latency_p99", max_ratio_to_stable=1.5)
+
+
+def _lat(n: int, scale: float = 1.0, seed: int = 0) -> np.ndarray:
+    return scale * np.random.default_rng(seed).lognormal(np.log(0.05), 0.5, n)
+
+
+def test_latency_threshold_waits_for_a_trustworthy_stable_pnn() -> None:
+    assert latency_threshold(P99, VariantEvidence("1", requests=5000, latencies=_lat(999))) is None
+    assert latency_threshold(P99, VariantEvidence("1", requests=150, latencies=_lat(2000))) is None
+    stable = VariantEvidence("1", requests=5000, latencies=_lat(2000))
+    assert latency_threshold(P99, stable) == pytest.approx(
+        1.5 * np.percentile(stable.latencies, 99)
+    )
+    p90 = Check(metric="latency_p90", max_ratio_to_stable=1.2)
+    assert (
+        latency_threshold(p90, VariantEvidence("1", requests=200, latencies=_lat(200))) is not None
+    )
+    absolute = Check(metric="latency_p95", max=0.25)
+    assert latency_threshold(absolute, VariantEvidence("1")) == 0.25
+    with pytest.raises(ValueError):
+        latency_threshold(INCREASE, stable)
+
+
+def _lat_ev(over: int, since: int = 3000, threshold: float | None = 0.2) -> Evidence:
+    stable = {
+        "requests": 30_000,
+        "latencies": _lat(2000),
+        "latency_threshold": threshold,
+        "since_threshold": 27_000,
+        "over_threshold": 40,
+    }
+    candidate = {
+        "requests": since,
+        "latencies": _lat(2000, 1.3, 1),
+        "latency_threshold": threshold,
+        "since_threshold": since,
+        "over_threshold": over,
+    }
+    return _ev(stable, candidate)
+
+
+def test_latency_fails_when_the_candidate_pnn_is_above_t_with_confidence() -> None:
+    result = evaluate(P99, _lat_ev(over=120), alpha=ALPHA)
+    assert result.verdict is FAIL
+    assert result.value == pytest.approx(0.04) and result.bound == pytest.approx(0.01)
+    d = result.detail
+    assert d["threshold_s"] == 0.2 and float(d["ci_lower"] or 0) > 0.01
+    s, c = float(d["stable_window_pnn"] or 0), float(d["candidate_window_pnn"] or 0)
+    assert d["window_ratio"] == pytest.approx(c / s) and s > 0
+    assert d["stable_exceedance"] == pytest.approx(40 / 27_000)
+
+
+def test_latency_pass_inconclusive_and_unfrozen() -> None:
+    assert _verdict(P99, _lat_ev(over=20)) is PASS
+    assert _verdict(P99, _lat_ev(over=40)) is INCONCLUSIVE
+    assert _verdict(P99, _lat_ev(over=100, since=150)) is INCONCLUSIVE
+    unfrozen = evaluate(P99, _lat_ev(over=0, threshold=None), alpha=ALPHA)
+    assert unfrozen.verdict is INCONCLUSIVE and "threshold" in str(unfrozen.detail["reason"])
+
+
+# --- accuracy and agreement ---------------------------------------------------------------
+
+DROP = Check(metric="accuracy", max_drop_vs_stable=0.02)
+
+
+def test_accuracy_drop_two_sample_and_label_rates() -> None:
+    stable = {"requests": 20_000, "labelled": 10_000, "correct": 9000}
+    bad = evaluate(
+        DROP, _ev(stable, {"requests": 4000, "labelled": 2000, "correct": 1600}), alpha=ALPHA
+    )
+    assert bad.verdict is FAIL and bad.value == pytest.approx(0.1)
+    assert bad.detail["label_rates_differ"] == "no"
+    assert bad.detail["label_rate_stable"] == pytest.approx(0.5)
+    good = evaluate(
+        DROP, _ev(stable, {"requests": 4000, "labelled": 800, "correct": 725}), alpha=ALPHA
+    )
+    assert good.verdict is PASS and good.detail["label_rates_differ"] == "yes"
+
+
+def test_accuracy_min_and_agreement_min_are_one_sample_from_below() -> None:
+    floor = Check(metric="accuracy", min=0.9)
+    assert _verdict(floor, _ev({}, {"labelled": 2000, "correct": 1700})) is FAIL
+    assert _verdict(floor, _ev({}, {"labelled": 2000, "correct": 1850})) is PASS
+    assert _verdict(floor, _ev({}, {"labelled": 100, "correct": 10})) is INCONCLUSIVE
+    agree = Check(metric="agreement", min=0.95)
+    result = evaluate(agree, _ev({}, {"compared": 3000, "agreed": 2700}), alpha=ALPHA)
+    assert result.verdict is FAIL and result.value == pytest.approx(0.9)
+    assert float(result.detail["ci_upper"] or 1) < 0.95
+    assert _verdict(agree, _ev({}, {"compared": 3000, "agreed": 2900})) is PASS
+
+
+# --- drift and srm ------------------------------------------------------------------------
+
+
+def test_drift_psi_and_ks() -> None:
+    rng = np.random.default_rng(2)
+    reference = rng.normal(size=(3000, 3))
+    calm, moved = rng.normal(size=(800, 3)), rng.normal(size=(800, 3))
+    moved[:, 1] += 1.0
+    psi_check = Check(metric="drift", on_fail="hold")
+    assert _verdict(psi_check, _ev({}, {}, reference=reference)) is INCONCLUSIVE
+    assert _verdict(psi_check, _ev({}, {"inputs": calm[:499]}, reference=reference)) is INCONCLUSIVE
+    assert _verdict(psi_check, _ev({}, {"inputs": calm}, reference=reference)) is PASS
+    failed = evaluate(psi_check, _ev({}, {"inputs": moved}, reference=reference), alpha=ALPHA)
+    assert failed.verdict is FAIL and failed.detail["worst_feature"] == 1
+    assert failed.bound == 0.25 and failed.detail["psi_level"] == "alert"
+    ks = Check(metric="drift", method="ks")
+    assert _verdict(ks, _ev({}, {"inputs": calm}, reference=reference)) is PASS
+    ks_failed = evaluate(ks, _ev({}, {"inputs": moved}, reference=reference), alpha=ALPHA)
+    assert ks_failed.verdict is FAIL and ks_failed.detail["ks_feature"] == 1
+    wrong = _ev({}, {"inputs": calm[:, :2]}, reference=reference)
+    assert _verdict(psi_check, wrong) is INCONCLUSIVE
+
+
+SRM = Check(metric="srm", on_fail="hold")
+
+
+def test_srm_on_routed_counts() -> None:
+    assert _verdict(SRM, _ev({"routed": 9000}, {"routed": 1000}, weight=10)) is PASS
+    mismatch = evaluate(SRM, _ev({"routed": 9000}, {"routed": 800}, weight=10), alpha=ALPHA)
+    assert mismatch.verdict is FAIL and float(mismatch.value or 1) < 0.001
+    assert _verdict(SRM, _ev({"routed": 100}, {"routed": 0}, weight=5)) is INCONCLUSIVE
+    assert _verdict(SRM, _ev({"routed": 500}, {"routed": 0}, weight=0)) is INCONCLUSIVE
+    assert _verdict(SRM, _ev({"routed": 0}, {"routed": 500}, weight=100)) is INCONCLUSIVE
+    strict = Check(metric="srm", min_samples=1000)
+    assert _verdict(strict, _ev({"routed": 9000}, {"routed": 800}, weight=10)) is INCONCLUSIVE
+
+
+def test_srm_does_not_apply_to_a_shadow() -> None:
+    spec = _spec(SRM, strategy="shadow", split="random", key=None)
+    (result,) = evaluate_checks(spec, _ev({"routed": 9000}, {"routed": 0}, weight=0))
+    assert result.verdict is INCONCLUSIVE
+
+
+# --- alpha, ordering, audit detail -------------------------------------------------------
+
+
+def test_alpha_is_split_over_the_sequential_checks() -> None:
+    checks = (INCREASE, P99, DROP, SRM, Check(metric="drift"))
+    spec = _spec(*checks)
+    assert check_alpha(spec, INCREASE) == pytest.approx(0.05 / 3)
+    strict = Check(metric="accuracy", min=0.9, confidence=0.999)
+    assert check_alpha(_spec(INCREASE, strict), strict) == pytest.approx(0.001)
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 2000, "errors": 21})
+    results = evaluate_checks(spec, ev)
+    assert [r.check for r in results] == list(checks)
+    assert results[0].detail["alpha"] == pytest.approx(0.05 / 3)
+    for r in results:
+        json.dumps(r.to_json())  # the audit log must be able to carry it
+
+
+@given(
+    st.integers(0, 400),
+    st.integers(0, 3000),
+    st.integers(0, 400),
+    st.integers(0, 3000),
+    st.sampled_from([0.0, 0.005, 0.02]),
+)
+def test_verdicts_follow_the_documented_rule(
+    xs: int, extra_s: int, xc: int, extra_c: int, margin: float
+) -> None:
+    check = Check(metric="error_rate", max_increase_vs_stable=margin)
+    ns, nc = xs + extra_s, xc + extra_c
+    result = evaluate(
+        check, _ev({"requests": ns, "errors": xs}, {"requests": nc, "errors": xc}), alpha=ALPHA
+    )
+    enough = min(ns, nc) >= check.min_samples
+    if result.verdict is FAIL:
+        assert enough and xc >= MIN_EVENTS and float(result.detail["ci_lower"] or 0) > margin
+    elif result.verdict is PASS:
+        assert enough and result.value is not None and result.value <= margin
+    else:
+        assert not enough or result.value is None or result.value > margin
