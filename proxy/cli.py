@@ -172,7 +172,9 @@ def _audit(args: argparse.Namespace) -> int:
         result = verify(path)
         if not result.ok:
             raise CliError(
-                f"audit log {path} fails at line {result.first_bad_line}: {result.reason}"
+                f"audit log {path} fails at "
+                + (f"line {result.first_bad_line}" if result.first_bad_line else "its head file")
+                + f": {result.reason}"
             )
         print(f"{path}: {result.entries} entries, chain intact")
         return 0

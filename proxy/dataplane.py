@@ -77,8 +77,7 @@ async def infer(request: web.Request) -> web.Response:
         version=pinned,
         requested=parsed.outputs,
     )
-    manifest = gateway.registry.get(model, answer.version).manifest
-    outputs = select_outputs(answer.outputs, parsed.outputs, manifest.output_specs)
+    outputs = select_outputs(answer.outputs, parsed.outputs, answer.manifest.output_specs)
     body, header_len = encode_infer_response(
         outputs,
         model_name=model,

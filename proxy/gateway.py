@@ -26,6 +26,7 @@ from serving.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from serving.manifest import Manifest
 from serving.registry import LoadedVersion, Registry
 from serving.tensors import Tensors, check_inputs
 
@@ -49,6 +50,7 @@ class Answer:
     version: str
     role: str  # stable | candidate | pinned
     request_id: str
+    manifest: Manifest
 
 
 def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
@@ -65,6 +67,17 @@ def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
     if array.size == 0 or array.dtype == object:
         return float("nan")
     return float(array.flat[0])
+
+
+def _drift_row(window: VariantWindow, inputs: Tensors) -> np.ndarray | None:
+    """The first input row, when a drift check watches this version's inputs."""
+    if window.input_width is None:
+        return None
+    first = next(iter(inputs.values()))
+    if first.ndim == 2 and first.shape[1] == window.input_width and len(first):
+        row: np.ndarray = first[0]
+        return row
+    return None
 
 
 def answers_agree(primary: Tensors, shadow: Tensors, tol: float) -> bool:
@@ -126,8 +139,7 @@ class Windows:
     ) -> VariantWindow:
         """The window, recreated when a rollout asks for another size or input width."""
         window = self._windows.get((model, version))
-        has_inputs = window is not None and window.evidence().inputs is not None
-        if window is None or window.size != size or has_inputs != (input_width is not None):
+        if window is None or window.size != size or window.input_width != input_width:
             window = VariantWindow(version, size, input_width=input_width, tol=self._tol)
             self._windows[(model, version)] = window
         return window
@@ -193,7 +205,7 @@ class Gateway:
             loaded = self.registry.get(model, version)
             self._validate(loaded, inputs, requested)
             outputs = await self._call(loaded, inputs)
-            return Answer(outputs, model, version, "pinned", request_id)
+            return Answer(outputs, model, version, "pinned", request_id, loaded.manifest)
         table, version, role = self.resolve(model, key)
         loaded = self.registry.get(model, version)
         self._validate(loaded, inputs, requested)  # bad input: raised here, counted against no one
@@ -214,7 +226,7 @@ class Gateway:
         finally:
             variant.inflight.dec()
         latency = self._clock() - start
-        seq = window.record(latency, Outcome.OK, prediction_of(outputs))
+        seq = window.record(latency, Outcome.OK, prediction_of(outputs), _drift_row(window, inputs))
         self.feedback_index.put(request_id, window, seq)
         variant.ok.inc()
         variant.latency.observe(latency)
@@ -222,7 +234,7 @@ class Gateway:
             for shadow_version in table.shadows:
                 if shadow_version != version:
                     self._mirror(model, shadow_version, inputs, outputs, window)
-        return Answer(outputs, model, version, role, request_id)
+        return Answer(outputs, model, version, role, request_id, loaded.manifest)
 
     def feedback(self, request_id: str, label: float) -> tuple[str, bool] | None:
         """Attach a ground-truth label; (version, correct) or None if the id is unknown."""
@@ -318,7 +330,9 @@ class Gateway:
                 shadow_window.record(self._clock() - start, Outcome.MODEL_ERROR, float("nan"))
                 self.metrics.shadow.labels(model, version, "error").inc()
                 return
-            shadow_window.record(self._clock() - start, Outcome.OK, prediction_of(outputs))
+            latency = self._clock() - start
+            row = _drift_row(shadow_window, inputs)
+            shadow_window.record(latency, Outcome.OK, prediction_of(outputs), row)
             agreed = answers_agree(primary, outputs, self.tolerance)
             shadow_window.record_comparison(agreed)
             self.metrics.shadow.labels(model, version, "ok").inc()

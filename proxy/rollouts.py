@@ -110,6 +110,9 @@ class Rollouts:
                 )
             elif isinstance(event, Removed):
                 self._removed(event)
+        for path in [p for p in self.rejected if not Path(p).exists()]:
+            del self.rejected[path]  # a rejected file that was deleted is no longer an error
+            self.gateway.metrics.policy_errors.labels(path).set(0)
 
     def _applied(self, event: Applied) -> None:
         managed = self._managed.get(event.name)
@@ -223,10 +226,10 @@ class Rollouts:
                 w.reset()
 
         def notify(record: dict[str, Any]) -> None:
-            if self._notifier is not None and name in self._managed:
-                hooks = self._managed[name].controller.rollout.spec.notify
-                if hooks:
-                    self._notifier.send(hooks, record)
+            # The start of a rollout is announced while its controller is being built.
+            current = self._managed[name].controller.rollout if name in self._managed else rollout
+            if self._notifier is not None and current.spec.notify:
+                self._notifier.send(current.spec.notify, record)
 
         controller = RolloutController(
             rollout,

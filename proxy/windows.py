@@ -42,6 +42,7 @@ class VariantWindow:
             raise ValueError(f"tol {tol!r}: expected a non-negative tolerance")
         self.version = version
         self.size = size
+        self.input_width = input_width
         self.tol = tol
         self._latency = np.zeros(size, dtype=np.float64)
         self._outcome = np.zeros(size, dtype=np.uint8)

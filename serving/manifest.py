@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,13 +101,14 @@ class Manifest(_Frozen):
             raise ValueError("'sha256' of the artifact is required")
         return self
 
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        return [t.spec() for t in self.inputs]
+    # Cached: the gateway checks every request against them.
+    @cached_property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(t.spec() for t in self.inputs)
 
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        return [t.spec() for t in self.outputs]
+    @cached_property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(t.spec() for t in self.outputs)
 
 
 def parse_manifest(data: Any, source: str) -> Manifest:

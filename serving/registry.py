@@ -158,6 +158,7 @@ class Registry:
         self._executor = executor
         self._http_session = http_session
         self._loaded: dict[_Key, LoadedVersion] = {}
+        self._defaults: dict[str, str] = {}  # model -> default version; cleared on any change
         self._refused: dict[_Key, _Refusal] = {}
         self._pending: dict[_Key, tuple[_Fingerprint, str]] = {}  # failed once, settling
         self._settled: dict[_Key, _Fingerprint] = {}  # files behind the loaded/refused state
@@ -188,6 +189,7 @@ class Registry:
         async with self._lock:
             for key in list(self._loaded):
                 await self._loaded.pop(key).runner.unload()
+                self._defaults.clear()
             self._refused.clear()
             self._pending.clear()
             self._settled.clear()
@@ -294,6 +296,7 @@ class Registry:
             if outcome.loaded is not None:
                 old = self._loaded.get(key)
                 self._loaded[key] = outcome.loaded
+                self._defaults.clear()
                 log.loaded.append(key)
                 manifest = outcome.loaded.manifest
                 logger.info(
@@ -317,6 +320,7 @@ class Registry:
         previous = self._refused.get(key)
         self._refused[key] = _Refusal(outcome.reason, outcome.manifest, outcome.retry)
         old = self._loaded.pop(key, None)
+        self._defaults.clear()
         if old is not None:
             logger.warning(
                 "refused %s: %s (it was serving; unloaded because its files changed)",
@@ -334,6 +338,7 @@ class Registry:
         self._pending.pop(key, None)
         self._settled.pop(key, None)
         old = self._loaded.pop(key, None)
+        self._defaults.clear()
         if old is not None:
             logger.info("unloaded %s: its directory is gone", "/".join(key))
             await old.runner.unload()
@@ -365,7 +370,10 @@ class Registry:
         raise ModelNotFound(f"model {model!r} is not in the registry")
 
     def default_version(self, model: str) -> str:
-        """The highest loaded version whose stage is `production`."""
+        """The highest loaded version whose stage is `production` (cached: hot path)."""
+        found = self._defaults.get(model)
+        if found is not None:
+            return found
         production = [
             v
             for v in self.versions(model)
@@ -373,6 +381,7 @@ class Registry:
         ]
         if not production:
             raise NotReady(f"model {model!r} has no loaded version with stage 'production'")
+        self._defaults[model] = production[-1]
         return production[-1]
 
     def known_versions(self, model: str) -> list[VersionState]:

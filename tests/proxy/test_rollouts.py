@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -287,3 +288,68 @@ async def test_sigkill_mid_rollout_resumes_from_persisted_state(
     result = verify(state / "audit.jsonl")
     assert result.ok, result.reason
     gc.collect()  # let the stray reader (see the filter above) go inside this test
+
+
+SHADOW = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {{name: fraud}}
+spec:
+  model: fraud
+  stable: "1.0.0"
+  candidate: "1.4.0"
+  strategy: shadow
+  interval: 0.2s
+  checks:
+    - {{metric: agreement, min: 0.99, min_samples: 50, on_fail: rollback}}
+    - {{metric: drift, threshold: 0.25, on_fail: alert}}
+  notify: [{{webhook: "{hook}", timeout: 2s, retries: 1}}]
+"""
+
+
+async def test_shadow_mirrors_compares_and_notifies(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """1.4.0 is a less accurate model: mirrored copies disagree with the primary, the
+    agreement check rolls the shadow back, and the webhook hears every decision."""
+    from aiohttp import web
+
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", hook)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    registry = make_registry("fraud/1.0.0", "fraud/1.4.0")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(SHADOW.format(hook=hook_url))
+    try:
+        async with (
+            serve(tmp_path, registry, policies=policies) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            served = await drive(server, http, lambda: _phase(server) == "rolled_back")
+            assert set(served) == {"1.0.0"}  # the shadow never answers a client
+            candidate = server.gateway.windows.get("fraud", "1.4.0").evidence()
+            assert candidate.compared > 0 and candidate.agreed < candidate.compared
+            assert candidate.inputs is not None and candidate.inputs.shape[1] == 30
+            deadline = time.monotonic() + 10
+            while len(received) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            kinds = [(r["kind"], r["data"].get("action")) for r in received]
+            assert ("start", None) in kinds and ("decision", "rollback") in kinds
+            async with http.get(f"{server.url}/metrics") as r:
+                text = await r.text()
+            assert (
+                'rollguard_shadow_requests_total{model="fraud",result="ok",version="1.4.0"}' in text
+            )
+            assert 'rollguard_shadow_agreement_ratio{model="fraud",version="1.4.0"}' in text
+    finally:
+        await runner.cleanup()
