@@ -17,9 +17,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,7 @@ import numpy as np
 from load_tests.loadgen import LoadResult, Workload, run_closed, run_open, v2_bodies
 from load_tests.report import Poll, build_report, plot, write_json
 from load_tests.scenario import Scenario, ScenarioError, check_expectations, load_scenario
+from proxy.process import GatewayExited, GatewayProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "load_tests" / "results"
@@ -65,15 +63,7 @@ def link_registry(models: Sequence[str], source: Path | None, root: Path) -> Pat
     return registry
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_gateway(
-    scenario: Scenario, registry: Path, work: Path, log: Path
-) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(scenario: Scenario, registry: Path, work: Path, log: Path) -> GatewayProcess:
     policies, state = work / "policies", work / "state"
     policies.mkdir()
     if scenario.policy is not None:
@@ -82,23 +72,9 @@ def start_gateway(
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLGUARD_")}
     env |= {f"ROLLGUARD_{k.upper()}": str(v) for k, v in scenario.gateway.items()}
     env.setdefault("ROLLGUARD_LOG_LEVEL", "WARNING")
-    port = _free_port()
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--registry", str(registry)]
-    command += ["--policies", str(policies), "--state", str(state)]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return GatewayProcess(
+        registry=registry, policies=policies, state=state, log=log, env=env, cwd=REPO
+    )
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> Any:
@@ -106,21 +82,6 @@ async def _get(http: aiohttp.ClientSession, url: str) -> Any:
         if r.status != 200:
             raise RunError(f"GET {url}: {r.status} {await r.text()}")
         return await r.json()
-
-
-async def _wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + READY_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RunError(f"the gateway exited with status {proc.returncode}; see its log")
-        try:
-            async with http.get(f"{url}/v2/health/ready") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RunError(f"the gateway was not ready within {READY_S:g}s")
 
 
 def _workload(scenario: Scenario, url: str) -> Workload:
@@ -147,12 +108,16 @@ def _workload(scenario: Scenario, url: str) -> Workload:
     )
 
 
-async def drive(scenario: Scenario, url: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
     """Wait for the gateway, run the load while polling the rollout, collect the outcome."""
     name = scenario.rollout.name if scenario.rollout else None
+    url = gateway.url
     polls: list[Poll] = []  # `at` on the monotonic clock until the load's t0 is known
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-        await _wait_ready(http, url, proc)
+        try:
+            await gateway.wait_ready(http, READY_S)
+        except GatewayExited as exc:
+            raise RunError(str(exc)) from None
 
         async def poll_once() -> None:
             for r in (await _get(http, f"{url}/admin/rollouts"))["rollouts"]:
@@ -211,11 +176,11 @@ def run(scenario: Scenario, *, registry: Path | None, out: Path, quick: bool) ->
     with tempfile.TemporaryDirectory(prefix=f"rollguard-{scenario.name}-") as scratch:
         work = Path(scratch)
         linked = link_registry(scenario.models, registry, work)
-        proc, url = start_gateway(scenario, linked, work, out / "gateway.log")
+        gateway = start_gateway(scenario, linked, work, out / "gateway.log")
         try:
-            report = asyncio.run(drive(scenario, url, proc))
+            report = asyncio.run(drive(scenario, gateway))
         finally:
-            stop_gateway(proc)
+            gateway.stop(15.0)
     report["quick"] = quick
     report["expect"] = scenario.expect.model_dump(mode="json")
     report["failures"] = check_expectations(scenario.expect, report)

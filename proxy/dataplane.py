@@ -19,6 +19,7 @@ from serving.codec import (
     decode_infer_request,
     decode_predict_request,
     encode_infer_response,
+    encode_passthrough_response,
     encode_predictions,
     select_outputs,
 )
@@ -66,9 +67,13 @@ async def infer(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     model = request.match_info["model"]
     pinned = request.match_info.get("version")
-    parsed = decode_infer_request(await request.read(), request.headers.get(BINARY_HEADER))
+    body = await request.read()
+    binary_header = request.headers.get(BINARY_HEADER)
+    parsed = decode_infer_request(body, binary_header)
     request_id = parsed.id or request[REQUEST_ID] or gateway.new_request_id()
     request[REQUEST_ID] = request_id
+    # Plain JSON asking for every output can go to a remote upstream byte for byte.
+    plain = binary_header is None and parsed.outputs is None and not parsed.binary_outputs
     answer = await gateway.infer(
         model,
         parsed.inputs,
@@ -76,16 +81,26 @@ async def infer(request: web.Request) -> web.Response:
         key=None if pinned else _key(gateway, request, model),
         version=pinned,
         requested=parsed.outputs,
+        body=body if plain else None,
     )
+    if answer.passthrough is not None:
+        passed = encode_passthrough_response(
+            answer.passthrough,
+            model_name=model,
+            model_version=answer.version,
+            request_id=parsed.id,
+            declared=answer.manifest.output_specs,
+        )
+        return _answered(answer, passed, None)
     outputs = select_outputs(answer.outputs, parsed.outputs, answer.manifest.output_specs)
-    body, header_len = encode_infer_response(
+    encoded, header_len = encode_infer_response(
         outputs,
         model_name=model,
         model_version=answer.version,
         request_id=parsed.id,
         binary_outputs=parsed.binary_outputs,
     )
-    return _answered(answer, body, header_len)
+    return _answered(answer, encoded, header_len)
 
 
 async def predict(request: web.Request) -> web.Response:

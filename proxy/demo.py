@@ -11,9 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +19,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+
+from proxy.process import GatewayProcess, free_port
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 ACTS = (
@@ -47,62 +46,6 @@ class _Tally:
         self.requests[variant] = self.requests.get(variant, 0) + 1
         self.failures[variant] = self.failures.get(variant, 0) + (not ok)
         self.latencies.setdefault(variant, []).append(latency)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Gateway:
-    """`rollguard serve` as a child process; always stopped on exit."""
-
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = workdir / "gateway.log"
-        args = [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "serve",
-            "--registry",
-            str(workdir / "registry"),
-            "--policies",
-            str(workdir / "policies"),
-            "--state",
-            str(workdir / "state"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        env = {**os.environ, "ROLLGUARD_POLICY_POLL_S": "0.5"}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    async def wait_ready(self, http: aiohttp.ClientSession, limit_s: float = 60.0) -> None:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited; see {self.log_path}")
-            try:
-                async with http.get(f"{self.url}/v2/health/ready") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"the gateway was not ready within {limit_s:.0f}s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 async def _rollout(http: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
@@ -135,12 +78,18 @@ def _install_policy(policy: Path, target: Path) -> None:
 
 
 async def _act(
-    http: aiohttp.ClientSession, gw: _Gateway, title: str, policy: Path, goal: str, tally: _Tally
+    http: aiohttp.ClientSession,
+    gw: GatewayProcess,
+    workdir: Path,
+    title: str,
+    policy: Path,
+    goal: str,
+    tally: _Tally,
 ) -> bool:
     from serving.demo.build import load_eval_data
 
     print(f"\n== {title}: policy {policy.relative_to(CONFIG.parent)}")
-    _install_policy(policy, gw.log_path.parent / "policies" / "fraud.yaml")
+    _install_policy(policy, workdir / "policies" / "fraud.yaml")
     x, y = load_eval_data()
     rng = np.random.default_rng(7)
     start = time.monotonic()
@@ -234,16 +183,24 @@ async def _summary(http: aiohttp.ClientSession, url: str, tally: _Tally) -> None
 
 
 async def _run(workdir: Path, port: int) -> int:
-    gw = _Gateway(workdir, port)
+    gw = GatewayProcess(
+        registry=workdir / "registry",
+        policies=workdir / "policies",
+        state=workdir / "state",
+        log=workdir / "gateway.log",
+        port=port,
+        env={**os.environ, "ROLLGUARD_POLICY_POLL_S": "0.5"},
+    )
     tally = _Tally()
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=16), timeout=aiohttp.ClientTimeout(total=30)
         ) as http:
             await gw.wait_ready(http)
-            print(f"gateway ready at {gw.url} (log: {gw.log_path})")
+            print(f"gateway ready at {gw.url} (log: {gw.log})")
             results = [
-                await _act(http, gw, title, policy, goal, tally) for title, policy, goal in ACTS
+                await _act(http, gw, workdir, title, policy, goal, tally)
+                for title, policy, goal in ACTS
             ]
             await _summary(http, gw.url, tally)
     finally:
@@ -273,7 +230,7 @@ def run_demo(*, workdir: Path, port: int = 0, quick: bool = False) -> int:
     for sub in ("state", "policies"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
     (workdir / "policies").mkdir(parents=True)
-    code = asyncio.run(_run(workdir, port or _free_port()))
+    code = asyncio.run(_run(workdir, port or free_port()))
     print(
         f"demo finished in {time.monotonic() - started:.0f}s: " + ("ok" if code == 0 else "FAILED")
     )

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.routing import Router, SplitTable
 from proxy.shadow import ShadowMirror
 from proxy.windows import FeedbackIndex, Outcome, VariantWindow
+from serving.codec import response_outputs, tensors_from_outputs
 from serving.errors import (
     InvalidInput,
     ModelExecutionError,
@@ -51,6 +53,9 @@ class Answer:
     role: str  # stable | candidate | pinned
     request_id: str
     manifest: Manifest
+    # The upstream's output tensors as V2 JSON objects when the client's body was passed
+    # through to a remote runner; `outputs` then holds only what the windows needed.
+    passthrough: list[dict[str, Any]] | None = None
 
 
 def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
@@ -67,6 +72,15 @@ def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
     if array.size == 0 or array.dtype == object:
         return float("nan")
     return float(array.flat[0])
+
+
+def _deciding_outputs(items: list[dict[str, Any]]) -> Tensors:
+    """The one output `prediction_of` reads, as numpy: label, else prediction, else first."""
+    for wanted in ("label", "prediction"):
+        for item in items:
+            if item["name"] == wanted:
+                return tensors_from_outputs([item])
+    return tensors_from_outputs(items[:1])
 
 
 def _drift_row(window: VariantWindow, inputs: Tensors) -> np.ndarray | None:
@@ -198,24 +212,45 @@ class Gateway:
         key: str | None = None,
         version: str | None = None,
         requested: Sequence[str] | None = None,
+        body: bytes | None = None,
     ) -> Answer:
-        """Run one request. `version` pins it: pinned requests never count in windows."""
+        """Run one request. `version` pins it: pinned requests never count in windows.
+
+        `body` is the client's V2 JSON body for `inputs`; a runner that passes V2 bodies
+        gets it untouched and the answer carries the upstream's outputs as JSON
+        (`Answer.passthrough`). Give it only when nothing in it needs rewriting.
+        """
         request_id = request_id or self.new_request_id()
         if version is not None:
             loaded = self.registry.get(model, version)
             self._validate(loaded, inputs, requested)
+            if body is not None and loaded.runner.passes_v2_bodies:
+                outputs, passed = await self._call_raw(loaded, body, full=False)
+                return Answer(
+                    outputs, model, version, "pinned", request_id, loaded.manifest, passed
+                )
             outputs = await self._call(loaded, inputs)
             return Answer(outputs, model, version, "pinned", request_id, loaded.manifest)
-        table, version, role = self.resolve(model, key)
+        table = self.router.table(model)
+        if table is None:
+            version, role = self.registry.default_version(model), "stable"
+        else:
+            version, role = table.choose(key)
         loaded = self.registry.get(model, version)
         self._validate(loaded, inputs, requested)  # bad input: raised here, counted against no one
         window = self.windows.get(model, version)
         window.count_routed()
         variant = self.metrics.variant(model, version, role)
-        variant.inflight.inc()
+        shadows = table.shadows if table is not None else ()
+        items: list[dict[str, Any]] | None = None
+        variant.inflight += 1
         start = self._clock()
         try:
-            outputs = await self._call(loaded, inputs)
+            if body is not None and loaded.runner.passes_v2_bodies:
+                # Shadows compare whole answers, so only then is every output converted.
+                outputs, items = await self._call_raw(loaded, body, full=bool(shadows))
+            else:
+                outputs = await self._call(loaded, inputs)
         except UpstreamTimeout:
             self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504")
             raise
@@ -224,17 +259,16 @@ class Gateway:
             self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR, code)
             raise
         finally:
-            variant.inflight.dec()
+            variant.inflight -= 1
         latency = self._clock() - start
         seq = window.record(latency, Outcome.OK, prediction_of(outputs), _drift_row(window, inputs))
         self.feedback_index.put(request_id, window, seq)
         variant.ok.inc()
         variant.latency.observe(latency)
-        if table is not None and table.shadows:
-            for shadow_version in table.shadows:
-                if shadow_version != version:
-                    self._mirror(model, shadow_version, inputs, outputs, window)
-        return Answer(outputs, model, version, role, request_id, loaded.manifest)
+        for shadow_version in shadows:
+            if shadow_version != version:
+                self._mirror(model, shadow_version, inputs, outputs, window)
+        return Answer(outputs, model, version, role, request_id, loaded.manifest, items)
 
     def feedback(self, request_id: str, label: float) -> tuple[str, bool] | None:
         """Attach a ground-truth label; (version, correct) or None if the id is unknown."""
@@ -267,26 +301,52 @@ class Gateway:
     async def _call(
         self, loaded: LoadedVersion, inputs: Tensors, limit_s: float | None = None
     ) -> Tensors:
-        timeout = limit_s
-        if timeout is None:
-            http = loaded.manifest.framework == "http"
-            timeout = loaded.manifest.timeout_s if http else self.timeout_s
-        note = VARIANT_NOTE + loaded.manifest.version
+        runner = loaded.runner
         try:
-            async with asyncio.timeout(timeout):
-                return await loaded.runner.predict(inputs)
+            if limit_s is None and runner.passes_v2_bodies:
+                # A remote runner times out by its own client timeout (the manifest's
+                # timeout_s) and raises UpstreamTimeout: a second timer would only cost.
+                return await runner.predict(inputs)
+            async with asyncio.timeout(self.timeout_s if limit_s is None else limit_s):
+                return await runner.predict(inputs)
         except TimeoutError:
-            name = f"{loaded.manifest.name}/{loaded.manifest.version}"
-            timed_out = UpstreamTimeout(f"{name} did not answer within {timeout}s")
-            timed_out.add_note(note)
-            raise timed_out from None
+            raise self._timed_out(loaded, limit_s) from None
         except ServingError as exc:
-            exc.add_note(note)
+            exc.add_note(VARIANT_NOTE + loaded.manifest.version)
             raise
         except Exception as exc:  # a runner bug must still count as that version's error
-            failed = ModelExecutionError(f"{type(exc).__name__}: {exc}")
-            failed.add_note(note)
-            raise failed from exc
+            raise self._runner_bug(loaded, exc) from exc
+
+    async def _call_raw(
+        self, loaded: LoadedVersion, body: bytes, *, full: bool
+    ) -> tuple[Tensors, list[dict[str, Any]]]:
+        """Forward `body` as-is; (every output or just the deciding one, upstream outputs)."""
+        try:
+            items, _ = response_outputs(await loaded.runner.predict_raw(body))
+            outputs = tensors_from_outputs(items) if full else _deciding_outputs(items)
+        except TimeoutError:
+            raise self._timed_out(loaded, None) from None
+        except ServingError as exc:
+            exc.add_note(VARIANT_NOTE + loaded.manifest.version)
+            raise
+        except Exception as exc:
+            raise self._runner_bug(loaded, exc) from exc
+        return outputs, items
+
+    def _timed_out(self, loaded: LoadedVersion, limit_s: float | None) -> UpstreamTimeout:
+        manifest = loaded.manifest
+        if limit_s is None:
+            limit_s = manifest.timeout_s if manifest.framework == "http" else self.timeout_s
+        timed_out = UpstreamTimeout(
+            f"{manifest.name}/{manifest.version} did not answer within {limit_s}s"
+        )
+        timed_out.add_note(VARIANT_NOTE + manifest.version)
+        return timed_out
+
+    def _runner_bug(self, loaded: LoadedVersion, exc: Exception) -> ModelExecutionError:
+        failed = ModelExecutionError(f"{type(exc).__name__}: {exc}")
+        failed.add_note(VARIANT_NOTE + loaded.manifest.version)
+        return failed
 
     def _record_failure(
         self,

@@ -26,11 +26,15 @@ LATENCY_BUCKETS = (
 
 @dataclass(slots=True)
 class VariantMetrics:
-    """The label-bound children for one (model, version, role): bound once, reused."""
+    """The label-bound children for one (model, version, role): bound once, reused.
+
+    `inflight` is a plain count the caller adds to and subtracts from; the gauge reads it
+    at scrape time, which spares two locked gauge updates per request.
+    """
 
     ok: Counter
     latency: Histogram
-    inflight: Gauge
+    inflight: int = 0
 
 
 class Metrics:
@@ -121,7 +125,8 @@ class Metrics:
             found = VariantMetrics(
                 ok=self.requests.labels(model, version, role, "200"),
                 latency=self.latency.labels(model, version, role),
-                inflight=self.inflight.labels(model, version, role),
             )
+            bound = found  # the closure reads the count at scrape time
+            self.inflight.labels(model, version, role).set_function(lambda: bound.inflight)
             self._variants[key] = found
         return found

@@ -244,23 +244,71 @@ def encode_infer_request(
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def decode_infer_response(body: bytes) -> tuple[Tensors, dict[str, Any]]:
-    """Tensors by name and the top-level fields of an upstream's V2 JSON response."""
+def response_outputs(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An upstream's V2 JSON response as its output tensors (JSON objects) and other fields.
+
+    Checks the structure only (names, datatypes, shapes, data present); the values stay
+    JSON until `tensors_from_outputs` converts the ones a caller needs.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(f"upstream answered with invalid JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+    if not isinstance(doc, dict):
         raise UpstreamError("upstream response has no 'outputs' list")
+    items = doc.pop("outputs", None)
+    if not isinstance(items, list):
+        raise UpstreamError("upstream response has no 'outputs' list")
+    for i, item in enumerate(items):
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and item.get("datatype") in V2_TO_NUMPY
+            and isinstance(item.get("shape"), list)
+            and "data" in item
+        ):
+            raise UpstreamError(
+                f"upstream response: outputs[{i}] needs a name, a V2 datatype, a shape and data"
+            )
+    return items, doc
+
+
+def tensors_from_outputs(items: Sequence[dict[str, Any]]) -> Tensors:
+    """Numpy arrays for V2 JSON output tensors; UpstreamError when one does not hold."""
     tensors: Tensors = {}
     try:
-        for i, item in enumerate(doc["outputs"]):
+        for i, item in enumerate(items):
             name, array, _ = _tensor_from_json(item, f"outputs[{i}]", None, 0)
             tensors[name] = array
     except InvalidInput as exc:
         raise UpstreamError(f"upstream response: {exc}") from None
-    meta = {k: v for k, v in doc.items() if k != "outputs"}
-    return tensors, meta
+    return tensors
+
+
+def decode_infer_response(body: bytes) -> tuple[Tensors, dict[str, Any]]:
+    """Tensors by name and the top-level fields of an upstream's V2 JSON response."""
+    items, meta = response_outputs(body)
+    return tensors_from_outputs(items), meta
+
+
+def encode_passthrough_response(
+    items: Sequence[dict[str, Any]],
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    declared: Sequence[TensorSpec] = (),
+) -> bytes:
+    """A V2 JSON response from an upstream's output objects, in `select_outputs`' order."""
+    by_name = {item["name"]: item for item in items}
+    ordered = [by_name[s.name] for s in declared if s.name in by_name]
+    if len(ordered) != len(by_name):
+        ordered += [item for name, item in by_name.items() if all(s.name != name for s in declared)]
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = ordered
+    return orjson.dumps(doc)
 
 
 def decode_predict_request(

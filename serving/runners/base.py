@@ -18,6 +18,10 @@ class Runner(ABC):
     produces, batch dimension first; choosing the requested ones is the caller's job.
     """
 
+    # True when `predict_raw` takes a V2 JSON infer body and gives the V2 JSON answer
+    # untouched (remote runners): the gateway then forwards bytes instead of tensors.
+    passes_v2_bodies = False
+
     def __init__(self, manifest: Manifest, directory: Path) -> None:
         self.manifest = manifest
         self.directory = directory
@@ -30,6 +34,10 @@ class Runner(ABC):
     @abstractmethod
     async def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch; raise ModelExecutionError / UpstreamError on failure."""
+
+    async def predict_raw(self, body: bytes) -> bytes:
+        """Forward a V2 JSON infer body; only runners with `passes_v2_bodies` have it."""
+        raise NotImplementedError(f"{type(self).__name__} takes tensors, not V2 bodies")
 
     async def unload(self) -> None:
         """Release what load() took."""

@@ -31,6 +31,8 @@ def _error_text(body: bytes) -> str:
 class HttpRunner(Runner):
     """A version served by another V2 server (Triton, MLServer, KServe, another rollguard)."""
 
+    passes_v2_bodies = True
+
     def __init__(
         self,
         manifest: Manifest,
@@ -43,6 +45,7 @@ class HttpRunner(Runner):
         self.endpoint = manifest.endpoint.rstrip("/")
         self._session = session
         self._owns_session = False
+        self._infer_url = f"{self.endpoint}/infer"
         self._timeout = aiohttp.ClientTimeout(total=manifest.timeout_s)
 
     def _client(self) -> aiohttp.ClientSession:
@@ -75,24 +78,30 @@ class HttpRunner(Runner):
             raise ArtifactError(f"{url}: upstream not ready ({status}: {_error_text(body)})")
 
     async def predict(self, inputs: Tensors) -> Tensors:
-        url = f"{self.endpoint}/infer"
-        body = encode_infer_request(inputs)
+        outputs, _ = decode_infer_response(await self.predict_raw(encode_infer_request(inputs)))
+        return outputs
+
+    async def predict_raw(self, body: bytes) -> bytes:
+        """POST a V2 JSON infer body as given; the upstream's 2xx body as it came.
+
+        The gateway forwards a client's body through this when it needs no re-encoding,
+        which spares a JSON -> numpy -> JSON round trip each way.
+        """
         try:
             async with self._client().post(
-                url, data=body, headers=_JSON, timeout=self._timeout
+                self._infer_url, data=body, headers=_JSON, timeout=self._timeout
             ) as response:
                 status = response.status
                 payload = await response.read()
         except TimeoutError:
             raise UpstreamTimeout(
-                f"{url}: no answer within {self.manifest.timeout_s:g} s"
+                f"{self._infer_url}: no answer within {self.manifest.timeout_s:g} s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{url}: {type(exc).__name__}: {exc}") from None
+            raise UpstreamError(f"{self._infer_url}: {type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:
-            raise UpstreamError(f"{url} answered {status}: {_error_text(payload)}")
-        outputs, _ = decode_infer_response(payload)
-        return outputs
+            raise UpstreamError(f"{self._infer_url} answered {status}: {_error_text(payload)}")
+        return payload
 
     async def unload(self) -> None:
         self.ready = False

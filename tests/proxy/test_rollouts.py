@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +15,7 @@ import numpy as np
 import pytest
 
 from policy.audit import verify
+from proxy.process import GatewayProcess, free_port
 from serving.demo.build import load_eval_data
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve
@@ -172,48 +169,12 @@ async def test_bad_edit_is_rejected_and_the_old_policy_keeps_running(
             assert f'rollguard_policy_invalid{{file="{path}"}} 1.0' in await r.text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(registry: Path, policies: Path, state: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (state.parent / "serve.log").open("ab")
-    with log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy.cli",
-                "serve",
-                "--registry",
-                str(registry),
-                "--policies",
-                str(policies),
-                "--state",
-                str(state),
-                "--port",
-                str(port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "ROLLGUARD_LOG_LEVEL": "WARNING"},
-        )
-
-
-async def _wait_ready(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "gateway exited; see serve.log"
-        try:
-            async with http.get(f"{url}/v2/health/ready") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("gateway did not become ready")
+def _start(registry: Path, policies: Path, state: Path, port: int) -> GatewayProcess:
+    env = {**os.environ, "ROLLGUARD_LOG_LEVEL": "WARNING"}
+    return GatewayProcess(
+        registry=registry, policies=policies, state=state,
+        log=state.parent / "serve.log", port=port, env=env,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -233,12 +194,12 @@ async def test_sigkill_mid_rollout_resumes_from_persisted_state(
             "hold: 1h, min_requests: 60}\n    - {weight: 100",
         )
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:
-        proc = _start(registry, policies, state, port)
+        gateway = _start(registry, policies, state, port)
         try:
-            await _wait_ready(http, url, proc)
+            await gateway.wait_ready(http)
 
             async def step() -> int:
                 async with http.get(f"{url}/admin/rollouts/fraud") as r:
@@ -246,45 +207,37 @@ async def test_sigkill_mid_rollout_resumes_from_persisted_state(
 
             i = 0
             while await step() < 1 and i < 20_000:
-                async with http.post(
-                    f"{url}/predict/fraud",
-                    json={"features": X[i % len(X)].tolist(), "id": f"r{i}"},
-                    headers={"x-user-id": f"u{i}"},
-                ) as r:
+                body = {"features": X[i % len(X)].tolist(), "id": f"r{i}"}
+                headers = {"x-user-id": f"u{i}"}
+                async with http.post(f"{url}/predict/fraud", json=body, headers=headers) as r:
                     assert r.status == 200
-                async with http.post(
-                    f"{url}/v2/models/fraud/feedback",
-                    json={"id": f"r{i}", "label": int(Y[i % len(Y)])},
-                ):
+                label = {"id": f"r{i}", "label": int(Y[i % len(Y)])}
+                async with http.post(f"{url}/v2/models/fraud/feedback", json=label):
                     pass
                 i += 1
             assert await step() == 1
         finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        proc = _start(registry, policies, state, port)
+            gateway.kill()
+        gateway = _start(registry, policies, state, port)
         try:
-            await _wait_ready(http, url, proc)
+            await gateway.wait_ready(http)
             async with http.get(f"{url}/admin/rollouts/fraud") as r:
                 doc = await r.json()
             assert (doc["step"], doc["phase"], doc["weight"]) == (1, "progressing", 50)
             # An operator rollback survives the next restart too.
-            async with http.post(
-                f"{url}/admin/rollouts/fraud/rollback", json={"actor": "alice"}
-            ) as r:
+            actor = {"actor": "alice"}
+            async with http.post(f"{url}/admin/rollouts/fraud/rollback", json=actor) as r:
                 assert r.status == 200
         finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        proc = _start(registry, policies, state, port)
+            gateway.kill()
+        gateway = _start(registry, policies, state, port)
         try:
-            await _wait_ready(http, url, proc)
+            await gateway.wait_ready(http)
             async with http.get(f"{url}/admin/rollouts/fraud") as r:
                 doc = await r.json()
             assert (doc["phase"], doc["weight"]) == ("rolled_back", 0)
         finally:
-            proc.terminate()
-            proc.wait()
+            gateway.stop()
     result = verify(state / "audit.jsonl")
     assert result.ok, result.reason
     gc.collect()  # let the stray reader (see the filter above) go inside this test

@@ -1,0 +1,94 @@
+"""`rollguard serve` as a child process on loopback: start, wait until ready, stop.
+
+Shared by `rollguard demo`, the load-test scenarios and the restart tests, which all
+need a real gateway process they can kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+
+class GatewayExited(RuntimeError):
+    """The gateway process ended, or was not ready in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """One `python -m proxy.cli serve` child, its output appended to `log`."""
+
+    def __init__(
+        self,
+        *,
+        registry: Path,
+        policies: Path,
+        state: Path,
+        log: Path,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable, "-m", "proxy.cli", "serve",
+            "--registry", str(registry), "--policies", str(policies), "--state", str(state),
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=dict(os.environ if env is None else env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def wait_ready(self, http: aiohttp.ClientSession, limit_s: float = 60.0) -> None:
+        """Return once /v2/health/ready answers 200; GatewayExited otherwise."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise GatewayExited(
+                    f"the gateway exited with status {self.proc.returncode}; see {self.log}"
+                )
+            try:
+                async with http.get(f"{self.url}/v2/health/ready") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise GatewayExited(f"the gateway was not ready within {limit_s:g}s; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (crash tests)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
