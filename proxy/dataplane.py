@@ -47,9 +47,11 @@ def json_response(doc: Any, status: int = 200) -> web.Response:
 
 def _key(gateway: Gateway, request: web.Request, model: str) -> str | None:
     table = gateway.router.table(model)
-    if table is None or table.key_source is None:
+    source = table.key_source if table is not None else None
+    if source is None:
         return None
-    return table.key_source.extract(request.headers, request.cookies)
+    # request.cookies parses the Cookie header on first use: only for cookie keys.
+    return source.extract(request.headers, request.cookies if source.kind == "cookie" else {})
 
 
 def _answered(answer: Answer, body: bytes, header_len: int | None) -> web.Response:

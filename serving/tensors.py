@@ -68,10 +68,13 @@ class TensorSpec:
 
 def check_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
     """Check named arrays against declared inputs; every declared input must be present."""
-    declared = {s.name: s for s in specs}
-    for name in inputs:
-        if name not in declared:
-            raise InvalidInput(f"unknown input '{name}'; the model declares {sorted(declared)}")
+    # Every declared name present and as many inputs as specs: nothing can be unknown, so
+    # the common case skips building the name table.
+    if len(inputs) != len(specs) or any(s.name not in inputs for s in specs):
+        declared = {s.name: s for s in specs}
+        for name in inputs:
+            if name not in declared:
+                raise InvalidInput(f"unknown input '{name}'; the model declares {sorted(declared)}")
     for spec in specs:
         array = inputs.get(spec.name)
         if array is None:

@@ -194,6 +194,19 @@ async def _upstream(mode: str) -> tuple[aiohttp.web.AppRunner, str]:
     async def infer(request: web.Request) -> web.Response:
         if mode == "fail":
             return web.json_response({"error": "upstream exploded"}, status=500)
+        if mode == "ok":  # label: is the row's sum positive; score: the sum
+            doc = await request.json()
+            x = np.asarray(doc["inputs"][0]["data"], dtype=np.float32).reshape(-1, 2)
+            sums = x.sum(axis=1)
+            outputs = [
+                {"name": "label", "datatype": "INT64", "shape": [len(x)],
+                 "data": (sums > 0).astype(int).tolist()},
+                {"name": "score", "datatype": "FP32", "shape": [len(x)], "data": sums.tolist()},
+            ]  # fmt: skip
+            return web.json_response(
+                {"model_name": "m", "model_version": "upstream-7", "id": doc.get("id"),
+                 "outputs": outputs}
+            )  # fmt: skip
         await asyncio.sleep(2.0)  # slower than the manifest's timeout
         return web.json_response({"outputs": []})
 
@@ -254,3 +267,46 @@ async def test_overload_answers_503_with_retry_after(
         async with http.post(f"{server.url}/v2/models/fraud/infer", json=row) as resp:
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "1"
+
+
+async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path: Path) -> None:
+    upstream, endpoint = await _upstream("ok")
+    version = tmp_path / "registry" / "remote" / "1"
+    version.mkdir(parents=True)
+    (version / "model.yaml").write_text(
+        f"name: remote\nversion: '1'\nframework: http\nendpoint: {endpoint}\n"
+        "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+        "outputs: [{name: label, datatype: INT64, shape: [-1]}, "
+        "{name: score, datatype: FP32, shape: [-1]}]\n"
+    )
+    rows = [[1.0, 2.0], [-3.0, 1.0]]
+    body = {
+        "id": "p-1",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": rows}],
+    }
+    try:
+        async with (
+            serve(tmp_path, tmp_path / "registry") as server,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{server.url}/v2/models/remote/infer"
+            async with http.post(url, json=body) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-rollguard-variant"] == "1"
+                doc = await resp.json()
+            assert (doc["model_name"], doc["model_version"], doc["id"]) == ("remote", "1", "p-1")
+            by_name = {o["name"]: o for o in doc["outputs"]}
+            assert by_name["label"]["data"] == [1, 0]
+            assert by_name["score"]["data"] == [3.0, -2.0]
+            # Requested outputs take the decoding path and are honoured.
+            async with http.post(url, json={**body, "outputs": [{"name": "score"}]}) as resp:
+                assert [o["name"] for o in (await resp.json())["outputs"]] == ["score"]
+            window = server.gateway.windows.get("remote", "1")
+            assert (window.requests, window.errors) == (2, 0)
+            # The recorded prediction (row 0's label) takes a feedback label; a reused id
+            # points at its newest request.
+            feedback = {"id": "p-1", "label": 1}
+            async with http.post(f"{server.url}/v2/models/remote/feedback", json=feedback) as resp:
+                assert (await resp.json())["accepted"][0]["correct"] is True
+    finally:
+        await upstream.cleanup()
