@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from proxy.metrics import Metrics
-from proxy.routing import Router, SplitTable
+from proxy.routing import Router
 from proxy.shadow import ShadowMirror
 from proxy.windows import FeedbackIndex, Outcome, VariantWindow
 from serving.codec import response_outputs, tensors_from_outputs
@@ -158,9 +158,6 @@ class Windows:
             self._windows[(model, version)] = window
         return window
 
-    def items(self) -> list[tuple[tuple[str, str], VariantWindow]]:
-        return list(self._windows.items())
-
 
 class Gateway:
     """Routes, runs and records inference requests for every model in the registry."""
@@ -194,14 +191,6 @@ class Gateway:
         """The version that answers for the model as a whole: rollout stable, else default."""
         table = self.router.table(model)
         return table.stable if table is not None else self.registry.default_version(model)
-
-    def resolve(self, model: str, key: str | None) -> tuple[SplitTable | None, str, str]:
-        """(table, version, role) for a routed request; no table means the default version."""
-        table = self.router.table(model)
-        if table is None:
-            return None, self.registry.default_version(model), "stable"
-        version, role = table.choose(key)
-        return table, version, role
 
     async def infer(
         self,

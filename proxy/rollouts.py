@@ -28,6 +28,7 @@ from proxy.gateway import Gateway
 from proxy.notify import Notifier
 from proxy.routing import KeySource, SplitTable
 from proxy.settings import Settings
+from proxy.windows import VariantWindow
 from serving.errors import ServingError
 
 log = logging.getLogger("rollguard.rollouts")
@@ -188,12 +189,13 @@ class Rollouts:
         name = rollout.name
         gateway = self.gateway
 
-        def windows() -> tuple[Any, Any]:
-            spec = (
-                self._managed[name].controller.rollout.spec
-                if name in self._managed
-                else rollout.spec
-            )
+        def current() -> Rollout:
+            # The controller's rollout once it is managed (hot edits), the first one before.
+            managed = self._managed.get(name)
+            return managed.controller.rollout if managed is not None else rollout
+
+        def windows() -> tuple[VariantWindow, VariantWindow]:
+            spec = current().spec
             return (
                 gateway.windows.get(spec.model, spec.stable),
                 gateway.windows.get(spec.model, spec.candidate),
@@ -227,9 +229,9 @@ class Rollouts:
 
         def notify(record: dict[str, Any]) -> None:
             # The start of a rollout is announced while its controller is being built.
-            current = self._managed[name].controller.rollout if name in self._managed else rollout
-            if self._notifier is not None and current.spec.notify:
-                self._notifier.send(current.spec.notify, record)
+            hooks = current().spec.notify
+            if self._notifier is not None and hooks:
+                self._notifier.send(hooks, record)
 
         controller = RolloutController(
             rollout,
@@ -293,10 +295,9 @@ class Rollouts:
 
     def _refresh_gauges(self, controller: RolloutController) -> None:
         spec = controller.rollout.spec
-        for version in (spec.candidate,):
-            agreement = self.gateway.windows.get(spec.model, version).evidence().agreement
-            if agreement is not None:
-                self.gateway.metrics.agreement.labels(spec.model, version).set(agreement)
+        agreement = self.gateway.windows.get(spec.model, spec.candidate).evidence().agreement
+        if agreement is not None:
+            self.gateway.metrics.agreement.labels(spec.model, spec.candidate).set(agreement)
 
     # -- admin --
 
