@@ -1,21 +1,20 @@
 """Benchmark: dynamic micro-batching on and off, C concurrent single-row callers, same executor.
 
-Run: `python load_tests/bench_batching.py` (about a minute). It trains a wide MLP on
-load_digits (scikit-learn), exports it to ONNX with skl2onnx, serves it with the
-OnnxRunner on a 2-thread executor, and drives C concurrent callers, each sending one
-row at a time, first straight to the runner, then through a BatchingRunner. It prints
-rows/s, p50 and p99 latency per mode and the ratio. It asserts nothing about speed.
+Run: `python load_tests/bench_batching.py` (about a minute). It builds the wide MLP of
+load_tests/bench/mlp.py (load_digits, ONNX via skl2onnx; the model the peer benchmark's
+rollguard-mlp targets serve over HTTP), serves it with the OnnxRunner on a 2-thread
+executor, and drives C concurrent callers, each sending one row at a time, first
+straight to the runner, then through a BatchingRunner. It prints rows/s, p50 and p99
+latency per mode and the ratio. It asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+from load_tests.bench import mlp
 from serving.batching import BatchingRunner
-from serving.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from serving.manifest import Manifest
 from serving.runners import Runner, create_runner
 from serving.tensors import Tensors
 
@@ -53,42 +53,9 @@ class CountingRunner(Runner):
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> tuple[Manifest, np.ndarray]:
-    """Train a wide MLP on load_digits, export it to ONNX, write a registry version."""
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.datasets import load_digits
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a one-epoch fit does not converge; it need not
-        mlp = MLPClassifier(hidden_layer_sizes=(hidden,) * layers, max_iter=1, random_state=0)
-        mlp.fit(x[:400], y[:400])  # accuracy is beside the point; build time is not
-        onnx_model = convert_sklearn(
-            mlp,
-            initial_types=[("input", FloatTensorType([None, x.shape[1]]))],
-            options={MLPClassifier: {"zipmap": False}},
-        )
-    data = onnx_model.SerializeToString()
-    directory.mkdir(parents=True)
-    (directory / "model.onnx").write_bytes(data)
-    manifest = Manifest.model_validate(
-        {
-            "name": "wide-mlp",
-            "version": "1",
-            "framework": "onnx",
-            "artifact": "model.onnx",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, x.shape[1]]}],
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
-            ],
-        }
-    )
-    dump_manifest(manifest, directory / MANIFEST_NAME)
-    return manifest, x
+    """The shared wide MLP (load_tests/bench/mlp.py) as a registry version, and its rows."""
+    manifest = mlp.write_version(directory, mlp.train_onnx(hidden, layers))
+    return manifest, mlp.digits()
 
 
 async def drive(
@@ -171,8 +138,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=mlp.HIDDEN)
+    parser.add_argument("--layers", type=int, default=mlp.LAYERS)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     return parser.parse_args()

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.dataplane import json_response
 from proxy.errors import Forbidden, Unauthorized
-from proxy.state import ROLLOUTS, SETTINGS
+from proxy.state import ROLLOUTS, SETTINGS, Guard
 from serving.errors import InvalidInput
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
@@ -95,8 +95,8 @@ async def audit(request: web.Request) -> web.Response:
     return json_response({"entries": entries})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/rollouts", list_rollouts)
-    app.router.add_get("/admin/rollouts/{name}", get_rollout)
-    app.router.add_post("/admin/rollouts/{name}/{action}", act)
-    app.router.add_get("/admin/audit", audit)
+def add_routes(app: web.Application, guard: Guard) -> None:
+    app.router.add_get("/admin/rollouts", guard(list_rollouts))
+    app.router.add_get("/admin/rollouts/{name}", guard(get_rollout))
+    app.router.add_post("/admin/rollouts/{name}/{action}", guard(act))
+    app.router.add_get("/admin/audit", guard(audit))

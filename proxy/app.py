@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -28,12 +26,13 @@ from proxy.state import (
     ROLLOUTS,
     SETTINGS,
     VARIANT_HEADER,
+    Guard,
+    Handler,
 )
 from serving.errors import ModelExecutionError
 from serving.registry import Registry
 
 log = logging.getLogger("rollguard")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(
@@ -51,48 +50,71 @@ def _error(
     return response
 
 
-def _limits(settings: Settings, metrics: Metrics, new_id: RequestIds) -> Middleware:
+def _guard(settings: Settings, metrics: Metrics, new_id: RequestIds) -> Guard:
+    """Wraps every handler: body and in-flight limits, request ids, errors to statuses.
+
+    A wrapper per route rather than an aiohttp middleware: with no middleware aiohttp
+    calls the handler directly, without building a chain of partials per request.
+    """
     inflight = 0
     limit = settings.max_inflight
     max_body = settings.max_body_bytes
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal inflight
-        request[REQUEST_ID] = request.headers.get(REQUEST_ID_HEADER)
-        try:
-            length = request.content_length
-            if length is not None and length > max_body:
-                raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {max_body}")
-            if inflight >= limit and request.method == "POST":
-                model = request.match_info.get("model", "")
-                metrics.rejected.labels(model, "overloaded").inc()
-                raise TooBusy(f"{inflight} requests in flight, the limit is {limit}")
-            inflight += 1
+    def guard(handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            nonlocal inflight
+            request[REQUEST_ID] = request.headers.get(REQUEST_ID_HEADER)
             try:
-                response = await handler(request)
-            finally:
-                inflight -= 1
-            if REQUEST_ID_HEADER not in response.headers:
-                response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID] or new_id()
-            return response
-        except web.HTTPRequestEntityTooLarge:
-            return _error(
-                413,
-                f"body exceeds the limit of {max_body} bytes",
-                request[REQUEST_ID] or new_id(),
-            )
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason, request[REQUEST_ID] or new_id())
-        except Exception as exc:
-            status = status_for(exc)
-            if status == 500 and not isinstance(exc, ModelExecutionError):
-                log.exception("%s %s failed", request.method, request.path)
-            return _error(status, str(exc), request[REQUEST_ID] or new_id(), variant_of(exc))
+                length = request.content_length
+                if length is not None and length > max_body:
+                    raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {max_body}")
+                if inflight >= limit and request.method == "POST":
+                    model = request.match_info.get("model", "")
+                    metrics.rejected.labels(model, "overloaded").inc()
+                    raise TooBusy(f"{inflight} requests in flight, the limit is {limit}")
+                inflight += 1
+                try:
+                    response = await handler(request)
+                finally:
+                    inflight -= 1
+                if REQUEST_ID_HEADER not in response.headers:
+                    response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID] or new_id()
+                return response
+            except web.HTTPRequestEntityTooLarge:
+                return _error(
+                    413,
+                    f"body exceeds the limit of {max_body} bytes",
+                    request[REQUEST_ID] or new_id(),
+                )
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = _error(exc.status, exc.reason, request[REQUEST_ID] or new_id())
+                if "Allow" in exc.headers:
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
+            except Exception as exc:
+                status = status_for(exc)
+                if status == 500 and not isinstance(exc, ModelExecutionError):
+                    log.exception("%s %s failed", request.method, request.path)
+                return _error(status, str(exc), request[REQUEST_ID] or new_id(), variant_of(exc))
 
-    return middleware
+        return guarded
+
+    return guard
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    """Every path no route takes: 405 naming the allowed methods, else 404 (as JSON)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is request.match_info.route.resource:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound(reason=f"no route for {request.method} {request.path}")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -106,23 +128,17 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     """The gateway application; services start in its cleanup context."""
     metrics = Metrics(registry)
     request_ids = RequestIds()
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[_limits(settings, metrics, request_ids)],
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    guard = _guard(settings, metrics, request_ids)
     app[SETTINGS] = settings
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="model")
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None),
-            connector=aiohttp.TCPConnector(limit=settings.max_inflight),
-        )
         models = Registry(
             settings.registry,
             executor=executor,
-            http_session=session,
             poll_interval=settings.registry_poll_s,
+            inline_below_us=settings.inline_below_us,
         )
         shadow = ShadowMirror(
             metrics,
@@ -163,11 +179,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             await rollouts.stop()
             await shadow.drain(1.0)
             await models.stop()
-            await session.close()
             executor.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(services)
-    dataplane.add_routes(app)
-    admin.add_routes(app)
-    app.router.add_get("/metrics", _metrics)
+    dataplane.add_routes(app, guard)
+    admin.add_routes(app, guard)
+    app.router.add_get("/metrics", guard(_metrics))
+    app.router.add_route("*", "/{tail:.*}", guard(_unmatched))  # last: only what nothing took
     return app

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.errors import FeedbackUnknown
 from proxy.gateway import Answer, Gateway
-from proxy.state import GATEWAY, REQUEST_ID, VARIANT_HEADER
+from proxy.state import GATEWAY, REQUEST_ID, VARIANT_HEADER, Guard, Handler
 from serving.codec import (
     BINARY_HEADER,
     decode_infer_request,
@@ -215,15 +215,23 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v2", server_metadata)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
-    app.router.add_get("/v2/models/{model}", model_metadata)
-    app.router.add_get("/v2/models/{model}/ready", model_ready)
-    app.router.add_get("/v2/models/{model}/versions/{version}", model_metadata)
-    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
-    app.router.add_post("/v2/models/{model}/infer", infer)
-    app.router.add_post("/v2/models/{model}/versions/{version}/infer", infer)
-    app.router.add_post("/v2/models/{model}/feedback", feedback)
-    app.router.add_post("/predict/{model}", predict)
+def add_routes(app: web.Application, guard: Guard) -> None:
+    """The data-plane routes, each wrapped by `guard`; infer first, as it is matched most."""
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/v2/models/{model}/infer", infer),
+        ("POST", "/v2/models/{model}/versions/{version}/infer", infer),
+        ("POST", "/predict/{model}", predict),
+        ("POST", "/v2/models/{model}/feedback", feedback),
+        ("GET", "/v2", server_metadata),
+        ("GET", "/v2/health/live", live),
+        ("GET", "/v2/health/ready", ready),
+        ("GET", "/v2/models/{model}", model_metadata),
+        ("GET", "/v2/models/{model}/ready", model_ready),
+        ("GET", "/v2/models/{model}/versions/{version}", model_metadata),
+        ("GET", "/v2/models/{model}/versions/{version}/ready", model_ready),
+    ]
+    for method, path, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, guard(handler))
+        else:
+            app.router.add_route(method, path, guard(handler))

@@ -252,8 +252,7 @@ class Gateway:
         latency = self._clock() - start
         seq = window.record(latency, Outcome.OK, prediction_of(outputs), _drift_row(window, inputs))
         self.feedback_index.put(request_id, window, seq)
-        variant.ok.inc()
-        variant.latency.observe(latency)
+        variant.answered(latency)
         for shadow_version in shadows:
             if shadow_version != version:
                 self._mirror(model, shadow_version, inputs, outputs, window)
@@ -292,6 +291,10 @@ class Gateway:
     ) -> Tensors:
         runner = loaded.runner
         try:
+            if runner.inline:
+                # A model measured to answer in microseconds runs right here; a timer
+                # could not interrupt a call that never yields, so none is set.
+                return runner.predict_inline(inputs)
             if limit_s is None and runner.passes_v2_bodies:
                 # A remote runner times out by its own client timeout (the manifest's
                 # timeout_s) and raises UpstreamTimeout: a second timer would only cost.
@@ -349,8 +352,7 @@ class Gateway:
     ) -> None:
         latency = self._clock() - start
         window.record(latency, outcome, float("nan"))
-        self.metrics.requests.labels(model, version, role, code).inc()
-        self.metrics.variant(model, version, role).latency.observe(latency)
+        self.metrics.variant(model, version, role).failed(code, latency)
 
     def _mirror(
         self,

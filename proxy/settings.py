@@ -33,6 +33,7 @@ class Settings(BaseModel):
     max_inflight: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=10.0, gt=0)
     executor_threads: int = Field(default=2, ge=1, le=256)
+    inline_below_us: float = Field(default=100.0, ge=0)  # faster models skip the executor
     registry_poll_s: float = Field(default=2.0, gt=0)
     policy_poll_s: float = Field(default=2.0, gt=0)
     window: int = Field(default=2000, ge=10)  # per-variant ring buffer, when no policy says

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -20,3 +21,7 @@ GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 ROLLOUTS: web.AppKey[Rollouts] = web.AppKey("rollouts")
 # The request's id as known so far: the x-request-id header, then the body's id.
 REQUEST_ID: web.RequestKey[str | None] = web.RequestKey("request_id")
+
+# A request handler, and what wraps one with limits and error mapping (proxy/app.py).
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Guard = Callable[[Handler], Handler]

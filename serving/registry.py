@@ -31,16 +31,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from serving.batching import BatchingRunner
 from serving.catalog import verify_directory, version_directories, version_key
 from serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
 from serving.manifest import Manifest
 from serving.runners import Runner, create_runner
-
-if TYPE_CHECKING:
-    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +147,13 @@ class Registry:
         root: Path,
         *,
         executor: Executor | None = None,
-        http_session: aiohttp.ClientSession | None = None,
         poll_interval: float = 1.0,
+        inline_below_us: float = 0.0,
     ) -> None:
         self.root = root
+        self.inline_below_us = inline_below_us
         self.poll_interval = poll_interval
         self._executor = executor
-        self._http_session = http_session
         self._loaded: dict[_Key, LoadedVersion] = {}
         self._defaults: dict[str, str] = {}  # model -> default version; cleared on any change
         self._refused: dict[_Key, _Refusal] = {}
@@ -269,7 +266,11 @@ class Registry:
             return _Outcome()
         try:
             runner = create_runner(
-                manifest, directory, executor=self._executor, http_session=self._http_session
+                manifest,
+                directory,
+                executor=self._executor,
+                # A batched version is one whose calls are worth queueing for: never inline.
+                inline_below_us=0.0 if manifest.batching else self.inline_below_us,
             )
             if manifest.batching is not None:
                 runner = BatchingRunner(

@@ -4,7 +4,9 @@ Starts bare, rollguard (in-process and proxy mode), a naive proxy, nginx and MLS
 loopback ports, installs what is missing where it can (wrk and nginx with apt-get,
 MLServer in its own venv) and skips with a printed reason what it cannot have. Rounds
 are interleaved (each round runs every target once) so that a shared machine's
-disturbances spread over all targets; the figures are medians over rounds.
+disturbances spread over all targets; the figures are medians over rounds. Two more
+rollguard targets serve a compute-heavy MLP without and with micro-batching, always at
+64 connections, for the issue's batching goal.
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def log(message: str) -> None:
 def measure(
     target: targets.Target, body: bytes, args: argparse.Namespace, tool: Tool
 ) -> dict[str, float]:
-    """One run: load for `duration` seconds; CPU of the target's process trees meanwhile."""
+    """One run: load for `duration` seconds; CPU of the target's process trees meanwhile.
+
+    `body` and --connections unless the target brings its own (the MLP targets)."""
+    body = target.body if target.body is not None else body
+    connections = target.connections or args.connections
 
     def load(seconds: float) -> client.LoadResult:
         if tool.path is not None:
@@ -42,7 +48,7 @@ def measure(
                 target.url,
                 body,
                 key_header=models.KEY_HEADER,
-                connections=args.connections,
+                connections=connections,
                 threads=args.threads,
                 duration_s=seconds,
             )
@@ -50,7 +56,7 @@ def measure(
             client.closed_loop(
                 target.url,
                 body,
-                connections=args.connections,
+                connections=connections,
                 duration_s=seconds,
                 headers=client.user_headers(models.KEY_HEADER),
             )
@@ -72,6 +78,7 @@ def measure(
         "cpu_s": cpu,
         "requests": result.requests,
         "errors": result.errors,
+        "connections": connections,
     }
 
 
@@ -202,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "connections": args.connections,
+            "mlp_connections": targets.MLP_CONNECTIONS,
             "wrk_threads": args.threads,
             "client": "wrk" if wrk_tool.path else "aiohttp closed loop (wrk missing)",
             "rollguard": "config/rollguard.yaml defaults, log_level WARNING",

@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 
 FIGURES = ("rps", "p50_ms", "p95_ms", "p99_ms", "cpu_s_per_1k")
+# Targets serving another model under another load than bare: their ×bare cells stay empty.
+NOT_COMPARABLE_TO_BARE = frozenset({"rollguard-mlp", "rollguard-mlp-batched"})
 _LIBS = ("aiohttp", "uvloop", "orjson", "onnxruntime", "numpy", "scikit-learn", "prometheus-client")
 
 
@@ -110,6 +112,23 @@ GOALS = (
         None,
     ),
     Goal("reference: naive aiohttp proxy / bare", "naive-proxy", "bare", "rps", None),
+    # One row a request: rows/s is req/s.
+    Goal(
+        "micro-batching over HTTP, 64 connections: rows/s >= 2 x unbatched",
+        "rollguard-mlp-batched",
+        "rollguard-mlp",
+        "rps",
+        2.0,
+        True,
+    ),
+    Goal(
+        "micro-batching over HTTP, 64 connections: p99 batched <= unbatched",
+        "rollguard-mlp-batched",
+        "rollguard-mlp",
+        "p99_ms",
+        1.0,
+        False,
+    ),
 )
 
 
@@ -158,7 +177,7 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    """The markdown table: absolute figures, then each as a ratio to bare."""
+    """The markdown table: absolute figures, then each as a ratio to bare (where comparable)."""
     bare = next((r for r in rows if r.target == "bare"), None)
     head = "| target | req/s | p50 ms | p95 ms | p99 ms | CPU s/1k req | errors |"
     head += " req/s ×bare | p50 ×bare | p95 ×bare | p99 ×bare | CPU ×bare |"
@@ -169,7 +188,8 @@ def table(rows: list[Row]) -> str:
         cells += [_fmt(row.figure("cpu_s_per_1k"), 3), str(row.errors)]
         for f in FIGURES:
             base = bare.figure(f) if bare else float("nan")
-            cells.append(_fmt(row.figure(f) / base) if base else "—")
+            comparable = bool(base) and row.target not in NOT_COMPARABLE_TO_BARE
+            cells.append(_fmt(row.figure(f) / base) if comparable else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,6 +205,21 @@ def _state(notes: dict[str, Any]) -> str:
         counts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(notes["shadow_requests"].items()))
         parts.append(f"shadow copies {counts}")
     return f" (after the runs: {'; '.join(parts)})" if parts else ""
+
+
+def _other_load(rows: list[Row], settings: dict[str, Any]) -> str:
+    """The header's word on the targets that do not get the common body and connections."""
+    other = [r for r in rows if r.target in NOT_COMPARABLE_TO_BARE]
+    if not other:
+        return ""
+    counts = sorted(
+        {int(run.get("connections", settings["connections"])) for r in other for run in r.runs}
+    )
+    names = " and ".join(r.target for r in other)
+    return (
+        f" Except {names}: a wide MLP, one load_digits row a request, at "
+        f"{' / '.join(str(c) for c in counts)} connections."
+    )
 
 
 def goals(rows: list[Row]) -> list[dict[str, Any]]:
@@ -245,7 +280,8 @@ def write(
         f"{settings['connections']} connections after a {settings['warmup_s']:g} s warm-up; "
         f"client: {settings['client']}. Every request is the same V2 JSON body (one "
         "breast_cancer row); CPU is utime+stime of every serving process (proxies, their "
-        "upstreams, nginx master and worker) per 1,000 answered requests.",
+        "upstreams, nginx master and worker) per 1,000 answered requests."
+        + _other_load(rows, settings),
         "",
         table(rows),
         "",

@@ -1,7 +1,10 @@
 """The targets side by side: which servers each needs, started once, stopped at the end.
 
-Every target answers POST <url> with the same body. A target's CPU cost counts every
-process that serves it: the proxy and its upstreams, nginx's master and worker.
+Every target answers POST <url> with the same body, except the two MLP targets: they
+serve a compute-heavy model (load_tests/bench/mlp.py) for the issue's micro-batching
+goal, with their own body, at 64 connections whatever --connections says. A target's
+CPU cost counts every process that serves it: the proxy and its upstreams, nginx's
+master and worker.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from load_tests.bench import mlserver_setup, models, nginx
+from load_tests.bench import mlp, mlserver_setup, models, nginx
 from load_tests.bench.procs import Process, Processes, free_port, http_ok
 from load_tests.bench.tools import Tool
 
 REPO = Path(__file__).resolve().parents[2]
 ROLLGUARD_ENV = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
 INFER = f"/v2/models/{models.MODEL}/infer"
+MLP_CONNECTIONS = 64  # the issue fixes the micro-batching goal at 64 connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,8 @@ class Target:
     url: str  # the infer URL the client posts to
     processes: tuple[Process, ...]  # every process whose CPU time this target costs
     base: str = ""  # http://host:port of the front server (admin, /metrics)
+    body: bytes | None = None  # None: the common body (models.request_body())
+    connections: int | None = None  # None: --connections
 
 
 ALL = (
@@ -44,6 +50,8 @@ ALL = (
     "nginx-split",
     "nginx-mirror",
     "mlserver",
+    "rollguard-mlp",
+    "rollguard-mlp-batched",
 )
 
 
@@ -56,10 +64,12 @@ class Lab:
     demo: Path
     nginx_tool: Tool
     install: bool = True
+    mlp_shape: tuple[int, int] = (mlp.LAYERS, mlp.HIDDEN)  # layers, hidden units
     skipped: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     _bare: dict[str, tuple[Process, str]] = field(default_factory=dict)
     _nginx: nginx.Nginx | None = None
+    _mlp: tuple[Path, Path] | None = None  # registries: without, with batching
 
     def bare(self, which: str, threads: int = 0) -> tuple[Process, str]:
         """Bare server A or B (two, for splits and mirrors); its base URL."""
@@ -75,7 +85,12 @@ class Lab:
         return self._bare[which]
 
     def _rollguard(
-        self, name: str, registry: Path, strategy: str | None, module: str = "proxy.cli"
+        self,
+        name: str,
+        registry: Path,
+        strategy: str | None,
+        module: str = "proxy.cli",
+        model: str = models.MODEL,
     ) -> tuple[Process, str]:
         port = free_port()
         argv = [sys.executable, "-m", module, "serve", "--port", str(port)]
@@ -90,11 +105,21 @@ class Lab:
         argv += ["--state", str(state)]
         process = self.procs.start(name, argv, env=ROLLGUARD_ENV, cwd=REPO)
         base = f"http://127.0.0.1:{port}"
-        process.wait_ready(f"{base}/v2/models/{models.MODEL}/ready", 120)
+        process.wait_ready(f"{base}/v2/models/{model}/ready", 120)
         if strategy is not None:  # the rollout must be routing before the run starts
             process.wait_ready(f"{base}/v2/models/{models.MODEL}/versions/1.1.0/ready", 60)
             process.wait_ready(f"{base}/admin/rollouts/bench-{strategy}", 60)
         return process, base
+
+    def mlp_registries(self) -> tuple[Path, Path]:
+        """The wide MLP's registries (without, with batching), trained once per Lab."""
+        if self._mlp is None:
+            try:
+                layers, hidden = self.mlp_shape
+                self._mlp = mlp.registries(self.work, hidden, layers)
+            except ImportError as exc:
+                raise LookupError(f"cannot build the MLP: {exc}") from None
+        return self._mlp
 
     def _front_nginx(self) -> nginx.Nginx:
         if self._nginx is None:
@@ -189,6 +214,31 @@ class Lab:
             p.wait_ready(f"{base}/v2/models/fraud/ready", 180)
             about = "MLServer scikit-learn runtime (joblib), parallel_workers 0"
             return Target(name, about, f"{base}/v2/models/fraud/infer", (p,))
+        if name in ("rollguard-mlp", "rollguard-mlp-batched"):
+            plain, batched = self.mlp_registries()
+            registry = batched if name.endswith("-batched") else plain
+            p, base = self._rollguard(name, registry, None, model=mlp.MODEL)
+            how = (
+                f"micro-batching on (max_batch_size {mlp.BATCHING.max_batch_size}, "
+                f"max_delay_ms {mlp.BATCHING.max_delay_ms:g})"
+                if name.endswith("-batched")
+                else "no batching"
+            )
+            about = (
+                f"in-process ONNX {self.mlp_shape[0]}x{self.mlp_shape[1]} MLP (load_digits "
+                f"row), {how}, "
+                f"always {MLP_CONNECTIONS} connections; a different model and load, so its "
+                "×bare ratios are not comparable (left empty)"
+            )
+            return Target(
+                name,
+                about,
+                f"{base}/v2/models/{mlp.MODEL}/infer",
+                (p,),
+                base,
+                body=mlp.request_body(),
+                connections=MLP_CONNECTIONS,
+            )
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL)}")
 
     def start(self, names: list[str], log: Callable[[str], None]) -> list[Target]:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from serving.manifest import Manifest
 from serving.runners.base import LocalRunner, Runner
-
-if TYPE_CHECKING:
-    import aiohttp
 
 __all__ = ["LocalRunner", "Runner", "create_runner"]
 
@@ -20,21 +16,25 @@ def create_runner(
     directory: Path,
     *,
     executor: Executor | None = None,
-    http_session: aiohttp.ClientSession | None = None,
+    inline_below_us: float = 0.0,
 ) -> Runner:
-    """A not-yet-loaded runner for one registry version."""
+    """A not-yet-loaded runner for one registry version.
+
+    In-process runners run a model on the caller's thread once its calls average under
+    `inline_below_us` (0: always on the executor); see LocalRunner.
+    """
     if manifest.framework == "onnx":
         from serving.runners.onnx import OnnxRunner
 
-        return OnnxRunner(manifest, directory, executor)
+        return OnnxRunner(manifest, directory, executor, inline_below_us)
     if manifest.framework == "torch":
         from serving.runners.torch import TorchRunner
 
-        return TorchRunner(manifest, directory, executor)
+        return TorchRunner(manifest, directory, executor, inline_below_us)
     if manifest.framework == "sklearn":
         from serving.runners.sklearn import SklearnRunner
 
-        return SklearnRunner(manifest, directory, executor)
+        return SklearnRunner(manifest, directory, executor, inline_below_us)
     from serving.runners.http import HttpRunner
 
-    return HttpRunner(manifest, directory, session=http_session)
+    return HttpRunner(manifest, directory)

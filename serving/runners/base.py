@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from pathlib import Path
@@ -21,6 +22,9 @@ class Runner(ABC):
     # True when `predict_raw` takes a V2 JSON infer body and gives the V2 JSON answer
     # untouched (remote runners): the gateway then forwards bytes instead of tensors.
     passes_v2_bodies = False
+    # True while the model is fast enough to run on the caller's thread (LocalRunner):
+    # the caller may then call `predict_inline`, which neither yields nor can time out.
+    inline = False
 
     def __init__(self, manifest: Manifest, directory: Path) -> None:
         self.manifest = manifest
@@ -34,6 +38,10 @@ class Runner(ABC):
     @abstractmethod
     async def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch; raise ModelExecutionError / UpstreamError on failure."""
+
+    def predict_inline(self, inputs: Tensors) -> Tensors:
+        """Compute on the calling thread; only while `inline` is True."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run inline")
 
     async def predict_raw(self, body: bytes) -> bytes:
         """Forward a V2 JSON infer body; only runners with `passes_v2_bodies` have it."""
@@ -50,26 +58,72 @@ class Runner(ABC):
 
 
 class LocalRunner(Runner):
-    """A runner whose model computes in-process, on executor threads.
+    """A runner whose model computes in-process, on executor threads or inline.
 
     ONNX Runtime, torch and most of scikit-learn release the GIL while computing,
     so a thread pool gives real parallelism without pickling tensors to processes.
+    For a model that answers in tens of microseconds, though, handing the call to a
+    thread and waking the event loop again costs more than the model: a version whose
+    calls average under `inline_below_us` (after `WARMUP_CALLS` calls on the executor)
+    runs on the caller's thread instead. One call over `SPIKE_FACTOR` x the limit sends
+    it back to the executor until its average has decayed below the limit again, so a
+    model that turns slow blocks the event loop for at most that one call.
     """
 
+    WARMUP_CALLS = 32
+    SPIKE_FACTOR = 10.0
+    _SMOOTHING = 0.05  # weight of the newest call in the moving average
+
     def __init__(
-        self, manifest: Manifest, directory: Path, executor: Executor | None = None
+        self,
+        manifest: Manifest,
+        directory: Path,
+        executor: Executor | None = None,
+        inline_below_us: float = 0.0,
     ) -> None:
         super().__init__(manifest, directory)
         self._executor = executor
+        limit_us = float(manifest.runtime.get("inline_below_us", inline_below_us))
+        self.inline_limit_s = max(limit_us, 0.0) / 1e6
+        self.mean_call_s = 0.0  # exponentially weighted average compute time of one call
+        self._calls = 0
 
     async def load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync)
         self.ready = True
 
     async def predict(self, inputs: Tensors) -> Tensors:
+        if self.inline:
+            return self.predict_inline(inputs)
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.predict_sync, inputs
+            self._executor, self._timed_predict, inputs
         )
+
+    def predict_inline(self, inputs: Tensors) -> Tensors:
+        start = time.perf_counter()
+        try:
+            return self.predict_sync(inputs)
+        finally:
+            elapsed = time.perf_counter() - start
+            mean = self.mean_call_s + self._SMOOTHING * (elapsed - self.mean_call_s)
+            if elapsed > self.SPIKE_FACTOR * self.inline_limit_s:
+                self.inline = False
+                mean = max(mean, elapsed)  # stay on the executor until this spike decays
+            self.mean_call_s = mean
+
+    def _timed_predict(self, inputs: Tensors) -> Tensors:
+        """predict_sync on an executor thread, timed to decide whether to go inline."""
+        start = time.perf_counter()
+        try:
+            return self.predict_sync(inputs)
+        finally:
+            elapsed = time.perf_counter() - start
+            calls = self._calls = self._calls + 1
+            mean = self.mean_call_s
+            mean = elapsed if calls == 1 else mean + self._SMOOTHING * (elapsed - mean)
+            self.mean_call_s = mean
+            if calls >= self.WARMUP_CALLS and mean < self.inline_limit_s:
+                self.inline = True
 
     async def unload(self) -> None:
         self.ready = False

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiohttp
 import orjson
 
 from serving.codec import decode_infer_response, encode_infer_request
-from serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
+from serving.errors import ArtifactError, ManifestError, NotReady, UpstreamError
 from serving.manifest import Manifest
 from serving.runners.base import Runner
 from serving.tensors import Tensors
+from serving.upstream import UpstreamPool
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -29,51 +29,48 @@ def _error_text(body: bytes) -> str:
 
 
 class HttpRunner(Runner):
-    """A version served by another V2 server (Triton, MLServer, KServe, another rollguard)."""
+    """A version served by another V2 server (Triton, MLServer, KServe, another rollguard).
+
+    The runner owns a keep-alive connection pool to its endpoint (serving/upstream.py):
+    made at construction, closed by `unload`, made afresh by the next `load`.
+    """
 
     passes_v2_bodies = True
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        directory: Path,
-        *,
-        session: aiohttp.ClientSession | None = None,
-    ) -> None:
+    def __init__(self, manifest: Manifest, directory: Path) -> None:
         super().__init__(manifest, directory)
         assert manifest.endpoint is not None  # the manifest validator requires it for http
         self.endpoint = manifest.endpoint.rstrip("/")
-        self._session = session
-        self._owns_session = False
         self._infer_url = f"{self.endpoint}/infer"
-        self._timeout = aiohttp.ClientTimeout(total=manifest.timeout_s)
+        self._pool: UpstreamPool | None = self._new_pool()
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _new_pool(self) -> UpstreamPool:
+        try:
+            return UpstreamPool(self.endpoint, timeout_s=self.manifest.timeout_s)
+        except ValueError as exc:
+            raise ManifestError(f"endpoint: {exc}") from None
+
+    def _client(self) -> UpstreamPool:
+        if self._pool is None:
             raise NotReady(f"{self.manifest.name} {self.manifest.version} is not loaded")
-        return self._session
+        return self._pool
 
     async def load(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-            self._owns_session = True
+        if self._pool is None:
+            self._pool = self._new_pool()
         try:
             await self._probe_ready()
-        except ArtifactError:
-            await self._close_owned()
+        except BaseException:  # refused or cancelled: the caller may drop us without unload
+            await self.unload()
             raise
         self.ready = True
 
     async def _probe_ready(self) -> None:
         url = f"{self.endpoint}/ready"
         try:
-            async with self._client().get(url, timeout=self._timeout) as response:
-                status = response.status
-                body = await response.read()
-        except TimeoutError:
-            raise ArtifactError(f"{url}: no answer within {self.manifest.timeout_s:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise ArtifactError(f"{url}: unreachable: {exc}") from None
+            status, body = await self._client().request("GET", "/ready")
+        except UpstreamError as exc:  # names the URL and the reason, e.g. "unreachable: ..."
+            raise ArtifactError(str(exc)) from None
         if status != 200:
             raise ArtifactError(f"{url}: upstream not ready ({status}: {_error_text(body)})")
 
@@ -85,30 +82,16 @@ class HttpRunner(Runner):
         """POST a V2 JSON infer body as given; the upstream's 2xx body as it came.
 
         The gateway forwards a client's body through this when it needs no re-encoding,
-        which spares a JSON -> numpy -> JSON round trip each way.
+        which spares a JSON -> numpy -> JSON round trip each way. The pool's
+        UpstreamError / UpstreamTimeout name the URL and the reason.
         """
-        try:
-            async with self._client().post(
-                self._infer_url, data=body, headers=_JSON, timeout=self._timeout
-            ) as response:
-                status = response.status
-                payload = await response.read()
-        except TimeoutError:
-            raise UpstreamTimeout(
-                f"{self._infer_url}: no answer within {self.manifest.timeout_s:g} s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"{self._infer_url}: {type(exc).__name__}: {exc}") from None
+        status, payload = await self._client().request("POST", "/infer", body, _JSON)
         if not 200 <= status < 300:
             raise UpstreamError(f"{self._infer_url} answered {status}: {_error_text(payload)}")
         return payload
 
     async def unload(self) -> None:
         self.ready = False
-        await self._close_owned()
-
-    async def _close_owned(self) -> None:
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
-            self._owns_session = False
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

@@ -27,9 +27,13 @@ class OnnxRunner(LocalRunner):
     """Serves a `model.onnx` with ONNX Runtime's CPU provider."""
 
     def __init__(
-        self, manifest: Manifest, directory: Path, executor: Executor | None = None
+        self,
+        manifest: Manifest,
+        directory: Path,
+        executor: Executor | None = None,
+        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor)
+        super().__init__(manifest, directory, executor, inline_below_us)
         self._session: Any = None
         self._input_names: list[str] = []
         self._output_names: list[str] = []

@@ -55,9 +55,13 @@ class SklearnRunner(LocalRunner):
     """Serves an estimator; the first declared input is its 2-D feature matrix."""
 
     def __init__(
-        self, manifest: Manifest, directory: Path, executor: Executor | None = None
+        self,
+        manifest: Manifest,
+        directory: Path,
+        executor: Executor | None = None,
+        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor)
+        super().__init__(manifest, directory, executor, inline_below_us)
         self._model: Any = None
         self._outputs: dict[str, np.dtype | None] = {}
 

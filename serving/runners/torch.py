@@ -50,9 +50,13 @@ class TorchRunner(LocalRunner):
     """Serves a torch module; inputs go positionally in the order model.yaml declares them."""
 
     def __init__(
-        self, manifest: Manifest, directory: Path, executor: Executor | None = None
+        self,
+        manifest: Manifest,
+        directory: Path,
+        executor: Executor | None = None,
+        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor)
+        super().__init__(manifest, directory, executor, inline_below_us)
         self._torch: Any = None
         self._module: torch.nn.Module | None = None
 

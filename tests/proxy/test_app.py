@@ -164,6 +164,16 @@ async def test_every_error_status(tmp_path: Path, make_registry: MakeRegistry) -
                 assert "error" in await resp.json()
         async with http.get(f"{server.url}/v2/models/nope") as resp:
             assert resp.status == 404
+        # Paths and methods no route takes: JSON errors with a request id too.
+        async with http.get(f"{server.url}/no/such/path") as resp:
+            assert resp.status == 404
+            assert "GET /no/such/path" in (await resp.json())["error"]
+            assert resp.headers["x-request-id"]
+        async with http.get(infer, headers={"x-request-id": "r-405"}) as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "POST"
+            assert "error" in await resp.json()
+            assert resp.headers["x-request-id"] == "r-405"
         async with http.post(infer, data=b"x" * (65 * 1024)) as resp:
             assert resp.status == 413
             assert "error" in await resp.json()

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -18,7 +17,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from serving.demo import load_eval_data
-from serving.errors import ArtifactError, UpstreamError, UpstreamTimeout
+from serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
 from serving.manifest import parse_manifest
 from serving.runners.http import HttpRunner
 
@@ -41,13 +40,20 @@ class Upstream:
         self.stall = False
         self.release = asyncio.Event()  # set at teardown: stalled handlers may finish
         self.url = ""
+        self.transports: set[object] = set()  # every connection a request came on
+
+    @property
+    def connections(self) -> int:
+        return len(self.transports)
 
     async def handle_ready(self, request: web.Request) -> web.Response:
+        self.transports.add(request.transport)
         if self.ready:
             return web.json_response({"name": "fraud", "ready": True})
         return web.json_response({"error": "model is loading"}, status=503)
 
     async def handle_infer(self, request: web.Request) -> web.Response:
+        self.transports.add(request.transport)
         doc = await request.json()
         if self.fail:
             return web.json_response({"error": "model exploded"}, status=500)
@@ -113,7 +119,7 @@ def _closed_port_url() -> str:
 async def test_predictions_equal_the_direct_model_call(
     upstream: Upstream, model: Pipeline, tmp_path: Path
 ) -> None:
-    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)  # owns its own session
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
     await runner.load()
     assert runner.ready
     x, _ = load_eval_data()
@@ -125,12 +131,22 @@ async def test_predictions_equal_the_direct_model_call(
     assert not runner.ready
 
 
-async def test_a_shared_session_is_left_open(upstream: Upstream, tmp_path: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        runner = HttpRunner(_manifest_for(upstream.url), tmp_path, session=session)
-        await runner.load()
-        await runner.unload()
-        assert not session.closed
+async def test_connections_are_kept_alive_and_closed_by_unload(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    x, _ = load_eval_data()
+    for _ in range(3):
+        await runner.predict({"input": x[:2]})
+    assert upstream.connections == 1  # the ready probe and three infers on one connection
+    await runner.unload()
+    with pytest.raises(NotReady, match="not loaded"):
+        await runner.predict({"input": x[:2]})
+    await runner.load()  # a new pool, a new connection
+    await runner.predict({"input": x[:2]})
+    assert upstream.connections == 2
+    await runner.unload()
 
 
 async def test_upstream_500_is_an_upstream_error(upstream: Upstream, tmp_path: Path) -> None:
@@ -156,14 +172,14 @@ async def test_slow_upstream_is_an_upstream_timeout(upstream: Upstream, tmp_path
 
 async def test_refused_connection_is_an_upstream_error(tmp_path: Path) -> None:
     url = _closed_port_url()
-    async with aiohttp.ClientSession() as session:
-        runner = HttpRunner(_manifest_for(url), tmp_path, session=session)
-        x, _ = load_eval_data()
-        with pytest.raises(UpstreamError, match="ClientConnectorError") as info:
-            await runner.predict({"input": x[:2]})
-        assert not isinstance(info.value, UpstreamTimeout)
-        with pytest.raises(ArtifactError, match="unreachable"):
-            await runner.load()
+    runner = HttpRunner(_manifest_for(url), tmp_path)
+    x, _ = load_eval_data()
+    with pytest.raises(UpstreamError, match=f"{url}/infer: unreachable") as info:
+        await runner.predict({"input": x[:2]})
+    assert not isinstance(info.value, UpstreamTimeout)
+    with pytest.raises(ArtifactError, match="unreachable"):
+        await runner.load()
+    assert not runner.ready
 
 
 async def test_ready_probe_gates_load(upstream: Upstream, tmp_path: Path) -> None:

@@ -1,0 +1,84 @@
+"""The peer benchmark's report: the micro-batching goals and the ×bare columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from load_tests.bench import report
+
+
+def _row(target: str, rps: float, p99: float, connections: int = 32) -> report.Row:
+    run = {
+        "rps": rps,
+        "p50_ms": p99 / 2,
+        "p95_ms": p99 * 0.9,
+        "p99_ms": p99,
+        "cpu_s_per_1k": 0.5,
+        "cpu_s": 1.0,
+        "requests": rps * 8,
+        "errors": 0.0,
+        "connections": connections,
+    }
+    return report.Row(target, f"about {target}", [run])
+
+
+ROWS = [
+    _row("bare", 5000.0, 10.0),
+    _row("rollguard-mlp", 300.0, 400.0, 64),
+    _row("rollguard-mlp-batched", 1500.0, 80.0, 64),
+]
+
+
+def test_batching_goals_compare_the_two_mlp_rows() -> None:
+    checked = {c["goal"]: c for c in report.goals(ROWS)}
+    rows_goal = checked["micro-batching over HTTP, 64 connections: rows/s >= 2 x unbatched"]
+    assert rows_goal["ratio"] == 5.0
+    assert rows_goal["met"] is True
+    p99_goal = checked["micro-batching over HTTP, 64 connections: p99 batched <= unbatched"]
+    assert p99_goal["ratio"] == 0.2
+    assert p99_goal["met"] is True
+    lines = report.goal_lines(report.goals(ROWS))
+    assert (
+        "- micro-batching over HTTP, 64 connections: rows/s >= 2 x unbatched: 5.00 — met" in lines
+    )
+
+
+def test_batching_goals_missed_and_absent() -> None:
+    slow = [_row("rollguard-mlp", 300.0, 100.0, 64), _row("rollguard-mlp-batched", 450.0, 120.0)]
+    checked = {c["goal"]: c for c in report.goals(slow)}
+    assert (
+        checked["micro-batching over HTTP, 64 connections: rows/s >= 2 x unbatched"]["met"] is False
+    )
+    assert (
+        checked["micro-batching over HTTP, 64 connections: p99 batched <= unbatched"]["met"]
+        is False
+    )
+    # One of the two rows missing: no batching goal at all.
+    assert not [c for c in report.goals(slow[:1]) if "micro-batching" in c["goal"]]
+
+
+def test_mlp_rows_have_no_ratio_to_bare() -> None:
+    lines = {line.split(" | ")[0].strip("| "): line for line in report.table(ROWS).splitlines()}
+    assert lines["bare"].endswith("| 1.00 | 1.00 | 1.00 | 1.00 | 1.00 |")
+    for name in ("rollguard-mlp", "rollguard-mlp-batched"):
+        assert lines[name].endswith("| — | — | — | — | — |"), lines[name]
+
+
+def test_written_report_names_the_mlp_load_and_rerenders(tmp_path: Path) -> None:
+    settings = {
+        "rounds": 1,
+        "duration_s": 8.0,
+        "warmup_s": 3.0,
+        "connections": 32,
+        "client": "wrk",
+    }
+    host = report.machine({"wrk": "test"})
+    md, js = report.write(tmp_path, ROWS, settings, host, {})
+    text = md.read_text(encoding="utf-8")
+    assert "Except rollguard-mlp and rollguard-mlp-batched: a wide MLP" in text
+    assert "at 64 connections." in text
+    assert orjson.loads(js.read_bytes())["targets"][1]["runs"][0]["connections"] == 64
+    again, _ = report.rerender(tmp_path)
+    assert again.read_text(encoding="utf-8") == text

@@ -1,0 +1,124 @@
+"""LocalRunner's inline mode: fast models leave the executor, slow or spiking ones stay on it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.demo import build_demo_registry, load_eval_data
+from serving.manifest import MANIFEST_NAME, load_manifest
+from serving.runners.onnx import OnnxRunner
+from serving.runners.sklearn import SklearnRunner
+from serving.tensors import Tensors
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    build_demo_registry(root, frameworks=("onnx", "sklearn"))
+    return root
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="model")
+    yield pool
+    pool.shutdown()
+
+
+class _Stalling(OnnxRunner):
+    """The real ONNX model, plus a stall on the calls a test asks for (a GC pause, a page-in)."""
+
+    stall_s = 0.0
+    threads: set[str]
+
+    def predict_sync(self, inputs: Tensors) -> Tensors:
+        self.threads.add(threading.current_thread().name)
+        if self.stall_s:
+            time.sleep(self.stall_s)
+        return super().predict_sync(inputs)
+
+
+def _row() -> Tensors:
+    x, _ = load_eval_data()
+    return {"input": x[:1]}
+
+
+async def test_fast_model_goes_inline_after_warm_up(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 50_000)
+    runner.threads = set()
+    await runner.load()
+    row = _row()
+    for _ in range(runner.WARMUP_CALLS - 1):
+        await runner.predict(row)
+    assert not runner.inline  # still measuring
+    assert all(name.startswith("model") for name in runner.threads)
+    await runner.predict(row)
+    assert runner.inline and 0 < runner.mean_call_s < 0.05
+    runner.threads.clear()
+    got = await runner.predict(row)
+    assert runner.threads == {threading.current_thread().name}  # ran on the caller's thread
+    want = runner.predict_sync(row)
+    np.testing.assert_array_equal(got["probabilities"], want["probabilities"])
+
+
+async def test_a_spike_sends_it_back_to_the_executor_until_it_decays(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    # 5 ms limit: the model's own ~20 us is far below it, a 60 ms stall is over 10x it.
+    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 5_000)
+    runner.threads = set()
+    await runner.load()
+    row = _row()
+    for _ in range(runner.WARMUP_CALLS):
+        await runner.predict(row)
+    assert runner.inline
+    runner.stall_s = 0.06
+    await runner.predict(row)
+    assert not runner.inline  # one spike is enough
+    assert runner.mean_call_s >= 0.06
+    runner.stall_s = 0.0
+    runner.threads.clear()
+    calls = 0
+    while not runner.inline:
+        await runner.predict(row)
+        calls += 1
+    # Back inline only once the average decayed from 60 ms under 5 ms: ln(12)/0.05 ~ 50.
+    assert 40 <= calls <= 80
+    assert all(name.startswith("model") for name in runner.threads)
+
+
+async def test_slow_model_never_goes_inline(registry: Path, executor: ThreadPoolExecutor) -> None:
+    directory = registry / "fraud" / "1.3.0"  # the demo's slow candidate: 25 ms a call
+    runner = SklearnRunner(load_manifest(directory / MANIFEST_NAME), directory, executor, 1_000)
+    await runner.load()
+    x, _ = load_eval_data()
+    for _ in range(runner.WARMUP_CALLS + 3):
+        await runner.predict({"input": x[:1]})
+    assert not runner.inline and runner.mean_call_s > 0.02
+
+
+async def test_zero_limit_or_manifest_opt_out_keeps_the_executor(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    manifest = load_manifest(directory / MANIFEST_NAME)
+    never = OnnxRunner(manifest, directory, executor, 0)
+    opted_out = OnnxRunner(
+        manifest.model_copy(update={"runtime": {"inline_below_us": 0}}), directory, executor, 1e6
+    )
+    for runner in (never, opted_out):
+        await runner.load()
+        for _ in range(runner.WARMUP_CALLS + 3):
+            await runner.predict(_row())
+        assert not runner.inline
