@@ -18,7 +18,7 @@ from proxy.gateway import Gateway, RequestIds, variant_of
 from proxy.metrics import Metrics
 from proxy.rollouts import Rollouts
 from proxy.settings import Settings
-from proxy.shadow import ShadowMirror
+from proxy.shadow import LoadGauge, ShadowMirror
 from proxy.state import (
     GATEWAY,
     REQUEST_ID,
@@ -140,11 +140,15 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             poll_interval=settings.registry_poll_s,
             inline_below_us=settings.inline_below_us,
         )
+        gauge = LoadGauge()
+        gauge.start()
         shadow = ShadowMirror(
             metrics,
             concurrency=settings.shadow_concurrency,
             queue=settings.shadow_queue,
             timeout_s=settings.shadow_timeout_s,
+            budget=settings.shadow_budget,
+            gauge=gauge,
         )
         gateway = Gateway(
             models,
@@ -178,6 +182,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         finally:
             await rollouts.stop()
             await shadow.drain(1.0)
+            gauge.stop()
             await models.stop()
             executor.shutdown(wait=False, cancel_futures=True)
 

@@ -1,16 +1,81 @@
-"""Fire-and-forget shadow traffic: tracked tasks behind a bounded queue and semaphore.
+"""Fire-and-forget shadow traffic: tracked tasks behind a bounded queue, shed under load.
 
 Like Envoy's request mirroring, the client never waits for a shadow: `submit` returns
-at once, and a copy that does not fit the queue is dropped and counted, never queued
-without bound (the primary is never the one shed).
+at once. Two things bound what shadows may cost the primaries:
+
+- a copy that does not fit the queue is dropped and counted (`dropped`), never queued
+  without bound;
+- while the gateway is busy (its event loop thread, or the process's CPU as a whole,
+  near saturation: `LoadGauge`), at most `budget` shadow copies per primary request
+  are admitted and the rest are shed and counted (`shed`). An idle or lightly loaded
+  gateway mirrors everything; a saturated one spends at most that share of its work
+  on shadows, so the primary is never the one that slows down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Awaitable, Callable
 
 from proxy.metrics import Metrics
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class LoadGauge:
+    """Whether the process is busy, from CPU time sampled every `period_s` on the loop.
+
+    Busy means the event loop thread used at least `loop_busy` of one core over the last
+    period (inline models, codecs, HTTP), or the whole process at least `cpu_busy` of
+    every usable core (models on executor threads). Sampling costs two clock reads per
+    period; the hot path only reads `busy`.
+    """
+
+    def __init__(
+        self,
+        *,
+        period_s: float = 0.1,
+        loop_busy: float = 0.6,
+        cpu_busy: float = 0.8,
+        cores: int | None = None,
+    ) -> None:
+        self.period_s = period_s
+        self.loop_busy = loop_busy
+        self.cpu_busy = cpu_busy
+        self.cores = cores or usable_cores()
+        self.busy = False
+        self.loop_share = 0.0  # of one core, last period
+        self.cpu_share = 0.0  # of all usable cores, last period
+        self._handle: asyncio.TimerHandle | None = None
+        self._last = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        """Begin sampling; call on the event loop thread (thread_time is per thread)."""
+        self._last = (time.monotonic(), time.thread_time(), time.process_time())
+        self._handle = asyncio.get_running_loop().call_later(self.period_s, self._sample)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.busy = False
+
+    def _sample(self) -> None:
+        now = (time.monotonic(), time.thread_time(), time.process_time())
+        wall = now[0] - self._last[0]
+        if wall > 0:
+            self.loop_share = (now[1] - self._last[1]) / wall
+            self.cpu_share = (now[2] - self._last[2]) / wall / self.cores
+            self.busy = self.loop_share >= self.loop_busy or self.cpu_share >= self.cpu_busy
+        self._last = now
+        self._handle = asyncio.get_running_loop().call_later(self.period_s, self._sample)
 
 
 class ShadowMirror:
@@ -23,20 +88,40 @@ class ShadowMirror:
         concurrency: int = 8,
         queue: int = 256,
         timeout_s: float = 5.0,
+        budget: float = 1.0,
+        gauge: LoadGauge | None = None,
     ) -> None:
+        """`budget`: shadow copies admitted per primary request while `gauge` says busy
+        (1.0: never shed for load). Without a gauge nothing is shed for load."""
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"shadow budget must be within [0, 1], got {budget}")
         self._metrics = metrics
         self._limit = concurrency + queue
         self._semaphore = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self.timeout_s = timeout_s
+        self.budget = budget
+        self.gauge = gauge
+        self._credit = 0.0  # copies that may still be admitted while busy
         self.dropped = 0
+        self.shed = 0
 
     @property
     def pending(self) -> int:
         return len(self._tasks)
 
     def submit(self, model: str, version: str, run: Callable[[], Awaitable[None]]) -> bool:
-        """Schedule one shadow call; False (and counted) when the queue is full."""
+        """Schedule one shadow call; False (and counted) when shed or the queue is full."""
+        gauge = self.gauge
+        if gauge is not None and gauge.busy and self.budget < 1.0:
+            # Every primary earns `budget` of a copy; a whole one is spent per admission.
+            credit = min(self._credit + self.budget, 1.0)
+            if credit < 1.0 - 1e-9:  # ten additions of 0.1 make 0.999...
+                self._credit = credit
+                self.shed += 1
+                self._metrics.shadow.labels(model, version, "shed").inc()
+                return False
+            self._credit = max(credit - 1.0, 0.0)
         if len(self._tasks) >= self._limit:
             self.dropped += 1
             self._metrics.shadow.labels(model, version, "dropped").inc()

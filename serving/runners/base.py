@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
@@ -63,16 +64,22 @@ class LocalRunner(Runner):
     ONNX Runtime, torch and most of scikit-learn release the GIL while computing,
     so a thread pool gives real parallelism without pickling tensors to processes.
     For a model that answers in tens of microseconds, though, handing the call to a
-    thread and waking the event loop again costs more than the model: a version whose
-    calls average under `inline_below_us` (after `WARMUP_CALLS` calls on the executor)
-    runs on the caller's thread instead. One call over `SPIKE_FACTOR` x the limit sends
-    it back to the executor until its average has decayed below the limit again, so a
-    model that turns slow blocks the event loop for at most that one call.
+    thread and waking the event loop again costs more than the model itself.
+
+    So calls are measured in rounds of `WARMUP_CALLS` on the executor. When the fastest
+    call of a round took under `inline_below_us` (the fastest, because a call on a
+    thread also waits for the GIL while the event loop holds it, which says nothing
+    about the model), the version goes inline: `predict_inline` runs it on the caller's
+    thread. There its own time is what counts: one call over `SPIKE_FACTOR` x the limit,
+    or a moving average over the limit, sends it back to the executor, and each return
+    doubles the next round's length (up to `MAX_ROUND`), so a model that is slow now and
+    then blocks the event loop rarely and for one call at a time.
     """
 
     WARMUP_CALLS = 32
+    MAX_ROUND = 32 * 1024
     SPIKE_FACTOR = 10.0
-    _SMOOTHING = 0.05  # weight of the newest call in the moving average
+    _SMOOTHING = 0.05  # weight of the newest inline call in the moving average
 
     def __init__(
         self,
@@ -85,8 +92,10 @@ class LocalRunner(Runner):
         self._executor = executor
         limit_us = float(manifest.runtime.get("inline_below_us", inline_below_us))
         self.inline_limit_s = max(limit_us, 0.0) / 1e6
-        self.mean_call_s = 0.0  # exponentially weighted average compute time of one call
-        self._calls = 0
+        self.mean_call_s = 0.0  # inline: moving average; else the last round's fastest call
+        self._round_length = self.WARMUP_CALLS
+        self._round_calls = 0
+        self._round_fastest = math.inf
 
     async def load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync)
@@ -105,11 +114,12 @@ class LocalRunner(Runner):
             return self.predict_sync(inputs)
         finally:
             elapsed = time.perf_counter() - start
+            limit = self.inline_limit_s
             mean = self.mean_call_s + self._SMOOTHING * (elapsed - self.mean_call_s)
-            if elapsed > self.SPIKE_FACTOR * self.inline_limit_s:
-                self.inline = False
-                mean = max(mean, elapsed)  # stay on the executor until this spike decays
             self.mean_call_s = mean
+            if elapsed > self.SPIKE_FACTOR * limit or mean > limit:
+                self.inline = False
+                self._round_length = min(2 * self._round_length, self.MAX_ROUND)
 
     def _timed_predict(self, inputs: Tensors) -> Tensors:
         """predict_sync on an executor thread, timed to decide whether to go inline."""
@@ -117,13 +127,18 @@ class LocalRunner(Runner):
         try:
             return self.predict_sync(inputs)
         finally:
+            # Two executor threads may race on these counters; a lost update only
+            # shifts when a round ends.
             elapsed = time.perf_counter() - start
-            calls = self._calls = self._calls + 1
-            mean = self.mean_call_s
-            mean = elapsed if calls == 1 else mean + self._SMOOTHING * (elapsed - mean)
-            self.mean_call_s = mean
-            if calls >= self.WARMUP_CALLS and mean < self.inline_limit_s:
-                self.inline = True
+            if elapsed < self._round_fastest:
+                self._round_fastest = elapsed
+            self._round_calls += 1
+            if self._round_calls >= self._round_length:
+                fastest = self._round_fastest
+                self._round_calls, self._round_fastest = 0, math.inf
+                self.mean_call_s = fastest
+                if fastest < self.inline_limit_s:
+                    self.inline = True
 
     async def unload(self) -> None:
         self.ready = False

@@ -1,0 +1,98 @@
+"""ShadowMirror: bounded queue, and shedding to a budget while the gateway is busy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import Metrics
+from proxy.shadow import LoadGauge, ShadowMirror
+
+
+def _shadow_count(metrics: Metrics, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "rollguard_shadow_requests_total", {"model": "m", "version": "2", "result": result}
+    )
+    return value or 0.0
+
+
+async def _submit(mirror: ShadowMirror, n: int) -> tuple[int, int]:
+    ran = 0
+
+    async def run() -> None:
+        nonlocal ran
+        ran += 1
+
+    admitted = sum(mirror.submit("m", "2", run) for _ in range(n))
+    await mirror.drain()
+    return admitted, ran
+
+
+async def test_busy_gateway_admits_only_the_budget_and_counts_the_rest() -> None:
+    metrics = Metrics(CollectorRegistry())
+    gauge = LoadGauge()
+    gauge.busy = True  # as the sampler sets it when the loop thread is saturated
+    mirror = ShadowMirror(metrics, queue=10_000, budget=0.1, gauge=gauge)
+    admitted, ran = await _submit(mirror, 1000)
+    assert admitted == ran == 100  # one copy per ten primaries, spread evenly
+    assert mirror.shed == 900 and _shadow_count(metrics, "shed") == 900
+    assert _shadow_count(metrics, "dropped") == 0
+
+
+async def test_idle_gateway_or_full_budget_mirrors_everything() -> None:
+    metrics = Metrics(CollectorRegistry())
+    idle = LoadGauge()
+    busy = LoadGauge()
+    busy.busy = True
+    for mirror in (
+        ShadowMirror(metrics, queue=10_000, budget=0.1, gauge=idle),
+        ShadowMirror(metrics, queue=10_000, budget=1.0, gauge=busy),
+        ShadowMirror(metrics, queue=10_000, budget=0.0),  # no gauge: never shed for load
+    ):
+        assert await _submit(mirror, 500) == (500, 500)
+        assert mirror.shed == 0
+
+
+async def test_full_queue_drops_even_when_idle() -> None:
+    metrics = Metrics(CollectorRegistry())
+    mirror = ShadowMirror(metrics, concurrency=1, queue=4)
+    admitted, ran = await _submit(mirror, 20)
+    assert admitted == ran == 5
+    assert mirror.dropped == 15 and _shadow_count(metrics, "dropped") == 15
+
+
+def test_budget_outside_zero_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="shadow budget must be within"):
+        ShadowMirror(Metrics(CollectorRegistry()), budget=1.5)
+
+
+async def test_gauge_sees_a_saturated_loop_thread_then_an_idle_one() -> None:
+    gauge = LoadGauge(period_s=0.05)
+    gauge.start()
+    try:
+        loop = asyncio.get_running_loop()
+        seen_busy = asyncio.Event()
+        end = time.monotonic() + 5.0
+
+        def spin() -> None:
+            # 20 ms of pure CPU per callback, back to back: the loop thread is saturated.
+            stop = time.thread_time() + 0.02
+            while time.thread_time() < stop:
+                pass
+            if gauge.busy:
+                seen_busy.set()
+            elif time.monotonic() < end:
+                loop.call_soon(spin)
+
+        loop.call_soon(spin)
+        await asyncio.wait_for(seen_busy.wait(), 10)
+        assert gauge.loop_share >= gauge.loop_busy
+        # Idle now: the next samples see (almost) no CPU on the loop thread.
+        while gauge.busy and time.monotonic() < end + 5:  # noqa: ASYNC110
+            await asyncio.sleep(gauge.period_s)
+        assert not gauge.busy and gauge.loop_share < gauge.loop_busy
+    finally:
+        gauge.stop()
