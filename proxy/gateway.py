@@ -43,7 +43,7 @@ def variant_of(exc: BaseException) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass pays object.__setattr__ per field
 class Answer:
     """What one inference produced, and who produced it."""
 
@@ -69,9 +69,9 @@ def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
         array = next(iter(outputs.values()))
         if array.ndim >= 2:
             return float(np.argmax(array[0]))
-    if array.size == 0 or array.dtype == object:
+    if array.size == 0 or array.dtype.kind in "OUS":
         return float("nan")
-    return float(array.flat[0])
+    return float(array.item(0))
 
 
 def _deciding_outputs(items: list[dict[str, Any]]) -> Tensors:
@@ -291,7 +291,7 @@ class Gateway:
     ) -> Tensors:
         runner = loaded.runner
         try:
-            if runner.inline:
+            if runner.fits_inline(inputs):
                 # A model measured to answer in microseconds runs right here; a timer
                 # could not interrupt a call that never yields, so none is set.
                 return runner.predict_inline(inputs)

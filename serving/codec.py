@@ -166,6 +166,12 @@ def select_outputs(
 ) -> Tensors:
     """The requested outputs in request order (all, in declared order, when none requested)."""
     if requested is None:
+        if len(declared) == len(outputs):  # the usual case: already in declared order
+            for spec, name in zip(declared, outputs, strict=True):
+                if spec.name != name:
+                    break
+            else:
+                return outputs
         order = [s.name for s in declared if s.name in outputs]
         order += [n for n in outputs if n not in order]
         return {n: outputs[n] for n in order}
@@ -177,7 +183,7 @@ def select_outputs(
 
 def _output_json(name: str, array: np.ndarray) -> dict[str, Any]:
     datatype = v2_datatype(array)
-    flat = np.ascontiguousarray(array).reshape(-1)
+    flat = array.ravel()  # contiguous, as orjson needs: a view when it already is
     data: Any
     if datatype == "BYTES":
         data = [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in flat]

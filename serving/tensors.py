@@ -57,9 +57,14 @@ class TensorSpec:
 
     def check_shape(self, shape: Sequence[int]) -> None:
         """Raise InvalidInput unless `shape` fits this spec (-1 matches any size)."""
-        if len(shape) != len(self.shape) or any(
-            want not in (-1, got) for want, got in zip(self.shape, shape, strict=True)
-        ):
+        declared = self.shape
+        fits = len(shape) == len(declared)
+        if fits:  # a plain loop: any(<generator>) costs more than the check on every request
+            for want, got in zip(declared, shape, strict=True):
+                if want != got and want != -1:
+                    fits = False
+                    break
+        if not fits:
             raise InvalidInput(
                 f"input '{self.name}': shape {list(shape)} does not match declared "
                 f"{list(self.shape)}"
@@ -68,23 +73,26 @@ class TensorSpec:
 
 def check_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
     """Check named arrays against declared inputs; every declared input must be present."""
-    # Every declared name present and as many inputs as specs: nothing can be unknown, so
-    # the common case skips building the name table.
-    if len(inputs) != len(specs) or any(s.name not in inputs for s in specs):
-        declared = {s.name: s for s in specs}
-        for name in inputs:
-            if name not in declared:
-                raise InvalidInput(f"unknown input '{name}'; the model declares {sorted(declared)}")
+    if len(inputs) != len(specs):
+        _refuse_unknown(inputs, specs)
     for spec in specs:
         array = inputs.get(spec.name)
         if array is None:
+            _refuse_unknown(inputs, specs)  # a misnamed input is named as unknown first
             raise InvalidInput(f"missing input '{spec.name}'")
         spec.check_shape(array.shape)
-        if spec.datatype != "BYTES" and array.dtype != spec.dtype:
+        if spec.datatype != "BYTES" and array.dtype != V2_TO_NUMPY[spec.datatype]:
             raise InvalidInput(
                 f"input '{spec.name}': datatype {v2_datatype(array)} does not match "
                 f"declared {spec.datatype}"
             )
+
+
+def _refuse_unknown(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
+    declared = {s.name for s in specs}
+    for name in inputs:
+        if name not in declared:
+            raise InvalidInput(f"unknown input '{name}'; the model declares {sorted(declared)}")
 
 
 def batch_size(inputs: Mapping[str, np.ndarray]) -> int:

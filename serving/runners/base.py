@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from abc import ABC, abstractmethod
@@ -23,8 +24,7 @@ class Runner(ABC):
     # True when `predict_raw` takes a V2 JSON infer body and gives the V2 JSON answer
     # untouched (remote runners): the gateway then forwards bytes instead of tensors.
     passes_v2_bodies = False
-    # True while the model is fast enough to run on the caller's thread (LocalRunner):
-    # the caller may then call `predict_inline`, which neither yields nor can time out.
+    # True while the model is fast enough to run on the caller's thread (LocalRunner).
     inline = False
 
     def __init__(self, manifest: Manifest, directory: Path) -> None:
@@ -40,8 +40,12 @@ class Runner(ABC):
     async def predict(self, inputs: Tensors) -> Tensors:
         """Run one batch; raise ModelExecutionError / UpstreamError on failure."""
 
+    def fits_inline(self, inputs: Tensors) -> bool:
+        """Whether `predict_inline` may take this batch (it neither yields nor times out)."""
+        return False
+
     def predict_inline(self, inputs: Tensors) -> Tensors:
-        """Compute on the calling thread; only while `inline` is True."""
+        """Compute on the calling thread; only for batches `fits_inline` accepts."""
         raise NotImplementedError(f"{type(self).__name__} cannot run inline")
 
     async def predict_raw(self, body: bytes) -> bytes:
@@ -58,6 +62,39 @@ class Runner(ABC):
         return self.directory / self.manifest.artifact
 
 
+class _CollectorClock:
+    """Seconds spent in the garbage collector since start-up, from `gc.callbacks`.
+
+    The collector can run inside any call that allocates, and it holds the GIL while it
+    does: its pauses are not the model's time, so inline timings leave them out.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._started = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self._on_collect)
+            self._installed = True
+
+    def _on_collect(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._started
+
+
+_COLLECTOR = _CollectorClock()
+
+
+def _rows(inputs: Tensors) -> int:
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0
+
+
 class LocalRunner(Runner):
     """A runner whose model computes in-process, on executor threads or inline.
 
@@ -69,16 +106,17 @@ class LocalRunner(Runner):
     So calls are measured in rounds of `WARMUP_CALLS` on the executor. When the fastest
     call of a round took under `inline_below_us` (the fastest, because a call on a
     thread also waits for the GIL while the event loop holds it, which says nothing
-    about the model), the version goes inline: `predict_inline` runs it on the caller's
-    thread. There its own time is what counts: one call over `SPIKE_FACTOR` x the limit,
-    or a moving average over the limit, sends it back to the executor, and each return
-    doubles the next round's length (up to `MAX_ROUND`), so a model that is slow now and
-    then blocks the event loop rarely and for one call at a time.
+    about the model), the version goes inline for batches up to the largest one that
+    ran under the limit in that round: `predict_inline` runs those on the caller's
+    thread. There their own time counts (garbage-collector pauses left out), in a moving
+    average of calls clipped at 4x the limit (one stall is not a slow model): an average
+    over the limit, or one call over `SPIKE_FACTOR` x the limit, sends the version back
+    to the executor, and each return doubles the next round's length (to `MAX_ROUND`).
     """
 
     WARMUP_CALLS = 32
     MAX_ROUND = 32 * 1024
-    SPIKE_FACTOR = 10.0
+    SPIKE_FACTOR = 100.0
     _SMOOTHING = 0.05  # weight of the newest inline call in the moving average
 
     def __init__(
@@ -92,32 +130,41 @@ class LocalRunner(Runner):
         self._executor = executor
         limit_us = float(manifest.runtime.get("inline_below_us", inline_below_us))
         self.inline_limit_s = max(limit_us, 0.0) / 1e6
+        if self.inline_limit_s:
+            _COLLECTOR.install()
+        self.inline_rows = 0  # the largest batch that may run inline
         self.mean_call_s = 0.0  # inline: moving average; else the last round's fastest call
         self._round_length = self.WARMUP_CALLS
         self._round_calls = 0
         self._round_fastest = math.inf
+        self._round_rows = 0  # the largest batch of this round that ran under the limit
 
     async def load(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load_sync)
         self.ready = True
 
     async def predict(self, inputs: Tensors) -> Tensors:
-        if self.inline:
+        if self.inline and _rows(inputs) <= self.inline_rows:
             return self.predict_inline(inputs)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._timed_predict, inputs
         )
 
+    def fits_inline(self, inputs: Tensors) -> bool:
+        return self.inline and _rows(inputs) <= self.inline_rows
+
     def predict_inline(self, inputs: Tensors) -> Tensors:
+        collected = _COLLECTOR.total
         start = time.perf_counter()
         try:
             return self.predict_sync(inputs)
         finally:
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - (_COLLECTOR.total - collected)
             limit = self.inline_limit_s
-            mean = self.mean_call_s + self._SMOOTHING * (elapsed - self.mean_call_s)
+            sample = elapsed if elapsed < 4.0 * limit else 4.0 * limit
+            mean = self.mean_call_s + self._SMOOTHING * (sample - self.mean_call_s)
             self.mean_call_s = mean
-            if elapsed > self.SPIKE_FACTOR * limit or mean > limit:
+            if mean > limit or elapsed > self.SPIKE_FACTOR * limit:
                 self.inline = False
                 self._round_length = min(2 * self._round_length, self.MAX_ROUND)
 
@@ -132,12 +179,15 @@ class LocalRunner(Runner):
             elapsed = time.perf_counter() - start
             if elapsed < self._round_fastest:
                 self._round_fastest = elapsed
+            if elapsed < self.inline_limit_s:
+                self._round_rows = max(self._round_rows, _rows(inputs))
             self._round_calls += 1
             if self._round_calls >= self._round_length:
-                fastest = self._round_fastest
-                self._round_calls, self._round_fastest = 0, math.inf
+                fastest, rows = self._round_fastest, self._round_rows
+                self._round_calls, self._round_fastest, self._round_rows = 0, math.inf, 0
                 self.mean_call_s = fastest
                 if fastest < self.inline_limit_s:
+                    self.inline_rows = rows
                     self.inline = True
 
     async def unload(self) -> None:
