@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import chi2, norm
+from scipy.special import gammaln
+from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,7 +40,7 @@ from policy.checks import MIN_EVENTS, check_alpha, evaluate_checks, latency_thre
 from policy.evidence import Evidence, VariantEvidence
 from policy.schema import Check, Spec
 from policy.sequential import difference_bounds, rate_bounds
-from policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE
+from policy.srm import SRM_CONCENTRATION, SRM_MIN_PER_ARM, SRM_PVALUE
 from policy.verdict import Verdict
 
 CADENCES = (10, 100, 1000)
@@ -257,12 +258,24 @@ def _screen(sc: Scenario, spec: Spec, ch: Chunk) -> tuple[Bools, Bools]:
             enough = n["c_since"] >= check.min_samples
             flag = (lo > allowed - 1e-12) & enough & (n["c_over"] >= MIN_EVENTS)
         elif check.metric == "srm":
-            w = weight[ch.looks - 1][None, :] / 100
-            total = n["c_routed"] + n["s_routed"]
-            expected = total * w
-            stat = (n["c_routed"] - expected) ** 2 / (expected * (1 - w))  # 2-arm Pearson
-            critical = chi2.isf(SRM_PVALUE, 1) * (1 - 1e-9)
-            flag = (stat > critical) & (total * np.minimum(w, 1 - w) >= SRM_MIN_PER_ARM)
+            # Weights 0 and 100 are never tested (too few expected); clipped to stay finite.
+            w = np.clip(weight[ch.looks - 1][None, :] / 100, 1e-9, 1 - 1e-9)
+            c, s = n["c_routed"], n["s_routed"]
+            total = c + s
+            k = SRM_CONCENTRATION  # policy.srm.sequential_srm_pvalue, two arms, vectorised
+            log_bf = (
+                gammaln(k)
+                - gammaln(k * w)
+                - gammaln(k * (1 - w))
+                + gammaln(k * w + c)
+                + gammaln(k * (1 - w) + s)
+                - gammaln(k + total)
+                - c * np.log(w)
+                - s * np.log1p(-w)
+            )
+            flag = (log_bf > -np.log(SRM_PVALUE) * (1 + 1e-9)) & (
+                total * np.minimum(w, 1 - w) >= SRM_MIN_PER_ARM
+            )
         else:
             raise ValueError(f"the simulation does not model {check.metric!r}")
         (rollback if check.on_fail == "rollback" else hold)[...] |= flag

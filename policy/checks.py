@@ -33,8 +33,9 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               threshold (default 0.1); needs ≥ 500 rows of reference and live inputs.
               Use on_fail hold or alert, not rollback: drift says the inputs moved, not
               that the candidate is worse.
-  srm         Pearson chi-square of routed counts against candidate_weight: FAIL at
-              p < 0.001 with ≥ 8 expected per arm (or min_samples, when set). Not
+  srm         anytime-valid Dirichlet-multinomial test (Lindon & Malek 2022) of routed
+              counts against candidate_weight: FAIL at p < 0.001 with ≥ 8 expected per
+              arm (or min_samples, when set); Pearson's p is reported beside it. Not
               applicable at weight 0 or 100 or to shadows. On SRM hold: every
               comparison between the variants is suspect.
 - PASS when there are enough samples and the point estimate is within the bound.
@@ -52,7 +53,7 @@ from policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from policy.evidence import Evidence, VariantEvidence
 from policy.schema import Check, Spec
 from policy.sequential import Bounds, Side, difference_sequence, rate_sequence
-from policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, srm_pvalue
+from policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
 from policy.verdict import CheckResult, Verdict
 
 __all__ = ["MIN_EVENTS", "check_alpha", "evaluate", "evaluate_checks", "latency_threshold"]
@@ -322,7 +323,11 @@ def _srm(check: Check, ev: Evidence) -> CheckResult:
     if total * min(w, 100 - w) / 100 < per_arm:
         detail["reason"] = f"too few samples: needs {per_arm} expected per arm"
         return CheckResult(check, Verdict.INCONCLUSIVE, None, SRM_PVALUE, detail)
-    p = srm_pvalue(counts, [100 - w, w])
+    p = sequential_srm_pvalue(counts, [100 - w, w])
     failed = p < SRM_PVALUE
-    detail |= {"pvalue": p, "reason": "split mismatch" if failed else "split as configured"}
+    detail |= {
+        "pvalue": p,
+        "pearson_pvalue": srm_pvalue(counts, [100 - w, w]),
+        "reason": "split mismatch" if failed else "split as configured",
+    }
     return CheckResult(check, Verdict.FAIL if failed else Verdict.PASS, p, SRM_PVALUE, detail)

@@ -4,25 +4,81 @@ A split that does not deliver its configured ratio (a router bug, a variant that
 retries requests, bots stuck to one side) makes every comparison between the variants
 suspect, so on SRM the engine should hold decisions rather than trust any of them.
 
-Pearson's chi-square goodness of fit against the configured weights, df = k − 1, alarm at
-p < 0.001 with at least 8 requests per arm: GrowthBook's defaults (back-end/src/util/
-stats.ts, `checkSrm`; docs "Sample Ratio Mismatch"), and Statsig's red threshold. A 0.001
-threshold, not 0.05, because the check runs at every look (it is not a sequential test:
-load_tests/policy_simulation.py measures how often it alarms on a healthy split).
-The 8 are *expected* counts: a candidate that receives none of its share is the most
-blatant mismatch of all, and a rule on observed counts would never flag it.
+Two tests, both alarming at p < 0.001 with at least 8 *expected* requests per arm (a
+candidate that receives none of its share is the most blatant mismatch of all, and a
+rule on observed counts would never flag it):
+
+- `srm_pvalue`: Pearson's chi-square goodness of fit against the configured weights,
+  df = k − 1: GrowthBook's defaults (back-end/src/util/stats.ts, `checkSrm`; docs
+  "Sample Ratio Mismatch") and Statsig's red threshold. It is a fixed-n test: looked at
+  every 10 requests, a healthy split alarms in about 5 % of rollouts
+  (load_tests/policy_simulation.py), so the policy engine does not decide on it.
+- `sequential_srm_pvalue`: the anytime-valid test of Lindon & Malek (2022, "Anytime-valid
+  inference for multinomial count data", NeurIPS; Optimizely's SSRM and the `savvi`
+  package): a Dirichlet(k·θ0) mixture over the arm probabilities gives a Bayes factor
+  against the configured split θ0 that is a nonnegative martingale under the null, so by
+  Ville's inequality P(BF_n ≥ 1/α at any n) ≤ α however often it is looked at. The
+  p-value is 1/BF_n (at most 1); what the checks decide on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+from scipy.special import gammaln
 from scipy.stats import chi2
 
-__all__ = ["SRM_MIN_PER_ARM", "SRM_PVALUE", "srm_alarm", "srm_pvalue"]
+__all__ = [
+    "SRM_CONCENTRATION",
+    "SRM_MIN_PER_ARM",
+    "SRM_PVALUE",
+    "sequential_srm_pvalue",
+    "srm_alarm",
+    "srm_pvalue",
+]
 
 SRM_PVALUE = 0.001
 SRM_MIN_PER_ARM = 8
+SRM_CONCENTRATION = 100.0
+"""Prior concentration k of the Dirichlet(k·θ0) mixture: savvi's default. Larger k puts
+the prior's mass nearer θ0, which finds small mismatches sooner and large ones later."""
+
+
+def _checked(counts: Sequence[int], weights: Sequence[float]) -> None:
+    if len(counts) != len(weights) or len(counts) < 2:
+        raise ValueError(f"need >= 2 arms and one weight per count: {counts!r}, {weights!r}")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"counts must not be negative: {counts!r}")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"weights must be positive: {weights!r}")
+
+
+def sequential_srm_pvalue(
+    counts: Sequence[int], weights: Sequence[float], *, concentration: float = SRM_CONCENTRATION
+) -> float:
+    """Anytime-valid p-value, min(1, 1/BF), of `counts` against the split `weights`.
+
+    log BF = log B(α + x) − log B(α) − Σ x_i log θ0_i with α = k·θ0 and B the multivariate
+    beta function; the multinomial coefficient cancels between the two hypotheses.
+    """
+    _checked(counts, weights)
+    if not concentration > 0:
+        raise ValueError(f"concentration must be positive: {concentration!r}")
+    total = sum(counts)
+    if total == 0:
+        return 1.0
+    weight_sum = float(sum(weights))
+    theta = [w / weight_sum for w in weights]
+    alpha = [concentration * t for t in theta]
+    log_bf = (
+        float(gammaln(concentration))
+        - float(sum(gammaln(alpha)))
+        + float(sum(gammaln([a + x for a, x in zip(alpha, counts, strict=True)])))
+        - float(gammaln(concentration + total))
+        - sum(x * math.log(t) for x, t in zip(counts, theta, strict=True))
+    )
+    return 1.0 if log_bf <= 0 else math.exp(-log_bf)
 
 
 def srm_pvalue(counts: Sequence[int], weights: Sequence[float]) -> float:
@@ -30,12 +86,7 @@ def srm_pvalue(counts: Sequence[int], weights: Sequence[float]) -> float:
 
     1.0 when there is nothing to test (no requests yet).
     """
-    if len(counts) != len(weights) or len(counts) < 2:
-        raise ValueError(f"need >= 2 arms and one weight per count: {counts!r}, {weights!r}")
-    if any(c < 0 for c in counts):
-        raise ValueError(f"counts must not be negative: {counts!r}")
-    if any(not w > 0 for w in weights):
-        raise ValueError(f"weights must be positive: {weights!r}")
+    _checked(counts, weights)
     total = sum(counts)
     if total == 0:
         return 1.0
