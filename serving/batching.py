@@ -71,7 +71,7 @@ class BatchingRunner(Runner):
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queued = max_queued or max(64, 16 * max_batch_size)
-        self._slots_total = max_concurrent_batches or os.cpu_count() or 1
+        self.max_concurrent_batches = max_concurrent_batches or os.cpu_count() or 1
         self._clock = clock
         self._queue: deque[_Request] = deque()
         self._arrived = asyncio.Event()
@@ -82,7 +82,7 @@ class BatchingRunner(Runner):
 
     async def load(self) -> None:
         await self.inner.load()
-        self._slots = asyncio.Semaphore(self._slots_total)
+        self._slots = asyncio.Semaphore(self.max_concurrent_batches)
         self._collector = asyncio.create_task(
             self._collect(), name=f"batching {self.manifest.name} {self.manifest.version}"
         )

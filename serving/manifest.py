@@ -53,6 +53,8 @@ class TensorField(_Frozen):
 class Batching(_Frozen):
     max_batch_size: int = Field(ge=1, le=65536)
     max_delay_ms: float = Field(ge=0, le=10_000)
+    # Batches computing at once (default: the CPU count). Fewer makes fuller batches.
+    max_concurrent_batches: int | None = Field(default=None, ge=1, le=256)
 
 
 class Manifest(_Frozen):

@@ -277,6 +277,7 @@ class Registry:
                     runner,
                     max_batch_size=manifest.batching.max_batch_size,
                     max_delay_ms=manifest.batching.max_delay_ms,
+                    max_concurrent_batches=manifest.batching.max_concurrent_batches,
                 )
             await runner.load()
         except Exception as exc:  # a runner may raise anything its framework raises

@@ -320,11 +320,16 @@ async def test_unchanged_content_is_not_reloaded(
 
 
 async def test_stop_unloads_everything(registry_root: Path, write_version: WriteVersion) -> None:
-    write_version("fraud", "1.0.0", batching={"max_batch_size": 4, "max_delay_ms": 1})
+    write_version(
+        "fraud",
+        "1.0.0",
+        batching={"max_batch_size": 4, "max_delay_ms": 1, "max_concurrent_batches": 1},
+    )
     registry = Registry(registry_root, poll_interval=0.05)
     await registry.start()
     runner = registry.get("fraud", "1.0.0").runner
     assert isinstance(runner, BatchingRunner)
+    assert runner.max_concurrent_batches == 1  # from the manifest
     await registry.stop()
     assert not runner.ready
     assert not runner.inner.ready
