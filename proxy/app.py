@@ -7,14 +7,13 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy import admin, dataplane
-from proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
-from proxy.gateway import Gateway, RequestIds, variant_of
+from proxy.gateway import Gateway, RequestIds
+from proxy.guard import LIMITS, Limits, error_reply, reply_for
 from proxy.metrics import Metrics
 from proxy.rollouts import Rollouts
 from proxy.settings import Settings
@@ -25,79 +24,49 @@ from proxy.state import (
     REQUEST_ID_HEADER,
     ROLLOUTS,
     SETTINGS,
-    VARIANT_HEADER,
     Guard,
     Handler,
 )
-from serving.errors import ModelExecutionError
 from serving.registry import Registry
 
 log = logging.getLogger("rollguard")
 
 
-def _error(
-    status: int, message: str, request_id: str | None, variant: str | None = None
-) -> web.Response:
-    response = web.Response(
-        body=orjson.dumps({"error": message}), status=status, content_type="application/json"
-    )
-    if request_id:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    if variant:
-        response.headers[VARIANT_HEADER] = variant
-    if status == 503:
-        response.headers["Retry-After"] = RETRY_AFTER_S
-    return response
-
-
-def _guard(settings: Settings, metrics: Metrics, new_id: RequestIds) -> Guard:
+def _guard(limits: Limits, new_id: RequestIds) -> Guard:
     """Wraps every handler: body and in-flight limits, request ids, errors to statuses.
 
     A wrapper per route rather than an aiohttp middleware: with no middleware aiohttp
-    calls the handler directly, without building a chain of partials per request.
+    calls the handler directly, without building a chain of partials per request. The
+    limits and error replies are proxy/guard.py's, shared with the fast path.
     """
-    inflight = 0
-    limit = settings.max_inflight
-    max_body = settings.max_body_bytes
 
     def guard(handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            nonlocal inflight
             request[REQUEST_ID] = request.headers.get(REQUEST_ID_HEADER)
             try:
-                length = request.content_length
-                if length is not None and length > max_body:
-                    raise BodyTooLarge(f"body of {length} bytes exceeds the limit of {max_body}")
-                if inflight >= limit and request.method == "POST":
-                    model = request.match_info.get("model", "")
-                    metrics.rejected.labels(model, "overloaded").inc()
-                    raise TooBusy(f"{inflight} requests in flight, the limit is {limit}")
-                inflight += 1
+                limits.check_length(request.content_length)
+                limits.enter(request.match_info.get("model", ""), request.method == "POST")
                 try:
                     response = await handler(request)
                 finally:
-                    inflight -= 1
+                    limits.leave()
                 if REQUEST_ID_HEADER not in response.headers:
                     response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID] or new_id()
                 return response
             except web.HTTPRequestEntityTooLarge:
-                return _error(
-                    413,
-                    f"body exceeds the limit of {max_body} bytes",
-                    request[REQUEST_ID] or new_id(),
-                )
+                request_id = request[REQUEST_ID] or new_id()
+                return error_reply(413, limits.too_large_message(), request_id).to_response()
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = _error(exc.status, exc.reason, request[REQUEST_ID] or new_id())
+                reply = error_reply(exc.status, exc.reason, request[REQUEST_ID] or new_id())
+                response = reply.to_response()
                 if "Allow" in exc.headers:
                     response.headers["Allow"] = exc.headers["Allow"]
                 return response
             except Exception as exc:
-                status = status_for(exc)
-                if status == 500 and not isinstance(exc, ModelExecutionError):
-                    log.exception("%s %s failed", request.method, request.path)
-                return _error(status, str(exc), request[REQUEST_ID] or new_id(), variant_of(exc))
+                what = f"{request.method} {request.path}"
+                return reply_for(exc, request[REQUEST_ID] or new_id(), what).to_response()
 
         return guarded
 
@@ -129,8 +98,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     metrics = Metrics(registry)
     request_ids = RequestIds()
     app = web.Application(client_max_size=settings.max_body_bytes)
-    guard = _guard(settings, metrics, request_ids)
+    limits = Limits(settings, metrics)
+    guard = _guard(limits, request_ids)
     app[SETTINGS] = settings
+    app[LIMITS] = limits
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="model")

@@ -20,10 +20,13 @@ class CliError(Exception):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
     import uvloop
-    from aiohttp import web
 
     from proxy.app import create_app
+    from proxy.server import start_server
     from proxy.settings import load_settings
 
     settings = load_settings(
@@ -40,16 +43,24 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop=uvloop.new_event_loop(),
-        access_log=None,
-        print=lambda msg: logging.getLogger("rollguard").info(msg),
-        shutdown_timeout=5.0,
-    )
+    log = logging.getLogger("rollguard")
+
+    async def run() -> None:
+        served = await start_server(create_app(settings), settings.host, settings.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        how = "fast infer path and aiohttp" if settings.fast_path else "aiohttp only"
+        log.info("======== Running on http://%s:%d (%s) ========", settings.host, served.port, how)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await served.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
     return 0
 
 

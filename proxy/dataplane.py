@@ -1,19 +1,27 @@
 """Data-plane HTTP handlers: Open Inference Protocol (V2) REST, /predict and feedback.
 
 Handlers only do HTTP: read the body, call the codec and the Gateway, write the answer.
-Errors propagate to the middleware in proxy/app.py, which maps them in one place.
+Errors propagate to the guard in proxy/app.py, which maps them through proxy/guard.py.
+V2 infer lives in `infer_core`, which the aiohttp handler and the fast path
+(proxy/fastpath.py) both call, and maps its own errors through the same proxy/guard.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
 
 from proxy.errors import FeedbackUnknown
 from proxy.gateway import Answer, Gateway
-from proxy.state import GATEWAY, REQUEST_ID, VARIANT_HEADER, Guard, Handler
+from proxy.guard import JSON, Reply, reply_for
+from proxy.routing import KeySource
+from proxy.state import GATEWAY, REQUEST_ID, REQUEST_ID_HEADER, VARIANT_HEADER, Guard, Handler
 from serving.codec import (
     BINARY_HEADER,
     decode_infer_request,
@@ -45,64 +53,106 @@ def json_response(doc: Any, status: int = 200) -> web.Response:
     )
 
 
-def _key(gateway: Gateway, request: web.Request, model: str) -> str | None:
+_BINARY_KEY = BINARY_HEADER.lower()
+_NO_COOKIES: Mapping[str, str] = MappingProxyType({})
+
+
+@lru_cache(maxsize=256)
+def _caseless(source: KeySource) -> KeySource:
+    """The source with a lower-case header name, for lower-case header mappings."""
+    return KeySource(source.kind, source.name.lower()) if source.kind == "header" else source
+
+
+def stickiness_key(gateway: Gateway, model: str, headers: Mapping[str, str]) -> str | None:
+    """The request's stickiness key for `model`'s split; `headers` keyed by lower-case names
+    (or case-insensitive, as aiohttp's are)."""
     table = gateway.router.table(model)
     source = table.key_source if table is not None else None
     if source is None:
         return None
-    # request.cookies parses the Cookie header on first use: only for cookie keys.
-    return source.extract(request.headers, request.cookies if source.kind == "cookie" else {})
+    if source.kind == "cookie":
+        # Parsed only for cookie keys, by the parser behind aiohttp's request.cookies.
+        cookie = headers.get("cookie", "")
+        return source.extract(headers, {name: m.value for name, m in parse_cookie_header(cookie)})
+    return _caseless(source).extract(headers, _NO_COOKIES)
 
 
-def _answered(answer: Answer, body: bytes, header_len: int | None) -> web.Response:
-    response = web.Response(body=body, content_type="application/json")
-    if header_len is not None:
-        response.content_type = "application/octet-stream"
-        response.headers[BINARY_HEADER] = str(header_len)
-    response.headers[VARIANT_HEADER] = answer.version
-    response.headers["x-request-id"] = answer.request_id
-    return response
+def _answered(answer: Answer, body: bytes, header_len: int | None) -> Reply:
+    headers = [(VARIANT_HEADER, answer.version), (REQUEST_ID_HEADER, answer.request_id)]
+    if header_len is None:
+        return Reply(200, body, JSON, headers)
+    headers.append((BINARY_HEADER, str(header_len)))
+    return Reply(200, body, "application/octet-stream", headers)
+
+
+async def infer_core(
+    gateway: Gateway,
+    model: str,
+    pinned: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+    request_id: str | None,
+) -> Reply:
+    """One V2 infer request, whatever transport carried it; errors come back as replies.
+
+    `headers` is keyed by lower-case names (or case-insensitive); `request_id` is the
+    x-request-id header's. The answer's id is the body's id, else that, else a new one.
+    """
+    try:
+        binary_header = headers.get(_BINARY_KEY)
+        parsed = decode_infer_request(body, binary_header)
+        header_id = request_id
+        request_id = parsed.id or header_id or gateway.new_request_id()
+        if "\n" in request_id or "\r" in request_id:  # it is echoed as a header
+            request_id = header_id  # a header value cannot hold CR or LF
+            raise InvalidInput(f"the request id {parsed.id!r} must not contain CR or LF")
+        # Plain JSON asking for every output can go to a remote upstream byte for byte.
+        plain = binary_header is None and parsed.outputs is None and not parsed.binary_outputs
+        answer = await gateway.infer(
+            model,
+            parsed.inputs,
+            request_id=request_id,
+            key=None if pinned else stickiness_key(gateway, model, headers),
+            version=pinned,
+            requested=parsed.outputs,
+            body=body if plain else None,
+        )
+        if answer.passthrough is not None:
+            passed = encode_passthrough_response(
+                answer.passthrough,
+                model_name=model,
+                model_version=answer.version,
+                request_id=parsed.id,
+                declared=answer.manifest.output_specs,
+            )
+            return _answered(answer, passed, None)
+        outputs = select_outputs(answer.outputs, parsed.outputs, answer.manifest.output_specs)
+        encoded, header_len = encode_infer_response(
+            outputs,
+            model_name=model,
+            model_version=answer.version,
+            request_id=parsed.id,
+            binary_outputs=parsed.binary_outputs,
+        )
+        return _answered(answer, encoded, header_len)
+    except Exception as exc:
+        path = (
+            f"/v2/models/{model}/versions/{pinned}/infer" if pinned else f"/v2/models/{model}/infer"
+        )
+        return reply_for(exc, request_id or gateway.new_request_id(), f"POST {path}")
 
 
 async def infer(request: web.Request) -> web.Response:
     """POST /v2/models/{model}/infer and /v2/models/{model}/versions/{version}/infer."""
-    gateway = request.app[GATEWAY]
-    model = request.match_info["model"]
-    pinned = request.match_info.get("version")
-    body = await request.read()
-    binary_header = request.headers.get(BINARY_HEADER)
-    parsed = decode_infer_request(body, binary_header)
-    request_id = parsed.id or request[REQUEST_ID] or gateway.new_request_id()
-    request[REQUEST_ID] = request_id
-    # Plain JSON asking for every output can go to a remote upstream byte for byte.
-    plain = binary_header is None and parsed.outputs is None and not parsed.binary_outputs
-    answer = await gateway.infer(
-        model,
-        parsed.inputs,
-        request_id=request_id,
-        key=None if pinned else _key(gateway, request, model),
-        version=pinned,
-        requested=parsed.outputs,
-        body=body if plain else None,
+    reply = await infer_core(
+        request.app[GATEWAY],
+        request.match_info["model"],
+        request.match_info.get("version"),
+        await request.read(),
+        request.headers,
+        request[REQUEST_ID],
     )
-    if answer.passthrough is not None:
-        passed = encode_passthrough_response(
-            answer.passthrough,
-            model_name=model,
-            model_version=answer.version,
-            request_id=parsed.id,
-            declared=answer.manifest.output_specs,
-        )
-        return _answered(answer, passed, None)
-    outputs = select_outputs(answer.outputs, parsed.outputs, answer.manifest.output_specs)
-    encoded, header_len = encode_infer_response(
-        outputs,
-        model_name=model,
-        model_version=answer.version,
-        request_id=parsed.id,
-        binary_outputs=parsed.binary_outputs,
-    )
-    return _answered(answer, encoded, header_len)
+    return reply.to_response()
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -117,7 +167,7 @@ async def predict(request: web.Request) -> web.Response:
         model,
         tensors,
         request_id=request_id,
-        key=_key(gateway, request, model),
+        key=stickiness_key(gateway, model, request.headers),
     )
     doc = {
         "model": model,
@@ -126,7 +176,7 @@ async def predict(request: web.Request) -> web.Response:
         "predictions": encode_predictions(answer.outputs, single),
     }
     body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    return _answered(answer, body, None)
+    return _answered(answer, body, None).to_response()
 
 
 async def feedback(request: web.Request) -> web.Response:

@@ -44,6 +44,7 @@ class Settings(BaseModel):
     shadow_budget: float = Field(default=0.1, ge=0, le=1)  # copies per primary while busy
     agreement_tolerance: float = Field(default=1e-6, ge=0)
     log_level: str = "INFO"
+    fast_path: bool = True  # infer requests skip aiohttp's server (proxy/fastpath.py)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.gateway import Gateway
 from proxy.rollouts import Rollouts
+from proxy.server import start_server
 from proxy.settings import Settings
 from proxy.state import GATEWAY, ROLLOUTS
 
@@ -33,8 +34,16 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp_path: Path, registry: Path, **settings: Any) -> AsyncIterator[Server]:
-    """Start the real application on a free loopback port; stop it afterwards."""
+async def serve(
+    tmp_path: Path,
+    registry: Path,
+    server_options: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Server]:
+    """Start the real application on a free loopback port, as `rollguard serve` does (the
+    fast infer path in front of aiohttp); stop it afterwards. `server_options` go to
+    `start_server` (keepalive_s, grace_s)."""
+    server_options = server_options or {}
     policies = settings.pop("policies", tmp_path / "policies")
     Path(policies).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - test set-up
     config = Settings(
@@ -45,12 +54,8 @@ async def serve(tmp_path: Path, registry: Path, **settings: Any) -> AsyncIterato
         **settings,
     )
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    served = await start_server(app, "127.0.0.1", 0, **server_options)
     try:
-        yield Server(f"http://127.0.0.1:{port}", app, config)
+        yield Server(f"http://127.0.0.1:{served.port}", app, config)
     finally:
-        await runner.cleanup()
+        await served.close()
