@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
+from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp._cookie_helpers import parse_cookie_header
 
 from proxy.errors import FeedbackUnknown
 from proxy.gateway import Answer, Gateway
@@ -71,9 +71,13 @@ def stickiness_key(gateway: Gateway, model: str, headers: Mapping[str, str]) -> 
     if source is None:
         return None
     if source.kind == "cookie":
-        # Parsed only for cookie keys, by the parser behind aiohttp's request.cookies.
-        cookie = headers.get("cookie", "")
-        return source.extract(headers, {name: m.value for name, m in parse_cookie_header(cookie)})
+        # Parsed only for cookie keys; a header the standard parser refuses has no key.
+        jar = SimpleCookie()
+        try:
+            jar.load(headers.get("cookie", ""))
+        except CookieError:
+            return None
+        return source.extract(headers, {name: morsel.value for name, morsel in jar.items()})
     return _caseless(source).extract(headers, _NO_COOKIES)
 
 

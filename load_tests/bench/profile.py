@@ -19,6 +19,11 @@ from pathlib import Path
 _CATEGORIES = (
     ("HTTP client (aiohttp)", ("aiohttp/client", "aiohttp/connector", "aiohttp/payload")),
     ("HTTP server (aiohttp, incl. socket writes)", ("aiohttp/", "multidict/", "yarl/")),
+    (
+        "HTTP server (rollguard fast path, incl. socket writes)",
+        ("proxy/fastpath", "proxy/reader", "proxy/http1", "httptools"),
+    ),
+    ("HTTP client (rollguard upstream pool)", ("serving/upstream",)),
     ("V2 codec, JSON, numpy", ("serving/codec", "serving/tensors", "numpy/", "orjson")),
     ("model compute (onnxruntime)", ("onnxruntime/",)),
     ("benchmark's own servers", ("load_tests/bench",)),
@@ -42,7 +47,13 @@ def record(py_spy: str, pid: int, seconds: float, out: Path) -> subprocess.Popen
 
 
 def _category(file: str, func: str) -> str:
-    if func == "run_app" or file.endswith("uvloop/__init__.py"):
+    # The innermost Python frame while uvloop waits in epoll or runs syscalls is whatever
+    # started the loop: aiohttp's run_app, asyncio's Runner.run, uvloop.run.
+    if (
+        func in ("run_app", "_serve", "Runner.run")
+        or file.endswith("uvloop/__init__.py")
+        or file.endswith("asyncio/runners.py")
+    ):
         return "event loop (uvloop: epoll, syscalls)"
     for name, markers in _CATEGORIES:
         if any(m in file for m in markers):

@@ -181,3 +181,26 @@ def test_router_concurrent_writers_lose_nothing() -> None:
     for t in threads:
         t.join()
     assert len(router.tables()) == 900
+
+
+def test_stickiness_key_from_headers_or_cookies_as_both_http_paths_read_it(
+    tmp_path: Path,
+) -> None:
+    from proxy.dataplane import stickiness_key
+    from proxy.gateway import Gateway
+    from serving.registry import Registry
+
+    def gateway(source: str) -> Gateway:
+        table = SplitTable(
+            model="m", stable="1", candidate="2", weight=50, key_source=KeySource.parse(source)
+        )
+        return Gateway(Registry(tmp_path), router=Router([table]))
+
+    by_header = gateway("header:X-User-Id")
+    assert stickiness_key(by_header, "m", {"x-user-id": "u-7"}) == "u-7"  # lower-case names
+    assert stickiness_key(by_header, "m", {}) is None
+    assert stickiness_key(by_header, "other-model", {"x-user-id": "u-7"}) is None
+    by_cookie = gateway("cookie:session")
+    assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark; session=s9"}) == "s9"
+    assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark"}) is None
+    assert stickiness_key(by_cookie, "m", {"cookie": 'session="unterminated'}) is None
