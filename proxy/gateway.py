@@ -255,7 +255,7 @@ class Gateway:
         variant.answered(latency)
         for shadow_version in shadows:
             if shadow_version != version:
-                self._mirror(model, shadow_version, inputs, outputs, window)
+                self._mirror(model, shadow_version, inputs, outputs, body)
         return Answer(outputs, model, version, role, request_id, loaded.manifest, items)
 
     def feedback(self, request_id: str, label: float) -> tuple[str, bool] | None:
@@ -360,8 +360,9 @@ class Gateway:
         version: str,
         inputs: Tensors,
         primary: Tensors,
-        primary_window: VariantWindow,
+        body: bytes | None,
     ) -> None:
+        """Submit a shadow call of `version`; a remote one gets the client's `body` as is."""
         try:
             loaded = self.registry.get(model, version)
         except ServingError:
@@ -369,11 +370,17 @@ class Gateway:
             return
         shadow_window = self.windows.get(model, version)
 
+        raw = body if loaded.runner.passes_v2_bodies else None
+
         async def run() -> None:
             start = self._clock()
             try:
-                outputs = await self._call(loaded, inputs, self.shadow.timeout_s)
-            except UpstreamTimeout:
+                if raw is None:
+                    outputs = await self._call(loaded, inputs, self.shadow.timeout_s)
+                else:
+                    async with asyncio.timeout(self.shadow.timeout_s):
+                        outputs, _ = await self._call_raw(loaded, raw, full=True)
+            except (UpstreamTimeout, TimeoutError):
                 shadow_window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"))
                 self.metrics.shadow.labels(model, version, "timeout").inc()
                 return

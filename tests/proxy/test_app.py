@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http.aio as triton_aio
 from tritonclient.http import InferInput, InferRequestedOutput
@@ -318,5 +319,71 @@ async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path:
             feedback = {"id": "p-1", "label": 1}
             async with http.post(f"{server.url}/v2/models/remote/feedback", json=feedback) as resp:
                 assert (await resp.json())["accepted"][0]["correct"] is True
+    finally:
+        await upstream.cleanup()
+
+
+async def test_proxy_mode_shadow_gets_the_clients_body_and_agrees(tmp_path: Path) -> None:
+    """A remote shadow is sent the client's V2 body byte for byte (no re-encoding), and its
+    answers are compared with the primary's."""
+    from aiohttp import web
+
+    bodies: list[bytes] = []
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def infer(request: web.Request) -> web.Response:
+        raw = await request.read()
+        bodies.append(raw)
+        x = np.asarray(orjson.loads(raw)["inputs"][0]["data"], dtype=np.float32).reshape(-1, 2)
+        label = {"name": "label", "datatype": "INT64", "shape": [len(x)],
+                 "data": (x.sum(axis=1) > 0).astype(int).tolist()}  # fmt: skip
+        return web.json_response({"model_name": "m", "outputs": [label]})
+
+    app = web.Application()
+    app.router.add_get("/v2/models/m/ready", ready)
+    app.router.add_post("/v2/models/m/infer", infer)
+    upstream = web.AppRunner(app)
+    await upstream.setup()
+    await web.TCPSite(upstream, "127.0.0.1", 0).start()
+    endpoint = f"http://127.0.0.1:{upstream.addresses[0][1]}/v2/models/m"
+    for version in ("1", "2"):
+        directory = tmp_path / "registry" / "remote" / version
+        directory.mkdir(parents=True)
+        (directory / "model.yaml").write_text(
+            f"name: remote\nversion: '{version}'\nframework: http\nendpoint: {endpoint}\n"
+            "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+            "outputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
+        )
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "remote.yaml").write_text(
+        "apiVersion: rollguard/v1\nkind: Rollout\nmetadata: {name: remote}\n"
+        "spec: {model: remote, stable: '1', candidate: '2', strategy: shadow, interval: 0.2s}\n"
+    )
+    try:
+        async with (
+            # Client and gateway share this loop, which reads as busy: never shed here.
+            serve(tmp_path, tmp_path / "registry", policies=policies, shadow_budget=1.0) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{server.url}/v2/models/remote/infer"
+            while server.gateway.router.table("remote") is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # the policy loop has not applied the rollout yet
+            sent = []
+            for i in range(20):
+                raw = orjson.dumps(
+                    {"id": f"s-{i}", "inputs": [{"name": "x", "datatype": "FP32",
+                     "shape": [1, 2], "data": [float(i) - 10.0, 1.0]}]}
+                )  # fmt: skip
+                sent.append(raw)
+                async with http.post(url, data=raw) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["x-rollguard-variant"] == "1"
+            await server.gateway.shadow.drain()
+            shadow = server.gateway.windows.get("remote", "2").evidence()
+            assert shadow.compared == 20 and shadow.agreed == 20
+            assert sorted(bodies) == sorted(sent + sent)  # primary and shadow: the same bytes
     finally:
         await upstream.cleanup()
