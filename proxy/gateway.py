@@ -230,14 +230,19 @@ class Gateway:
         window = self.windows.get(model, version)
         window.count_routed()
         variant = self.metrics.variant(model, version, role)
-        shadows = table.shadows if table is not None else ()
+        # Copies are admitted before the primary runs: a shed one then costs nothing more.
+        mirrored = (
+            [v for v in table.shadows if v != version and self.shadow.admit(model, v)]
+            if table is not None and table.shadows
+            else ()
+        )
         items: list[dict[str, Any]] | None = None
         variant.inflight += 1
         start = self._clock()
         try:
             if body is not None and loaded.runner.passes_v2_bodies:
                 # Shadows compare whole answers, so only then is every output converted.
-                outputs, items = await self._call_raw(loaded, body, full=bool(shadows))
+                outputs, items = await self._call_raw(loaded, body, full=bool(mirrored))
             else:
                 outputs = await self._call(loaded, inputs)
         except UpstreamTimeout:
@@ -253,9 +258,8 @@ class Gateway:
         seq = window.record(latency, Outcome.OK, prediction_of(outputs), _drift_row(window, inputs))
         self.feedback_index.put(request_id, window, seq)
         variant.answered(latency)
-        for shadow_version in shadows:
-            if shadow_version != version:
-                self._mirror(model, shadow_version, inputs, outputs, body)
+        for shadow_version in mirrored:
+            self._mirror(model, shadow_version, inputs, outputs, body)
         return Answer(outputs, model, version, role, request_id, loaded.manifest, items)
 
     def feedback(self, request_id: str, label: float) -> tuple[str, bool] | None:
@@ -362,7 +366,7 @@ class Gateway:
         primary: Tensors,
         body: bytes | None,
     ) -> None:
-        """Submit a shadow call of `version`; a remote one gets the client's `body` as is."""
+        """Start an admitted shadow call of `version`; a remote one gets the client's `body`."""
         try:
             loaded = self.registry.get(model, version)
         except ServingError:
@@ -395,4 +399,4 @@ class Gateway:
             shadow_window.record_comparison(agreed)
             self.metrics.shadow.labels(model, version, "ok").inc()
 
-        self.shadow.submit(model, version, run)
+        self.shadow.start(run)

@@ -285,7 +285,8 @@ async def test_shadow_mirrors_compares_and_notifies(
     (policies / "fraud.yaml").write_text(SHADOW.format(hook=hook_url))
     try:
         async with (
-            serve(tmp_path, registry, policies=policies) as server,
+            # About mirroring, not shedding: a busy test machine must not shed copies.
+            serve(tmp_path, registry, policies=policies, shadow_budget=1.0) as server,
             aiohttp.ClientSession() as http,
         ):
             served = await drive(server, http, lambda: _phase(server) == "rolled_back")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
-from proxy.shadow import LoadGauge, ShadowMirror
+from proxy.shadow import LoadGauge, ShadowMirror, host_busy_share, host_cpu_times
 
 
 def _shadow_count(metrics: Metrics, result: str) -> float:
@@ -69,8 +70,9 @@ def test_budget_outside_zero_one_is_refused() -> None:
         ShadowMirror(Metrics(CollectorRegistry()), budget=1.5)
 
 
-async def test_gauge_sees_a_saturated_loop_thread_then_an_idle_one() -> None:
-    gauge = LoadGauge(period_s=0.05)
+async def test_gauge_sees_a_saturated_loop_thread_then_an_idle_one(tmp_path: Path) -> None:
+    # No host reading: a busy test machine must not be what the gauge sees here.
+    gauge = LoadGauge(period_s=0.05, proc_stat=tmp_path / "absent")
     gauge.start()
     try:
         loop = asyncio.get_running_loop()
@@ -94,5 +96,38 @@ async def test_gauge_sees_a_saturated_loop_thread_then_an_idle_one() -> None:
         while gauge.busy and time.monotonic() < end + 5:  # noqa: ASYNC110
             await asyncio.sleep(gauge.period_s)
         assert not gauge.busy and gauge.loop_share < gauge.loop_busy
+    finally:
+        gauge.stop()
+
+
+def test_host_share_from_proc_stat(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    before = host_cpu_times(stat)
+    stat.write_text("cpu  280 0 110 830 60 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    after = host_cpu_times(stat)
+    assert before == (150.0, 1000.0) and after == (390.0, 1280.0)
+    assert host_busy_share(before, after) == pytest.approx(240 / 280)
+    assert host_cpu_times(tmp_path / "absent") is None
+    stat.write_text("not a stat file\n")
+    assert host_cpu_times(stat) is None
+    real = host_cpu_times()  # this machine's, where there is one
+    if real is not None:
+        assert 0 <= real[0] <= real[1]
+
+
+async def test_gauge_counts_a_saturated_host_as_busy(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  0 0 0 1000 0 0 0 0\n")
+    gauge = LoadGauge(period_s=0.02, proc_stat=stat)
+    gauge.start()
+    try:
+        ticks = 0
+        while not gauge.busy:
+            ticks += 1  # every 20 ms the "host" did 95 % busy work since the last sample
+            stat.write_text(f"cpu  {95 * ticks} 0 0 {1000 + 5 * ticks} 0 0 0 0\n")
+            await asyncio.sleep(gauge.period_s)
+        assert gauge.host_share >= gauge.host_busy and gauge.loop_share < gauge.loop_busy
     finally:
         gauge.stop()
