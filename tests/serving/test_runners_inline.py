@@ -35,13 +35,18 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 class _Stalling(OnnxRunner):
     """The real ONNX model, plus a stall on the calls a test asks for (a GC pause, a page-in)."""
 
-    stall_s = 0.0
+    stall_s = 0.0  # blocked (sleeping): wall-clock time only
+    burn_s = 0.0  # computing: CPU time
     threads: set[str]
 
     def predict_sync(self, inputs: Tensors) -> Tensors:
         self.threads.add(threading.current_thread().name)
         if self.stall_s:
             time.sleep(self.stall_s)
+        if self.burn_s:
+            until = time.thread_time() + self.burn_s
+            while time.thread_time() < until:
+                pass
         return super().predict_sync(inputs)
 
 
@@ -75,8 +80,8 @@ async def test_a_spike_sends_it_back_to_the_executor_until_it_decays(
     registry: Path, executor: ThreadPoolExecutor
 ) -> None:
     directory = registry / "fraud-onnx" / "1.0.0"
-    # 5 ms limit: the model's own ~20 us is far below it, a 0.6 s stall is over 100x it.
-    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 5_000)
+    # 0.5 ms limit: the model's own ~20 us is far below it, a 0.6 s stall over 1000x it.
+    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 500)
     runner.threads = set()
     await runner.load()
     row = _row()
@@ -108,7 +113,7 @@ async def test_an_average_over_the_limit_sends_it_back_too(
     for _ in range(runner.WARMUP_CALLS):
         await runner.predict(row)
     assert runner.inline
-    runner.stall_s = 0.008  # over the limit, under the spike factor: the average catches it
+    runner.burn_s = 0.008  # 8 ms of CPU a call: over the limit, the average catches it
     calls = 0
     while runner.inline:
         await runner.predict(row)
