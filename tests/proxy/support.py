@@ -59,3 +59,15 @@ async def serve(
         yield Server(f"http://127.0.0.1:{served.port}", app, config)
     finally:
         await served.close()
+
+
+def write_remote_version(registry: Path, version: str, endpoint: str, outputs: str = "") -> None:
+    """registry/remote/<version>: a `framework: http` version taking x FP32 [-1, 2];
+    `outputs` is the manifest's outputs list as YAML flow text (none declared if empty)."""
+    directory = registry / "remote" / version
+    directory.mkdir(parents=True)
+    (directory / "model.yaml").write_text(
+        f"name: remote\nversion: '{version}'\nframework: http\nendpoint: {endpoint}\n"
+        "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
+        + (f"outputs: {outputs}\n" if outputs else "")
+    )

@@ -16,7 +16,7 @@ from serving.demo.build import load_eval_data
 from serving.manifest import load_manifest
 from serving.runners import create_runner
 from tests.proxy.conftest import MakeRegistry
-from tests.proxy.support import serve
+from tests.proxy.support import serve, write_remote_version
 
 
 async def _direct_predictions(
@@ -282,13 +282,11 @@ async def test_overload_answers_503_with_retry_after(
 
 async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path: Path) -> None:
     upstream, endpoint = await _upstream("ok")
-    version = tmp_path / "registry" / "remote" / "1"
-    version.mkdir(parents=True)
-    (version / "model.yaml").write_text(
-        f"name: remote\nversion: '1'\nframework: http\nendpoint: {endpoint}\n"
-        "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
-        "outputs: [{name: label, datatype: INT64, shape: [-1]}, "
-        "{name: score, datatype: FP32, shape: [-1]}]\n"
+    write_remote_version(
+        tmp_path / "registry",
+        "1",
+        endpoint,
+        "[{name: label, datatype: INT64, shape: [-1]}, {name: score, datatype: FP32, shape: [-1]}]",
     )
     rows = [[1.0, 2.0], [-3.0, 1.0]]
     body = {
@@ -349,13 +347,8 @@ async def test_proxy_mode_shadow_gets_the_clients_body_and_agrees(tmp_path: Path
     await web.TCPSite(upstream, "127.0.0.1", 0).start()
     endpoint = f"http://127.0.0.1:{upstream.addresses[0][1]}/v2/models/m"
     for version in ("1", "2"):
-        directory = tmp_path / "registry" / "remote" / version
-        directory.mkdir(parents=True)
-        (directory / "model.yaml").write_text(
-            f"name: remote\nversion: '{version}'\nframework: http\nendpoint: {endpoint}\n"
-            "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
-            "outputs: [{name: label, datatype: INT64, shape: [-1]}]\n"
-        )
+        label = "[{name: label, datatype: INT64, shape: [-1]}]"
+        write_remote_version(tmp_path / "registry", version, endpoint, label)
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "remote.yaml").write_text(

@@ -17,7 +17,7 @@ import pytest
 from proxy.guard import LIMITS
 from serving.demo.build import load_eval_data
 from tests.proxy.conftest import MakeRegistry
-from tests.proxy.support import Server, serve
+from tests.proxy.support import Server, serve, write_remote_version
 from tests.proxy.test_app import _upstream
 
 Response = tuple[int, dict[str, str], bytes]
@@ -256,12 +256,7 @@ async def test_overload_answers_503_with_retry_after(
 
 async def test_upstream_model_through_the_fast_path(tmp_path: Path) -> None:
     upstream, endpoint = await _upstream("ok")
-    version = tmp_path / "registry" / "remote" / "1"
-    version.mkdir(parents=True)
-    (version / "model.yaml").write_text(
-        f"name: remote\nversion: '1'\nframework: http\nendpoint: {endpoint}\n"
-        "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
-    )
+    write_remote_version(tmp_path / "registry", "1", endpoint)
     body = orjson.dumps(
         {
             "id": "u-1",

@@ -55,6 +55,21 @@ def _row() -> Tensors:
     return {"input": x[:1]}
 
 
+async def _warmed(
+    registry: Path, executor: ThreadPoolExecutor, limit_us: float
+) -> tuple[_Stalling, Tensors]:
+    """fraud-onnx 1.0.0 under `limit_us`, past its first executor round: inline."""
+    directory = registry / "fraud-onnx" / "1.0.0"
+    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, limit_us)
+    runner.threads = set()
+    await runner.load()
+    row = _row()
+    for _ in range(runner.WARMUP_CALLS):
+        await runner.predict(row)
+    assert runner.inline
+    return runner, row
+
+
 async def test_fast_model_goes_inline_after_warm_up(
     registry: Path, executor: ThreadPoolExecutor
 ) -> None:
@@ -79,15 +94,8 @@ async def test_fast_model_goes_inline_after_warm_up(
 async def test_a_spike_sends_it_back_to_the_executor_until_it_decays(
     registry: Path, executor: ThreadPoolExecutor
 ) -> None:
-    directory = registry / "fraud-onnx" / "1.0.0"
     # 0.5 ms limit: the model's own ~20 us is far below it, a 0.6 s stall over 1000x it.
-    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 500)
-    runner.threads = set()
-    await runner.load()
-    row = _row()
-    for _ in range(runner.WARMUP_CALLS):
-        await runner.predict(row)
-    assert runner.inline
+    runner, row = await _warmed(registry, executor, 500)
     runner.stall_s = 0.6
     await runner.predict(row)
     assert not runner.inline  # one call that long is enough
@@ -105,14 +113,7 @@ async def test_a_spike_sends_it_back_to_the_executor_until_it_decays(
 async def test_an_average_over_the_limit_sends_it_back_too(
     registry: Path, executor: ThreadPoolExecutor
 ) -> None:
-    directory = registry / "fraud-onnx" / "1.0.0"
-    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 5_000)
-    runner.threads = set()
-    await runner.load()
-    row = _row()
-    for _ in range(runner.WARMUP_CALLS):
-        await runner.predict(row)
-    assert runner.inline
+    runner, row = await _warmed(registry, executor, 5_000)
     runner.burn_s = 0.008  # 8 ms of CPU a call: over the limit, the average catches it
     calls = 0
     while runner.inline:
@@ -150,14 +151,8 @@ async def test_zero_limit_or_manifest_opt_out_keeps_the_executor(
 async def test_one_pause_is_forgiven_and_big_batches_stay_on_the_executor(
     registry: Path, executor: ThreadPoolExecutor
 ) -> None:
-    directory = registry / "fraud-onnx" / "1.0.0"
-    runner = _Stalling(load_manifest(directory / MANIFEST_NAME), directory, executor, 5_000)
-    runner.threads = set()
-    await runner.load()
-    row = _row()
-    for _ in range(runner.WARMUP_CALLS):
-        await runner.predict(row)
-    assert runner.inline and runner.inline_rows == 1
+    runner, row = await _warmed(registry, executor, 5_000)
+    assert runner.inline_rows == 1
     runner.stall_s = 0.05  # a 50 ms pause (a collector pass, a page fault): clipped to 20 ms
     await runner.predict(row)
     runner.stall_s = 0.0
