@@ -16,6 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from proxy.answers import (
+    answers_agree,
+    deciding_outputs,
+    drift_row,
+    passthrough_prediction,
+    prediction_of,
+)
 from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.shadow import ShadowMirror
@@ -28,6 +35,7 @@ from serving.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from serving.jsontensors import JsonInputs, as_tensors
 from serving.manifest import Manifest
 from serving.registry import LoadedVersion, Registry
 from serving.tensors import Tensors, check_inputs
@@ -54,69 +62,8 @@ class Answer:
     request_id: str
     manifest: Manifest
     # The upstream's output tensors as V2 JSON objects when the client's body was passed
-    # through to a remote runner; `outputs` then holds only what the windows needed.
+    # through to a remote runner; `outputs` is then empty unless a shadow compared them.
     passthrough: list[dict[str, Any]] | None = None
-
-
-def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
-    """The first row's prediction as one number: its label, else argmax, else value."""
-    array = outputs.get("label")
-    if array is None:
-        array = outputs.get("prediction")
-    if array is None:
-        if not outputs:
-            return float("nan")
-        array = next(iter(outputs.values()))
-        if array.ndim >= 2:
-            return float(np.argmax(array[0]))
-    if array.size == 0 or array.dtype.kind in "OUS":
-        return float("nan")
-    return float(array.item(0))
-
-
-def _deciding_outputs(items: list[dict[str, Any]]) -> Tensors:
-    """The one output `prediction_of` reads, as numpy: label, else prediction, else first."""
-    for wanted in ("label", "prediction"):
-        for item in items:
-            if item["name"] == wanted:
-                return tensors_from_outputs([item])
-    return tensors_from_outputs(items[:1])
-
-
-def _drift_row(window: VariantWindow, inputs: Tensors) -> np.ndarray | None:
-    """The first input row, when a drift check watches this version's inputs."""
-    if window.input_width is None:
-        return None
-    first = next(iter(inputs.values()))
-    if first.ndim == 2 and first.shape[1] == window.input_width and len(first):
-        row: np.ndarray = first[0]
-        return row
-    return None
-
-
-def answers_agree(primary: Tensors, shadow: Tensors, tol: float) -> bool:
-    """Classifiers agree on every row's label; regressors within `tol`."""
-    for name in ("label", "prediction"):
-        if name in primary and name in shadow:
-            a, b = primary[name], shadow[name]
-            if a.shape != b.shape:
-                return False
-            if name == "label" or a.dtype.kind in "iub":
-                return bool(np.array_equal(a, b))
-            return bool(np.allclose(a, b, atol=tol, rtol=0))
-    common = [n for n in primary if n in shadow]
-    if not common:
-        return False
-    a, b = primary[common[0]], shadow[common[0]]
-    if a.shape != b.shape:
-        return False
-    if a.ndim >= 2 and a.dtype.kind == "f":
-        return bool(np.array_equal(a.argmax(axis=1), b.argmax(axis=1)))
-    return (
-        bool(np.allclose(a, b, atol=tol, rtol=0))
-        if a.dtype.kind == "f"
-        else bool(np.array_equal(a, b))
-    )
 
 
 class RequestIds:
@@ -195,7 +142,7 @@ class Gateway:
     async def infer(
         self,
         model: str,
-        inputs: Tensors,
+        inputs: Mapping[str, np.ndarray],
         *,
         request_id: str | None = None,
         key: str | None = None,
@@ -214,11 +161,11 @@ class Gateway:
             loaded = self.registry.get(model, version)
             self._validate(loaded, inputs, requested)
             if body is not None and loaded.runner.passes_v2_bodies:
-                outputs, passed = await self._call_raw(loaded, body, full=False)
+                outputs, _, passed = await self._call_raw(loaded, body, full=False)
                 return Answer(
                     outputs, model, version, "pinned", request_id, loaded.manifest, passed
                 )
-            outputs = await self._call(loaded, inputs)
+            outputs = await self._call(loaded, as_tensors(inputs))
             return Answer(outputs, model, version, "pinned", request_id, loaded.manifest)
         table = self.router.table(model)
         if table is None:
@@ -242,9 +189,10 @@ class Gateway:
         try:
             if body is not None and loaded.runner.passes_v2_bodies:
                 # Shadows compare whole answers, so only then is every output converted.
-                outputs, items = await self._call_raw(loaded, body, full=bool(mirrored))
+                outputs, prediction, items = await self._call_raw(loaded, body, full=bool(mirrored))
             else:
-                outputs = await self._call(loaded, inputs)
+                outputs = await self._call(loaded, as_tensors(inputs))
+                prediction = prediction_of(outputs)
         except UpstreamTimeout:
             self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504")
             raise
@@ -255,7 +203,7 @@ class Gateway:
         finally:
             variant.inflight -= 1
         latency = self._clock() - start
-        seq = window.record(latency, Outcome.OK, prediction_of(outputs), _drift_row(window, inputs))
+        seq = window.record(latency, Outcome.OK, prediction, drift_row(window, inputs))
         self.feedback_index.put(request_id, window, seq)
         variant.answered(latency)
         for shadow_version in mirrored:
@@ -274,12 +222,15 @@ class Gateway:
         return window.version, correct
 
     def _validate(
-        self, loaded: LoadedVersion, inputs: Tensors, requested: Sequence[str] | None
+        self,
+        loaded: LoadedVersion,
+        inputs: Mapping[str, np.ndarray],
+        requested: Sequence[str] | None,
     ) -> None:
         manifest = loaded.manifest
         specs = manifest.input_specs
-        if specs:
-            check_inputs(inputs, specs)
+        if specs:  # deferred inputs are checked by their shapes and dtypes, unconverted
+            check_inputs(inputs.meta if isinstance(inputs, JsonInputs) else inputs, specs)
         elif not inputs:
             raise InvalidInput("no inputs given")
         if requested and manifest.outputs:
@@ -315,11 +266,18 @@ class Gateway:
 
     async def _call_raw(
         self, loaded: LoadedVersion, body: bytes, *, full: bool
-    ) -> tuple[Tensors, list[dict[str, Any]]]:
-        """Forward `body` as-is; (every output or just the deciding one, upstream outputs)."""
+    ) -> tuple[Tensors, float, list[dict[str, Any]]]:
+        """Forward `body` as-is: (every output when `full`, else none; the prediction the
+        windows keep; the upstream's outputs as JSON)."""
         try:
             items, _ = response_outputs(await loaded.runner.predict_raw(body))
-            outputs = tensors_from_outputs(items) if full else _deciding_outputs(items)
+            outputs: Tensors = {}
+            if full:
+                outputs = tensors_from_outputs(items)
+                prediction = prediction_of(outputs)
+            else:
+                read = passthrough_prediction(items)
+                prediction = prediction_of(deciding_outputs(items)) if read is None else read
         except TimeoutError:
             raise self._timed_out(loaded, None) from None
         except ServingError as exc:
@@ -327,7 +285,7 @@ class Gateway:
             raise
         except Exception as exc:
             raise self._runner_bug(loaded, exc) from exc
-        return outputs, items
+        return outputs, prediction, items
 
     def _timed_out(self, loaded: LoadedVersion, limit_s: float | None) -> UpstreamTimeout:
         manifest = loaded.manifest
@@ -362,7 +320,7 @@ class Gateway:
         self,
         model: str,
         version: str,
-        inputs: Tensors,
+        inputs: Mapping[str, np.ndarray],
         primary: Tensors,
         body: bytes | None,
     ) -> None:
@@ -380,10 +338,10 @@ class Gateway:
             start = self._clock()
             try:
                 if raw is None:
-                    outputs = await self._call(loaded, inputs, self.shadow.timeout_s)
+                    outputs = await self._call(loaded, as_tensors(inputs), self.shadow.timeout_s)
                 else:
                     async with asyncio.timeout(self.shadow.timeout_s):
-                        outputs, _ = await self._call_raw(loaded, raw, full=True)
+                        outputs, _, _ = await self._call_raw(loaded, raw, full=True)
             except (UpstreamTimeout, TimeoutError):
                 shadow_window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"))
                 self.metrics.shadow.labels(model, version, "timeout").inc()
@@ -393,7 +351,7 @@ class Gateway:
                 self.metrics.shadow.labels(model, version, "error").inc()
                 return
             latency = self._clock() - start
-            row = _drift_row(shadow_window, inputs)
+            row = drift_row(shadow_window, inputs)
             shadow_window.record(latency, Outcome.OK, prediction_of(outputs), row)
             agreed = answers_agree(primary, outputs, self.tolerance)
             shadow_window.record_comparison(agreed)

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from serving.errors import InvalidInput, UpstreamError
+from serving.jsontensors import deferred_inputs
 from serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -25,7 +26,7 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 class InferRequest:
     """A decoded V2 infer request."""
 
-    inputs: Tensors
+    inputs: Mapping[str, np.ndarray]  # a dict, or JsonInputs (plain JSON, converted lazily)
     id: str | None = None
     outputs: list[str] | None = None  # requested output names, None = all
     binary_outputs: set[str] = field(default_factory=set)  # outputs wanted as binary
@@ -84,7 +85,7 @@ def _tensor_from_json(
             array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
         else:
             array = np.asarray(data, dtype=dtype)
-            if array.dtype.kind in "iu" and np.asarray(data).dtype.kind == "f":
+            if array.dtype.kind in "iu" and array.size and np.asarray(data).dtype.kind == "f":
                 raise InvalidInput(f"input '{name}': {datatype} data holds non-integer values")
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input '{name}': data does not fit {datatype}: {exc}") from None
@@ -129,13 +130,18 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    inputs: Tensors = {}
-    offset = 0
-    for i, item in enumerate(raw_inputs):
-        name, array, offset = _tensor_from_json(item, f"inputs[{i}]", binary, offset)
-        if name in inputs:
-            raise InvalidInput(f"input '{name}' given twice")
-        inputs[name] = array
+    inputs: Mapping[str, np.ndarray] | None = None
+    if binary is None:
+        inputs = deferred_inputs(raw_inputs)  # checked without numpy when it surely converts
+    if inputs is None:
+        tensors: Tensors = {}
+        offset = 0
+        for i, item in enumerate(raw_inputs):
+            name, array, offset = _tensor_from_json(item, f"inputs[{i}]", binary, offset)
+            if name in tensors:
+                raise InvalidInput(f"input '{name}' given twice")
+            tensors[name] = array
+        inputs = tensors
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
@@ -308,10 +314,16 @@ def encode_passthrough_response(
     declared: Sequence[TensorSpec] = (),
 ) -> bytes:
     """A V2 JSON response from an upstream's output objects, in `select_outputs`' order."""
-    by_name = {item["name"]: item for item in items}
-    ordered = [by_name[s.name] for s in declared if s.name in by_name]
-    if len(ordered) != len(by_name):
-        ordered += [item for name, item in by_name.items() if all(s.name != name for s in declared)]
+    ordered = list(items)
+    if len(declared) != len(items) or any(
+        spec.name != item["name"] for spec, item in zip(declared, items, strict=True)
+    ):  # out of declared order (upstreams rarely are): reorder
+        by_name = {item["name"]: item for item in items}
+        ordered = [by_name[s.name] for s in declared if s.name in by_name]
+        if len(ordered) != len(by_name):
+            ordered += [
+                item for name, item in by_name.items() if all(s.name != name for s in declared)
+            ]
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         doc["id"] = request_id

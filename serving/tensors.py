@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -30,7 +31,17 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
 NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
 
 
-def v2_datatype(array: np.ndarray) -> str:
+class Shaped(Protocol):
+    """What the input checks read of an array: a numpy array, or a promise of one."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+
+def v2_datatype(array: Shaped) -> str:
     """The V2 datatype name of a numpy array (strings and objects map to BYTES)."""
     if array.dtype.kind in ("U", "S", "O"):
         return "BYTES"
@@ -71,7 +82,7 @@ class TensorSpec:
             )
 
 
-def check_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
+def check_inputs(inputs: Mapping[str, Shaped], specs: Sequence[TensorSpec]) -> None:
     """Check named arrays against declared inputs; every declared input must be present."""
     if len(inputs) != len(specs):
         _refuse_unknown(inputs, specs)
@@ -88,7 +99,7 @@ def check_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) 
             )
 
 
-def _refuse_unknown(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> None:
+def _refuse_unknown(inputs: Mapping[str, Shaped], specs: Sequence[TensorSpec]) -> None:
     declared = {s.name for s in specs}
     for name in inputs:
         if name not in declared:

@@ -15,6 +15,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -176,6 +177,14 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request's head up to its Content-Length (see `UpstreamPool.prepare`)."""
+
+    head: bytes
+    path: str
+
+
 class UpstreamPool:
     """Keep-alive HTTP/1.1 connections to one `http://host[:port][/prefix]` upstream.
 
@@ -241,9 +250,29 @@ class UpstreamPool:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """(status, body) of one request; UpstreamError / UpstreamTimeout name the URL."""
+        return await self.send(self.prepare(method, path, headers), body)
+
+    def prepare(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> Prepared:
+        """A request head checked and encoded once, for any number of this pool's `send`s."""
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+        lines = 2
+        if headers:
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            lines += len(headers)
+        # A CR or LF inside a method, path or header would split the request in two.
+        if head.count("\n") != lines or head.count("\r") != lines or method == "HEAD":
+            raise ValueError(f"{method!r} {path!r} {headers!r}: no CR/LF in fields, no HEAD")
+        return Prepared(head.encode("latin-1"), path)
+
+    async def send(self, prepared: Prepared, body: bytes | None = None) -> tuple[int, bytes]:
+        """(status, body) of a prepared request with `body` (None: no Content-Length)."""
+        path = prepared.path
         if self._closed:
             raise UpstreamError(f"{self.url}{path}: the connection pool is closed")
-        payload = self._encode(method, path, body, headers)
+        if body is None:
+            payload = prepared.head + b"\r\n"
+        else:
+            payload = b"%sContent-Length: %d\r\n\r\n%s" % (prepared.head, len(body), body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         conn = self._idle.pop() if self._idle else None
@@ -288,23 +317,6 @@ class UpstreamPool:
         self._connections.clear()
         if lost:
             await asyncio.wait(lost, timeout=1.0)
-
-    def _encode(
-        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None
-    ) -> bytes:
-        head = f"{method} {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-        lines = 3
-        if headers:
-            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-            lines += len(headers)
-        if body is not None:
-            head += f"Content-Length: {len(body)}\r\n"
-            lines += 1
-        head += "\r\n"
-        # A CR or LF inside a method, path or header would split the request in two.
-        if head.count("\n") != lines or head.count("\r") != lines or method == "HEAD":
-            raise ValueError(f"{method!r} {path!r} {headers!r}: no CR/LF in fields, no HEAD")
-        return head.encode("latin-1") + body if body else head.encode("latin-1")
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
         """A connection holding one slot: handed over by a finished request, or new."""

@@ -52,12 +52,21 @@ class Goal:
     def check(self, rows: dict[str, Row]) -> dict[str, Any] | None:
         if self.target not in rows or self.baseline not in rows:
             return None
-        ratio = rows[self.target].figure(self.figure) / rows[self.baseline].figure(self.figure)
+        target, baseline = rows[self.target], rows[self.baseline]
+        ratio = target.figure(self.figure) / baseline.figure(self.figure)
+        # Rounds are interleaved, so round i of both ran side by side: the spread of
+        # these says how much the machine moved the ratio.
+        per_round = [
+            t[self.figure] / b[self.figure]
+            for t, b in zip(target.runs, baseline.runs, strict=False)
+            if b[self.figure] > 0
+        ]
+        found = {"goal": self.label, "ratio": ratio, "per_round": per_round}
         if self.bound is None:
-            return {"goal": self.label, "ratio": ratio, "met": None, "gap_percent": None}
+            return {**found, "met": None, "gap_percent": None}
         met = ratio >= self.bound if self.at_least else ratio <= self.bound
         gap = (ratio / self.bound - 1) * 100
-        return {"goal": self.label, "ratio": ratio, "met": met, "gap_percent": gap}
+        return {**found, "met": met, "gap_percent": gap}
 
 
 GOALS = (
@@ -230,11 +239,13 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
 def goal_lines(checked: list[dict[str, Any]]) -> list[str]:
     lines = []
     for c in checked:
+        rounds = c.get("per_round") or []
+        spread = f" (rounds {min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else ""
         if c["met"] is None:
-            lines.append(f"- {c['goal']}: {c['ratio']:.2f}")
+            lines.append(f"- {c['goal']}: {c['ratio']:.2f}{spread}")
             continue
         verdict = "met" if c["met"] else f"MISSED by {abs(c['gap_percent']):.0f}%"
-        lines.append(f"- {c['goal']}: {c['ratio']:.2f} — {verdict}")
+        lines.append(f"- {c['goal']}: {c['ratio']:.2f}{spread} — {verdict}")
     return lines
 
 

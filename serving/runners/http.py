@@ -42,13 +42,16 @@ class HttpRunner(Runner):
         assert manifest.endpoint is not None  # the manifest validator requires it for http
         self.endpoint = manifest.endpoint.rstrip("/")
         self._infer_url = f"{self.endpoint}/infer"
-        self._pool: UpstreamPool | None = self._new_pool()
+        self._pool: UpstreamPool | None = None
+        self._open()
 
-    def _new_pool(self) -> UpstreamPool:
+    def _open(self) -> None:
         try:
-            return UpstreamPool(self.endpoint, timeout_s=self.manifest.timeout_s)
+            pool = UpstreamPool(self.endpoint, timeout_s=self.manifest.timeout_s)
         except ValueError as exc:
             raise ManifestError(f"endpoint: {exc}") from None
+        self._infer = pool.prepare("POST", "/infer", _JSON)  # encoded once per pool
+        self._pool = pool
 
     def _client(self) -> UpstreamPool:
         if self._pool is None:
@@ -57,7 +60,7 @@ class HttpRunner(Runner):
 
     async def load(self) -> None:
         if self._pool is None:
-            self._pool = self._new_pool()
+            self._open()
         try:
             await self._probe_ready()
         except BaseException:  # refused or cancelled: the caller may drop us without unload
@@ -85,7 +88,7 @@ class HttpRunner(Runner):
         which spares a JSON -> numpy -> JSON round trip each way. The pool's
         UpstreamError / UpstreamTimeout name the URL and the reason.
         """
-        status, payload = await self._client().request("POST", "/infer", body, _JSON)
+        status, payload = await self._client().send(self._infer, body)
         if not 200 <= status < 300:
             raise UpstreamError(f"{self._infer_url} answered {status}: {_error_text(payload)}")
         return payload

@@ -82,3 +82,18 @@ def test_written_report_names_the_mlp_load_and_rerenders(tmp_path: Path) -> None
     assert orjson.loads(js.read_bytes())["targets"][1]["runs"][0]["connections"] == 64
     again, _ = report.rerender(tmp_path)
     assert again.read_text(encoding="utf-8") == text
+
+
+def test_goal_lines_show_the_per_round_spread_of_interleaved_rounds() -> None:
+    proxy = _row("rollguard-proxy", 3000.0, 10.0)
+    naive = _row("naive-proxy", 2000.0, 10.0)
+    proxy.runs += [{**proxy.runs[0], "rps": 3300.0}, {**proxy.runs[0], "rps": 3100.0}]
+    naive.runs += [{**naive.runs[0], "rps": 2400.0}, {**naive.runs[0], "rps": 2000.0}]
+    checked = {c["goal"]: c for c in report.goals([proxy, naive])}
+    goal = checked["rollguard proxy: throughput >= 1.5 x naive aiohttp proxy"]
+    assert goal["per_round"] == [1.5, 1.375, 1.55]  # round i against round i
+    assert goal["ratio"] == 3100.0 / 2000.0  # medians of each target
+    assert (
+        "- rollguard proxy: throughput >= 1.5 x naive aiohttp proxy: 1.55 (rounds 1.38–1.55) "
+        "— met" in report.goal_lines(list(checked.values()))
+    )

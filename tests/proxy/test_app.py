@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -317,6 +318,46 @@ async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path:
             feedback = {"id": "p-1", "label": 1}
             async with http.post(f"{server.url}/v2/models/remote/feedback", json=feedback) as resp:
                 assert (await resp.json())["accepted"][0]["correct"] is True
+    finally:
+        await upstream.cleanup()
+
+
+async def test_proxy_mode_checks_flat_json_without_numpy_and_keeps_drift_rows(
+    tmp_path: Path,
+) -> None:
+    """Plain flat-data bodies are checked unconverted: bad ones are refused with numpy's
+    messages and counted against no one; good ones still give a drift check its rows."""
+    upstream, endpoint = await _upstream("ok")
+    write_remote_version(tmp_path / "registry", "1", endpoint)
+
+    def body(shape: list[int], data: list[Any], datatype: str = "FP32") -> dict[str, Any]:
+        return {"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}
+
+    try:
+        async with (
+            serve(tmp_path, tmp_path / "registry") as server,
+            aiohttp.ClientSession() as http,
+        ):
+            window = server.gateway.windows.ensure("remote", "1", 16, input_width=2)
+            url = f"{server.url}/v2/models/remote/infer"
+            refused = [
+                (body([3], [1.0, 2.0, 3.0]), "shape [3] does not match declared [-1, 2]"),
+                (body([1, 2], [1, 2], "INT64"), "datatype INT64 does not match declared FP32"),
+                (body([1, 2], [1.0]), "needs 2 values, data has 1"),
+                (body([1, 2], [1.0, "a"]), "does not fit FP32"),
+            ]
+            for doc, message in refused:
+                async with http.post(url, json=doc) as resp:
+                    assert resp.status == 400
+                    assert message in (await resp.json())["error"]
+            for row in ([1.0, 2.0], [-4.0, 1.0]):
+                async with http.post(url, json=body([1, 2], row)) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["outputs"][0]["data"] == [int(sum(row) > 0)]
+            evidence = window.evidence()
+            assert (evidence.requests, evidence.errors) == (2, 0)
+            assert evidence.inputs is not None
+            np.testing.assert_array_equal(evidence.inputs, [[1.0, 2.0], [-4.0, 1.0]])
     finally:
         await upstream.cleanup()
 
