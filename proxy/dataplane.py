@@ -25,14 +25,13 @@ from proxy.state import GATEWAY, REQUEST_ID, REQUEST_ID_HEADER, VARIANT_HEADER, 
 from serving.codec import (
     BINARY_HEADER,
     decode_infer_request,
-    decode_predict_request,
     encode_infer_response,
     encode_passthrough_response,
-    encode_predictions,
     select_outputs,
 )
 from serving.errors import InvalidInput, NotReady
 from serving.manifest import Manifest
+from serving.predictcodec import decode_predict_request, encode_predictions
 
 SERVER_NAME = "rollguard"
 SERVER_VERSION = "0.1.0"

@@ -33,7 +33,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _loads(body: bytes | memoryview) -> Any:
+def parse_json(body: bytes | memoryview) -> Any:
+    """A JSON document; InvalidInput naming the problem when the body is not JSON."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -122,9 +123,9 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
         if not 0 < n <= len(body):
             raise InvalidInput(f"{BINARY_HEADER} {n} is outside the body of {len(body)} bytes")
         view = memoryview(body)
-        doc, binary = _loads(view[:n]), view[n:]
+        doc, binary = parse_json(view[:n]), view[n:]
     else:
-        doc = _loads(body)
+        doc = parse_json(body)
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     raw_inputs = doc.get("inputs")
@@ -329,65 +330,3 @@ def encode_passthrough_response(
         doc["id"] = request_id
     doc["outputs"] = ordered
     return orjson.dumps(doc)
-
-
-def decode_predict_request(
-    body: bytes, specs: Sequence[TensorSpec]
-) -> tuple[Tensors, str | None, bool]:
-    """Parse the simple `/predict` body into tensors for a model's declared inputs.
-
-    `{"features": F}` is one row, `{"instances": [F, ...]}` several. F is either a list of
-    numbers (models with one input: that input's row) or an object keyed by input name.
-    Returns (tensors, request id, whether it was a single-row `features` request).
-    """
-    doc = _loads(body)
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
-    if ("features" in doc) == ("instances" in doc):
-        raise InvalidInput("give exactly one of 'features' (one row) or 'instances' (rows)")
-    single = "features" in doc
-    rows = [doc["features"]] if single else doc["instances"]
-    if not isinstance(rows, list) or not rows:
-        raise InvalidInput("'instances' must be a non-empty list")
-    if not specs:
-        raise InvalidInput("the model declares no inputs; use the V2 infer endpoint")
-    columns: dict[str, list[Any]] = {s.name: [] for s in specs}
-    for i, row in enumerate(rows):
-        if isinstance(row, list):
-            if len(specs) != 1:
-                raise InvalidInput(
-                    f"row {i}: a list fits only one-input models; name the inputs "
-                    f"{[s.name for s in specs]}"
-                )
-            columns[specs[0].name].append(row)
-        elif isinstance(row, dict):
-            unknown = set(row) - set(columns)
-            if unknown:
-                raise InvalidInput(f"row {i}: unknown input(s) {sorted(unknown)}")
-            for s in specs:
-                if s.name not in row:
-                    raise InvalidInput(f"row {i}: missing input '{s.name}'")
-                columns[s.name].append(row[s.name])
-        else:
-            raise InvalidInput(f"row {i}: expected a list or an object")
-    tensors: Tensors = {}
-    for s in specs:
-        try:
-            array = np.asarray(columns[s.name], dtype=s.dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidInput(f"input '{s.name}': values do not fit {s.datatype}: {exc}") from None
-        tensors[s.name] = array
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    return tensors, request_id, single
-
-
-def encode_predictions(outputs: Tensors, single: bool) -> list[dict[str, Any]] | dict[str, Any]:
-    """Rows of {output name: value} for the simple `/predict` response."""
-    n = next(iter(outputs.values())).shape[0] if outputs else 0
-    lists = {
-        k: (v.tolist() if v.dtype != object else [str(x) for x in v]) for k, v in outputs.items()
-    }
-    rows = [{k: lists[k][i] for k in lists} for i in range(n)]
-    return rows[0] if single and rows else rows

@@ -12,14 +12,11 @@ from hypothesis.extra import numpy as hnp
 from serving.codec import (
     decode_infer_request,
     decode_infer_response,
-    decode_predict_request,
     encode_infer_request,
     encode_infer_response,
-    encode_predictions,
     select_outputs,
 )
 from serving.errors import InvalidInput
-from serving.tensors import TensorSpec
 
 
 def _body(**doc: object) -> bytes:
@@ -127,17 +124,3 @@ def test_select_outputs_honours_request_order_and_rejects_unknown() -> None:
     assert list(select_outputs(outs, None)) == ["label", "probabilities"]
     with pytest.raises(InvalidInput, match="unknown output"):
         select_outputs(outs, ["nope"])
-
-
-def test_predict_body_features_and_instances() -> None:
-    specs = [TensorSpec("input", "FP32", (-1, 3))]
-    tensors, rid, single = decode_predict_request(b'{"features": [1, 2, 3], "id": "z"}', specs)
-    assert tensors["input"].shape == (1, 3) and single and rid == "z"
-    tensors, _, single = decode_predict_request(
-        b'{"instances": [{"input": [1, 2, 3]}, [4, 5, 6]]}', specs
-    )
-    assert tensors["input"].shape == (2, 3) and not single
-    with pytest.raises(InvalidInput, match="exactly one"):
-        decode_predict_request(b'{"features": [1], "instances": [[1]]}', specs)
-    rows = encode_predictions({"label": np.array([1, 0])}, single=False)
-    assert rows == [{"label": 1}, {"label": 0}]

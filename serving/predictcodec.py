@@ -1,0 +1,79 @@
+"""The simple `/predict` format for callers that do not speak V2: rows in, rows out.
+
+`{"features": F}` is one row and `{"instances": [F, ...]}` several; F is a list of
+numbers (one-input models) or an object keyed by input name. Answers are rows of
+{output name: value}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from serving.codec import parse_json
+from serving.errors import InvalidInput
+from serving.tensors import Tensors, TensorSpec
+
+
+def decode_predict_request(
+    body: bytes, specs: Sequence[TensorSpec]
+) -> tuple[Tensors, str | None, bool]:
+    """Parse the simple `/predict` body into tensors for a model's declared inputs.
+
+    `{"features": F}` is one row, `{"instances": [F, ...]}` several. F is either a list of
+    numbers (models with one input: that input's row) or an object keyed by input name.
+    Returns (tensors, request id, whether it was a single-row `features` request).
+    """
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    if ("features" in doc) == ("instances" in doc):
+        raise InvalidInput("give exactly one of 'features' (one row) or 'instances' (rows)")
+    single = "features" in doc
+    rows = [doc["features"]] if single else doc["instances"]
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInput("'instances' must be a non-empty list")
+    if not specs:
+        raise InvalidInput("the model declares no inputs; use the V2 infer endpoint")
+    columns: dict[str, list[Any]] = {s.name: [] for s in specs}
+    for i, row in enumerate(rows):
+        if isinstance(row, list):
+            if len(specs) != 1:
+                raise InvalidInput(
+                    f"row {i}: a list fits only one-input models; name the inputs "
+                    f"{[s.name for s in specs]}"
+                )
+            columns[specs[0].name].append(row)
+        elif isinstance(row, dict):
+            unknown = set(row) - set(columns)
+            if unknown:
+                raise InvalidInput(f"row {i}: unknown input(s) {sorted(unknown)}")
+            for s in specs:
+                if s.name not in row:
+                    raise InvalidInput(f"row {i}: missing input '{s.name}'")
+                columns[s.name].append(row[s.name])
+        else:
+            raise InvalidInput(f"row {i}: expected a list or an object")
+    tensors: Tensors = {}
+    for s in specs:
+        try:
+            array = np.asarray(columns[s.name], dtype=s.dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidInput(f"input '{s.name}': values do not fit {s.datatype}: {exc}") from None
+        tensors[s.name] = array
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    return tensors, request_id, single
+
+
+def encode_predictions(outputs: Tensors, single: bool) -> list[dict[str, Any]] | dict[str, Any]:
+    """Rows of {output name: value} for the simple `/predict` response."""
+    n = next(iter(outputs.values())).shape[0] if outputs else 0
+    lists = {
+        k: (v.tolist() if v.dtype != object else [str(x) for x in v]) for k, v in outputs.items()
+    }
+    rows = [{k: lists[k][i] for k in lists} for i in range(n)]
+    return rows[0] if single and rows else rows
