@@ -34,13 +34,10 @@ def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:
     return float(array.item(0))
 
 
-def deciding_outputs(items: list[dict[str, Any]]) -> Tensors:
+def deciding_outputs(items: Sequence[dict[str, Any]]) -> Tensors:
     """The one output `prediction_of` reads, as numpy: label, else prediction, else first."""
-    for wanted in ("label", "prediction"):
-        for item in items:
-            if item["name"] == wanted:
-                return tensors_from_outputs([item])
-    return tensors_from_outputs(items[:1])
+    item = _deciding_item(items)
+    return tensors_from_outputs([item]) if item is not None else {}
 
 
 def drift_row(window: VariantWindow, inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -80,6 +77,7 @@ def answers_agree(primary: Tensors, shadow: Tensors, tol: float) -> bool:
 
 
 def _deciding_item(items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The output the windows read: named label, else prediction, else the first."""
     for wanted in ("label", "prediction"):
         for item in items:
             if item["name"] == wanted:

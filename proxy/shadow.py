@@ -1,7 +1,7 @@
 """Fire-and-forget shadow traffic: tracked tasks behind a bounded queue, shed under load.
 
-Like Envoy's request mirroring, the client never waits for a shadow: `submit` returns
-at once. Two things bound what shadows may cost the primaries:
+Like Envoy's request mirroring, the client never waits for a shadow: `admit` and `start`
+return at once. Two things bound what shadows may cost the primaries:
 
 - a copy that does not fit the queue is dropped and counted (`dropped`), never queued
   without bound;
@@ -174,13 +174,6 @@ class ShadowMirror:
             self.dropped += 1
             self._count(model, version, "dropped")
             return False
-        return True
-
-    def submit(self, model: str, version: str, run: Callable[[], Awaitable[None]]) -> bool:
-        """Admit (see `admit`) and schedule one shadow call; False when not admitted."""
-        if not self.admit(model, version):
-            return False
-        self.start(run)
         return True
 
     def start(self, run: Callable[[], Awaitable[None]]) -> None:

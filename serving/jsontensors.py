@@ -90,11 +90,10 @@ class JsonInputs(Mapping[str, np.ndarray]):
     def tensors(self) -> Tensors:
         """The inputs as numpy arrays, converted once."""
         if self._tensors is None:
+            # `meta` was filled in the items' order, one entry per item.
             self._tensors = {
-                item["name"]: np.asarray(item["data"], dtype=self.meta[item["name"]].dtype).reshape(
-                    self.meta[item["name"]].shape
-                )
-                for item in self._items
+                name: np.asarray(item["data"], dtype=meta.dtype).reshape(meta.shape)
+                for item, (name, meta) in zip(self._items, self.meta.items(), strict=True)
             }
         return self._tensors
 

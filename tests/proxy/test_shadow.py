@@ -27,7 +27,11 @@ async def _submit(mirror: ShadowMirror, n: int) -> tuple[int, int]:
         nonlocal ran
         ran += 1
 
-    admitted = sum(mirror.submit("m", "2", run) for _ in range(n))
+    admitted = 0
+    for _ in range(n):  # as the gateway does: admit before the primary, then start
+        if mirror.admit("m", "2"):
+            mirror.start(run)
+            admitted += 1
     await mirror.drain()
     return admitted, ran
 
