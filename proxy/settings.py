@@ -41,7 +41,7 @@ class Settings(BaseModel):
     shadow_queue: int = Field(default=256, ge=0)
     shadow_concurrency: int = Field(default=8, ge=1)
     shadow_timeout_s: float = Field(default=5.0, gt=0)
-    shadow_budget: float = Field(default=0.02, ge=0, le=1)  # copies per primary while busy
+    shadow_budget: float = Field(default=0.01, ge=0, le=1)  # copies per primary while busy
     agreement_tolerance: float = Field(default=1e-6, ge=0)
     log_level: str = "INFO"
     fast_path: bool = True  # infer requests skip aiohttp's server (proxy/fastpath.py)

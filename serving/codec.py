@@ -306,6 +306,15 @@ def decode_infer_response(body: bytes) -> tuple[Tensors, dict[str, Any]]:
     return tensors_from_outputs(items), meta
 
 
+def _in_declared_order(items: Sequence[dict[str, Any]], declared: Sequence[TensorSpec]) -> bool:
+    if len(declared) != len(items):
+        return False
+    for spec, item in zip(declared, items, strict=True):  # noqa: SIM110 - per request: no generator
+        if spec.name != item["name"]:
+            return False
+    return True
+
+
 def encode_passthrough_response(
     items: Sequence[dict[str, Any]],
     *,
@@ -315,16 +324,15 @@ def encode_passthrough_response(
     declared: Sequence[TensorSpec] = (),
 ) -> bytes:
     """A V2 JSON response from an upstream's output objects, in `select_outputs`' order."""
-    ordered = list(items)
-    if len(declared) != len(items) or any(
-        spec.name != item["name"] for spec, item in zip(declared, items, strict=True)
-    ):  # out of declared order (upstreams rarely are): reorder
+    ordered = items
+    if not _in_declared_order(items, declared):  # upstreams rarely are not: reorder
         by_name = {item["name"]: item for item in items}
-        ordered = [by_name[s.name] for s in declared if s.name in by_name]
-        if len(ordered) != len(by_name):
-            ordered += [
+        reordered = [by_name[s.name] for s in declared if s.name in by_name]
+        if len(reordered) != len(by_name):
+            reordered += [
                 item for name, item in by_name.items() if all(s.name != name for s in declared)
             ]
+        ordered = reordered
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         doc["id"] = request_id

@@ -92,7 +92,8 @@ def check_inputs(inputs: Mapping[str, Shaped], specs: Sequence[TensorSpec]) -> N
             _refuse_unknown(inputs, specs)  # a misnamed input is named as unknown first
             raise InvalidInput(f"missing input '{spec.name}'")
         spec.check_shape(array.shape)
-        if spec.datatype != "BYTES" and array.dtype != V2_TO_NUMPY[spec.datatype]:
+        want = V2_TO_NUMPY[spec.datatype]  # the identity test settles the usual case
+        if array.dtype is not want and spec.datatype != "BYTES" and array.dtype != want:
             raise InvalidInput(
                 f"input '{spec.name}': datatype {v2_datatype(array)} does not match "
                 f"declared {spec.datatype}"

@@ -3,8 +3,9 @@
 Starts bare, rollguard (in-process and proxy mode), a naive proxy, nginx and MLServer on
 loopback ports, installs what is missing where it can (wrk and nginx with apt-get,
 MLServer in its own venv) and skips with a printed reason what it cannot have. Rounds
-are interleaved (each round runs every target once) so that a shared machine's
-disturbances spread over all targets; the figures are medians over rounds. Two more
+are interleaved (each round runs every target once, in reverse order every other round)
+so that a shared machine's disturbances spread over all targets; the figures are
+medians over rounds. Two more
 rollguard targets serve a compute-heavy MLP without and with micro-batching, always at
 64 connections, for the issue's batching goal.
 """
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             started = lab.start(names, log)
             rows = {t.name: report.Row(t.name, t.about) for t in started}
             for round_ in range(1, args.rounds + 1):
-                for target in started:
+                for target in targets.round_order(started, round_):
                     if not targets.still_up(target):
                         lab.skipped.setdefault(target.name, "a server process died during the run")
                         continue
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         tools = {"wrk": wrk_tool.version(), "nginx": nginx_tool.version(), **lab.versions}
         settings = {
             "rounds": args.rounds,
+            "order": "alternating",  # targets.round_order
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "connections": args.connections,

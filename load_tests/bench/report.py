@@ -224,6 +224,11 @@ def _state(notes: dict[str, Any]) -> str:
     return f" (after the runs: {'; '.join(parts)})" if parts else ""
 
 
+def _order(settings: dict[str, Any]) -> str:
+    """How rounds ordered the targets (runs before the order alternated do not say)."""
+    return ", every other one in reverse order" if settings.get("order") == "alternating" else ""
+
+
 def _other_load(rows: list[Row], settings: dict[str, Any]) -> str:
     """The header's word on the targets that do not get the common body and connections."""
     other = [r for r in rows if r.target in NOT_COMPARABLE_TO_BARE]
@@ -300,7 +305,7 @@ def write(
         "# Side-by-side benchmark: rollguard against its peers",
         "",
         f"`python -m load_tests.bench`, {host['date']}. Medians over {settings['rounds']} "
-        f"interleaved round(s); each run {settings['duration_s']:g} s at "
+        f"interleaved round(s){_order(settings)}; each run {settings['duration_s']:g} s at "
         f"{settings['connections']} connections after a {settings['warmup_s']:g} s warm-up; "
         f"client: {settings['client']}. Every request is the same V2 JSON body (one "
         "breast_cancer row); CPU is utime+stime of every serving process (proxies, their "

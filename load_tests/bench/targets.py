@@ -36,19 +36,19 @@ class Target:
     connections: int | None = None  # None: --connections
 
 
-ALL = (
+ALL = (  # the two targets of each goal next to each other (see round_order)
     "bare",
-    "bare-threads",
     "rollguard",
     "rollguard-shadow",
     "rollguard-gc-frozen",
+    "bare-threads",
     "naive-proxy",
     "rollguard-proxy",
-    "rollguard-proxy-canary",
     "rollguard-proxy-shadow",
+    "rollguard-proxy-canary",
     "nginx-proxy",
-    "nginx-split",
     "nginx-mirror",
+    "nginx-split",
     "mlserver",
     "rollguard-mlp",
     "rollguard-mlp-batched",
@@ -252,6 +252,16 @@ class Lab:
                 self.skipped[name] = str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
                 log(f"  skipped {name}: {exc}")
         return started
+
+
+def round_order(started: list[Target], round_: int) -> list[Target]:
+    """The order of round `round_` (from 1): as started in odd rounds, reversed in even ones.
+
+    A goal pairs two targets of one round; alternating the order cancels, over two rounds,
+    a steady drift of the machine's speed that would otherwise always favour the target
+    that runs first. Paired targets are next to each other in ALL.
+    """
+    return list(started) if round_ % 2 else list(reversed(started))
 
 
 def still_up(target: Target) -> bool:
