@@ -16,18 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from proxy.answers import (
-    answers_agree,
-    deciding_outputs,
-    drift_row,
-    passthrough_prediction,
-    prediction_of,
-)
+from proxy import calls
+from proxy.answers import answers_agree, drift_row, prediction_of
 from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.shadow import ShadowMirror
-from proxy.windows import FeedbackIndex, Outcome, VariantWindow
-from serving.codec import response_outputs, tensors_from_outputs
+from proxy.windows import FeedbackIndex, Outcome, VariantWindow, Windows
 from serving.errors import (
     InvalidInput,
     ModelExecutionError,
@@ -39,16 +33,6 @@ from serving.jsontensors import JsonInputs, as_tensors
 from serving.manifest import Manifest
 from serving.registry import LoadedVersion, Registry
 from serving.tensors import Tensors, check_inputs
-
-VARIANT_NOTE = "rollguard-variant="  # how a failure says which version failed (see variant_of)
-
-
-def variant_of(exc: BaseException) -> str | None:
-    """The version that failed, when the failure came from a model call."""
-    for note in getattr(exc, "__notes__", ()):
-        if note.startswith(VARIANT_NOTE):
-            return str(note[len(VARIANT_NOTE) :])
-    return None
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass pays object.__setattr__ per field
@@ -78,32 +62,6 @@ class RequestIds:
 
     def __call__(self) -> str:
         return f"{self._prefix}-{next(self._counter)}"
-
-
-class Windows:
-    """The per-(model, version) ring buffers; sized by the rollout that watches them."""
-
-    def __init__(self, default_size: int, tolerance: float) -> None:
-        self._default = default_size
-        self._tol = tolerance
-        self._windows: dict[tuple[str, str], VariantWindow] = {}
-
-    def get(self, model: str, version: str) -> VariantWindow:
-        window = self._windows.get((model, version))
-        if window is None:
-            window = VariantWindow(version, self._default, tol=self._tol)
-            self._windows[(model, version)] = window
-        return window
-
-    def ensure(
-        self, model: str, version: str, size: int, input_width: int | None = None
-    ) -> VariantWindow:
-        """The window, recreated when a rollout asks for another size or input width."""
-        window = self._windows.get((model, version))
-        if window is None or window.size != size or window.input_width != input_width:
-            window = VariantWindow(version, size, input_width=input_width, tol=self._tol)
-            self._windows[(model, version)] = window
-        return window
 
 
 class Gateway:
@@ -161,11 +119,11 @@ class Gateway:
             loaded = self.registry.get(model, version)
             self._validate(loaded, inputs, requested)
             if body is not None and loaded.runner.passes_v2_bodies:
-                outputs, _, passed = await self._call_raw(loaded, body, full=False)
+                outputs, _, passed = await calls.predict_raw(loaded, body, full=False)
                 return Answer(
                     outputs, model, version, "pinned", request_id, loaded.manifest, passed
                 )
-            outputs = await self._call(loaded, as_tensors(inputs))
+            outputs = await calls.predict(loaded, as_tensors(inputs), None, self.timeout_s)
             return Answer(outputs, model, version, "pinned", request_id, loaded.manifest)
         table = self.router.table(model)
         if table is None:
@@ -189,9 +147,11 @@ class Gateway:
         try:
             if body is not None and loaded.runner.passes_v2_bodies:
                 # Shadows compare whole answers, so only then is every output converted.
-                outputs, prediction, items = await self._call_raw(loaded, body, full=bool(mirrored))
+                outputs, prediction, items = await calls.predict_raw(
+                    loaded, body, full=bool(mirrored)
+                )
             else:
-                outputs = await self._call(loaded, as_tensors(inputs))
+                outputs = await calls.predict(loaded, as_tensors(inputs), None, self.timeout_s)
                 prediction = prediction_of(outputs)
         except UpstreamTimeout:
             self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504")
@@ -241,67 +201,6 @@ class Gateway:
                     f"unknown output(s) {unknown}; the model declares {sorted(declared)}"
                 )
 
-    async def _call(
-        self, loaded: LoadedVersion, inputs: Tensors, limit_s: float | None = None
-    ) -> Tensors:
-        runner = loaded.runner
-        try:
-            if runner.fits_inline(inputs):
-                # A model measured to answer in microseconds runs right here; a timer
-                # could not interrupt a call that never yields, so none is set.
-                return runner.predict_inline(inputs)
-            if limit_s is None and runner.passes_v2_bodies:
-                # A remote runner times out by its own client timeout (the manifest's
-                # timeout_s) and raises UpstreamTimeout: a second timer would only cost.
-                return await runner.predict(inputs)
-            async with asyncio.timeout(self.timeout_s if limit_s is None else limit_s):
-                return await runner.predict(inputs)
-        except TimeoutError:
-            raise self._timed_out(loaded, limit_s) from None
-        except ServingError as exc:
-            exc.add_note(VARIANT_NOTE + loaded.manifest.version)
-            raise
-        except Exception as exc:  # a runner bug must still count as that version's error
-            raise self._runner_bug(loaded, exc) from exc
-
-    async def _call_raw(
-        self, loaded: LoadedVersion, body: bytes, *, full: bool
-    ) -> tuple[Tensors, float, list[dict[str, Any]]]:
-        """Forward `body` as-is: (every output when `full`, else none; the prediction the
-        windows keep; the upstream's outputs as JSON)."""
-        try:
-            items, _ = response_outputs(await loaded.runner.predict_raw(body))
-            outputs: Tensors = {}
-            if full:
-                outputs = tensors_from_outputs(items)
-                prediction = prediction_of(outputs)
-            else:
-                read = passthrough_prediction(items)
-                prediction = prediction_of(deciding_outputs(items)) if read is None else read
-        except TimeoutError:
-            raise self._timed_out(loaded, None) from None
-        except ServingError as exc:
-            exc.add_note(VARIANT_NOTE + loaded.manifest.version)
-            raise
-        except Exception as exc:
-            raise self._runner_bug(loaded, exc) from exc
-        return outputs, prediction, items
-
-    def _timed_out(self, loaded: LoadedVersion, limit_s: float | None) -> UpstreamTimeout:
-        manifest = loaded.manifest
-        if limit_s is None:
-            limit_s = manifest.timeout_s if manifest.framework == "http" else self.timeout_s
-        timed_out = UpstreamTimeout(
-            f"{manifest.name}/{manifest.version} did not answer within {limit_s}s"
-        )
-        timed_out.add_note(VARIANT_NOTE + manifest.version)
-        return timed_out
-
-    def _runner_bug(self, loaded: LoadedVersion, exc: Exception) -> ModelExecutionError:
-        failed = ModelExecutionError(f"{type(exc).__name__}: {exc}")
-        failed.add_note(VARIANT_NOTE + loaded.manifest.version)
-        return failed
-
     def _record_failure(
         self,
         window: VariantWindow,
@@ -338,10 +237,12 @@ class Gateway:
             start = self._clock()
             try:
                 if raw is None:
-                    outputs = await self._call(loaded, as_tensors(inputs), self.shadow.timeout_s)
+                    outputs = await calls.predict(
+                        loaded, as_tensors(inputs), self.shadow.timeout_s, self.timeout_s
+                    )
                 else:
                     async with asyncio.timeout(self.shadow.timeout_s):
-                        outputs, _, _ = await self._call_raw(loaded, raw, full=True)
+                        outputs, _, _ = await calls.predict_raw(loaded, raw, full=True)
             except (UpstreamTimeout, TimeoutError):
                 shadow_window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"))
                 self.metrics.shadow.labels(model, version, "timeout").inc()

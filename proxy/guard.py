@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from proxy.calls import variant_of
 from proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
-from proxy.gateway import variant_of
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.state import REQUEST_ID_HEADER, VARIANT_HEADER

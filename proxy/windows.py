@@ -246,3 +246,29 @@ class FeedbackIndex:
         self._ids[pos] = None
         assert window is not None  # every indexed slot holds a window
         return window, self._seqs[pos]
+
+
+class Windows:
+    """The per-(model, version) ring buffers; sized by the rollout that watches them."""
+
+    def __init__(self, default_size: int, tolerance: float) -> None:
+        self._default = default_size
+        self._tol = tolerance
+        self._windows: dict[tuple[str, str], VariantWindow] = {}
+
+    def get(self, model: str, version: str) -> VariantWindow:
+        window = self._windows.get((model, version))
+        if window is None:
+            window = VariantWindow(version, self._default, tol=self._tol)
+            self._windows[(model, version)] = window
+        return window
+
+    def ensure(
+        self, model: str, version: str, size: int, input_width: int | None = None
+    ) -> VariantWindow:
+        """The window, recreated when a rollout asks for another size or input width."""
+        window = self._windows.get((model, version))
+        if window is None or window.size != size or window.input_width != input_width:
+            window = VariantWindow(version, size, input_width=input_width, tol=self._tol)
+            self._windows[(model, version)] = window
+        return window

@@ -1,12 +1,8 @@
-"""A lean pooled HTTP/1.1 client for one upstream origin: asyncio.Protocol + httptools.
+"""A lean pooled HTTP/1.1 client for one upstream origin (connections: serving/connection.py).
 
 Why not aiohttp's ClientSession: a forwarded infer request needs a status and a body,
 and ClientSession spends several times the Python of the whole round trip on
 headers, cookies, tracing and stream readers it does not need (load_tests/bench_upstream.py).
-
-One request costs one pre-built bytes buffer written with one `transport.write`, one
-Future and one timer handle; the parser (llhttp in C) calls back into Python only for
-the handful of headers, the body and the end of the message.
 """
 
 from __future__ import annotations
@@ -16,165 +12,12 @@ import ssl
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
 from urllib.parse import urlsplit
 
-import httptools
-
+from serving.connection import Connection, Expired, Failed, Stale
 from serving.errors import UpstreamError, UpstreamTimeout
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
-
-class _Failed(Exception):
-    """The exchange failed; the text is the reason, the caller adds the URL."""
-
-
-class _Stale(_Failed):
-    """A reused keep-alive connection closed before any byte of the response."""
-
-
-class _Expired(Exception):
-    """The request's deadline passed."""
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; at most one request in flight on it."""
-
-    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
-        self._pool = pool
-        self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._got_bytes = False
-        self._headers_done = False
-        self._delimited = False  # Content-Length or chunked: the body does not end at EOF
-        self._failure = ""
-        self.reused = False
-        self.reusable = False
-        self.idle = False
-        self.lost: asyncio.Future[None] = loop.create_future()
-
-    def exchange(self, payload: bytes, deadline: float) -> asyncio.Future[tuple[int, bytes]]:
-        """Send one request; the Future gives (status, body) or fails with _Failed/_Expired."""
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        self._chunks = []
-        self._size = 0
-        self._got_bytes = self._headers_done = self._delimited = self.reusable = False
-        self._timer = self._loop.call_at(deadline, self._expire)
-        assert self._transport is not None
-        if self._transport.is_closing():  # the server's FIN is in, connection_lost is not yet
-            self._fail(_Stale("kept-alive connection closed before the request"))
-        else:
-            self._transport.write(payload)
-        return waiter
-
-    def abort(self) -> None:
-        self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _fail(self, error: Exception) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
-        self.abort()
-
-    def _expire(self) -> None:
-        self._fail(_Expired())
-
-    # --- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # bytes nobody asked for: the stream is out of step
-            self.abort()
-            return
-        self._got_bytes = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(_Failed("malformed response: unexpected protocol upgrade"))
-        except httptools.HttpParserError as exc:
-            self._fail(_Failed(self._failure or f"malformed response: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.reusable = False
-        if not self.lost.done():
-            self.lost.set_result(None)
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._waiter is None:
-            if self.idle:
-                self._pool._drop_idle(self)
-            return
-        if self._headers_done and not self._delimited:
-            self._finish()  # an HTTP/1.0-style body that ends where the connection does
-            return
-        reason = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-        if self._got_bytes:
-            self._fail(_Failed(f"connection lost mid-response{reason}"))
-        elif self.reused:
-            self._fail(_Stale(f"kept-alive connection closed before a response{reason}"))
-        else:
-            self._fail(_Failed(f"connection closed before a response{reason}"))
-
-    # --- httptools callbacks -------------------------------------------------------------
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name)
-        if size == 14 and name.lower() == b"content-length":
-            self._delimited = True
-            if int(value) > self._pool.max_response_bytes:
-                self._too_large()
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            self._delimited = value.rstrip().lower().endswith(b"chunked")
-
-    def on_headers_complete(self) -> None:
-        self._headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self._size += len(body)
-        if self._size > self._pool.max_response_bytes:
-            self._too_large()
-        self._chunks.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._waiter is None:
-            return
-        status = self._parser.get_status_code()
-        if status < 200 and status != 101:  # an interim 1xx: the real answer follows
-            self._chunks = []
-            self._size = 0
-            self._headers_done = self._delimited = False
-            return
-        self._finish()
-
-    def _too_large(self) -> None:
-        self._failure = f"response body larger than {self._pool.max_response_bytes} bytes"
-        raise _Failed(self._failure)  # httptools re-raises it as HttpParserCallbackError
-
-    def _finish(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        assert self._timer is not None and self._transport is not None
-        self._timer.cancel()
-        chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.reused = True
-        self.reusable = self._parser.should_keep_alive() and not self._transport.is_closing()
-        if waiter is not None and not waiter.done():
-            waiter.set_result((self._parser.get_status_code(), body))
-        if not self.reusable:
-            self._transport.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +79,9 @@ class UpstreamPool:
         self.timeout_s = timeout_s
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
-        self._idle: list[_Connection] = []
-        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
-        self._connections: set[_Connection] = set()
+        self._idle: list[Connection] = []
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._connections: set[Connection] = set()
         self._slots = 0  # connections open or being opened, each held by a request or idle
         self._closed = False
 
@@ -285,17 +128,17 @@ class UpstreamPool:
                     conn.idle = False
                 try:
                     return await conn.exchange(payload, deadline)
-                except _Stale:
+                except Stale:
                     if retried:
                         raise
                     retried = True
                     self._release(conn)
                     conn = None
-        except (_Expired, TimeoutError):
+        except (Expired, TimeoutError):
             raise UpstreamTimeout(
                 f"{self.url}{path}: no answer within {self.timeout_s:g} s"
             ) from None
-        except _Failed as exc:
+        except Failed as exc:
             raise UpstreamError(f"{self.url}{path}: {exc}") from None
         except OSError as exc:
             raise UpstreamError(f"{self.url}{path}: unreachable: {exc}") from None
@@ -309,7 +152,7 @@ class UpstreamPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(_Failed("the connection pool was closed"))
+                waiter.set_exception(Failed("the connection pool was closed"))
         self._idle.clear()
         for conn in self._connections:
             conn.abort()
@@ -318,14 +161,14 @@ class UpstreamPool:
         if lost:
             await asyncio.wait(lost, timeout=1.0)
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> Connection:
         """A connection holding one slot: handed over by a finished request, or new."""
         if self._closed:
-            raise _Failed("the connection pool was closed")
+            raise Failed("the connection pool was closed")
         if self._slots < self.max_connections:
             self._slots += 1
         else:
-            waiter: asyncio.Future[_Connection | None] = loop.create_future()
+            waiter: asyncio.Future[Connection | None] = loop.create_future()
             self._waiters.append(waiter)
             try:
                 async with asyncio.timeout_at(deadline):
@@ -341,7 +184,7 @@ class UpstreamPool:
         try:
             async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop),
+                    lambda: Connection(loop, self.max_response_bytes, self._drop_idle),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -353,11 +196,11 @@ class UpstreamPool:
         if self._closed:
             conn.abort()
             self._give(None)
-            raise _Failed("the connection pool was closed")
+            raise Failed("the connection pool was closed")
         self._connections.add(conn)
         return conn
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         if conn.reusable and not self._closed:
             self._give(conn)
         else:
@@ -365,7 +208,7 @@ class UpstreamPool:
             self._connections.discard(conn)
             self._give(None)
 
-    def _give(self, conn: _Connection | None) -> None:
+    def _give(self, conn: Connection | None) -> None:
         """Pass a slot (a live connection, or None: the right to open one) on."""
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -378,7 +221,7 @@ class UpstreamPool:
             conn.idle = True
             self._idle.append(conn)
 
-    def _drop_idle(self, conn: _Connection) -> None:
+    def _drop_idle(self, conn: Connection) -> None:
         """An idle connection was closed by the server: free its slot."""
         conn.idle = False
         self._connections.discard(conn)

@@ -1,0 +1,145 @@
+"""What inputs and outputs an artifact declares, read without serving it.
+
+`rollguard registry add` writes these into model.yaml: ONNX from the session's
+signature, scikit-learn from `n_features_in_` and `classes_`, torch from a
+`torch.export` program's example inputs. What a format does not state is left empty
+with a warning, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.errors import ArtifactError
+from serving.manifest import Framework
+from serving.tensors import NUMPY_TO_V2
+
+logger = logging.getLogger(__name__)
+
+_Tensor = dict[str, Any]
+_ONNX_TYPES = {
+    "float": "FP32", "double": "FP64", "float16": "FP16", "bool": "BOOL", "string": "BYTES",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+}  # fmt: skip
+
+
+def _tensor(name: str, datatype: str, dims: Any) -> _Tensor:
+    # Symbolic or unknown dimensions (None, "batch", torch SymInt) become -1.
+    shape = [d if isinstance(d, int) and d > 0 else -1 for d in (dims or [])]
+    return {"name": name, "datatype": datatype, "shape": shape or [-1]}
+
+
+def read_signature(
+    framework: Framework, path: Path, trusted: list[str]
+) -> tuple[list[_Tensor], list[_Tensor]]:
+    """(inputs, outputs) of the artifact at `path` as model.yaml tensor entries."""
+    if framework == "onnx":
+        return _onnx_signature(path)
+    if framework == "sklearn":
+        return _sklearn_signature(path, trusted)
+    return _torch_signature(path)
+
+
+def _onnx_signature(path: Path) -> tuple[list[_Tensor], list[_Tensor]]:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's errors share no public base class
+        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {exc}") from None
+
+    def tensors(args: list[Any], kind: str) -> list[_Tensor]:
+        found = []
+        for arg in args:
+            match = re.fullmatch(r"tensor\((\w+)\)", arg.type)
+            datatype = _ONNX_TYPES.get(match[1]) if match else None
+            if datatype is None:
+                logger.warning(
+                    "%s: %s %r has type %s, which V2 cannot declare; left out of model.yaml "
+                    "(for skl2onnx classifiers export with options {'zipmap': False})",
+                    path.name, kind, arg.name, arg.type,
+                )  # fmt: skip
+                continue
+            found.append(_tensor(arg.name, datatype, arg.shape))
+        return found
+
+    return tensors(session.get_inputs(), "input"), tensors(session.get_outputs(), "output")
+
+
+def _sklearn_signature(path: Path, trusted: list[str]) -> tuple[list[_Tensor], list[_Tensor]]:
+    if path.suffix == ".skops":
+        import skops.io
+
+        untrusted = skops.io.get_untrusted_types(file=path)
+        unvouched = sorted(set(untrusted) - set(trusted))
+        if unvouched:
+            raise ArtifactError(
+                f"{path.name}: contains types skops does not trust by default: "
+                f"{', '.join(unvouched)}; not guessing: if you trust this file, pass each "
+                "as a trusted type and it is written to model.yaml's trusted_types"
+            )
+        estimator = skops.io.load(path, trusted=untrusted)
+    else:
+        import joblib
+
+        estimator = joblib.load(path)  # a pickle: only add files you would serve anyway
+    n_features = getattr(estimator, "n_features_in_", None)
+    if not isinstance(n_features, int):
+        logger.warning("%s: no n_features_in_; inputs left empty in model.yaml", path.name)
+        return [], []
+    inputs = [_tensor("input", "FP32", [-1, n_features])]
+    classes = getattr(estimator, "classes_", None)
+    if hasattr(estimator, "predict_proba") and classes is not None:
+        kind = np.asarray(classes).dtype.kind
+        label = {"i": "INT64", "u": "INT64", "b": "BOOL", "f": "FP64"}.get(kind, "BYTES")
+        outputs = [
+            _tensor("label", label, [-1]),
+            _tensor("probabilities", "FP32", [-1, len(classes)]),
+        ]
+    else:
+        n_outputs = getattr(estimator, "n_outputs_", 1)
+        outputs = [_tensor("prediction", "FP64", [-1] if n_outputs == 1 else [-1, n_outputs])]
+    return inputs, outputs
+
+
+def _torch_signature(path: Path) -> tuple[list[_Tensor], list[_Tensor]]:
+    try:
+        import torch
+    except ImportError:
+        logger.warning("%s: torch is not installed; inputs/outputs left empty", path.name)
+        return [], []
+    if path.suffix != ".pt2":
+        logger.warning(
+            "%s: a TorchScript file does not record example inputs; inputs/outputs left "
+            "empty in model.yaml (export with torch.export to .pt2 to have them filled)",
+            path.name,
+        )
+        return [], []
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises RuntimeError, BadZipFile, pickling errors
+        raise ArtifactError(f"{path.name}: torch cannot load it: {exc}") from None
+
+    def tensor(name: str, value: Any) -> _Tensor | None:
+        try:
+            datatype = NUMPY_TO_V2[np.dtype(str(value.dtype).removeprefix("torch."))]
+        except (AttributeError, TypeError, KeyError):
+            logger.warning("%s: %r is not a tensor V2 can declare; left out", path.name, name)
+            return None
+        return _tensor(name, datatype, list(value.shape))
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    inputs, outputs = [], []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            inputs.append(tensor(node.name, node.meta.get("val")))
+        elif node.op == "output":
+            for i, arg in enumerate(node.args[0]):
+                outputs.append(tensor(f"output_{i}", getattr(arg, "meta", {}).get("val")))
+    return [t for t in inputs if t], [t for t in outputs if t]
