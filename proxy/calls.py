@@ -8,7 +8,7 @@ against that variant, whichever layer maps it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.answers import deciding_outputs, passthrough_prediction, prediction_of
 from serving.codec import response_outputs, tensors_from_outputs
@@ -17,6 +17,7 @@ from serving.registry import LoadedVersion
 from serving.tensors import Tensors
 
 VARIANT_NOTE = "rollguard-variant="  # how a failure says which version failed
+E = TypeVar("E", bound=BaseException)
 
 
 def variant_of(exc: BaseException) -> str | None:
@@ -47,7 +48,7 @@ async def predict(
     except TimeoutError:
         raise timed_out(loaded, limit_s, default_s) from None
     except ServingError as exc:
-        exc.add_note(VARIANT_NOTE + loaded.manifest.version)
+        tagged(exc, loaded)
         raise
     except Exception as exc:  # a runner bug must still count as that version's error
         raise runner_bug(loaded, exc) from exc
@@ -71,7 +72,7 @@ async def predict_raw(
     except TimeoutError:
         raise timed_out(loaded, None, loaded.manifest.timeout_s) from None
     except ServingError as exc:
-        exc.add_note(VARIANT_NOTE + loaded.manifest.version)
+        tagged(exc, loaded)
         raise
     except Exception as exc:
         raise runner_bug(loaded, exc) from exc
@@ -86,11 +87,14 @@ def timed_out(loaded: LoadedVersion, limit_s: float | None, default_s: float) ->
     failure = UpstreamTimeout(
         f"{manifest.name}/{manifest.version} did not answer within {limit_s}s"
     )
-    failure.add_note(VARIANT_NOTE + manifest.version)
-    return failure
+    return tagged(failure, loaded)
 
 
 def runner_bug(loaded: LoadedVersion, exc: Exception) -> ModelExecutionError:
-    failed = ModelExecutionError(f"{type(exc).__name__}: {exc}")
-    failed.add_note(VARIANT_NOTE + loaded.manifest.version)
-    return failed
+    return tagged(ModelExecutionError(f"{type(exc).__name__}: {exc}"), loaded)
+
+
+def tagged(exc: E, loaded: LoadedVersion) -> E:
+    """`exc` with the note naming the version it came from (read back by `variant_of`)."""
+    exc.add_note(VARIANT_NOTE + loaded.manifest.version)
+    return exc
