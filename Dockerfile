@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY serving ./serving
 COPY policy ./policy
+COPY rollguard ./rollguard
 COPY config ./config
 # torch is optional; add '[torch]' to serve PyTorch models (pinned CPU wheel).
 RUN pip install --no-cache-dir '.' && useradd --uid 10001 rollguard

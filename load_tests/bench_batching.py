@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from load_tests.bench import mlp
-from serving.batching import BatchingRunner
-from serving.manifest import Manifest
-from serving.runners import Runner, create_runner
-from serving.tensors import Tensors
+from rollguard.serving.batching import BatchingRunner
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners import Runner, create_runner
+from rollguard.serving.tensors import Tensors
 
 
 class CountingRunner(Runner):

@@ -17,8 +17,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.routing import KeySource, SplitTable
-from proxy.windows import FeedbackIndex, Outcome, VariantWindow
+from rollguard.proxy.routing import KeySource, SplitTable
+from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow
 
 N_KEYS = 4096  # distinct users and request ids cycled through (a power of two for masking)
 

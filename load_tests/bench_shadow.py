@@ -45,7 +45,7 @@ def build_registry(demo: Path, work: Path, slow_base: str) -> Path:
 def start_gateway(procs: Processes, work: Path, name: str, registry: Path, shadow: bool) -> str:
     port = free_port()
     policies = models.policies(work, "shadow" if shadow else None)
-    argv = [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)]
+    argv = [sys.executable, "-m", "rollguard.proxy.cli", "serve", "--port", str(port)]
     argv += ["--registry", str(registry), "--policies", str(policies)]
     argv += ["--state", str(work / f"state-{name}")]
     env = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}

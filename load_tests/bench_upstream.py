@@ -24,7 +24,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from serving.upstream import UpstreamPool
+from rollguard.serving.upstream import UpstreamPool
 
 PATH = "/v2/models/echo/versions/1/infer"
 _JSON = {"Content-Type": "application/json"}

@@ -22,7 +22,7 @@ from locust import HttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust runs from anywhere
 
-from serving.demo.build import load_eval_data
+from rollguard.serving.demo.build import load_eval_data
 
 MODEL = "fraud"
 _ROWS, _LABELS = load_eval_data()

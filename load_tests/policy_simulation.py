@@ -36,12 +36,12 @@ from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policy.checks import MIN_EVENTS, check_alpha, evaluate_checks, latency_threshold
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Check, Spec
-from policy.sequential import difference_bounds, rate_bounds
-from policy.srm import SRM_CONCENTRATION, SRM_MIN_PER_ARM, SRM_PVALUE
-from policy.verdict import Verdict
+from rollguard.policy.checks import MIN_EVENTS, check_alpha, evaluate_checks, latency_threshold
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Check, Spec
+from rollguard.policy.sequential import difference_bounds, rate_bounds
+from rollguard.policy.srm import SRM_CONCENTRATION, SRM_MIN_PER_ARM, SRM_PVALUE
+from rollguard.policy.verdict import Verdict
 
 CADENCES = (10, 100, 1000)
 WINDOW = 2000  # per-variant ring buffer (the Rollout default)

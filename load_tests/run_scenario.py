@@ -30,7 +30,7 @@ import numpy as np
 from load_tests.loadgen import LoadResult, Workload, run_closed, run_open, v2_bodies
 from load_tests.report import Poll, build_report, plot, write_json
 from load_tests.scenario import Scenario, ScenarioError, check_expectations, load_scenario
-from proxy.process import GatewayExited, GatewayProcess
+from rollguard.proxy.process import GatewayExited, GatewayProcess
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "load_tests" / "results"
@@ -47,7 +47,7 @@ class RunError(Exception):
 def link_registry(models: Sequence[str], source: Path | None, root: Path) -> Path:
     """A registry at root/registry holding links to the scenario's versions of `source`."""
     if source is None:
-        from serving.demo.build import build_demo_registry
+        from rollguard.serving.demo.build import build_demo_registry
 
         source = CACHED_REGISTRY
         frameworks = sorted({_FRAMEWORK_OF.get(m.split("/")[0], "sklearn") for m in models})
@@ -91,7 +91,7 @@ def _workload(scenario: Scenario, url: str) -> Workload:
 
         x, y = load_digits(return_X_y=True)
     else:
-        from serving.demo.build import load_eval_data
+        from rollguard.serving.demo.build import load_eval_data
 
         x, y = load_eval_data()
     feedback = scenario.feedback

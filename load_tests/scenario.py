@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from load_tests.loadgen import RatePhase
 from load_tests.report import NO_VARIANT
-from policy.errors import PolicyInvalid
-from policy.loader import parse_rollout
-from policy.schema import Duration, Rollout
-from policy.state import Phase
+from rollguard.policy.errors import PolicyInvalid
+from rollguard.policy.loader import parse_rollout
+from rollguard.policy.schema import Duration, Rollout
+from rollguard.policy.state import Phase
 
 
 class ScenarioError(Exception):

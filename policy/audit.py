@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from policy.errors import AuditError
-from policy.store import sync_directory, write_atomic
+from rollguard.policy.errors import AuditError
+from rollguard.policy.store import sync_directory, write_atomic
 
 GENESIS = "0" * 64
 _FIELDS = ("seq", "ts", "kind", "rollout", "actor", "data", "prev", "hash")

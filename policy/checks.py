@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import math
 
-from policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Check, Spec
-from policy.sequential import Bounds, Side, difference_sequence, rate_sequence
-from policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
-from policy.verdict import CheckResult, Verdict
+from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Check, Spec
+from rollguard.policy.sequential import Bounds, Side, difference_sequence, rate_sequence
+from rollguard.policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
+from rollguard.policy.verdict import CheckResult, Verdict
 
 __all__ = ["MIN_EVENTS", "check_alpha", "evaluate", "evaluate_checks", "latency_threshold"]
 

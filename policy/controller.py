@@ -24,13 +24,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from policy.audit import AuditLog
-from policy.checks import evaluate_checks, latency_threshold
-from policy.decide import Action, Counts, Decision, apply_action, decide
-from policy.evidence import Evidence
-from policy.schema import Check, Rollout
-from policy.state import RolloutState, mirroring, routing_weight
-from policy.store import StateStore
+from rollguard.policy.audit import AuditLog
+from rollguard.policy.checks import evaluate_checks, latency_threshold
+from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide
+from rollguard.policy.evidence import Evidence
+from rollguard.policy.schema import Check, Rollout
+from rollguard.policy.state import RolloutState, mirroring, routing_weight
+from rollguard.policy.store import StateStore
 
 ENGINE = "engine"  # the audit actor for automatic decisions
 

@@ -33,12 +33,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from policy.errors import ActionRejected
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Rollout, Spec
-from policy.sequential import difference_sequence
-from policy.state import Phase, RolloutState, routing_weight
-from policy.verdict import CheckResult, Verdict
+from rollguard.policy.errors import ActionRejected
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Rollout, Spec
+from rollguard.policy.sequential import difference_sequence
+from rollguard.policy.state import Phase, RolloutState, routing_weight
+from rollguard.policy.verdict import CheckResult, Verdict
 
 __all__ = ["ACTIONS", "Action", "Counts", "Decision", "apply_action", "decide", "routing_weight"]
 

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from policy.errors import PolicyInvalid
-from policy.schema import Rollout
+from rollguard.policy.errors import PolicyInvalid
+from rollguard.policy.schema import Rollout
 
 MAX_POLICY_BYTES = 1 << 20  # a policy is a page of YAML; refuse anything absurd early
 _MAX_REPORTED = 10

@@ -1,7 +1,7 @@
 """The Rollout document (apiVersion rollguard/v1): typed, frozen, validated once.
 
 The JSON Schema shipped for editors (policy/rollout.schema.json) is generated from
-these models (`python -m policy.schema > policy/rollout.schema.json`), so the two
+these models (`python -m rollguard.policy.schema > policy/rollout.schema.json`), so the two
 cannot drift apart; a test checks the shipped file is current.
 """
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from policy.errors import StateError
-from policy.schema import Rollout
+from rollguard.policy.errors import StateError
+from rollguard.policy.schema import Rollout
 
 FORMAT = 1  # bump when the JSON layout changes incompatibly
 

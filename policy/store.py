@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from policy.errors import StateError
+from rollguard.policy.errors import StateError
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")  # metadata.name's own pattern
 _SUFFIX = ".json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from policy.schema import Check
+from rollguard.policy.schema import Check
 
 
 class Verdict(enum.Enum):

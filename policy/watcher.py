@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from policy.errors import PolicyInvalid
-from policy.loader import MAX_POLICY_BYTES, find_line, parse_rollout_bytes
-from policy.schema import Rollout
+from rollguard.policy.errors import PolicyInvalid
+from rollguard.policy.loader import MAX_POLICY_BYTES, find_line, parse_rollout_bytes
+from rollguard.policy.schema import Rollout
 
 Change = Literal["none", "thresholds", "new_rollout"]
 _IDENTITY = ("model", "stable", "candidate", "strategy")

@@ -13,10 +13,10 @@ from datetime import datetime
 import orjson
 from aiohttp import web
 
-from proxy.dataplane import json_response
-from proxy.errors import Forbidden, Unauthorized
-from proxy.state import ROLLOUTS, SETTINGS, Guard
-from serving.errors import InvalidInput
+from rollguard.proxy.dataplane import json_response
+from rollguard.proxy.errors import Forbidden, Unauthorized
+from rollguard.proxy.state import ROLLOUTS, SETTINGS, Guard
+from rollguard.serving.errors import InvalidInput
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
 ACTOR_HEADER = "x-rollguard-actor"

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from proxy.windows import VariantWindow
-from serving.codec import tensors_from_outputs
-from serving.jsontensors import flat_count, numeric_data_fits
-from serving.tensors import V2_TO_NUMPY, Tensors
+from rollguard.proxy.windows import VariantWindow
+from rollguard.serving.codec import tensors_from_outputs
+from rollguard.serving.jsontensors import flat_count, numeric_data_fits
+from rollguard.serving.tensors import V2_TO_NUMPY, Tensors
 
 
 def prediction_of(outputs: Mapping[str, np.ndarray]) -> float:

@@ -11,14 +11,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from proxy import admin, dataplane
-from proxy.gateway import Gateway, RequestIds
-from proxy.guard import LIMITS, Limits, error_reply, reply_for
-from proxy.metrics import Metrics
-from proxy.rollouts import Rollouts
-from proxy.settings import Settings
-from proxy.shadow import LoadGauge, ShadowMirror
-from proxy.state import (
+from rollguard.proxy import admin, dataplane
+from rollguard.proxy.gateway import Gateway, RequestIds
+from rollguard.proxy.guard import LIMITS, Limits, error_reply, reply_for
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.rollouts import Rollouts
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.shadow import LoadGauge, ShadowMirror
+from rollguard.proxy.state import (
     GATEWAY,
     REQUEST_ID,
     REQUEST_ID_HEADER,
@@ -27,7 +27,7 @@ from proxy.state import (
     Guard,
     Handler,
 )
-from serving.registry import Registry
+from rollguard.serving.registry import Registry
 
 log = logging.getLogger("rollguard")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TypeVar
 
-from proxy.answers import deciding_outputs, passthrough_prediction, prediction_of
-from serving.codec import response_outputs, tensors_from_outputs
-from serving.errors import ModelExecutionError, ServingError, UpstreamTimeout
-from serving.registry import LoadedVersion
-from serving.tensors import Tensors
+from rollguard.proxy.answers import deciding_outputs, passthrough_prediction, prediction_of
+from rollguard.serving.codec import response_outputs, tensors_from_outputs
+from rollguard.serving.errors import ModelExecutionError, ServingError, UpstreamTimeout
+from rollguard.serving.registry import LoadedVersion
+from rollguard.serving.tensors import Tensors
 
 VARIANT_NOTE = "rollguard-variant="  # how a failure says which version failed
 E = TypeVar("E", bound=BaseException)

@@ -25,9 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from proxy.app import create_app
-    from proxy.server import start_server
-    from proxy.settings import load_settings
+    from rollguard.proxy.app import create_app
+    from rollguard.proxy.server import start_server
+    from rollguard.proxy.settings import load_settings
 
     settings = load_settings(
         args.config,
@@ -65,13 +65,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from rollguard.proxy.demo import run_demo
 
     return run_demo(workdir=args.workdir, port=args.port, quick=args.quick)
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from policy.loader import check_files
+    from rollguard.policy.loader import check_files
 
     failed = 0
     for path, error in check_files([Path(p) for p in args.files]):
@@ -84,7 +84,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from serving import catalog
+    from rollguard.serving import catalog
 
     root = Path(args.registry)
     if args.registry_command in ("list", "verify"):
@@ -176,7 +176,7 @@ def _action(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from policy.audit import export, verify
+    from rollguard.policy.audit import export, verify
 
     path = Path(args.state) / "audit.jsonl"
     if args.audit_command == "verify":
@@ -279,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rollguard: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # every product error becomes one line, not a traceback
-        from policy.errors import PolicyError
-        from proxy.settings import SettingsError
-        from serving.errors import ServingError
+        from rollguard.policy.errors import PolicyError
+        from rollguard.proxy.settings import SettingsError
+        from rollguard.serving.errors import ServingError
 
         if isinstance(exc, PolicyError | ServingError | SettingsError | OSError | ValueError):
             print(f"rollguard: {exc}", file=sys.stderr)

@@ -17,21 +17,28 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import FeedbackUnknown
-from proxy.gateway import Answer, Gateway
-from proxy.guard import JSON, Reply, reply_for
-from proxy.routing import KeySource
-from proxy.state import GATEWAY, REQUEST_ID, REQUEST_ID_HEADER, VARIANT_HEADER, Guard, Handler
-from serving.codec import (
+from rollguard.proxy.errors import FeedbackUnknown
+from rollguard.proxy.gateway import Answer, Gateway
+from rollguard.proxy.guard import JSON, Reply, reply_for
+from rollguard.proxy.routing import KeySource
+from rollguard.proxy.state import (
+    GATEWAY,
+    REQUEST_ID,
+    REQUEST_ID_HEADER,
+    VARIANT_HEADER,
+    Guard,
+    Handler,
+)
+from rollguard.serving.codec import (
     BINARY_HEADER,
     decode_infer_request,
     encode_infer_response,
     encode_passthrough_response,
     select_outputs,
 )
-from serving.errors import InvalidInput, NotReady
-from serving.manifest import Manifest
-from serving.predictcodec import decode_predict_request, encode_predictions
+from rollguard.serving.errors import InvalidInput, NotReady
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.predictcodec import decode_predict_request, encode_predictions
 
 SERVER_NAME = "rollguard"
 SERVER_VERSION = "0.1.0"

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from proxy.process import GatewayProcess, free_port
+from rollguard.proxy.process import GatewayProcess, free_port
 
 CONFIG = Path(__file__).resolve().parent.parent / "config"
 ACTS = (
@@ -86,7 +86,7 @@ async def _act(
     goal: str,
     tally: _Tally,
 ) -> bool:
-    from serving.demo.build import load_eval_data
+    from rollguard.serving.demo.build import load_eval_data
 
     print(f"\n== {title}: policy {policy.relative_to(CONFIG.parent)}")
     _install_policy(policy, workdir / "policies" / "fraud.yaml")
@@ -142,7 +142,7 @@ async def _act(
 
 
 def _candidate(policy: Path) -> str:
-    from policy.loader import load_rollout
+    from rollguard.policy.loader import load_rollout
 
     return load_rollout(policy).spec.candidate
 
@@ -205,7 +205,7 @@ async def _run(workdir: Path, port: int) -> int:
             await _summary(http, gw.url, tally)
     finally:
         gw.stop()
-    from policy.audit import verify
+    from rollguard.policy.audit import verify
 
     check = verify(workdir / "state" / "audit.jsonl")
     print(
@@ -219,7 +219,7 @@ def run_demo(*, workdir: Path, port: int = 0, quick: bool = False) -> int:
     """Run the whole demo; 0 when the bad candidate was rolled back and the good one promoted."""
     import logging
 
-    from serving.demo.build import build_demo_registry
+    from rollguard.serving.demo.build import build_demo_registry
 
     logging.basicConfig(level=logging.WARNING)
     started = time.monotonic()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from policy.errors import ActionRejected, PolicyError, PolicyInvalid, RolloutNotFound
-from serving.errors import (
+from rollguard.policy.errors import ActionRejected, PolicyError, PolicyInvalid, RolloutNotFound
+from rollguard.serving.errors import (
     InvalidInput,
     ModelExecutionError,
     ModelNotFound,

@@ -20,12 +20,12 @@ from typing import cast
 from aiohttp import web
 from aiohttp.tcp_helpers import tcp_keepalive
 
-from proxy.dataplane import infer_core
-from proxy.gateway import Gateway
-from proxy.guard import Limits, Reply, error_reply, reply_for
-from proxy.http1 import HttpDate, encode_reply
-from proxy.reader import Incoming, RequestReader
-from proxy.state import REQUEST_ID_HEADER
+from rollguard.proxy.dataplane import infer_core
+from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.guard import Limits, Reply, error_reply, reply_for
+from rollguard.proxy.http1 import HttpDate, encode_reply
+from rollguard.proxy.reader import Incoming, RequestReader
+from rollguard.proxy.state import REQUEST_ID_HEADER
 
 log = logging.getLogger("rollguard")
 

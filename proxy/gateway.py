@@ -16,23 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from proxy import calls
-from proxy.answers import answers_agree, drift_row, prediction_of
-from proxy.metrics import Metrics
-from proxy.routing import Router
-from proxy.shadow import ShadowMirror
-from proxy.windows import FeedbackIndex, Outcome, VariantWindow, Windows
-from serving.errors import (
+from rollguard.proxy import calls
+from rollguard.proxy.answers import answers_agree, drift_row, prediction_of
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.routing import Router
+from rollguard.proxy.shadow import ShadowMirror
+from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow, Windows
+from rollguard.serving.errors import (
     InvalidInput,
     ModelExecutionError,
     ServingError,
     UpstreamError,
     UpstreamTimeout,
 )
-from serving.jsontensors import JsonInputs, as_tensors
-from serving.manifest import Manifest
-from serving.registry import LoadedVersion, Registry
-from serving.tensors import Tensors, check_inputs
+from rollguard.serving.jsontensors import JsonInputs, as_tensors
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.registry import LoadedVersion, Registry
+from rollguard.serving.tensors import Tensors, check_inputs
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass pays object.__setattr__ per field

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from proxy.calls import variant_of
-from proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
-from proxy.metrics import Metrics
-from proxy.settings import Settings
-from proxy.state import REQUEST_ID_HEADER, VARIANT_HEADER
-from serving.errors import ModelExecutionError
+from rollguard.proxy.calls import variant_of
+from rollguard.proxy.errors import RETRY_AFTER_S, BodyTooLarge, TooBusy, status_for
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.state import REQUEST_ID_HEADER, VARIANT_HEADER
+from rollguard.serving.errors import ModelExecutionError
 
 log = logging.getLogger("rollguard")
 

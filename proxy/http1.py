@@ -8,7 +8,7 @@ from http import HTTPStatus
 
 from yarl import URL
 
-from proxy.guard import Reply
+from rollguard.proxy.guard import Reply
 
 SERVER = "rollguard"
 _LINES = {

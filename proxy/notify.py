@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from policy.schema import Webhook
+from rollguard.policy.schema import Webhook
 
 log = logging.getLogger("rollguard.notify")
 

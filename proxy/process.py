@@ -48,7 +48,7 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [
-            sys.executable, "-m", "proxy.cli", "serve",
+            sys.executable, "-m", "rollguard.proxy.cli", "serve",
             "--registry", str(registry), "--policies", str(policies), "--state", str(state),
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip

@@ -14,9 +14,9 @@ from typing import NoReturn
 
 import httptools
 
-from proxy.errors import BodyTooLarge
-from proxy.guard import Limits
-from proxy.http1 import infer_route
+from rollguard.proxy.errors import BodyTooLarge
+from rollguard.proxy.guard import Limits
+from rollguard.proxy.http1 import infer_route
 
 _MAX_LINE = 8190  # aiohttp's limits; a request beyond them is aiohttp's to refuse
 _MAX_HEADERS = 128

@@ -16,20 +16,20 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from policy.audit import AuditLog, read_entries
-from policy.controller import RolloutController
-from policy.errors import PolicyError, RolloutNotFound
-from policy.evidence import Evidence
-from policy.schema import Rollout
-from policy.state import Phase
-from policy.store import StateStore
-from policy.watcher import Applied, PolicyDirectory, Rejected, Removed
-from proxy.gateway import Gateway
-from proxy.notify import Notifier
-from proxy.routing import KeySource, SplitTable
-from proxy.settings import Settings
-from proxy.windows import VariantWindow
-from serving.errors import ServingError
+from rollguard.policy.audit import AuditLog, read_entries
+from rollguard.policy.controller import RolloutController
+from rollguard.policy.errors import PolicyError, RolloutNotFound
+from rollguard.policy.evidence import Evidence
+from rollguard.policy.schema import Rollout
+from rollguard.policy.state import Phase
+from rollguard.policy.store import StateStore
+from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed
+from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.notify import Notifier
+from rollguard.proxy.routing import KeySource, SplitTable
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.windows import VariantWindow
+from rollguard.serving.errors import ServingError
 
 log = logging.getLogger("rollguard.rollouts")
 ADMIN_ACTOR = "policy-watcher"

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.fastpath import KEEPALIVE_TIMEOUT_S, FastPath
-from proxy.guard import LIMITS
-from proxy.state import GATEWAY, SETTINGS
+from rollguard.proxy.fastpath import KEEPALIVE_TIMEOUT_S, FastPath
+from rollguard.proxy.guard import LIMITS
+from rollguard.proxy.state import GATEWAY, SETTINGS
 
 SHUTDOWN_TIMEOUT_S = 5.0  # requests in flight get this long to finish at shutdown
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from proxy.metrics import Metrics
+from rollguard.proxy.metrics import Metrics
 
 
 def usable_cores() -> int:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.settings import Settings
+from rollguard.proxy.settings import Settings
 
 if TYPE_CHECKING:
-    from proxy.gateway import Gateway
-    from proxy.rollouts import Rollouts
+    from rollguard.proxy.gateway import Gateway
+    from rollguard.proxy.rollouts import Rollouts
 
 VARIANT_HEADER = "x-rollguard-variant"
 REQUEST_ID_HEADER = "x-request-id"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from policy.evidence import VariantEvidence
+from rollguard.policy.evidence import VariantEvidence
 
 
 class Outcome(IntEnum):

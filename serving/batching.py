@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.errors import ModelExecutionError, NotReady, Overloaded
-from serving.runners.base import Runner
-from serving.tensors import Tensors, batch_size
+from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
+from rollguard.serving.runners.base import Runner
+from rollguard.serving.tensors import Tensors, batch_size
 
 # Input names, dtypes and trailing dimensions: requests with equal keys concatenate.
 _Key = tuple[tuple[str, str, tuple[int, ...]], ...]

@@ -15,15 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.errors import (
+from rollguard.serving.errors import (
     ArtifactError,
     ManifestError,
     ModelNotFound,
     ServingError,
     VersionNotFound,
 )
-from serving.hashing import sha256_file
-from serving.manifest import (
+from rollguard.serving.hashing import sha256_file
+from rollguard.serving.manifest import (
     ARTIFACT_SUFFIXES,
     MANIFEST_NAME,
     Framework,
@@ -32,7 +32,7 @@ from serving.manifest import (
     dump_manifest,
     load_manifest,
 )
-from serving.signatures import read_signature
+from rollguard.serving.signatures import read_signature
 
 Status = Literal["ok", "refused"]
 

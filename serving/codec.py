@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.errors import InvalidInput, UpstreamError
-from serving.jsontensors import deferred_inputs
-from serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
+from rollguard.serving.errors import InvalidInput, UpstreamError
+from rollguard.serving.jsontensors import deferred_inputs
+from rollguard.serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 

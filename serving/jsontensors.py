@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.tensors import V2_TO_NUMPY, Tensors
+from rollguard.serving.tensors import V2_TO_NUMPY, Tensors
 
 # Integer datatypes and the values numpy converts without an OverflowError.
 _INT_RANGE: dict[str, tuple[int, int]] = {

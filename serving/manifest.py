@@ -10,8 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving.errors import ManifestError
-from serving.tensors import V2_TO_NUMPY, TensorSpec
+from rollguard.serving.errors import ManifestError
+from rollguard.serving.tensors import V2_TO_NUMPY, TensorSpec
 
 MANIFEST_NAME = "model.yaml"
 Framework = Literal["onnx", "torch", "sklearn", "http"]

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.codec import parse_json
-from serving.errors import InvalidInput
-from serving.tensors import Tensors, TensorSpec
+from rollguard.serving.codec import parse_json
+from rollguard.serving.errors import InvalidInput
+from rollguard.serving.tensors import Tensors, TensorSpec
 
 
 def decode_predict_request(

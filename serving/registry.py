@@ -33,11 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from serving.batching import BatchingRunner
-from serving.catalog import verify_directory, version_directories, version_key
-from serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
-from serving.manifest import Manifest
-from serving.runners import Runner, create_runner
+from rollguard.serving.batching import BatchingRunner
+from rollguard.serving.catalog import verify_directory, version_directories, version_key
+from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners import Runner, create_runner
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import ArtifactError
-from serving.manifest import Framework
-from serving.tensors import NUMPY_TO_V2
+from rollguard.serving.errors import ArtifactError
+from rollguard.serving.manifest import Framework
+from rollguard.serving.tensors import NUMPY_TO_V2
 
 logger = logging.getLogger(__name__)
 

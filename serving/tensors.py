@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serving.errors import InvalidInput
+from rollguard.serving.errors import InvalidInput
 
 Tensors = dict[str, np.ndarray]
 

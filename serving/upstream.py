@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from serving.connection import Connection, Expired, Failed, Stale
-from serving.errors import UpstreamError, UpstreamTimeout
+from rollguard.serving.connection import Connection, Expired, Failed, Stale
+from rollguard.serving.errors import UpstreamError, UpstreamTimeout
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 

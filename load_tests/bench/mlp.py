@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from serving.manifest import MANIFEST_NAME, Batching, Manifest, dump_manifest
+from rollguard.serving.manifest import MANIFEST_NAME, Batching, Manifest, dump_manifest
 
 MODEL = "wide-mlp"
 VERSION = "1.0.0"

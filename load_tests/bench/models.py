@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import yaml
 
-from serving.demo.build import build_demo_registry, load_eval_data
-from serving.manifest import MANIFEST_NAME, dump_manifest, load_manifest, parse_manifest
+from rollguard.serving.demo.build import build_demo_registry, load_eval_data
+from rollguard.serving.manifest import MANIFEST_NAME, dump_manifest, load_manifest, parse_manifest
 
 MODEL = "fraud-onnx"
 STABLE, CANDIDATE = "1.0.0", "1.1.0"
@@ -37,7 +37,7 @@ def build_demo(root: Path, frameworks: tuple[str, ...] = ("onnx", "sklearn")) ->
     """The demo registry (ONNX, and scikit-learn for MLServer), built once under `root`."""
     demo = root / "demo-registry"
     # The demo builder logs each version at INFO; the benchmark's own output is enough.
-    logging.getLogger("serving.demo.build").setLevel(logging.WARNING)
+    logging.getLogger("rollguard.serving.demo.build").setLevel(logging.WARNING)
     build_demo_registry(demo, frameworks=frameworks)
     return demo
 

@@ -40,7 +40,6 @@ ALL = (  # the two targets of each goal next to each other (see round_order)
     "bare",
     "rollguard",
     "rollguard-shadow",
-    "rollguard-gc-frozen",
     "bare-threads",
     "naive-proxy",
     "rollguard-proxy",
@@ -89,7 +88,7 @@ class Lab:
         name: str,
         registry: Path,
         strategy: str | None,
-        module: str = "proxy.cli",
+        module: str = "rollguard.proxy.cli",
         model: str = models.MODEL,
     ) -> tuple[Process, str]:
         port = free_port()
@@ -156,11 +155,6 @@ class Lab:
                 if strategy == "canary"
                 else "in-process ONNX, every request mirrored to a shadow version"
             )
-            return Target(name, about, base + INFER, (p,), base)
-        if name == "rollguard-gc-frozen":
-            registry = models.inprocess_registry(self.demo, self.work)
-            p, base = self._rollguard(name, registry, "canary", "load_tests.bench.gc_frozen")
-            about = "diagnostic: rollguard as above plus gc.freeze() after start-up"
             return Target(name, about, base + INFER, (p,), base)
         if name == "naive-proxy":
             a, upstream = self.bare("a")

@@ -29,10 +29,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from serving.demo.faulty import FaultyClassifier, SlowClassifier
-from serving.errors import ManifestError
-from serving.hashing import sha256_file
-from serving.manifest import MANIFEST_NAME, dump_manifest, load_manifest, parse_manifest
+from rollguard.serving.demo.faulty import FaultyClassifier, SlowClassifier
+from rollguard.serving.errors import ManifestError
+from rollguard.serving.hashing import sha256_file
+from rollguard.serving.manifest import MANIFEST_NAME, dump_manifest, load_manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 _E = TypeVar("_E", bound=Any)  # an estimator

@@ -5,8 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from pathlib import Path
 
-from serving.manifest import Manifest
-from serving.runners.base import LocalRunner, Runner
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners.base import LocalRunner, Runner
 
 __all__ = ["LocalRunner", "Runner", "create_runner"]
 
@@ -24,17 +24,17 @@ def create_runner(
     `inline_below_us` (0: always on the executor); see LocalRunner.
     """
     if manifest.framework == "onnx":
-        from serving.runners.onnx import OnnxRunner
+        from rollguard.serving.runners.onnx import OnnxRunner
 
         return OnnxRunner(manifest, directory, executor, inline_below_us)
     if manifest.framework == "torch":
-        from serving.runners.torch import TorchRunner
+        from rollguard.serving.runners.torch import TorchRunner
 
         return TorchRunner(manifest, directory, executor, inline_below_us)
     if manifest.framework == "sklearn":
-        from serving.runners.sklearn import SklearnRunner
+        from rollguard.serving.runners.sklearn import SklearnRunner
 
         return SklearnRunner(manifest, directory, executor, inline_below_us)
-    from serving.runners.http import HttpRunner
+    from rollguard.serving.runners.http import HttpRunner
 
     return HttpRunner(manifest, directory)

@@ -10,8 +10,8 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from pathlib import Path
 
-from serving.manifest import Manifest
-from serving.tensors import Tensors
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.tensors import Tensors
 
 
 class Runner(ABC):

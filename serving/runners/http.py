@@ -6,12 +6,12 @@ from pathlib import Path
 
 import orjson
 
-from serving.codec import decode_infer_response, encode_infer_request
-from serving.errors import ArtifactError, ManifestError, NotReady, UpstreamError
-from serving.manifest import Manifest
-from serving.runners.base import Runner
-from serving.tensors import Tensors
-from serving.upstream import UpstreamPool
+from rollguard.serving.codec import decode_infer_response, encode_infer_request
+from rollguard.serving.errors import ArtifactError, ManifestError, NotReady, UpstreamError
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners.base import Runner
+from rollguard.serving.tensors import Tensors
+from rollguard.serving.upstream import UpstreamPool
 
 _JSON = {"Content-Type": "application/json"}
 

@@ -6,16 +6,16 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from serving.errors import (
+from rollguard.serving.errors import (
     ArtifactError,
     FrameworkUnavailable,
     InvalidInput,
     ModelExecutionError,
     NotReady,
 )
-from serving.manifest import Manifest
-from serving.runners.base import LocalRunner
-from serving.tensors import Tensors
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.tensors import Tensors
 
 
 def _first_line(exc: BaseException) -> str:

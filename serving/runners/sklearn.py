@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import ArtifactError, InvalidInput, ModelExecutionError, NotReady
-from serving.manifest import Manifest
-from serving.runners.base import LocalRunner
-from serving.tensors import Tensors
+from rollguard.serving.errors import ArtifactError, InvalidInput, ModelExecutionError, NotReady
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.tensors import Tensors
 
 # Output names this runner knows how to compute, and the estimator method behind each.
 KNOWN_OUTPUTS = ("label", "probabilities", "prediction")

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.errors import (
+from rollguard.serving.errors import (
     ArtifactError,
     FrameworkUnavailable,
     InvalidInput,
     ModelExecutionError,
     NotReady,
 )
-from serving.manifest import Manifest
-from serving.runners.base import LocalRunner
-from serving.tensors import Tensors
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.tensors import Tensors
 
 if TYPE_CHECKING:
     import torch

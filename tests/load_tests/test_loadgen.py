@@ -25,7 +25,7 @@ from load_tests.loadgen import (
     schedule,
 )
 from load_tests.run_scenario import main as run_scenario
-from serving.demo.build import build_demo_registry
+from rollguard.serving.demo.build import build_demo_registry
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "load_tests" / "scenarios"
 BODIES = [orjson.dumps({"row": i}) for i in range(10)]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.audit import GENESIS, AuditLog, VerifyResult, export, read_entries, verify
-from policy.errors import AuditError
+from rollguard.policy.audit import GENESIS, AuditLog, VerifyResult, export, read_entries, verify
+from rollguard.policy.errors import AuditError
 
 T0 = datetime(2026, 11, 23, 4, 0, tzinfo=UTC)
 N = 20

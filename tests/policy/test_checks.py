@@ -10,10 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy.checks import MIN_EVENTS, check_alpha, evaluate, evaluate_checks, latency_threshold
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Check, Spec
-from policy.verdict import Verdict
+from rollguard.policy.checks import (
+    MIN_EVENTS,
+    check_alpha,
+    evaluate,
+    evaluate_checks,
+    latency_threshold,
+)
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Check, Spec
+from rollguard.policy.verdict import Verdict
 
 PASS, FAIL, INCONCLUSIVE = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE
 ALPHA = 0.05

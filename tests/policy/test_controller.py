@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from policy.audit import AuditLog, read_entries, verify
-from policy.controller import RolloutController
-from policy.decide import Action
-from policy.errors import ActionRejected, StateError
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Rollout
-from policy.state import Phase
-from policy.store import StateStore
+from rollguard.policy.audit import AuditLog, read_entries, verify
+from rollguard.policy.controller import RolloutController
+from rollguard.policy.decide import Action
+from rollguard.policy.errors import ActionRejected, StateError
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Rollout
+from rollguard.policy.state import Phase
+from rollguard.policy.store import StateStore
 
 T0 = 1_700_000_000.0
 TICK = 20.0  # seconds of clock per tick

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy.decide import Action, Counts, Decision, apply_action, decide, routing_weight
-from policy.errors import ActionRejected, StateError
-from policy.evidence import Evidence, VariantEvidence
-from policy.schema import Check, Rollout
-from policy.sequential import difference_sequence
-from policy.state import Phase, RolloutState, mirroring
-from policy.verdict import CheckResult, Verdict
+from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide, routing_weight
+from rollguard.policy.errors import ActionRejected, StateError
+from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.schema import Check, Rollout
+from rollguard.policy.sequential import difference_sequence
+from rollguard.policy.state import Phase, RolloutState, mirroring
+from rollguard.policy.verdict import CheckResult, Verdict
 
 P, F, I = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE  # noqa: E741 - table shorthand
 T0 = 1_700_000_000.0  # a wall-clock start time

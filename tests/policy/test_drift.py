@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report, ks_test, psi
+from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report, ks_test, psi
 
 
 def test_psi_by_hand() -> None:

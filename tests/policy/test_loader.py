@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from policy.errors import PolicyInvalid
-from policy.loader import check_files, find_line, load_rollout, parse_rollout
-from policy.schema import json_schema
+from rollguard.policy.errors import PolicyInvalid
+from rollguard.policy.loader import check_files, find_line, load_rollout, parse_rollout
+from rollguard.policy.schema import json_schema
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted([*REPO.glob("config/policies/*.yaml"), *REPO.glob("config/examples/*.yaml")])

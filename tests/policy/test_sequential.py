@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from policy.sequential import (
+from rollguard.policy.sequential import (
     difference_bounds,
     difference_sequence,
     mixture_halfwidth,

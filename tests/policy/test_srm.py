@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from policy.srm import (
+from rollguard.policy.srm import (
     SRM_CONCENTRATION,
     SRM_MIN_PER_ARM,
     SRM_PVALUE,

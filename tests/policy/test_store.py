@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from policy.errors import StateError
-from policy.store import StateStore
+from rollguard.policy.errors import StateError
+from rollguard.policy.store import StateStore
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = {"phase": "progressing", "step": 2, "weight": 25.0, "approved_by": None, "ci": [0.1, 0.2]}
@@ -77,7 +77,7 @@ def test_crash_after_the_temp_write_leaves_the_old_state(tmp_path: Path) -> None
         import os, sys
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
-        from policy.store import StateStore
+        from rollguard.policy.store import StateStore
 
         def die(fd: int) -> None:
             os.fsync(fd)

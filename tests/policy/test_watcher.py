@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from policy.loader import parse_rollout
-from policy.watcher import Applied, PolicyDirectory, Rejected, Removed, classify_change
+from rollguard.policy.loader import parse_rollout
+from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed, classify_change
 
 
 def policy(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.demo.build import build_demo_registry
+from rollguard.serving.demo.build import build_demo_registry
 
 
 @pytest.fixture(scope="session")

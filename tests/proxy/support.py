@@ -10,12 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import create_app
-from proxy.gateway import Gateway
-from proxy.rollouts import Rollouts
-from proxy.server import start_server
-from proxy.settings import Settings
-from proxy.state import GATEWAY, ROLLOUTS
+from rollguard.proxy.app import create_app
+from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.rollouts import Rollouts
+from rollguard.proxy.server import start_server
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.state import GATEWAY, ROLLOUTS
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from proxy.answers import prediction_of
+from rollguard.proxy.answers import prediction_of
 
 
 def test_prediction_is_label_then_prediction_then_first_rows_argmax() -> None:

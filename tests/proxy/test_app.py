@@ -13,9 +13,9 @@ import pytest
 import tritonclient.http.aio as triton_aio
 from tritonclient.http import InferInput, InferRequestedOutput
 
-from serving.demo.build import load_eval_data
-from serving.manifest import load_manifest
-from serving.runners import create_runner
+from rollguard.serving.demo.build import load_eval_data
+from rollguard.serving.manifest import load_manifest
+from rollguard.serving.runners import create_runner
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import serve, write_remote_version
 

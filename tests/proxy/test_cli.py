@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from rollguard.proxy.cli import main
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import serve
 

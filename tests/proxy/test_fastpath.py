@@ -14,8 +14,8 @@ import numpy as np
 import orjson
 import pytest
 
-from proxy.guard import LIMITS
-from serving.demo.build import load_eval_data
+from rollguard.proxy.guard import LIMITS
+from rollguard.serving.demo.build import load_eval_data
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve, write_remote_version
 from tests.proxy.test_app import _upstream

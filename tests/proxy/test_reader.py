@@ -7,10 +7,10 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.guard import Limits
-from proxy.metrics import Metrics
-from proxy.reader import Incoming, RequestReader, message_end
-from proxy.settings import Settings
+from rollguard.proxy.guard import Limits
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.reader import Incoming, RequestReader, message_end
+from rollguard.proxy.settings import Settings
 
 
 def _infer(body: bytes, chunked: bool, model: str = "m") -> bytes:

@@ -14,9 +14,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from policy.audit import verify
-from proxy.process import GatewayProcess, free_port
-from serving.demo.build import load_eval_data
+from rollguard.policy.audit import verify
+from rollguard.proxy.process import GatewayProcess, free_port
+from rollguard.serving.demo.build import load_eval_data
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.routing import BUCKETS, KeySource, Router, SplitTable, bucket
+from rollguard.proxy.routing import BUCKETS, KeySource, Router, SplitTable, bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def test_same_key_same_variant_across_tables(key: str, weight: float) -> None:
 def test_buckets_match_in_a_fresh_process_with_another_hash_seed() -> None:
     sample = [f"user-{i}" for i in range(200)] + ["", "é", "a" * 1000]
     code = (
-        "import sys, json; from proxy.routing import bucket; "
+        "import sys, json; from rollguard.proxy.routing import bucket; "
         "print(json.dumps([bucket(k) for k in json.load(sys.stdin)]))"
     )
     out = subprocess.run(
@@ -186,9 +186,9 @@ def test_router_concurrent_writers_lose_nothing() -> None:
 def test_stickiness_key_from_headers_or_cookies_as_both_http_paths_read_it(
     tmp_path: Path,
 ) -> None:
-    from proxy.dataplane import stickiness_key
-    from proxy.gateway import Gateway
-    from serving.registry import Registry
+    from rollguard.proxy.dataplane import stickiness_key
+    from rollguard.proxy.gateway import Gateway
+    from rollguard.serving.registry import Registry
 
     def gateway(source: str) -> Gateway:
         table = SplitTable(

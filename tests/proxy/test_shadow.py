@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
-from proxy.shadow import LoadGauge, ShadowMirror, host_busy_share, host_cpu_times
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.shadow import LoadGauge, ShadowMirror, host_busy_share, host_cpu_times
 
 
 def _shadow_count(metrics: Metrics, result: str) -> float:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.windows import FeedbackIndex, Outcome, VariantWindow
+from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow
 
 
 @given(size=st.integers(1, 50), k=st.integers(0, 200))

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from serving.manifest import MANIFEST_NAME, Manifest, dump_manifest
+from rollguard.serving.manifest import MANIFEST_NAME, Manifest, dump_manifest
 
 N_FEATURES = 30  # load_breast_cancer
 

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.pipeline import Pipeline
 
-from serving.batching import BatchingRunner
-from serving.errors import ModelExecutionError, NotReady, Overloaded
-from serving.manifest import MANIFEST_NAME, Manifest, load_manifest
-from serving.runners import LocalRunner, create_runner
-from serving.tensors import Tensors
+from rollguard.serving.batching import BatchingRunner
+from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
+from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
+from rollguard.serving.runners import LocalRunner, create_runner
+from rollguard.serving.tensors import Tensors
 
 MANIFEST = Manifest(
     name="rowwise", version="1", framework="onnx", artifact="model.onnx", sha256="0" * 64

@@ -13,10 +13,10 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
 
-from serving.catalog import add, list_versions, show, verify, version_key
-from serving.errors import ArtifactError, ModelNotFound, VersionNotFound
-from serving.manifest import MANIFEST_NAME, load_manifest
-from serving.runners import create_runner
+from rollguard.serving.catalog import add, list_versions, show, verify, version_key
+from rollguard.serving.errors import ArtifactError, ModelNotFound, VersionNotFound
+from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
+from rollguard.serving.runners import create_runner
 
 CANCER_SIGNATURE = (
     [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],

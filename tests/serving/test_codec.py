@@ -9,14 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from serving.codec import (
+from rollguard.serving.codec import (
     decode_infer_request,
     decode_infer_response,
     encode_infer_request,
     encode_infer_response,
     select_outputs,
 )
-from serving.errors import InvalidInput
+from rollguard.serving.errors import InvalidInput
 
 
 def _body(**doc: object) -> bytes:

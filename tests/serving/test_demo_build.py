@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.demo import build_demo_registry, load_eval_data
-from serving.hashing import sha256_file
-from serving.manifest import MANIFEST_NAME, Manifest, load_manifest
-from serving.runners import create_runner
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.hashing import sha256_file
+from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
+from rollguard.serving.runners import create_runner
 
 EXPECTED = {
     ("fraud", "1.0.0"): ("sklearn", "model.skops", "production"),
@@ -139,7 +139,7 @@ def test_torch_missing_skips_fraud_torch_with_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    with caplog.at_level(logging.WARNING, logger="serving.demo.build"):
+    with caplog.at_level(logging.WARNING, logger="rollguard.serving.demo.build"):
         assert build_demo_registry(tmp_path, frameworks=["torch"]) == []
     assert "skipping fraud-torch" in caplog.text
     assert not (tmp_path / "fraud-torch").exists()

@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.answers import deciding_outputs, passthrough_prediction, prediction_of
-from serving.codec import _tensor_from_json, decode_infer_request, response_outputs
-from serving.errors import InvalidInput, UpstreamError
-from serving.jsontensors import (
+from rollguard.proxy.answers import deciding_outputs, passthrough_prediction, prediction_of
+from rollguard.serving.codec import _tensor_from_json, decode_infer_request, response_outputs
+from rollguard.serving.errors import InvalidInput, UpstreamError
+from rollguard.serving.jsontensors import (
     JsonInputs,
     as_tensors,
     deferred_inputs,
     numeric_data_fits,
 )
-from serving.tensors import TensorSpec, check_inputs
+from rollguard.serving.tensors import TensorSpec, check_inputs
 
 _DATATYPES = ["FP32", "FP64", "FP16", "INT8", "INT32", "INT64", "UINT8", "UINT64", "BOOL", "BYTES"]
 _VALUES = st.one_of(

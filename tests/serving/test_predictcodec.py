@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.errors import InvalidInput
-from serving.predictcodec import decode_predict_request, encode_predictions
-from serving.tensors import TensorSpec
+from rollguard.serving.errors import InvalidInput
+from rollguard.serving.predictcodec import decode_predict_request, encode_predictions
+from rollguard.serving.tensors import TensorSpec
 
 
 def test_predict_body_features_and_instances() -> None:

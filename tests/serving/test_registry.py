@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sklearn.pipeline import Pipeline
 
-from serving.batching import BatchingRunner
-from serving.errors import ModelNotFound, NotReady, VersionNotFound
-from serving.registry import Registry, RegistryChanges
+from rollguard.serving.batching import BatchingRunner
+from rollguard.serving.errors import ModelNotFound, NotReady, VersionNotFound
+from rollguard.serving.registry import Registry, RegistryChanges
 
 WriteVersion = Callable[..., Path]
 

@@ -16,10 +16,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from serving.demo import load_eval_data
-from serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
-from serving.manifest import parse_manifest
-from serving.runners.http import HttpRunner
+from rollguard.serving.demo import load_eval_data
+from rollguard.serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
+from rollguard.serving.manifest import parse_manifest
+from rollguard.serving.runners.http import HttpRunner
 
 MODEL_PATH = "/v2/models/fraud/versions/2"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.demo import build_demo_registry, load_eval_data
-from serving.manifest import MANIFEST_NAME, load_manifest
-from serving.runners.onnx import OnnxRunner
-from serving.runners.sklearn import SklearnRunner
-from serving.tensors import Tensors
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
+from rollguard.serving.runners.onnx import OnnxRunner
+from rollguard.serving.runners.sklearn import SklearnRunner
+from rollguard.serving.tensors import Tensors
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from sklearn.datasets import load_digits
 
-from serving.demo import build_demo_registry, load_eval_data
-from serving.errors import ArtifactError, ModelExecutionError
-from serving.manifest import MANIFEST_NAME, TensorField, load_manifest
-from serving.runners.onnx import OnnxRunner
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.errors import ArtifactError, ModelExecutionError
+from rollguard.serving.manifest import MANIFEST_NAME, TensorField, load_manifest
+from rollguard.serving.runners.onnx import OnnxRunner
 
 
 @pytest.fixture(scope="module")

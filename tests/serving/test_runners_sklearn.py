@@ -14,11 +14,11 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression
 
-from serving.demo import build_demo_registry, load_eval_data
-from serving.demo.faulty import faulty_rows
-from serving.errors import ArtifactError, ModelExecutionError, NotReady
-from serving.manifest import MANIFEST_NAME, load_manifest, parse_manifest
-from serving.runners.sklearn import SklearnRunner
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.demo.faulty import faulty_rows
+from rollguard.serving.errors import ArtifactError, ModelExecutionError, NotReady
+from rollguard.serving.manifest import MANIFEST_NAME, load_manifest, parse_manifest
+from rollguard.serving.runners.sklearn import SklearnRunner
 
 
 @pytest.fixture(scope="module")

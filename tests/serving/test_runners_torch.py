@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.demo import build_demo_registry, load_eval_data
-from serving.errors import ArtifactError, FrameworkUnavailable, ModelExecutionError
-from serving.manifest import MANIFEST_NAME, load_manifest
-from serving.runners.torch import TorchRunner
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.errors import ArtifactError, FrameworkUnavailable, ModelExecutionError
+from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
+from rollguard.serving.runners.torch import TorchRunner
 
 torch = pytest.importorskip("torch")
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from serving.errors import UpstreamError, UpstreamTimeout
-from serving.upstream import UpstreamPool
+from rollguard.serving.errors import UpstreamError, UpstreamTimeout
+from rollguard.serving.upstream import UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
