@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rollguard.proxy import admin, dataplane
-from rollguard.proxy.gateway import Gateway, RequestIds
+from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.guard import LIMITS, Limits, error_reply, reply_for
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.rollouts import Rollouts
@@ -121,7 +121,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             budget=settings.shadow_budget,
             gauge=gauge,
         )
-        gateway = Gateway(
+        gateway = Inference(
             models,
             metrics=metrics,
             timeout_s=settings.request_timeout_s,

@@ -1,6 +1,6 @@
 """Data-plane HTTP handlers: Open Inference Protocol (V2) REST, /predict and feedback.
 
-Handlers only do HTTP: read the body, call the codec and the Gateway, write the answer.
+Handlers only do HTTP: read the body, call the codec and the inference service, write the answer.
 Errors propagate to the guard in proxy/app.py, which maps them through proxy/guard.py.
 V2 infer lives in `infer_core`, which the aiohttp handler and the fast path
 (proxy/fastpath.py) both call, and maps its own errors through the same proxy/guard.py.
@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from rollguard.proxy.errors import FeedbackUnknown
-from rollguard.proxy.gateway import Answer, Gateway
+from rollguard.proxy.inference import Answer, Inference
 from rollguard.proxy.guard import JSON, Reply, reply_for
 from rollguard.proxy.routing import KeySource
 from rollguard.proxy.state import (
@@ -69,7 +69,7 @@ def _caseless(source: KeySource) -> KeySource:
     return KeySource(source.kind, source.name.lower()) if source.kind == "header" else source
 
 
-def stickiness_key(gateway: Gateway, model: str, headers: Mapping[str, str]) -> str | None:
+def stickiness_key(gateway: Inference, model: str, headers: Mapping[str, str]) -> str | None:
     """The request's stickiness key for `model`'s split; `headers` keyed by lower-case names
     (or case-insensitive, as aiohttp's are)."""
     table = gateway.router.table(model)
@@ -96,7 +96,7 @@ def _answered(answer: Answer, body: bytes, header_len: int | None) -> Reply:
 
 
 async def infer_core(
-    gateway: Gateway,
+    gateway: Inference,
     model: str,
     pinned: str | None,
     body: bytes,

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.tcp_helpers import tcp_keepalive
 
 from rollguard.proxy.dataplane import infer_core
-from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.inference import Inference
 from rollguard.proxy.guard import Limits, Reply, error_reply, reply_for
 from rollguard.proxy.http1 import HttpDate, encode_reply
 from rollguard.proxy.reader import Incoming, RequestReader
@@ -38,7 +38,7 @@ MAX_QUEUED = 4  # pipelined requests buffered before the socket is no longer rea
 class FastPath:
     """What every connection of one server shares; called, it makes a connection."""
 
-    gateway: Gateway
+    gateway: Inference
     limits: Limits
     aiohttp: web.Server  # called, it makes the protocol a handed-over connection gets
     keepalive_s: float = KEEPALIVE_TIMEOUT_S

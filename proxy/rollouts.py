@@ -24,7 +24,7 @@ from rollguard.policy.schema import Rollout
 from rollguard.policy.state import Phase
 from rollguard.policy.store import StateStore
 from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed
-from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.inference import Inference
 from rollguard.proxy.notify import Notifier
 from rollguard.proxy.routing import KeySource, SplitTable
 from rollguard.proxy.settings import Settings
@@ -48,7 +48,7 @@ class _Managed:
 class Rollouts:
     """Every rollout the policies directory declares, ticking on its own interval."""
 
-    def __init__(self, gateway: Gateway, settings: Settings) -> None:
+    def __init__(self, gateway: Inference, settings: Settings) -> None:
         self.gateway = gateway
         self.settings = settings
         self.directory = PolicyDirectory(settings.policies)

@@ -10,14 +10,14 @@ from aiohttp import web
 from rollguard.proxy.settings import Settings
 
 if TYPE_CHECKING:
-    from rollguard.proxy.gateway import Gateway
+    from rollguard.proxy.inference import Inference
     from rollguard.proxy.rollouts import Rollouts
 
 VARIANT_HEADER = "x-rollguard-variant"
 REQUEST_ID_HEADER = "x-request-id"
 
 SETTINGS = web.AppKey("settings", Settings)
-GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+GATEWAY: web.AppKey[Inference] = web.AppKey("gateway")
 ROLLOUTS: web.AppKey[Rollouts] = web.AppKey("rollouts")
 # The request's id as known so far: the x-request-id header, then the body's id.
 REQUEST_ID: web.RequestKey[str | None] = web.RequestKey("request_id")

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from rollguard.proxy.app import create_app
-from rollguard.proxy.gateway import Gateway
+from rollguard.proxy.inference import Inference
 from rollguard.proxy.rollouts import Rollouts
 from rollguard.proxy.server import start_server
 from rollguard.proxy.settings import Settings
@@ -25,7 +25,7 @@ class Server:
     settings: Settings
 
     @property
-    def gateway(self) -> Gateway:
+    def gateway(self) -> Inference:
         return self.app[GATEWAY]
 
     @property

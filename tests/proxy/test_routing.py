@@ -187,14 +187,14 @@ def test_stickiness_key_from_headers_or_cookies_as_both_http_paths_read_it(
     tmp_path: Path,
 ) -> None:
     from rollguard.proxy.dataplane import stickiness_key
-    from rollguard.proxy.gateway import Gateway
+    from rollguard.proxy.inference import Inference
     from rollguard.serving.registry import Registry
 
-    def gateway(source: str) -> Gateway:
+    def gateway(source: str) -> Inference:
         table = SplitTable(
             model="m", stable="1", candidate="2", weight=50, key_source=KeySource.parse(source)
         )
-        return Gateway(Registry(tmp_path), router=Router([table]))
+        return Inference(Registry(tmp_path), router=Router([table]))
 
     by_header = gateway("header:X-User-Id")
     assert stickiness_key(by_header, "m", {"x-user-id": "u-7"}) == "u-7"  # lower-case names

@@ -64,7 +64,7 @@ class RequestIds:
         return f"{self._prefix}-{next(self._counter)}"
 
 
-class Gateway:
+class Inference:
     """Routes, runs and records inference requests for every model in the registry."""
 
     def __init__(
