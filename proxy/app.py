@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rollguard.proxy import admin, dataplane
-from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.guard import LIMITS, Limits, error_reply, reply_for
+from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.rollouts import Rollouts
 from rollguard.proxy.settings import Settings

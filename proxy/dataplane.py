@@ -18,8 +18,8 @@ import orjson
 from aiohttp import web
 
 from rollguard.proxy.errors import FeedbackUnknown
-from rollguard.proxy.inference import Answer, Inference
 from rollguard.proxy.guard import JSON, Reply, reply_for
+from rollguard.proxy.inference import Answer, Inference
 from rollguard.proxy.routing import KeySource
 from rollguard.proxy.state import (
     GATEWAY,

@@ -21,9 +21,9 @@ from aiohttp import web
 from aiohttp.tcp_helpers import tcp_keepalive
 
 from rollguard.proxy.dataplane import infer_core
-from rollguard.proxy.inference import Inference
 from rollguard.proxy.guard import Limits, Reply, error_reply, reply_for
 from rollguard.proxy.http1 import HttpDate, encode_reply
+from rollguard.proxy.inference import Inference
 from rollguard.proxy.reader import Incoming, RequestReader
 from rollguard.proxy.state import REQUEST_ID_HEADER
 
