@@ -10,7 +10,9 @@ COPY config ./config
 # torch is optional; add '[torch]' to serve PyTorch models (pinned CPU wheel).
 RUN pip install --no-cache-dir '.' && useradd --uid 10001 rollguard
 USER rollguard
-ENV ROLLGUARD_HOST=0.0.0.0 ROLLGUARD_PORT=8080
-EXPOSE 8080
+# The admin port (8081: /admin, /metrics) listens beyond loopback so that Prometheus can
+# scrape it; /admin then needs ROLLGUARD_ADMIN_TOKEN from non-loopback clients.
+ENV ROLLGUARD_HOST=0.0.0.0 ROLLGUARD_PORT=8080 ROLLGUARD_ADMIN_HOST=0.0.0.0 ROLLGUARD_ADMIN_PORT=8081
+EXPOSE 8080 8081
 ENTRYPOINT ["rollguard"]
 CMD ["serve", "--config", "/app/config/rollguard.yaml"]

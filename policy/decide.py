@@ -1,8 +1,9 @@
 """The decision core: given a rollout, its state and the check results, what happens next.
 
 Pure functions, no I/O and no clock: `decide` for the periodic loop, `apply_action` for
-an operator's command. The controller (policy/controller.py) persists and applies what
-they return. The rules, one state machine per strategy:
+an operator's command; policy/lifecycle.py turns what they return into effects. The
+rules shared by every strategy live here, each strategy's state machine in
+policy/strategies.py. The rules:
 
 - Any check that FAILs with on_fail=rollback rolls back in every non-terminal phase,
   paused included: like Argo Rollouts, whose background analysis aborts a paused
@@ -28,83 +29,29 @@ they return. The rules, one state machine per strategy:
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from rollguard.policy.decision import Action, Counts, Decision, describe, describe_all
 from rollguard.policy.errors import ActionRejected
-from rollguard.policy.evidence import Evidence, VariantEvidence
-from rollguard.policy.schema import Rollout, Spec
-from rollguard.policy.sequential import difference_sequence
+from rollguard.policy.schema import Rollout
 from rollguard.policy.state import Phase, RolloutState, routing_weight
+from rollguard.policy.strategies import Tick, advance, ended, progress
 from rollguard.policy.verdict import CheckResult, Verdict
 
-__all__ = ["ACTIONS", "Action", "Counts", "Decision", "apply_action", "decide", "routing_weight"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "Counts",
+    "Decision",
+    "apply_action",
+    "decide",
+    "describe",
+    "routing_weight",
+]
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
-_AB_MIN_SAMPLES = 200  # per arm, before an A/B verdict names a winner (plug-in variances)
-
-
-class Action(enum.Enum):
-    NONE = "none"
-    HOLD = "hold"
-    ADVANCE = "advance"  # next canary step, or a shadow handing over to its canary
-    PROMOTE = "promote"
-    ROLLBACK = "rollback"
-    AWAIT_APPROVAL = "await_approval"
-    FLIP = "flip"
-    FLIP_BACK = "flip_back"
-    CONCLUDE = "conclude"
-    ALERT = "alert"
-    PAUSE = "pause"  # the last three come from operators only
-    RESUME = "resume"
-    APPROVE = "approve"
-
-
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """The counters decide() reads: requests per variant since the rollout began, and for
-    an A/B verdict (events, n) per variant on the primary metric: errors per request,
-    correct per labelled request, or slow per request since the latency threshold."""
-
-    stable: int
-    candidate: int
-    stable_primary: tuple[int, int] = (0, 0)
-    candidate_primary: tuple[int, int] = (0, 0)
-
-    @classmethod
-    def of(cls, evidence: Evidence, primary_metric: str = "error_rate") -> Counts:
-        def pair(v: VariantEvidence) -> tuple[int, int]:
-            if primary_metric == "accuracy":
-                return v.correct, v.labelled
-            if primary_metric == "latency":
-                return v.over_threshold, v.since_threshold
-            return v.errors, v.requests
-
-        s, c = evidence.stable, evidence.candidate
-        return cls(s.requests, c.requests, pair(s), pair(c))
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do, the state to persist before doing it, and why."""
-
-    action: Action
-    state: RolloutState
-    weight: float  # candidate percent the router applies from now on
-    reason: str  # one line: which check, its value and bound, or what is awaited
-    evidence: tuple[dict[str, object], ...] = ()  # the check results, as JSON
-    changed: bool = False  # the state changed beyond its reason: persist, audit, apply
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "action": self.action.value,
-            "reason": self.reason,
-            "weight": self.weight,
-            "checks": list(self.evidence),
-            "state": self.state.to_json(),
-        }
 
 
 def decide(
@@ -123,7 +70,7 @@ def decide(
     rollback = [r for r in failed if r.check.on_fail == "rollback"]
     if rollback:
         action = Action.FLIP_BACK if _effective(state) is Phase.FLIPPED else Action.ROLLBACK
-        new = _rolled_back(base, "rollback: " + _describe(rollback))
+        new = _rolled_back(base, "rollback: " + describe_all(rollback))
         return _decision(rollout, state, new, action, evidence)
     if state.phase is Phase.PAUSED:
         new = replace(base, reason=f"paused (from {_effective(state).value}): no progress")
@@ -132,16 +79,15 @@ def decide(
     alert = [r for r in failed if r.check.on_fail == "alert"]
     base = replace(base, holding=_metrics(hold), alerting=_metrics(alert))
     if hold:
-        action, new = Action.HOLD, replace(base, reason="hold: " + _describe(hold))
+        action, new = Action.HOLD, replace(base, reason="hold: " + describe_all(hold))
     else:
         # Gating checks are all but the alert-only ones; one not yet PASS means wait.
         waiting = [
             r for r in results if r.check.on_fail != "alert" and r.verdict is not Verdict.PASS
         ]
-        tick = _Tick(rollout, results, waiting, counts, now)
-        action, new = _MACHINES[_machine(rollout, state)](tick, base)
+        action, new = advance(Tick(rollout, results, waiting, counts, now), base)
     if alert:
-        note = "alert: " + _describe(alert)
+        note = "alert: " + describe_all(alert)
         if action is Action.NONE:
             action, new = Action.ALERT, replace(new, reason=note)
         else:
@@ -167,7 +113,7 @@ def apply_action(
             f"rollout {state.name!r} is {phase.value}: only rollback applies, not {action}"
         )
     if action == "promote":
-        new = _ended(state, Phase.PROMOTED, f"promoted by {actor}")
+        new = ended(state, Phase.PROMOTED, f"promoted by {actor}")
         return _decision(rollout, state, new, Action.PROMOTE)
     if action == "pause":
         if phase is Phase.PAUSED:
@@ -196,168 +142,8 @@ def apply_action(
             f"rollout {state.name!r} is {phase.value}, not awaiting approval{hint}"
         )
     approved = replace(state, approved_by=actor, approved_at=now)
-    _, new = _progress(rollout, approved, now, None, f"approved by {actor}")
+    _, new = progress(rollout, approved, now, None, f"approved by {actor}")
     return _decision(rollout, state, new, Action.APPROVE)
-
-
-# -- the strategies' state machines; each returns (action, new state with its reason) --
-
-_Machine = tuple[Action, RolloutState]
-
-
-@dataclass(frozen=True, slots=True)
-class _Tick:
-    """One decide() call's inputs; `waiting`: gating checks that did not PASS yet."""
-
-    rollout: Rollout
-    results: Sequence[CheckResult]
-    waiting: list[CheckResult]
-    counts: Counts
-    now: float
-
-
-def _canary(t: _Tick, state: RolloutState) -> _Machine:
-    steps = t.rollout.spec.steps
-    i = min(state.step, len(steps) - 1)
-    where = f"step {i + 1}/{len(steps)} (weight {steps[i].weight:g})"
-    if state.phase is Phase.AWAITING_APPROVAL:
-        return Action.NONE, replace(state, reason=f"{where}: awaiting approval")
-    if blocked := _blocked(t, state, i):
-        return Action.NONE, replace(state, reason=f"{where}: {blocked}")
-    last = i == len(steps) - 1
-    if t.rollout.spec.require_approval and state.approved_by is None and i >= len(steps) - 2:
-        target = "promote" if last else f"enter step {i + 2} (weight {steps[i + 1].weight:g})"
-        new = replace(
-            state, phase=Phase.AWAITING_APPROVAL, reason=f"{where} done: approve to {target}"
-        )
-        return Action.AWAIT_APPROVAL, new
-    return _progress(t.rollout, state, t.now, t.counts.candidate, f"{where} done, checks pass")
-
-
-def _blue_green(t: _Tick, state: RolloutState) -> _Machine:
-    spec = t.rollout.spec
-    if state.phase is Phase.AWAITING_APPROVAL:
-        return Action.NONE, replace(state, reason="warmed: awaiting approval to flip")
-    if state.phase is Phase.FLIPPED:
-        left = spec.warm_hold - (t.now - state.step_started_at)
-        if left > 0:
-            return Action.NONE, replace(state, reason=f"flipped: old side warm {left:.0f}s more")
-        new = _ended(state, Phase.PROMOTED, f"promote: no failed check in {spec.warm_hold:g}s")
-        return Action.PROMOTE, new
-    if blocked := _blocked(t, state, 0):
-        return Action.NONE, replace(state, reason=f"warming: {blocked}")
-    if spec.require_approval and state.approved_by is None:
-        new = replace(state, phase=Phase.AWAITING_APPROVAL, reason="warmed: approve to flip")
-        return Action.AWAIT_APPROVAL, new
-    return _progress(t.rollout, state, t.now, t.counts.candidate, "warmed, checks pass")
-
-
-def _ab(t: _Tick, state: RolloutState) -> _Machine:
-    spec = t.rollout.spec
-    total, elapsed = t.counts.stable + t.counts.candidate, t.now - state.step_started_at
-    if not (
-        (spec.sample_size is not None and total >= spec.sample_size)
-        or (spec.duration is not None and elapsed >= spec.duration)
-    ):
-        goal = [f"{total}/{spec.sample_size} requests"] if spec.sample_size else []
-        goal += [f"{elapsed:.0f}/{spec.duration:g}s"] if spec.duration else []
-        return Action.NONE, replace(state, reason=f"ab at {spec.ab_weight:g}%: {', '.join(goal)}")
-    winner, ci, basis = _ab_winner(spec, state, t.counts)
-    reason = f"conclude on {spec.primary_metric}: {winner} ({basis})"
-    new = replace(state, phase=Phase.CONCLUDED, winner=winner, ci=ci, reason=reason)
-    return Action.CONCLUDE, new
-
-
-def _shadow(t: _Tick, state: RolloutState) -> _Machine:
-    spec = t.rollout.spec
-    report = _describe(t.results) or "no checks"
-    if not spec.then_canary or not spec.steps:
-        return Action.NONE, replace(state, reason=f"shadowing: {report}")
-    if t.waiting:
-        return Action.NONE, replace(state, reason="shadowing: waiting for " + _describe(t.waiting))
-    new = replace(
-        state,
-        phase=Phase.PROGRESSING,
-        step=0,
-        step_started_at=t.now,
-        step_start_requests=t.counts.candidate,
-        reason=f"shadow checks pass ({report}): canary step 1 (weight {spec.steps[0].weight:g})",
-    )
-    return Action.ADVANCE, new
-
-
-_MACHINES = {"canary": _canary, "blue_green": _blue_green, "ab": _ab, "shadow": _shadow}
-
-
-def _machine(rollout: Rollout, state: RolloutState) -> str:
-    # A shadow that handed over runs the canary machine from then on.
-    if rollout.spec.strategy == "shadow" and state.phase is not Phase.SHADOWING:
-        return "canary"
-    return rollout.spec.strategy
-
-
-def _blocked(t: _Tick, state: RolloutState, i: int) -> str:
-    """Why step i is not done yet ('' when it is): checks, hold time, request count."""
-    if t.waiting:
-        return "waiting for " + _describe(t.waiting)
-    step = t.rollout.spec.steps[i]
-    if (elapsed := t.now - state.step_started_at) < step.hold:
-        return f"held {elapsed:.0f}s of {step.hold:g}s"
-    done = t.counts.candidate - (state.step_start_requests or 0)
-    if done < step.min_requests:
-        return f"{done} of {step.min_requests} candidate requests"
-    return ""
-
-
-def _progress(
-    rollout: Rollout, state: RolloutState, now: float, requests: int | None, why: str
-) -> _Machine:
-    """Move past the current step: next canary step, the blue-green flip, or promote.
-
-    `requests`: the candidate's count now, the new step's baseline (None from an admin
-    action, which has no counts: the next tick's count is taken instead)."""
-    steps = rollout.spec.steps
-    if rollout.spec.strategy == "blue_green":
-        new = replace(
-            state,
-            phase=Phase.FLIPPED,
-            step_started_at=now,
-            step_start_requests=requests,
-            reason=f"{why}: flip to the candidate, old side warm {rollout.spec.warm_hold:g}s",
-        )
-        return Action.FLIP, new
-    i = min(state.step, len(steps) - 1)
-    if i == len(steps) - 1:
-        return Action.PROMOTE, _ended(state, Phase.PROMOTED, f"{why}: promote")
-    new = replace(
-        state,
-        phase=Phase.PROGRESSING,
-        step=i + 1,
-        step_started_at=now,
-        step_start_requests=requests,
-        reason=f"{why}: advance to step {i + 2}/{len(steps)} (weight {steps[i + 1].weight:g})",
-    )
-    return Action.ADVANCE, new
-
-
-def _ab_winner(
-    spec: Spec, state: RolloutState, counts: Counts
-) -> tuple[str, tuple[float, float] | None, str]:
-    """The version that won on the primary metric: a two-sided always-valid interval of
-    candidate minus stable that excludes zero. The checks' own intervals are one-sided
-    (evidence of harm only), so they cannot name the candidate a winner."""
-    (xs, ns), (xc, nc) = counts.stable_primary, counts.candidate_primary
-    if min(ns, nc) < _AB_MIN_SAMPLES:
-        return "inconclusive", None, f"n = {ns} stable, {nc} candidate: too few to compare"
-    b = difference_sequence(xs, ns, xc, nc, spec.alpha, side="two-sided")
-    low, high = b.lower, b.upper
-    # Accuracy is better higher; error rate and slow-request rate lower.
-    better, worse = (
-        (low > 0, high < 0) if spec.primary_metric == "accuracy" else (high < 0, low > 0)
-    )
-    winner = state.candidate if better else state.stable if worse else "inconclusive"
-    basis = f"candidate - stable {b.estimate:.4g} in [{low:.4g}, {high:.4g}], alpha {spec.alpha:g}"
-    return winner, (low, high), basis
 
 
 # -- small helpers --
@@ -386,11 +172,7 @@ def _rebase(state: RolloutState, counts: Counts) -> RolloutState:
 
 
 def _rolled_back(state: RolloutState, reason: str) -> RolloutState:
-    return _ended(state, Phase.ROLLED_BACK, reason)
-
-
-def _ended(state: RolloutState, phase: Phase, reason: str) -> RolloutState:
-    return replace(state, phase=phase, paused_from=None, paused_at=None, holding=(), reason=reason)
+    return ended(state, Phase.ROLLED_BACK, reason)
 
 
 def _effective(state: RolloutState) -> Phase:
@@ -399,17 +181,6 @@ def _effective(state: RolloutState) -> Phase:
 
 def _metrics(results: Sequence[CheckResult]) -> tuple[str, ...]:
     return tuple(sorted({r.check.metric for r in results}))
-
-
-def describe(result: CheckResult) -> str:
-    """One check result in a few words: 'error_rate 0.034 vs 0.01 fail'."""
-
-    def num(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.4g}"
-
-    return (
-        f"{result.check.metric} {num(result.value)} vs {num(result.bound)} {result.verdict.value}"
-    )
 
 
 def _json_safe(data: dict[str, object]) -> dict[str, object]:
@@ -421,7 +192,3 @@ def _json_safe(data: dict[str, object]) -> dict[str, object]:
         return {k: fix(v) for k, v in value.items()} if isinstance(value, dict) else value
 
     return {k: fix(v) for k, v in data.items()}
-
-
-def _describe(results: Sequence[CheckResult]) -> str:
-    return "; ".join(describe(r) for r in results)

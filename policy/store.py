@@ -56,18 +56,6 @@ class StateStore:
         """`name`'s saved state, or None if it has none; StateError if it is unreadable."""
         return _read(self.path(name))
 
-    def load_all(self) -> dict[str, dict[str, Any]]:
-        """Every saved state by rollout name (temporary files of interrupted saves ignored)."""
-        states: dict[str, dict[str, Any]] = {}
-        for path in sorted(self.root.glob(f"*{_SUFFIX}")):
-            name = path.name.removesuffix(_SUFFIX)
-            if path.name.startswith(".") or not _NAME.match(name):
-                continue
-            state = _read(path)
-            if state is not None:
-                states[name] = state
-        return states
-
     def delete(self, name: str) -> None:
         """Forget `name`'s state (no error if it has none)."""
         target = self.path(name)

@@ -14,14 +14,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rollguard.policy.errors import PolicyInvalid
 from rollguard.policy.loader import MAX_POLICY_BYTES, find_line, parse_rollout_bytes
 from rollguard.policy.schema import Rollout
-
-Change = Literal["none", "thresholds", "new_rollout"]
-_IDENTITY = ("model", "stable", "candidate", "strategy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +65,6 @@ class _Seen:
 class _Current:
     rollout: Rollout
     path: Path
-
-
-def classify_change(old: Rollout, new: Rollout) -> Change:
-    """Whether an edit keeps a rollout's progress ('thresholds') or starts over."""
-    if old == new:
-        return "none"
-    if old.name != new.name or any(getattr(old.spec, f) != getattr(new.spec, f) for f in _IDENTITY):
-        return "new_rollout"
-    return "thresholds"
 
 
 def changed_fields(old: Rollout | None, new: Rollout) -> tuple[str, ...]:

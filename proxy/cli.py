@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_URL = "http://127.0.0.1:8081"  # the admin port
 
 
 class CliError(Exception):
@@ -25,8 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from rollguard.proxy.app import create_app
-    from rollguard.proxy.server import start_server
+    from rollguard.proxy.gateway import Gateway
     from rollguard.proxy.settings import load_settings
 
     settings = load_settings(
@@ -37,27 +36,32 @@ def _serve(args: argparse.Namespace) -> int:
             "state": args.state,
             "host": args.host,
             "port": args.port,
+            "admin_host": args.admin_host,
+            "admin_port": args.admin_port,
         },
     )
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log = logging.getLogger("rollguard")
 
     async def run() -> None:
-        served = await start_server(create_app(settings), settings.host, settings.port)
+        gateway = Gateway(settings)
+        await gateway.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        how = "fast infer path and aiohttp" if settings.fast_path else "aiohttp only"
-        log.info("======== Running on http://%s:%d (%s) ========", settings.host, served.port, how)
+        log.info(
+            "======== Running on http://%s:%d (admin http://%s:%d) ========",
+            settings.host, gateway.port, settings.admin_host, gateway.admin_port,
+        )  # fmt: skip
         try:
             await stop.wait()
         finally:
             log.info("shutting down")
-            await served.close()
+            await gateway.close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
@@ -208,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--registry", help="model registry directory")
     serve.add_argument("--policies", help="rollout policies directory")
     serve.add_argument("--state", help="state and audit directory")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="data port address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="data port (default 8080)")
+    serve.add_argument("--admin-host", help="admin port address (default 127.0.0.1)")
+    serve.add_argument("--admin-port", type=int, help="admin port: /admin, /metrics (8081)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -104,11 +105,35 @@ class VariantCollector(Collector):
         yield inflight
 
 
+class Refusals(Protocol):
+    """What the refusal gauge reads: serving/registry.py's `Registry.refused()`."""
+
+    def refused(self) -> dict[tuple[str, str], str]: ...
+
+
+class RefusalCollector(Collector):
+    def __init__(self, registry: Refusals) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "rollguard_registry_refused",
+            "1 while a registry version is refused (sha256, manifest or load failure).",
+            labels=["model", "version"],
+        )
+        for model, version in sorted(self._registry.refused()):
+            family.add_metric([model, version], 1.0)
+        yield family
+
+
 class Metrics:
     """Every rollguard_* series. Bind children once per variant (`variant()`), not per request."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         r = self.registry
         self.rejected = Counter(
             "rollguard_rejected_requests",
@@ -158,14 +183,13 @@ class Metrics:
             ["file"],
             registry=r,
         )
-        self.registry_refused = Gauge(
-            "rollguard_registry_refused",
-            "1 while a registry version is refused.",
-            ["model", "version"],
-            registry=r,
-        )
         self._variants: dict[tuple[str, str, str], VariantMetrics] = {}
         r.register(VariantCollector(self._variants))
+
+    def watch_registry(self, registry: Refusals) -> None:
+        """Export `rollguard_registry_refused`: 1 per version the registry refuses, read
+        at scrape time from the registry itself, so it cannot drift from it."""
+        self.registry.register(RefusalCollector(registry))
 
     def variant(self, model: str, version: str, role: str) -> VariantMetrics:
         key = (model, version, role)

@@ -41,16 +41,20 @@ class GatewayProcess:
         state: Path,
         log: Path,
         port: int | None = None,
+        admin_port: int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = admin_port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"  # the data port
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log = log
         command = [
             sys.executable, "-m", "rollguard.proxy.cli", "serve",
             "--registry", str(registry), "--policies", str(policies), "--state", str(state),
             "--host", "127.0.0.1", "--port", str(self.port),
+            "--admin-port", str(self.admin_port),
         ]  # fmt: skip
         with log.open("ab") as out:
             self.proc = subprocess.Popen(

@@ -1,55 +1,78 @@
-"""The gateway's policy loop: watches the policies directory and drives one controller each.
+"""The gateway's rollout shell: watches the policies directory and runs each rollout's effects.
 
-The imperative shell between the policy package (which decides from numbers) and the
-gateway (router tables, windows, metrics, webhooks). Everything here runs on the event
-loop thread, as the controllers require.
+The policy package decides (policy/lifecycle.py returns a new state and its effects);
+this shell gathers the evidence it decides from and runs the effects it returns, each
+once and in order, in `_run`: the state store, the audit log, webhooks, the windows,
+and the routing table, which `_publish` alone swaps, only when it differs.
+
+Everything here runs on the event-loop thread (the tick tasks, admin handlers, the
+policy watcher), so no locks are taken. Times are wall-clock seconds, not monotonic:
+step start times and approvals are persisted and must mean the same after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
-import numpy as np
 
+from rollguard.policy import lifecycle
 from rollguard.policy.audit import AuditLog, read_entries
-from rollguard.policy.controller import RolloutController
+from rollguard.policy.effects import Audit, ResetWindows, Route, Save, SetLatencyThreshold
 from rollguard.policy.errors import PolicyError, RolloutNotFound
 from rollguard.policy.evidence import Evidence
-from rollguard.policy.schema import Rollout
-from rollguard.policy.state import Phase
+from rollguard.policy.schema import Rollout, Spec
+from rollguard.policy.state import Phase, RolloutState
 from rollguard.policy.store import StateStore
 from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed
-from rollguard.proxy.inference import Inference
+from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.notify import Notifier
-from rollguard.proxy.routing import KeySource, SplitTable
+from rollguard.proxy.references import DriftReferences
+from rollguard.proxy.routing import KeySource, Router, SplitTable
 from rollguard.proxy.settings import Settings
-from rollguard.proxy.windows import VariantWindow
+from rollguard.proxy.windows import VariantWindow, Windows
 from rollguard.serving.errors import ServingError
+from rollguard.serving.registry import Registry
 
 log = logging.getLogger("rollguard.rollouts")
 ADMIN_ACTOR = "policy-watcher"
 
 
-class _Managed:
-    """One rollout's controller and the task that ticks it."""
+class InferenceView(Protocol):
+    """All the shell reaches of the data plane (proxy/inference.py's Inference has these)."""
 
-    def __init__(self, controller: RolloutController, path: Path) -> None:
-        self.controller = controller
-        self.path = path
-        self.task: asyncio.Task[None] | None = None
-        self.last: dict[str, Any] | None = None  # the last tick's decision, for status pages
+    @property
+    def windows(self) -> Windows: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def registry(self) -> Registry: ...
+
+
+@dataclass(eq=False)
+class _Managed:
+    """One rollout: its current policy and state, and the task that ticks it."""
+
+    rollout: Rollout
+    state: RolloutState
+    path: Path
+    task: asyncio.Task[None] | None = None
+    last: dict[str, Any] | None = None  # the last tick's decision, for status pages
 
 
 class Rollouts:
     """Every rollout the policies directory declares, ticking on its own interval."""
 
-    def __init__(self, gateway: Inference, settings: Settings) -> None:
-        self.gateway = gateway
+    def __init__(self, inference: InferenceView, settings: Settings) -> None:
+        self.inference = inference
         self.settings = settings
         self.directory = PolicyDirectory(settings.policies)
         self.store = StateStore(settings.state / "rollouts")
@@ -60,7 +83,7 @@ class Rollouts:
         self._watch: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._notifier: Notifier | None = None
-        self._references: dict[tuple[str, str], np.ndarray | None] = {}
+        self.references = DriftReferences(inference.registry)
 
     # -- life cycle --
 
@@ -72,9 +95,7 @@ class Rollouts:
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
 
     async def stop(self) -> None:
-        tasks = [m.task for m in self._managed.values() if m.task] + (
-            [self._watch] if self._watch else []
-        )
+        tasks = [t for t in (self._watch, *(m.task for m in self._managed.values())) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -94,48 +115,44 @@ class Rollouts:
 
     def reload(self) -> None:
         """Scan the policies directory once and apply what changed."""
+        errors = self.inference.metrics.policy_errors
         for event in self.directory.scan():
             if isinstance(event, Applied):
                 self.rejected.pop(str(event.path), None)
-                self.gateway.metrics.policy_errors.labels(str(event.path)).set(0)
+                errors.labels(str(event.path)).set(0)
                 self._applied(event)
             elif isinstance(event, Rejected):
                 self.rejected[str(event.path)] = event.error
-                self.gateway.metrics.policy_errors.labels(str(event.path)).set(1)
+                errors.labels(str(event.path)).set(1)
                 log.warning("policy rejected: %s", event.error)
-                self.audit.append(
-                    "policy_rejected",
-                    event.name,
-                    ADMIN_ACTOR,
-                    {"file": str(event.path), "error": event.error},
-                )
+                data = {"file": str(event.path), "error": event.error}
+                self.audit.append("policy_rejected", event.name, ADMIN_ACTOR, data)
             elif isinstance(event, Removed):
                 self._removed(event)
         for path in [p for p in self.rejected if not Path(p).exists()]:
             del self.rejected[path]  # a rejected file that was deleted is no longer an error
-            self.gateway.metrics.policy_errors.labels(path).set(0)
+            errors.labels(path).set(0)
 
     def _applied(self, event: Applied) -> None:
-        managed = self._managed.get(event.name)
-        self.audit.append(
-            "policy_applied",
-            event.name,
-            ADMIN_ACTOR,
-            {"file": str(event.path), "changed": list(event.changed_fields)},
-        )
+        rollout, managed = event.rollout, self._managed.get(event.name)
+        data = {"file": str(event.path), "changed": list(event.changed_fields)}
+        self.audit.append("policy_applied", event.name, ADMIN_ACTOR, data)
+        self._prepare_windows(rollout.spec)
         if managed is not None:
-            self._prepare_windows(event.rollout)
-            managed.controller.update_policy(event.rollout)
+            self._run(
+                managed, rollout, lifecycle.edit(managed.rollout, managed.state, rollout, _now())
+            )
             managed.path = event.path
-            self._route(managed.controller)
             log.info("rollout %s updated (%s)", event.name, ", ".join(event.changed_fields))
             return
-        self._prepare_windows(event.rollout)
-        controller = self._controller(event.rollout)
-        managed = _Managed(controller, event.path)
+        saved = self.store.load(event.name)
+        state = None if saved is None else RolloutState.from_json(saved)
+        transition = lifecycle.start(rollout, state, _now())
+        managed = _Managed(rollout, transition.state, event.path)
+        self._run(managed, rollout, transition)
         self._managed[event.name] = managed
         managed.task = asyncio.get_running_loop().create_task(self._tick_loop(managed))
-        log.info("rollout %s: %s", event.name, controller.state.reason)
+        log.info("rollout %s: %s", event.name, managed.state.reason)
 
     def _removed(self, event: Removed) -> None:
         managed = self._managed.pop(event.name, None)
@@ -143,161 +160,110 @@ class Rollouts:
             return
         if managed.task is not None:
             managed.task.cancel()
-        state = managed.controller.state
+        state = managed.state
         # A finished rollout leaves its outcome in place; an unfinished one falls back to stable.
         version = state.candidate if state.phase is Phase.PROMOTED else state.stable
-        self.gateway.router.set_table(SplitTable.single(state.model, version))
-        self.audit.append(
-            "policy_removed",
-            event.name,
-            ADMIN_ACTOR,
-            {"file": str(event.path), "phase": state.phase.value, "serving": version},
-        )
+        self._publish(SplitTable.single(state.model, version))
+        data = {"file": str(event.path), "phase": state.phase.value, "serving": version}
+        self.audit.append("policy_removed", event.name, ADMIN_ACTOR, data)
         log.info("rollout %s removed; %s now serves %s", event.name, state.model, version)
 
-    # -- one rollout --
+    # -- running effects --
 
-    def _prepare_windows(self, rollout: Rollout) -> None:
-        spec = rollout.spec
-        width = self._input_width(rollout)
+    def _run(self, managed: _Managed, rollout: Rollout, transition: lifecycle.Transition) -> None:
+        """Run a transition's effects, once each and in order, for `rollout`; then hold its state.
+
+        The first effect that raises stops the rest. Memory never runs ahead of the
+        records: a saved state is held once it and the Audit right after it are done,
+        so after a failed save the next tick decides again from the last recorded state.
+        """
+        spec, windows = rollout.spec, self._windows(rollout.spec)
+        recorded: RolloutState | None = None  # saved; its audit entry may still be due
+        for effect in transition.effects:
+            if recorded is not None and not isinstance(effect, Audit):
+                managed.rollout, managed.state, recorded = rollout, recorded, None
+            if isinstance(effect, Save):
+                self.store.save(rollout.name, effect.state.to_json())
+                recorded = effect.state
+            elif isinstance(effect, Audit):
+                record = self.audit.append(effect.kind, rollout.name, effect.actor, effect.data)
+                if effect.announce and self._notifier is not None and spec.notify:
+                    self._notifier.send(spec.notify, record)
+            elif isinstance(effect, Route):
+                self._publish(_table(spec, effect), (rollout.name, effect.phase))
+            elif isinstance(effect, ResetWindows):
+                for window in windows:
+                    window.reset()
+            elif isinstance(effect, SetLatencyThreshold):
+                for window in windows:
+                    window.set_latency_threshold(effect.seconds)
+        managed.rollout, managed.state = rollout, transition.state
+
+    def _publish(self, table: SplitTable, gauges: tuple[str, Phase] | None = None) -> None:
+        """The one place that publishes a routing table, swapped only when it differs.
+
+        `gauges`: the rollout and phase to report beside the table's weight (a phase
+        can change while the table stays the same, e.g. awaiting approval).
+        """
+        metrics, router = self.inference.metrics, self.inference.router
+        served = router.table(table.model)
+        if table != served:
+            router.set_table(table)
+            if table.candidate is not None and (
+                served is None
+                or (served.candidate, served.weight) != (table.candidate, table.weight)
+            ):
+                # Sample-ratio checks count routed requests since the split last changed.
+                for version in (table.stable, table.candidate):
+                    self.inference.windows.get(table.model, version).reset_routed()
+        if gauges is not None:
+            name, phase = gauges
+            labels = (table.model, name, table.stable, table.candidate or "")
+            metrics.weight.labels(*labels).set(table.weight)
+            for each in Phase:
+                metrics.phase.labels(name, each.value).set(1 if each is phase else 0)
+
+    # -- one rollout's evidence --
+
+    def _windows(self, spec: Spec) -> tuple[VariantWindow, VariantWindow]:
+        windows = self.inference.windows
+        return windows.get(spec.model, spec.stable), windows.get(spec.model, spec.candidate)
+
+    def _prepare_windows(self, spec: Spec) -> None:
+        """Size both windows for the rollout; drift checks need input rows recorded too."""
+        width = self.references.input_width(spec)
         for version in (spec.stable, spec.candidate):
-            self.gateway.windows.ensure(spec.model, version, spec.window, width)
-
-    def _input_width(self, rollout: Rollout) -> int | None:
-        """Drift checks need input rows: record them when the policy has one."""
-        if not any(c.metric == "drift" for c in rollout.spec.checks):
-            return None
-        ref = self._reference(rollout.spec.model, rollout.spec.stable)
-        return None if ref is None else int(ref.shape[1])
-
-    def _reference(self, model: str, version: str) -> np.ndarray | None:
-        key = (model, version)
-        if key not in self._references:
-            ref = None
-            try:
-                loaded = self.gateway.registry.get(model, version)
-                if loaded.manifest.reference:
-                    data = np.load(loaded.directory / loaded.manifest.reference)
-                    ref = data if isinstance(data, np.ndarray) else next(iter(data.values()))
-                    ref = ref.reshape(ref.shape[0], -1).astype(np.float32)
-            except (ServingError, OSError, ValueError) as exc:
-                log.warning("no drift reference for %s/%s: %s", model, version, exc)
-            self._references[key] = ref
-        return self._references[key]
-
-    def _controller(self, rollout: Rollout) -> RolloutController:
-        name = rollout.name
-        gateway = self.gateway
-
-        def current() -> Rollout:
-            # The controller's rollout once it is managed (hot edits), the first one before.
-            managed = self._managed.get(name)
-            return managed.controller.rollout if managed is not None else rollout
-
-        def windows() -> tuple[VariantWindow, VariantWindow]:
-            spec = current().spec
-            return (
-                gateway.windows.get(spec.model, spec.stable),
-                gateway.windows.get(spec.model, spec.candidate),
-            )
-
-        def evidence() -> Evidence:
-            current = self._managed[name].controller
-            spec = current.rollout.spec
-            stable, candidate = windows()
-            return Evidence(
-                stable=stable.evidence(),
-                candidate=candidate.evidence(),
-                candidate_weight=current.state.weight,
-                reference=self._reference(spec.model, spec.stable),
-            )
-
-        def apply_weight(weight: float) -> None:
-            # Called inside the controller before its state is readable here: route on
-            # the next loop turn, from the controller's final state.
-            for w in windows():
-                w.reset_routed()
-            asyncio.get_running_loop().call_soon(self._route_by_name, name)
-
-        def set_threshold(seconds: float | None) -> None:
-            for w in windows():
-                w.set_latency_threshold(seconds)
-
-        def reset() -> None:
-            for w in windows():
-                w.reset()
-
-        def notify(record: dict[str, Any]) -> None:
-            # The start of a rollout is announced while its controller is being built.
-            hooks = current().spec.notify
-            if self._notifier is not None and hooks:
-                self._notifier.send(hooks, record)
-
-        controller = RolloutController(
-            rollout,
-            store=self.store,
-            audit=self.audit,
-            evidence=evidence,
-            apply_weight=apply_weight,
-            set_latency_threshold=set_threshold,
-            reset_windows=reset,
-            notify=notify,
-        )
-        self._route(controller)
-        return controller
-
-    def _route_by_name(self, name: str) -> None:
-        managed = self._managed.get(name)
-        if managed is not None:
-            self._route(managed.controller)
-
-    def _route(self, controller: RolloutController) -> None:
-        """Publish the router table that the controller's state calls for."""
-        rollout, state = controller.rollout, controller.state
-        spec = rollout.spec
-        table = SplitTable(
-            model=spec.model,
-            stable=spec.stable,
-            candidate=spec.candidate,
-            weight=state.weight,
-            split=spec.split,
-            key_source=KeySource.parse(spec.key) if spec.key else None,
-            shadows=(spec.candidate,) if controller.mirroring else (),
-        )
-        self.gateway.router.set_table(table)
-        self.gateway.metrics.weight.labels(
-            spec.model, rollout.name, spec.stable, spec.candidate
-        ).set(state.weight)
-        for phase in Phase:
-            self.gateway.metrics.phase.labels(rollout.name, phase.value).set(
-                1 if state.phase is phase else 0
-            )
+            self.inference.windows.ensure(spec.model, version, spec.window, width)
 
     async def _tick_loop(self, managed: _Managed) -> None:
         while True:
-            await asyncio.sleep(managed.controller.rollout.spec.interval)
+            await asyncio.sleep(managed.rollout.spec.interval)
             try:
-                self.tick(managed.controller.name)
+                self.tick(managed.rollout.name)
             except (PolicyError, ServingError, OSError) as exc:
-                log.error("rollout %s: tick failed: %s", managed.controller.name, exc)
+                log.error("rollout %s: tick failed: %s", managed.rollout.name, exc)
 
     def tick(self, name: str) -> dict[str, Any]:
         """Run one decision for a rollout now (the loop calls this; so can tests)."""
         managed = self._get(name)
-        decision = managed.controller.tick()
+        rollout = managed.rollout
+        spec, (stable, candidate) = rollout.spec, self._windows(rollout.spec)
+        evidence = Evidence(
+            stable=stable.evidence(),
+            candidate=candidate.evidence(),
+            candidate_weight=managed.state.weight,
+            reference=self.references.get(spec.model, spec.stable),
+        )
+        transition = lifecycle.tick(rollout, managed.state, evidence, _now())
+        self._run(managed, rollout, transition)
+        decision = transition.decision
         managed.last = decision.to_json()
-        self._route(managed.controller)
-        self._refresh_gauges(managed.controller)
+        if (agreement := evidence.candidate.agreement) is not None:
+            self.inference.metrics.agreement.labels(spec.model, spec.candidate).set(agreement)
         if decision.changed:
-            self.gateway.metrics.decisions.labels(name, decision.action.value).inc()
+            self.inference.metrics.decisions.labels(name, decision.action.value).inc()
             log.info("rollout %s: %s", name, decision.reason)
         return managed.last
-
-    def _refresh_gauges(self, controller: RolloutController) -> None:
-        spec = controller.rollout.spec
-        agreement = self.gateway.windows.get(spec.model, spec.candidate).evidence().agreement
-        if agreement is not None:
-            self.gateway.metrics.agreement.labels(spec.model, spec.candidate).set(agreement)
 
     # -- admin --
 
@@ -308,27 +274,12 @@ class Rollouts:
         return managed
 
     def _describe(self, managed: _Managed, detail: bool) -> dict[str, Any]:
-        controller = managed.controller
-        state, spec = controller.state, controller.rollout.spec
-        doc: dict[str, Any] = {
-            "name": controller.name,
-            "file": str(managed.path),
-            "model": spec.model,
-            "strategy": spec.strategy,
-            "stable": spec.stable,
-            "candidate": spec.candidate,
-            "phase": state.phase.value,
-            "step": state.step,
-            "steps": len(spec.steps),
-            "weight": state.weight,
-            "generation": state.generation,
-            "reason": state.reason,
-            "approved_by": state.approved_by,
-        }
+        doc = lifecycle.status(managed.rollout, managed.state) | {"file": str(managed.path)}
         if detail:
-            doc["state"] = state.to_json()
+            spec = managed.rollout.spec
+            doc["state"] = managed.state.to_json()
             doc["variants"] = {
-                role: self.gateway.windows.get(spec.model, version).summary()
+                role: self.inference.windows.get(spec.model, version).summary()
                 for role, version in (("stable", spec.stable), ("candidate", spec.candidate))
             }
             doc["last_decision"] = managed.last
@@ -345,9 +296,10 @@ class Rollouts:
 
     async def act(self, name: str, action: str, actor: str, reason: str) -> dict[str, Any]:
         managed = self._get(name)
-        decision = managed.controller.action(action, actor)
-        self._route(managed.controller)
-        self.gateway.metrics.decisions.labels(name, decision.action.value).inc()
+        rollout = managed.rollout
+        transition = lifecycle.act(rollout, managed.state, action, actor, _now())
+        self._run(managed, rollout, transition)
+        self.inference.metrics.decisions.labels(name, transition.decision.action.value).inc()
         log.info("rollout %s: %s by %s (%s)", name, action, actor, reason or "no reason given")
         return self._describe(managed, False)
 
@@ -356,3 +308,21 @@ class Rollouts:
     ) -> list[dict[str, Any]]:
         entries = read_entries(self.audit_path, since=since, until=until)
         return [e for e in entries if rollout is None or e.get("rollout") == rollout]
+
+
+def _table(spec: Spec, route: Route) -> SplitTable:
+    """The routing table a rollout's Route effect calls for."""
+    return SplitTable(
+        model=spec.model,
+        stable=spec.stable,
+        candidate=spec.candidate,
+        weight=route.weight,
+        split=spec.split,
+        key_source=KeySource.parse(spec.key) if spec.key else None,
+        shadows=(spec.candidate,) if route.mirroring else (),
+    )
+
+
+def _now() -> float:
+    # Wall clock on purpose: the times the core records are persisted (see the docstring).
+    return time.time()

@@ -11,6 +11,8 @@ import random
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
+from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Literal, Protocol
 
@@ -164,3 +166,30 @@ class Router:
     def tables(self) -> Mapping[str, SplitTable]:
         """A read-only snapshot of every model's table."""
         return MappingProxyType(self._tables)
+
+
+_NO_COOKIES: Mapping[str, str] = MappingProxyType({})
+
+
+@lru_cache(maxsize=256)
+def _caseless(source: KeySource) -> KeySource:
+    """The source with a lower-case header name, for lower-case header mappings."""
+    return KeySource(source.kind, source.name.lower()) if source.kind == "header" else source
+
+
+def stickiness_key(router: Router, model: str, headers: Mapping[str, str]) -> str | None:
+    """The request's stickiness key for `model`'s split; `headers` keyed by lower-case
+    names (or case-insensitive)."""
+    table = router.table(model)
+    source = table.key_source if table is not None else None
+    if source is None:
+        return None
+    if source.kind == "cookie":
+        # Parsed only for cookie keys; a header the standard parser refuses has no key.
+        jar = SimpleCookie()
+        try:
+            jar.load(headers.get("cookie", ""))
+        except CookieError:
+            return None
+        return source.extract(headers, {name: morsel.value for name, morsel in jar.items()})
+    return _caseless(source).extract(headers, _NO_COOKIES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,13 +24,18 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)  # the data port
+    admin_host: str = "127.0.0.1"  # admin and /metrics: loopback unless opened on purpose
+    admin_port: int = Field(default=8081, ge=0, le=65535)
     registry: Path = Path("registry")
     policies: Path = Path("policies")
     state: Path = Path(".rollguard")
     admin_token: str | None = None  # from ROLLGUARD_ADMIN_TOKEN, never the config file
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(default=512, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a head's arrival; a body's pauses
+    keepalive_s: float = Field(default=75.0, gt=0)  # idle kept-alive connections close
+    shutdown_grace_s: float = Field(default=5.0, ge=0)  # requests in flight at shutdown
     request_timeout_s: float = Field(default=10.0, gt=0)
     executor_threads: int = Field(default=2, ge=1, le=256)
     inline_below_us: float = Field(default=100.0, ge=0)  # faster models skip the executor
@@ -43,8 +48,7 @@ class Settings(BaseModel):
     shadow_timeout_s: float = Field(default=5.0, gt=0)
     shadow_budget: float = Field(default=0.01, ge=0, le=1)  # copies per primary while busy
     agreement_tolerance: float = Field(default=1e-6, ge=0)
-    log_level: str = "INFO"
-    fast_path: bool = True  # infer requests skip aiohttp's server (proxy/fastpath.py)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -79,6 +83,8 @@ def load_settings(
         if value is not None and value != "":
             merged[name] = value
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if isinstance(merged.get("log_level"), str):
+        merged["log_level"] = merged["log_level"].upper()
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

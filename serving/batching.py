@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
-from rollguard.serving.runners.base import Runner
+from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.runners.base import Runner, Wrapper
 from rollguard.serving.tensors import Tensors, batch_size
 
 # Input names, dtypes and trailing dimensions: requests with equal keys concatenate.
@@ -48,7 +49,7 @@ def _key(inputs: Tensors) -> _Key | None:
     return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
-class BatchingRunner(Runner):
+class BatchingRunner(Wrapper):
     """Wraps a runner; same interface, but concurrent predict() calls share inner calls."""
 
     def __init__(
@@ -64,10 +65,10 @@ class BatchingRunner(Runner):
         """`max_queued` bounds waiting requests (default 16 batches' worth, at least 64);
         `max_concurrent_batches` defaults to the CPU count, which keeps a compute-bound
         model's threads busy without queueing batches inside the executor."""
-        super().__init__(inner.manifest, inner.directory)
+        super().__init__(inner)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.inner = inner
+        self._accepting = False
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queued = max_queued or max(64, 16 * max_batch_size)
@@ -86,12 +87,16 @@ class BatchingRunner(Runner):
         self._collector = asyncio.create_task(
             self._collect(), name=f"batching {self.manifest.name} {self.manifest.version}"
         )
-        self.ready = True
+        self._accepting = True
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self.inner.ready
 
     async def unload(self) -> None:
         """Stop taking requests, fail the queued ones with NotReady, let running batches
         finish, then unload the inner runner."""
-        self.ready = False
+        self._accepting = False
         if self._collector is not None:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,9 +113,10 @@ class BatchingRunner(Runner):
             await asyncio.gather(*self._running, return_exceptions=True)
         await self.inner.unload()
 
-    async def predict(self, inputs: Tensors) -> Tensors:
-        if not self.ready:
+    async def predict(self, request: InferRequest) -> InferResponse:
+        if not self._accepting:
             raise NotReady(f"{self.manifest.name} {self.manifest.version} is not loaded")
+        inputs = request.arrays()
         rows = batch_size(inputs)  # raises InvalidInput for ragged batches, to this caller only
         if self._waiting >= self.max_queued:
             raise Overloaded(
@@ -121,7 +127,7 @@ class BatchingRunner(Runner):
         self._queue.append(_Request(inputs, rows, _key(inputs), self._clock(), future))
         self._waiting += 1
         self._arrived.set()
-        return await future
+        return InferResponse.of_arrays(await future)
 
     async def _collect(self) -> None:
         assert self._slots is not None
@@ -187,13 +193,13 @@ class BatchingRunner(Runner):
     async def _run(self, batch: list[_Request]) -> None:
         try:
             if len(batch) == 1:
-                outputs = await self.inner.predict(batch[0].inputs)
-                _resolve(batch[0].future, outputs)
+                answer = await self.inner.predict(InferRequest.of_arrays(batch[0].inputs))
+                _resolve(batch[0].future, answer.arrays())
                 return
             merged = {
                 name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs
             }
-            outputs = await self.inner.predict(merged)
+            outputs = (await self.inner.predict(InferRequest.of_arrays(merged))).arrays()
             total = sum(r.rows for r in batch)
             for name, array in outputs.items():
                 if array.ndim == 0 or array.shape[0] != total:

@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
 from rollguard.serving.errors import InvalidInput, UpstreamError
-from rollguard.serving.jsontensors import deferred_inputs
 from rollguard.serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
 
 BINARY_HEADER = "Inference-Header-Content-Length"
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """A decoded V2 infer request."""
-
-    inputs: Mapping[str, np.ndarray]  # a dict, or JsonInputs (plain JSON, converted lazily)
-    id: str | None = None
-    outputs: list[str] | None = None  # requested output names, None = all
-    binary_outputs: set[str] = field(default_factory=set)  # outputs wanted as binary
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_json(body: bytes | memoryview) -> Any:
@@ -41,7 +28,7 @@ def parse_json(body: bytes | memoryview) -> Any:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
 
 
-def _tensor_from_json(
+def tensor_from_item(
     item: Any, where: str, binary: memoryview | None, offset: int
 ) -> tuple[str, np.ndarray, int]:
     if not isinstance(item, dict):
@@ -112,62 +99,6 @@ def _bytes_from_binary(chunk: memoryview, count: int, name: str) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
-def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Parse a V2 infer body (JSON, or JSON + binary tensors when header_length is set)."""
-    binary: memoryview | None = None
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{BINARY_HEADER} {header_length!r} is not an integer") from None
-        if not 0 < n <= len(body):
-            raise InvalidInput(f"{BINARY_HEADER} {n} is outside the body of {len(body)} bytes")
-        view = memoryview(body)
-        doc, binary = parse_json(view[:n]), view[n:]
-    else:
-        doc = parse_json(body)
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    inputs: Mapping[str, np.ndarray] | None = None
-    if binary is None:
-        inputs = deferred_inputs(raw_inputs)  # checked without numpy when it surely converts
-    if inputs is None:
-        tensors: Tensors = {}
-        offset = 0
-        for i, item in enumerate(raw_inputs):
-            name, array, offset = _tensor_from_json(item, f"inputs[{i}]", binary, offset)
-            if name in tensors:
-                raise InvalidInput(f"input '{name}' given twice")
-            tensors[name] = array
-        inputs = tensors
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise InvalidInput("'parameters' must be an object")
-    outputs: list[str] | None = None
-    binary_outputs: set[str] = set()
-    raw_outputs = doc.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for item in raw_outputs:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise InvalidInput("each requested output needs a string 'name'")
-            outputs.append(item["name"])
-            oparams = item.get("parameters") or {}
-            if isinstance(oparams, dict) and oparams.get("binary_data") is True:
-                binary_outputs.add(item["name"])
-    elif params.get("binary_data_output") is True:
-        binary_outputs = {"*"}
-    return InferRequest(inputs, request_id, outputs, binary_outputs, params)
-
-
 def select_outputs(
     outputs: Tensors, requested: Sequence[str] | None, declared: Sequence[TensorSpec] = ()
 ) -> Tensors:
@@ -188,7 +119,7 @@ def select_outputs(
     return {n: outputs[n] for n in requested}
 
 
-def _output_json(name: str, array: np.ndarray) -> dict[str, Any]:
+def output_item(name: str, array: np.ndarray) -> dict[str, Any]:
     datatype = v2_datatype(array)
     flat = array.ravel()  # contiguous, as orjson needs: a view when it already is
     data: Any
@@ -229,7 +160,7 @@ def encode_infer_response(
             )
             chunks.append(raw)
         else:
-            tensors.append(_output_json(name, array))
+            tensors.append(output_item(name, array))
     doc["outputs"] = tensors
     head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
@@ -251,7 +182,7 @@ def encode_infer_request(
     inputs: Tensors, *, request_id: str | None = None, outputs: list[str] | None = None
 ) -> bytes:
     """A V2 JSON infer request body (what the HTTP upstream runner sends)."""
-    doc: dict[str, Any] = {"inputs": [_output_json(n, a) for n, a in inputs.items()]}
+    doc: dict[str, Any] = {"inputs": [output_item(n, a) for n, a in inputs.items()]}
     if request_id is not None:
         doc["id"] = request_id
     if outputs is not None:
@@ -293,48 +224,50 @@ def tensors_from_outputs(items: Sequence[dict[str, Any]]) -> Tensors:
     tensors: Tensors = {}
     try:
         for i, item in enumerate(items):
-            name, array, _ = _tensor_from_json(item, f"outputs[{i}]", None, 0)
+            name, array, _ = tensor_from_item(item, f"outputs[{i}]", None, 0)
             tensors[name] = array
     except InvalidInput as exc:
         raise UpstreamError(f"upstream response: {exc}") from None
     return tensors
 
 
-def decode_infer_response(body: bytes) -> tuple[Tensors, dict[str, Any]]:
-    """Tensors by name and the top-level fields of an upstream's V2 JSON response."""
-    items, meta = response_outputs(body)
-    return tensors_from_outputs(items), meta
+def select_items(
+    items: Sequence[dict[str, Any]],
+    requested: Sequence[str] | None,
+    declared: Sequence[TensorSpec] = (),
+) -> Sequence[dict[str, Any]]:
+    """The requested output objects in request order; all of them, in declared order, when
+    none are requested (the ones the manifest does not declare last)."""
+    if requested is not None:
+        by_name = {item["name"]: item for item in items}
+        missing = [n for n in requested if n not in by_name]
+        if missing:
+            raise InvalidInput(f"unknown output(s) {missing}; the model gives {sorted(by_name)}")
+        return [by_name[n] for n in requested]
+    if len(declared) == len(items):  # the usual case: already in declared order
+        for spec, item in zip(declared, items, strict=True):
+            if spec.name != item["name"]:
+                break
+        else:
+            return items
+    by_name = {item["name"]: item for item in items}
+    ordered = [by_name[s.name] for s in declared if s.name in by_name]
+    if len(ordered) != len(by_name):
+        known = {s.name for s in declared}
+        ordered += [item for item in items if item["name"] not in known]
+    return ordered
 
 
-def _in_declared_order(items: Sequence[dict[str, Any]], declared: Sequence[TensorSpec]) -> bool:
-    if len(declared) != len(items):
-        return False
-    for spec, item in zip(declared, items, strict=True):  # noqa: SIM110 - per request: no generator
-        if spec.name != item["name"]:
-            return False
-    return True
-
-
-def encode_passthrough_response(
+def encode_items_response(
     items: Sequence[dict[str, Any]],
     *,
     model_name: str,
     model_version: str,
     request_id: str | None,
-    declared: Sequence[TensorSpec] = (),
 ) -> bytes:
-    """A V2 JSON response from an upstream's output objects, in `select_outputs`' order."""
-    ordered = items
-    if not _in_declared_order(items, declared):  # upstreams rarely are not: reorder
-        by_name = {item["name"]: item for item in items}
-        reordered = [by_name[s.name] for s in declared if s.name in by_name]
-        if len(reordered) != len(by_name):
-            reordered += [
-                item for name, item in by_name.items() if all(s.name != name for s in declared)
-            ]
-        ordered = reordered
+    """A V2 JSON response body from output objects (numpy `data` is serialised as is)."""
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         doc["id"] = request_id
-    doc["outputs"] = ordered
-    return orjson.dumps(doc)
+    doc["outputs"] = items
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -9,6 +9,7 @@ ServingError
 ├── NotReady               the version exists but is not loaded / not ready
 ├── InvalidInput           tensors do not match the manifest (name, datatype, shape)
 ├── ModelExecutionError    the model raised while predicting
+├── DeadlineExceeded       a local version did not answer within its time limit
 ├── UpstreamError          an HTTP upstream answered with an error or not at all
 │   └── UpstreamTimeout    the upstream did not answer in time
 └── Overloaded             a bounded queue is full
@@ -18,7 +19,13 @@ from __future__ import annotations
 
 
 class ServingError(Exception):
-    """Root of every error the serving core raises."""
+    """Root of every error the serving core raises.
+
+    `version` names the version whose call failed, when one did: the answer says which
+    variant it came from and the windows count it against that one.
+    """
+
+    version: str | None = None
 
 
 class ManifestError(ServingError):
@@ -51,6 +58,10 @@ class InvalidInput(ServingError):
 
 class ModelExecutionError(ServingError):
     """The model itself raised while predicting."""
+
+
+class DeadlineExceeded(ServingError):
+    """A version's call did not finish within its time limit (it may still run on)."""
 
 
 class UpstreamError(ServingError):

@@ -2,7 +2,7 @@
 
 A request passed byte for byte to a remote upstream must still be checked (bad input is
 refused before routing counts it against a version), but its arrays are needed only
-when a drift check keeps a row or a local runner runs them. `deferred_inputs` accepts the
+when a drift check keeps a row or a local runner runs them. `deferred_meta` accepts the
 common case, flat numeric `data` that numpy is sure to convert, and leaves the
 conversion for later; anything else returns None and takes serving/codec.py's numpy
 path, whose errors stay the reference.
@@ -10,13 +10,13 @@ path, whose errors stay the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from rollguard.serving.tensors import V2_TO_NUMPY, Tensors
+from rollguard.serving.tensors import V2_TO_NUMPY
 
 # Integer datatypes and the values numpy converts without an OverflowError.
 _INT_RANGE: dict[str, tuple[int, int]] = {
@@ -76,43 +76,10 @@ def flat_count(shape: Any, data: Any) -> int | None:
     return count if len(data) == count else None
 
 
-class JsonInputs(Mapping[str, np.ndarray]):
-    """Input tensors from V2 JSON, checked to convert; the arrays are made on first access.
-
-    `meta` holds each input's shape and dtype for `check_inputs`, so validation needs no
-    arrays either.
-    """
-
-    __slots__ = ("_items", "_tensors", "meta")
-
-    def __init__(self, items: Sequence[dict[str, Any]], meta: dict[str, TensorMeta]) -> None:
-        self._items = items
-        self._tensors: Tensors | None = None
-        self.meta = meta
-
-    def tensors(self) -> Tensors:
-        """The inputs as numpy arrays, converted once."""
-        if self._tensors is None:
-            # `meta` was filled in the items' order, one entry per item.
-            self._tensors = {
-                name: np.asarray(item["data"], dtype=meta.dtype).reshape(meta.shape)
-                for item, (name, meta) in zip(self._items, self.meta.items(), strict=True)
-            }
-        return self._tensors
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.tensors()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.meta)
-
-    def __len__(self) -> int:
-        return len(self.meta)
-
-
-def deferred_inputs(items: Sequence[Any]) -> JsonInputs | None:
-    """The inputs, unconverted, when each is exactly {name, datatype, shape, data} with a
-    flat numeric `data` that numpy is sure to take; None sends the request to numpy."""
+def deferred_meta(items: Sequence[Any]) -> dict[str, TensorMeta] | None:
+    """Each input's shape and dtype, unconverted, when each is exactly {name, datatype,
+    shape, data} with a flat numeric `data` that numpy is sure to take; None sends the
+    request to numpy (serving/codec.py), whose errors stay the reference."""
     meta: dict[str, TensorMeta] = {}
     for item in items:
         if type(item) is not dict or len(item) != 4:  # parameters etc.: numpy's path
@@ -126,11 +93,4 @@ def deferred_inputs(items: Sequence[Any]) -> JsonInputs | None:
         if flat_count(shape, data) is None or not numeric_data_fits(datatype, data):
             return None
         meta[name] = TensorMeta(tuple(shape), V2_TO_NUMPY[datatype])
-    return JsonInputs(items, meta)
-
-
-def as_tensors(inputs: Mapping[str, np.ndarray]) -> Tensors:
-    """A dict of arrays, what runners take, from decoded or deferred inputs."""
-    if isinstance(inputs, JsonInputs):
-        return inputs.tensors()
-    return inputs if isinstance(inputs, dict) else dict(inputs)
+    return meta

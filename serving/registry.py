@@ -26,18 +26,18 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.catalog import verify_directory, version_directories, version_key
+from rollguard.serving.deadlines import Deadline
 from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners import Runner, create_runner
+from rollguard.serving.runners import LocalRunner, Runner, create_runner
+from rollguard.serving.scheduling import Scheduled
 
 logger = logging.getLogger(__name__)
 
@@ -54,28 +54,6 @@ class LoadedVersion:
     runner: Runner
     directory: Path
     loaded_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class VersionState:
-    """What the registry knows of one version directory, loaded or not."""
-
-    version: str
-    status: Literal["loaded", "refused", "pending"]
-    reason: str | None = None
-    manifest: Manifest | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryChanges:
-    """What one scan changed. A version reloaded in place appears in `loaded` only."""
-
-    loaded: tuple[tuple[str, str], ...] = ()
-    unloaded: tuple[tuple[str, str], ...] = ()
-    refused: tuple[tuple[str, str, str], ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.loaded or self.unloaded or self.refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,16 +107,6 @@ def _scan(root: Path) -> dict[_Key, tuple[Path, _Fingerprint]] | None:
     return {(m, v): (d, _fingerprint(d)) for m, v, d in version_directories(root)}
 
 
-@dataclass
-class _ChangeLog:
-    loaded: list[tuple[str, str]] = field(default_factory=list)
-    unloaded: list[tuple[str, str]] = field(default_factory=list)
-    refused: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def freeze(self) -> RegistryChanges:
-        return RegistryChanges(tuple(self.loaded), tuple(self.unloaded), tuple(self.refused))
-
-
 class Registry:
     """Versions under `root`, kept loaded in step with the directory."""
 
@@ -146,20 +114,24 @@ class Registry:
         self,
         root: Path,
         *,
-        executor: Executor | None = None,
-        poll_interval: float = 1.0,
-        inline_below_us: float = 0.0,
+        executor: Executor,
+        poll_interval: float,
+        inline_below_us: float,
+        timeout_s: float,
     ) -> None:
+        """`executor` runs local models; `inline_below_us` lets cheap ones run on the loop
+        (serving/scheduling.py); `timeout_s` bounds each local call (an `http` version's
+        own `timeout_s` bounds its calls)."""
         self.root = root
         self.inline_below_us = inline_below_us
         self.poll_interval = poll_interval
+        self.timeout_s = timeout_s
         self._executor = executor
         self._loaded: dict[_Key, LoadedVersion] = {}
         self._defaults: dict[str, str] = {}  # model -> default version; cleared on any change
         self._refused: dict[_Key, _Refusal] = {}
         self._pending: dict[_Key, tuple[_Fingerprint, str]] = {}  # failed once, settling
         self._settled: dict[_Key, _Fingerprint] = {}  # files behind the loaded/refused state
-        self._subscribers: list[Callable[[RegistryChanges], None]] = []
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -203,14 +175,9 @@ class Registry:
             except Exception:  # the watcher must outlive any one bad scan
                 logger.exception("registry scan of %s failed", self.root)
 
-    def subscribe(self, callback: Callable[[RegistryChanges], None]) -> Callable[[], None]:
-        """Call `callback` after every scan that changed something; returns an unsubscribe."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
-
     # --- scanning ----------------------------------------------------------------------
 
-    async def refresh(self) -> RegistryChanges:
+    async def refresh(self) -> None:
         """Scan the directory once now and bring the loaded versions in step with it."""
         async with self._lock:
             loop = asyncio.get_running_loop()
@@ -224,23 +191,14 @@ class Registry:
                         "loaded version(s)", self.root, len(self._loaded),
                     )  # fmt: skip
                 self._root_missing = True
-                return RegistryChanges()
+                return
             self._root_missing = False
-            log = _ChangeLog()
             for key in self._known() - set(seen):
-                await self._forget(key, log)
+                await self._forget(key)
             todo = [(key, d, fp) for key, (d, fp) in seen.items() if self._needs_look(key, fp)]
             outcomes = await asyncio.gather(*(self._examine(key, d) for key, d, _ in todo))
             for (key, _, fp), outcome in zip(todo, outcomes, strict=True):
-                await self._apply(key, fp, outcome, log)
-            changes = log.freeze()
-        if changes:
-            for callback in list(self._subscribers):
-                try:
-                    callback(changes)
-                except Exception:
-                    logger.exception("registry subscriber %r failed", callback)
-        return changes
+                await self._apply(key, fp, outcome)
 
     def _known(self) -> set[_Key]:
         return self._loaded.keys() | self._refused.keys() | self._pending.keys()
@@ -265,20 +223,7 @@ class Registry:
         if current is not None and current.manifest == manifest:
             return _Outcome()
         try:
-            runner = create_runner(
-                manifest,
-                directory,
-                executor=self._executor,
-                # A batched version is one whose calls are worth queueing for: never inline.
-                inline_below_us=0.0 if manifest.batching else self.inline_below_us,
-            )
-            if manifest.batching is not None:
-                runner = BatchingRunner(
-                    runner,
-                    max_batch_size=manifest.batching.max_batch_size,
-                    max_delay_ms=manifest.batching.max_delay_ms,
-                    max_concurrent_batches=manifest.batching.max_concurrent_batches,
-                )
+            runner = self._compose(create_runner(manifest, directory))
             await runner.load()
         except Exception as exc:  # a runner may raise anything its framework raises
             reason = _naming_the_file(str(exc) or type(exc).__name__, directory, manifest)
@@ -287,9 +232,27 @@ class Registry:
             )
         return _Outcome(loaded=LoadedVersion(manifest, runner, directory, datetime.now(UTC)))
 
-    async def _apply(
-        self, key: _Key, fingerprint: _Fingerprint, outcome: _Outcome, log: _ChangeLog
-    ) -> None:
+    def _compose(self, runner: Runner) -> Runner:
+        """The framework runner wrapped as the manifest asks: a local one scheduled on the
+        executor with its time limit (inline when cheap, never when batched: a batched
+        version is one whose calls are worth queueing for), then batched."""
+        manifest = runner.manifest
+        if isinstance(runner, LocalRunner):
+            inline = 0.0 if manifest.batching else self.inline_below_us
+            runner = Scheduled(runner, self._executor, inline, self.timeout_s)
+        if manifest.batching is not None:
+            batched = BatchingRunner(
+                runner,
+                max_batch_size=manifest.batching.max_batch_size,
+                max_delay_ms=manifest.batching.max_delay_ms,
+                max_concurrent_batches=manifest.batching.max_concurrent_batches,
+            )
+            # A remote runner's pool times its calls out (the manifest's timeout_s), a
+            # scheduled one its thread calls; a queued caller is bounded here.
+            runner = Deadline(batched, self.timeout_s)
+        return runner
+
+    async def _apply(self, key: _Key, fingerprint: _Fingerprint, outcome: _Outcome) -> None:
         label = "/".join(key)
         if outcome.reason is None:
             self._pending.pop(key, None)
@@ -299,7 +262,6 @@ class Registry:
                 old = self._loaded.get(key)
                 self._loaded[key] = outcome.loaded
                 self._defaults.clear()
-                log.loaded.append(key)
                 manifest = outcome.loaded.manifest
                 logger.info(
                     "%s %s (%s, %s)", "reloaded" if old else "loaded", label,
@@ -329,13 +291,10 @@ class Registry:
                 label, outcome.reason,
             )  # fmt: skip
             await old.runner.unload()
-            log.unloaded.append(key)
         elif previous is None or previous.reason != outcome.reason:
             logger.warning("refused %s: %s", label, outcome.reason)
-        if previous is None or previous.reason != outcome.reason:
-            log.refused.append((*key, outcome.reason))
 
-    async def _forget(self, key: _Key, log: _ChangeLog) -> None:
+    async def _forget(self, key: _Key) -> None:
         self._refused.pop(key, None)
         self._pending.pop(key, None)
         self._settled.pop(key, None)
@@ -344,7 +303,6 @@ class Registry:
         if old is not None:
             logger.info("unloaded %s: its directory is gone", "/".join(key))
             await old.runner.unload()
-            log.unloaded.append(key)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -385,27 +343,6 @@ class Registry:
             raise NotReady(f"model {model!r} has no loaded version with stage 'production'")
         self._defaults[model] = production[-1]
         return production[-1]
-
-    def known_versions(self, model: str) -> list[VersionState]:
-        """Every version directory of the model, with its status and, if not loaded, why."""
-        states = [
-            VersionState(v, "loaded", None, loaded.manifest)
-            for (m, v), loaded in self._loaded.items()
-            if m == model
-        ]
-        states += [
-            VersionState(v, "refused", refusal.reason, refusal.manifest)
-            for (m, v), refusal in self._refused.items()
-            if m == model
-        ]
-        states += [
-            VersionState(v, "pending", reason)
-            for (m, v), (_, reason) in self._pending.items()
-            if m == model and (m, v) not in self._loaded
-        ]
-        if not states:
-            raise ModelNotFound(f"model {model!r} is not in the registry")
-        return sorted(states, key=lambda s: version_key(s.version))
 
     def refused(self) -> dict[tuple[str, str], str]:
         """Every refused version and the reason."""

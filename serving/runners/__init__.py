@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from pathlib import Path
 
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners.base import LocalRunner, Runner
+from rollguard.serving.runners.base import LocalRunner, Runner, Wrapper
 
-__all__ = ["LocalRunner", "Runner", "create_runner"]
+__all__ = ["LocalRunner", "Runner", "Wrapper", "create_runner"]
 
 
-def create_runner(
-    manifest: Manifest,
-    directory: Path,
-    *,
-    executor: Executor | None = None,
-    inline_below_us: float = 0.0,
-) -> Runner:
-    """A not-yet-loaded runner for one registry version.
-
-    In-process runners run a model on the caller's thread once its calls average under
-    `inline_below_us` (0: always on the executor); see LocalRunner.
-    """
+def create_runner(manifest: Manifest, directory: Path) -> Runner:
+    """A not-yet-loaded runner for one registry version, unwrapped (see registry.py)."""
     if manifest.framework == "onnx":
         from rollguard.serving.runners.onnx import OnnxRunner
 
-        return OnnxRunner(manifest, directory, executor, inline_below_us)
+        return OnnxRunner(manifest, directory)
     if manifest.framework == "torch":
         from rollguard.serving.runners.torch import TorchRunner
 
-        return TorchRunner(manifest, directory, executor, inline_below_us)
+        return TorchRunner(manifest, directory)
     if manifest.framework == "sklearn":
         from rollguard.serving.runners.sklearn import SklearnRunner
 
-        return SklearnRunner(manifest, directory, executor, inline_below_us)
+        return SklearnRunner(manifest, directory)
     from rollguard.serving.runners.http import HttpRunner
 
     return HttpRunner(manifest, directory)

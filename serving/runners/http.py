@@ -6,11 +6,10 @@ from pathlib import Path
 
 import orjson
 
-from rollguard.serving.codec import decode_infer_response, encode_infer_request
 from rollguard.serving.errors import ArtifactError, ManifestError, NotReady, UpstreamError
 from rollguard.serving.manifest import Manifest
+from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import Runner
-from rollguard.serving.tensors import Tensors
 from rollguard.serving.upstream import UpstreamPool
 
 _JSON = {"Content-Type": "application/json"}
@@ -34,8 +33,6 @@ class HttpRunner(Runner):
     The runner owns a keep-alive connection pool to its endpoint (serving/upstream.py):
     made at construction, closed by `unload`, made afresh by the next `load`.
     """
-
-    passes_v2_bodies = True
 
     def __init__(self, manifest: Manifest, directory: Path) -> None:
         super().__init__(manifest, directory)
@@ -66,7 +63,7 @@ class HttpRunner(Runner):
         except BaseException:  # refused or cancelled: the caller may drop us without unload
             await self.unload()
             raise
-        self.ready = True
+        self._ready = True
 
     async def _probe_ready(self) -> None:
         url = f"{self.endpoint}/ready"
@@ -77,24 +74,17 @@ class HttpRunner(Runner):
         if status != 200:
             raise ArtifactError(f"{url}: upstream not ready ({status}: {_error_text(body)})")
 
-    async def predict(self, inputs: Tensors) -> Tensors:
-        outputs, _ = decode_infer_response(await self.predict_raw(encode_infer_request(inputs)))
-        return outputs
-
-    async def predict_raw(self, body: bytes) -> bytes:
-        """POST a V2 JSON infer body as given; the upstream's 2xx body as it came.
-
-        The gateway forwards a client's body through this when it needs no re-encoding,
-        which spares a JSON -> numpy -> JSON round trip each way. The pool's
-        UpstreamError / UpstreamTimeout name the URL and the reason.
-        """
-        status, payload = await self._client().send(self._infer, body)
+    async def predict(self, request: InferRequest) -> InferResponse:
+        """POST the request's V2 JSON body (the client's own bytes when they need no
+        re-encoding); the upstream's 2xx answer, unconverted until someone reads it. The
+        pool's UpstreamError / UpstreamTimeout name the URL and the reason."""
+        status, payload = await self._client().send(self._infer, request.upstream_body())
         if not 200 <= status < 300:
             raise UpstreamError(f"{self._infer_url} answered {status}: {_error_text(payload)}")
-        return payload
+        return InferResponse.of_upstream(payload)
 
     async def unload(self) -> None:
-        self.ready = False
+        self._ready = False
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,8 @@ class OnnxRunner(LocalRunner):
         self,
         manifest: Manifest,
         directory: Path,
-        executor: Executor | None = None,
-        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor, inline_below_us)
+        super().__init__(manifest, directory)
         self._session: Any = None
         self._input_names: list[str] = []
         self._output_names: list[str] = []

@@ -8,7 +8,6 @@ safer: every type they contain must be on skops' safe list or in `trusted_types`
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +57,8 @@ class SklearnRunner(LocalRunner):
         self,
         manifest: Manifest,
         directory: Path,
-        executor: Executor | None = None,
-        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor, inline_below_us)
+        super().__init__(manifest, directory)
         self._model: Any = None
         self._outputs: dict[str, np.dtype | None] = {}
 

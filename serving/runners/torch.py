@@ -6,7 +6,6 @@ optional extra (`pip install 'rollguard[torch]'`).
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -53,10 +52,8 @@ class TorchRunner(LocalRunner):
         self,
         manifest: Manifest,
         directory: Path,
-        executor: Executor | None = None,
-        inline_below_us: float = 0.0,
     ) -> None:
-        super().__init__(manifest, directory, executor, inline_below_us)
+        super().__init__(manifest, directory)
         self._torch: Any = None
         self._module: torch.nn.Module | None = None
 

@@ -19,16 +19,15 @@ STATE = {"phase": "progressing", "step": 2, "weight": 25.0, "approved_by": None,
 def test_round_trip(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     assert store.load("fraud") is None
-    assert store.load_all() == {}
     store.save("fraud", STATE)
     store.save("fraud-onnx", {"phase": "rolled_back"})
     assert store.load("fraud") == STATE
-    assert store.load_all() == {"fraud": STATE, "fraud-onnx": {"phase": "rolled_back"}}
+    assert store.load("fraud-onnx") == {"phase": "rolled_back"}
     store.save("fraud", {"phase": "promoted"})
     assert store.load("fraud") == {"phase": "promoted"}
     store.delete("fraud")
     assert store.load("fraud") is None
-    assert StateStore(tmp_path / "state").load_all() == {"fraud-onnx": {"phase": "rolled_back"}}
+    assert StateStore(tmp_path / "state").load("fraud-onnx") == {"phase": "rolled_back"}
 
 
 def test_other_files_in_the_state_directory_are_not_states(tmp_path: Path) -> None:
@@ -37,7 +36,8 @@ def test_other_files_in_the_state_directory_are_not_states(tmp_path: Path) -> No
     (tmp_path / "audit.jsonl").write_text('{"seq": 1}\n')
     (tmp_path / ".fraud.json.abc123.tmp").write_text('{"phase": "half-writ')  # a crash's leftover
     (tmp_path / "Not A Name.json").write_text("{}")
-    assert store.load_all() == {"fraud": STATE}
+    assert store.load("fraud") == STATE
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["Not A Name.json", "fraud.json"]
 
 
 def test_names_that_are_not_file_names_are_refused(tmp_path: Path) -> None:
@@ -92,7 +92,6 @@ def test_crash_after_the_temp_write_leaves_the_old_state(tmp_path: Path) -> None
     assert leftovers[0].endswith(".tmp")
     store = StateStore(tmp_path)
     assert store.load("fraud") == STATE
-    assert store.load_all() == {"fraud": STATE}
     store.save("fraud", {"phase": "rolled_back"})  # and the next save is unaffected
     assert store.load("fraud") == {"phase": "rolled_back"}
 
@@ -112,5 +111,3 @@ def test_corrupt_state_raises_naming_the_file(tmp_path: Path, content: bytes, wh
     with pytest.raises(StateError, match=why) as info:
         store.load("fraud")
     assert str(tmp_path / "fraud.json") in str(info.value)
-    with pytest.raises(StateError, match=r"fraud\.json"):
-        store.load_all()

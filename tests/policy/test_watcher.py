@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from rollguard.policy.loader import parse_rollout
-from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed, classify_change
+from rollguard.policy.state import RolloutState
+from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed
 
 
 def policy(
@@ -62,7 +63,7 @@ def test_valid_edit_applies_with_changed_fields(tmp_path: Path) -> None:
     assert event.changed_fields == ("spec.checks.0.max", "spec.interval")
     assert isinstance(first, Applied) and event.previous == first.rollout
     assert watcher.current()["fraud"].spec.checks[0].max == 0.02
-    assert classify_change(event.previous, event.rollout) == "thresholds"
+    assert RolloutState.initial(event.previous, 0.0).same_rollout(event.rollout)  # keeps progress
 
 
 def test_invalid_edit_is_rejected_with_line_and_the_last_good_stays(tmp_path: Path) -> None:
@@ -221,19 +222,20 @@ def test_hidden_and_foreign_files_are_ignored(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({}, "none"),
-        ({"max_errors": 0.5}, "thresholds"),
-        ({"interval": "1s"}, "thresholds"),
-        ({"candidate": "1.2.0"}, "new_rollout"),
-        ({"model": "fraud-onnx"}, "new_rollout"),
-        ({"strategy": "blue_green"}, "new_rollout"),
-        ({"name": "renamed"}, "new_rollout"),
+        ({}, True),
+        ({"max_errors": 0.5}, True),
+        ({"interval": "1s"}, True),
+        ({"candidate": "1.2.0"}, False),
+        ({"model": "fraud-onnx"}, False),
+        ({"strategy": "blue_green"}, False),
     ],
 )
-def test_classify_change(changes: dict[str, Any], expected: str) -> None:
+def test_an_edit_keeps_progress_unless_it_names_another_rollout(
+    changes: dict[str, Any], expected: bool
+) -> None:
     old = parse_rollout(policy(), "old.yaml")
     new = parse_rollout(policy(**changes), "new.yaml")
-    assert classify_change(old, new) == expected
+    assert RolloutState.initial(old, 0.0).same_rollout(new) is expected
 
 
 def test_renaming_the_file_moves_the_rollout_without_removing_it(tmp_path: Path) -> None:

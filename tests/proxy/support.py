@@ -1,49 +1,39 @@
-"""Start the real gateway application on a free loopback port, for end-to-end tests."""
+"""Start the real gateway on free loopback ports, for end-to-end tests."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from rollguard.proxy.app import create_app
+from rollguard.proxy.gateway import Gateway
 from rollguard.proxy.inference import Inference
 from rollguard.proxy.rollouts import Rollouts
-from rollguard.proxy.server import start_server
 from rollguard.proxy.settings import Settings
-from rollguard.proxy.state import GATEWAY, ROLLOUTS
 
 
 @dataclass
 class Server:
-    url: str
-    app: web.Application
+    url: str  # the data port
+    admin_url: str  # the admin port: /admin/..., /metrics
+    running: Gateway
     settings: Settings
 
     @property
     def gateway(self) -> Inference:
-        return self.app[GATEWAY]
+        return self.running.inference
 
     @property
     def rollouts(self) -> Rollouts:
-        return self.app[ROLLOUTS]
+        return self.running.rollouts
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    tmp_path: Path,
-    registry: Path,
-    server_options: Mapping[str, Any] | None = None,
-    **settings: Any,
-) -> AsyncIterator[Server]:
-    """Start the real application on a free loopback port, as `rollguard serve` does (the
-    fast infer path in front of aiohttp); stop it afterwards. `server_options` go to
-    `start_server` (keepalive_s, grace_s)."""
-    server_options = server_options or {}
+async def serve(tmp_path: Path, registry: Path, **settings: Any) -> AsyncIterator[Server]:
+    """Start the real gateway on free loopback ports, as `rollguard serve` does; stop it
+    afterwards. `settings` override Settings fields."""
     policies = settings.pop("policies", tmp_path / "policies")
     Path(policies).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - test set-up
     config = Settings(
@@ -51,14 +41,20 @@ async def serve(
         policies=policies,
         state=settings.pop("state", tmp_path / "state"),
         port=0,
+        admin_port=0,
         **settings,
     )
-    app = create_app(config)
-    served = await start_server(app, "127.0.0.1", 0, **server_options)
+    gateway = Gateway(config)
+    await gateway.start()
     try:
-        yield Server(f"http://127.0.0.1:{served.port}", app, config)
+        yield Server(
+            f"http://127.0.0.1:{gateway.port}",
+            f"http://127.0.0.1:{gateway.admin_port}",
+            gateway,
+            config,
+        )
     finally:
-        await served.close()
+        await gateway.close()
 
 
 def write_remote_version(registry: Path, version: str, endpoint: str, outputs: str = "") -> None:

@@ -15,6 +15,7 @@ from tritonclient.http import InferInput, InferRequestedOutput
 
 from rollguard.serving.demo.build import load_eval_data
 from rollguard.serving.manifest import load_manifest
+from rollguard.serving.messages import InferRequest
 from rollguard.serving.runners import create_runner
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import serve, write_remote_version
@@ -27,7 +28,7 @@ async def _direct_predictions(
     runner = create_runner(load_manifest(directory / "model.yaml"), directory)
     await runner.load()
     try:
-        return (await runner.predict({"input": x}))["label"]
+        return (await runner.predict(InferRequest.of_arrays({"input": x}))).arrays()["label"]
     finally:
         await runner.unload()
 
@@ -117,7 +118,7 @@ async def test_plain_http_predict_feedback_and_accuracy(
         ) as resp:
             assert resp.status == 404
             assert "error" in await resp.json()
-        async with http.get(f"{server.url}/metrics") as resp:
+        async with http.get(f"{server.admin_url}/metrics") as resp:
             text = await resp.text()
             series = (
                 'rollguard_requests_total{code="200",model="fraud",role="stable",version="1.0.0"}'

@@ -67,7 +67,7 @@ async def test_status_actions_and_audit_against_a_running_gateway(
     policies.mkdir()
     (policies / "fraud.yaml").write_text(GOOD.read_text())
     async with serve(tmp_path, registry, policies=policies) as server:
-        url = ["--url", server.url]
+        url = ["--url", server.admin_url]  # the CLI talks to the admin port
         assert await asyncio.to_thread(main, ["status", *url]) == 0
         assert "fraud\tfraud\tcanary\tprogressing" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["approve", "fraud", *url, "--actor", "bob"]) == 1

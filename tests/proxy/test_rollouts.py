@@ -148,7 +148,7 @@ async def test_bad_edit_is_rejected_and_the_old_policy_keeps_running(
         deadline = time.monotonic() + 10
         while not server.rollouts.rejected and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        async with http.get(f"{server.url}/admin/rollouts") as r:
+        async with http.get(f"{server.admin_url}/admin/rollouts") as r:
             overview = await r.json()
         [rejected] = overview["rejected"]
         assert "fraud.yaml:" in rejected["error"] and "weight" in rejected["error"]
@@ -165,15 +165,17 @@ async def test_bad_edit_is_rejected_and_the_old_policy_keeps_running(
                 assert r.status == 200
                 variants.add(r.headers["x-rollguard-variant"])
         assert variants == {"1.0.0", "1.1.0"}
-        async with http.get(f"{server.url}/metrics") as r:
+        async with http.get(f"{server.admin_url}/metrics") as r:
             assert f'rollguard_policy_invalid{{file="{path}"}} 1.0' in await r.text()
 
 
-def _start(registry: Path, policies: Path, state: Path, port: int) -> GatewayProcess:
+def _start(
+    registry: Path, policies: Path, state: Path, port: int, admin_port: int
+) -> GatewayProcess:
     env = {**os.environ, "ROLLGUARD_LOG_LEVEL": "WARNING"}
     return GatewayProcess(
         registry=registry, policies=policies, state=state,
-        log=state.parent / "serve.log", port=port, env=env,
+        log=state.parent / "serve.log", port=port, admin_port=admin_port, env=env,
     )  # fmt: skip
 
 
@@ -194,15 +196,16 @@ async def test_sigkill_mid_rollout_resumes_from_persisted_state(
             "hold: 1h, min_requests: 60}\n    - {weight: 100",
         )
     )
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
+    admin = f"http://127.0.0.1:{admin_port}"
     async with aiohttp.ClientSession() as http:
-        gateway = _start(registry, policies, state, port)
+        gateway = _start(registry, policies, state, port, admin_port)
         try:
             await gateway.wait_ready(http)
 
             async def step() -> int:
-                async with http.get(f"{url}/admin/rollouts/fraud") as r:
+                async with http.get(f"{admin}/admin/rollouts/fraud") as r:
                     return int((await r.json())["step"])
 
             i = 0
@@ -218,22 +221,22 @@ async def test_sigkill_mid_rollout_resumes_from_persisted_state(
             assert await step() == 1
         finally:
             gateway.kill()
-        gateway = _start(registry, policies, state, port)
+        gateway = _start(registry, policies, state, port, admin_port)
         try:
             await gateway.wait_ready(http)
-            async with http.get(f"{url}/admin/rollouts/fraud") as r:
+            async with http.get(f"{admin}/admin/rollouts/fraud") as r:
                 doc = await r.json()
             assert (doc["step"], doc["phase"], doc["weight"]) == (1, "progressing", 50)
             # An operator rollback survives the next restart too.
             actor = {"actor": "alice"}
-            async with http.post(f"{url}/admin/rollouts/fraud/rollback", json=actor) as r:
+            async with http.post(f"{admin}/admin/rollouts/fraud/rollback", json=actor) as r:
                 assert r.status == 200
         finally:
             gateway.kill()
-        gateway = _start(registry, policies, state, port)
+        gateway = _start(registry, policies, state, port, admin_port)
         try:
             await gateway.wait_ready(http)
-            async with http.get(f"{url}/admin/rollouts/fraud") as r:
+            async with http.get(f"{admin}/admin/rollouts/fraud") as r:
                 doc = await r.json()
             assert (doc["phase"], doc["weight"]) == ("rolled_back", 0)
         finally:
@@ -299,7 +302,7 @@ async def test_shadow_mirrors_compares_and_notifies(
                 await asyncio.sleep(0.05)
             kinds = [(r["kind"], r["data"].get("action")) for r in received]
             assert ("start", None) in kinds and ("decision", "rollback") in kinds
-            async with http.get(f"{server.url}/metrics") as r:
+            async with http.get(f"{server.admin_url}/metrics") as r:
                 text = await r.text()
             assert (
                 'rollguard_shadow_requests_total{model="fraud",result="ok",version="1.4.0"}' in text

@@ -5,12 +5,28 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from rollguard.proxy.metrics import Metrics
-from rollguard.proxy.shadow import LoadGauge, ShadowMirror, host_busy_share, host_cpu_times
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.load import LoadGauge, host_busy_share, host_cpu_times
+from rollguard.proxy.shadow import ShadowMirror
+
+
+def _mirror(metrics: Metrics, **options: Any) -> ShadowMirror:
+    """A mirror with the shipped settings' values unless the test says otherwise."""
+    settings = Settings()
+    defaults: dict[str, Any] = {
+        "concurrency": settings.shadow_concurrency,
+        "queue": settings.shadow_queue,
+        "timeout_s": settings.shadow_timeout_s,
+        "budget": settings.shadow_budget,
+        "gauge": None,
+    }
+    return ShadowMirror(metrics, **{**defaults, **options})
 
 
 def _shadow_count(metrics: Metrics, result: str) -> float:
@@ -40,7 +56,7 @@ async def test_busy_gateway_admits_only_the_budget_and_counts_the_rest() -> None
     metrics = Metrics(CollectorRegistry())
     gauge = LoadGauge()
     gauge.busy = True  # as the sampler sets it when the loop thread is saturated
-    mirror = ShadowMirror(metrics, queue=10_000, budget=0.1, gauge=gauge)
+    mirror = _mirror(metrics, queue=10_000, budget=0.1, gauge=gauge)
     admitted, ran = await _submit(mirror, 1000)
     assert admitted == ran == 100  # one copy per ten primaries, spread evenly
     assert mirror.shed == 900 and _shadow_count(metrics, "shed") == 900
@@ -53,9 +69,9 @@ async def test_idle_gateway_or_full_budget_mirrors_everything() -> None:
     busy = LoadGauge()
     busy.busy = True
     for mirror in (
-        ShadowMirror(metrics, queue=10_000, budget=0.1, gauge=idle),
-        ShadowMirror(metrics, queue=10_000, budget=1.0, gauge=busy),
-        ShadowMirror(metrics, queue=10_000, budget=0.0),  # no gauge: never shed for load
+        _mirror(metrics, queue=10_000, budget=0.1, gauge=idle),
+        _mirror(metrics, queue=10_000, budget=1.0, gauge=busy),
+        _mirror(metrics, queue=10_000, budget=0.0),  # no gauge: never shed for load
     ):
         assert await _submit(mirror, 500) == (500, 500)
         assert mirror.shed == 0
@@ -63,7 +79,7 @@ async def test_idle_gateway_or_full_budget_mirrors_everything() -> None:
 
 async def test_full_queue_drops_even_when_idle() -> None:
     metrics = Metrics(CollectorRegistry())
-    mirror = ShadowMirror(metrics, concurrency=1, queue=4)
+    mirror = _mirror(metrics, concurrency=1, queue=4)
     admitted, ran = await _submit(mirror, 20)
     assert admitted == ran == 5
     assert mirror.dropped == 15 and _shadow_count(metrics, "dropped") == 15
@@ -71,7 +87,7 @@ async def test_full_queue_drops_even_when_idle() -> None:
 
 def test_budget_outside_zero_one_is_refused() -> None:
     with pytest.raises(ValueError, match="shadow budget must be within"):
-        ShadowMirror(Metrics(CollectorRegistry()), budget=1.5)
+        _mirror(Metrics(CollectorRegistry()), budget=1.5)
 
 
 async def test_gauge_sees_a_saturated_loop_thread_then_an_idle_one(tmp_path: Path) -> None:

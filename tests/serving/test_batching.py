@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,36 +17,44 @@ from sklearn.pipeline import Pipeline
 from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
-from rollguard.serving.runners import LocalRunner, create_runner
+from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.runners import Runner, create_runner
+from rollguard.serving.scheduling import Scheduled
 from rollguard.serving.tensors import Tensors
+from tests.serving.support import predict_arrays
 
 MANIFEST = Manifest(
     name="rowwise", version="1", framework="onnx", artifact="model.onnx", sha256="0" * 64
 )
 
 
-class RowWise(LocalRunner):
+class RowWise(Runner):
     """y = 2x + (sum of x's row): each output row depends on its own input row only.
 
-    Raises ModelExecutionError if any input is negative; records the rows of every call;
-    optionally blocks each call until `gate` is set.
+    Computes on a worker thread, as a local model does. Raises ModelExecutionError if any
+    input is negative; records the rows of every call; optionally holds each call until
+    `gate` is set.
     """
 
-    def __init__(self, executor: ThreadPoolExecutor | None = None) -> None:
-        super().__init__(MANIFEST, Path("."), executor)
+    def __init__(self) -> None:
+        super().__init__(MANIFEST, Path("."))
         self.calls: list[int] = []
-        self.started = threading.Event()
-        self.gate: threading.Event | None = None
+        self.started = asyncio.Event()
+        self.gate: asyncio.Event | None = None
 
-    def _load_sync(self) -> None:
-        pass
+    async def load(self) -> None:
+        self._ready = True
 
-    def predict_sync(self, inputs: Tensors) -> Tensors:
-        x = inputs["x"]
+    async def predict(self, request: InferRequest) -> InferResponse:
+        x = request.arrays()["x"]
         self.calls.append(x.shape[0])
         self.started.set()
         if self.gate is not None:
-            self.gate.wait(10)
+            await self.gate.wait()
+        return InferResponse.of_arrays(await asyncio.to_thread(self._compute, x))
+
+    @staticmethod
+    def _compute(x: np.ndarray) -> Tensors:
         if (x < 0).any():
             raise ModelExecutionError("negative input")
         return {"y": 2 * x + x.sum(axis=1, keepdims=True), "rows": np.arange(x.shape[0])}
@@ -63,7 +71,13 @@ def rows_for(caller: int, n: int, width: int, dtype: type = np.float32) -> np.nd
 
 
 async def started(runner: RowWise) -> None:
-    assert await asyncio.to_thread(runner.started.wait, 10), "inner runner never called"
+    async with asyncio.timeout(10):  # "inner runner never called" otherwise
+        await runner.started.wait()
+
+
+def ask(runner: Runner, inputs: Tensors) -> asyncio.Task[Tensors]:
+    """`runner`'s answer to `inputs` as arrays, asked in a task of its own."""
+    return asyncio.ensure_future(predict_arrays(runner, inputs))
 
 
 @settings(max_examples=40, deadline=None)
@@ -86,27 +100,26 @@ def test_every_caller_gets_exactly_its_own_rows(
     max_delay_ms: float,
 ) -> None:
     async def scenario() -> None:
-        with ThreadPoolExecutor(2) as executor:
-            inner = RowWise(executor)
-            runner = BatchingRunner(inner, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
-            await runner.load()
+        inner = RowWise()
+        runner = BatchingRunner(inner, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
+        await runner.load()
 
-            async def call(i: int, n: int, width: int, dtype: type) -> None:
-                for _ in range(yields[i]):  # interleave arrivals without wall-clock sleeps
-                    await asyncio.sleep(0)
-                x = rows_for(i, n, width, dtype)
-                out = await runner.predict({"x": x})
-                assert out["y"].dtype == x.dtype
-                np.testing.assert_array_equal(out["y"], expected(x))
-                assert out["y"].shape == (n, width)
+        async def call(i: int, n: int, width: int, dtype: type) -> None:
+            for _ in range(yields[i]):  # interleave arrivals without wall-clock sleeps
+                await asyncio.sleep(0)
+            x = rows_for(i, n, width, dtype)
+            out = await predict_arrays(runner, {"x": x})
+            assert out["y"].dtype == x.dtype
+            np.testing.assert_array_equal(out["y"], expected(x))
+            assert out["y"].shape == (n, width)
 
-            try:
-                await asyncio.gather(*(call(i, *r) for i, r in enumerate(requests)))
-            finally:
-                await runner.unload()
-            assert sum(inner.calls) == sum(n for n, _, _ in requests)
-            oversized = {n for n, _, _ in requests if n > max_batch_size}
-            assert all(rows <= max_batch_size or rows in oversized for rows in inner.calls)
+        try:
+            await asyncio.gather(*(call(i, *r) for i, r in enumerate(requests)))
+        finally:
+            await runner.unload()
+        assert sum(inner.calls) == sum(n for n, _, _ in requests)
+        oversized = {n for n, _, _ in requests if n > max_batch_size}
+        assert all(rows <= max_batch_size or rows in oversized for rows in inner.calls)
 
     asyncio.run(scenario())
 
@@ -117,7 +130,7 @@ async def test_concurrent_callers_share_inner_calls() -> None:
     await runner.load()
     try:
         xs = [rows_for(i, 1, 3) for i in range(32)]
-        outs = await asyncio.gather(*(runner.predict({"x": x}) for x in xs))
+        outs = await asyncio.gather(*(predict_arrays(runner, {"x": x}) for x in xs))
     finally:
         await runner.unload()
     for x, out in zip(xs, outs, strict=True):
@@ -125,6 +138,31 @@ async def test_concurrent_callers_share_inner_calls() -> None:
     # The batch filled up (32 rows) so it ran at once, without waiting out the delay.
     assert len(inner.calls) < len(xs)
     assert sum(inner.calls) == 32
+
+
+async def test_decoded_v2_requests_are_batched_like_arrays() -> None:
+    inner = RowWise()
+    runner = BatchingRunner(inner, max_batch_size=4, max_delay_ms=1000)
+    await runner.load()
+    xs = [rows_for(i, 2, 3) for i in range(2)]
+    bodies = [
+        orjson.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3], "data": x.ravel()}]},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        for x in xs
+    ]
+    try:
+        answers = await asyncio.gather(
+            *(runner.predict(InferRequest.decode(body)) for body in bodies)
+        )
+    finally:
+        await runner.unload()
+    assert inner.calls == [4]  # one inner call for both
+    for i, (x, answer) in enumerate(zip(xs, answers, strict=True)):
+        np.testing.assert_array_equal(answer.arrays()["y"], expected(x))
+        np.testing.assert_array_equal(answer.arrays()["rows"], [2 * i, 2 * i + 1])  # its rows
+        assert answer.prediction() == float(np.argmax(expected(x)[0]))
 
 
 async def test_inner_error_reaches_every_caller_of_the_batch() -> None:
@@ -135,12 +173,12 @@ async def test_inner_error_reaches_every_caller_of_the_batch() -> None:
         xs = [rows_for(i, 1, 2) for i in range(8)]
         xs[5] = -xs[5] - 1
         results = await asyncio.gather(
-            *(runner.predict({"x": x}) for x in xs), return_exceptions=True
+            *(predict_arrays(runner, {"x": x}) for x in xs), return_exceptions=True
         )
         assert inner.calls == [8]
         assert all(isinstance(r, ModelExecutionError) for r in results)
         # The runner keeps serving after a failed batch.
-        out = await runner.predict({"x": xs[0]})
+        out = await predict_arrays(runner, {"x": xs[0]})
         np.testing.assert_array_equal(out["y"], expected(xs[0]))
     finally:
         await runner.unload()
@@ -152,7 +190,7 @@ async def test_incompatible_inputs_run_in_separate_batches() -> None:
     await runner.load()
     try:
         xs = [rows_for(i, 2, 2 + i % 2, np.float32 if i % 3 else np.float64) for i in range(6)]
-        outs = await asyncio.gather(*(runner.predict({"x": x}) for x in xs))
+        outs = await asyncio.gather(*(predict_arrays(runner, {"x": x}) for x in xs))
     finally:
         await runner.unload()
     for x, out in zip(xs, outs, strict=True):
@@ -167,7 +205,7 @@ async def test_request_larger_than_max_batch_runs_alone() -> None:
     try:
         big, small = rows_for(0, 10, 2), rows_for(1, 1, 2)
         out_big, out_small = await asyncio.gather(
-            runner.predict({"x": big}), runner.predict({"x": small})
+            predict_arrays(runner, {"x": big}), predict_arrays(runner, {"x": small})
         )
     finally:
         await runner.unload()
@@ -178,17 +216,17 @@ async def test_request_larger_than_max_batch_runs_alone() -> None:
 
 async def test_full_queue_is_overloaded_and_unload_fails_the_queued() -> None:
     inner = RowWise()
-    inner.gate = threading.Event()
+    inner.gate = asyncio.Event()
     runner = BatchingRunner(
         inner, max_batch_size=1, max_delay_ms=0, max_queued=2, max_concurrent_batches=1
     )
     await runner.load()
-    running = asyncio.create_task(runner.predict({"x": rows_for(0, 1, 2)}))
+    running = ask(runner, {"x": rows_for(0, 1, 2)})
     await started(inner)  # the one batch slot is busy; what follows waits in the queue
-    queued = [asyncio.create_task(runner.predict({"x": rows_for(i, 1, 2)})) for i in (1, 2)]
-    await asyncio.sleep(0)
+    queued = [ask(runner, {"x": rows_for(i, 1, 2)}) for i in (1, 2)]
+    await asyncio.sleep(0)  # one turn of the loop: each task queues before its first await
     with pytest.raises(Overloaded):
-        await runner.predict({"x": rows_for(3, 1, 2)})
+        await predict_arrays(runner, {"x": rows_for(3, 1, 2)})
     unloading = asyncio.create_task(runner.unload())
     for task in queued:
         with pytest.raises(NotReady):
@@ -197,7 +235,7 @@ async def test_full_queue_is_overloaded_and_unload_fails_the_queued() -> None:
     await unloading
     np.testing.assert_array_equal((await running)["y"], expected(rows_for(0, 1, 2)))
     with pytest.raises(NotReady):
-        await runner.predict({"x": rows_for(0, 1, 2)})
+        await predict_arrays(runner, {"x": rows_for(0, 1, 2)})
 
 
 async def test_cancelled_caller_does_not_disturb_the_others() -> None:
@@ -205,8 +243,8 @@ async def test_cancelled_caller_does_not_disturb_the_others() -> None:
     runner = BatchingRunner(inner, max_batch_size=4, max_delay_ms=1000)
     await runner.load()
     try:
-        tasks = [asyncio.create_task(runner.predict({"x": rows_for(i, 1, 2)})) for i in range(5)]
-        await asyncio.sleep(0)
+        tasks = [ask(runner, {"x": rows_for(i, 1, 2)}) for i in range(5)]
+        await asyncio.sleep(0)  # one turn of the loop: each task queues before its first await
         tasks[0].cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
@@ -224,14 +262,14 @@ async def test_batches_a_real_onnx_model(
     manifest = load_manifest(directory / MANIFEST_NAME)
     with ThreadPoolExecutor(2) as executor:
         runner = BatchingRunner(
-            create_runner(manifest, directory, executor=executor),
+            Scheduled(create_runner(manifest, directory), executor, 0, timeout_s=60),
             max_batch_size=16,
             max_delay_ms=5,
         )
         await runner.load()
         try:
             chunks = np.array_split(cancer_features[:100], 40)
-            outs = await asyncio.gather(*(runner.predict({"input": c}) for c in chunks))
+            outs = await asyncio.gather(*(predict_arrays(runner, {"input": c}) for c in chunks))
         finally:
             await runner.unload()
     labels = np.concatenate([o["label"] for o in outs])

@@ -17,6 +17,7 @@ from rollguard.serving.catalog import add, list_versions, show, verify, version_
 from rollguard.serving.errors import ArtifactError, ModelNotFound, VersionNotFound
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
 from rollguard.serving.runners import create_runner
+from tests.serving.support import predict_arrays
 
 CANCER_SIGNATURE = (
     [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}],
@@ -71,7 +72,7 @@ async def test_add_onnx_infers_the_session_signature(
     # The written version is servable as it stands.
     runner = create_runner(manifest, directory)
     await runner.load()
-    outputs = await runner.predict({"input": cancer_features[:4]})
+    outputs = await predict_arrays(runner, {"input": cancer_features[:4]})
     await runner.unload()
     assert outputs["probabilities"].shape == (4, 2)
 
@@ -116,7 +117,7 @@ async def test_add_skops_refuses_to_guess_untrusted_types(
     assert signature(directory) == CANCER_SIGNATURE
     runner = create_runner(manifest, directory)
     await runner.load()
-    outputs = await runner.predict({"input": x[:5].astype(np.float32)})
+    outputs = await predict_arrays(runner, {"input": x[:5].astype(np.float32)})
     await runner.unload()
     np.testing.assert_array_equal(outputs["label"], forest.predict(x[:5].astype(np.float32)))
 

@@ -13,6 +13,7 @@ from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.hashing import sha256_file
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
 from rollguard.serving.runners import create_runner
+from tests.serving.support import predict_arrays
 
 EXPECTED = {
     ("fraud", "1.0.0"): ("sklearn", "model.skops", "production"),
@@ -43,7 +44,7 @@ async def _predict(root: Path, model: str, version: str, x: np.ndarray) -> dict[
     runner = create_runner(_manifest(root, model, version), directory)
     await runner.load()
     try:
-        return await runner.predict({"input": x})
+        return await predict_arrays(runner, {"input": x})
     finally:
         await runner.unload()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +14,53 @@ import pytest
 from sklearn.pipeline import Pipeline
 
 from rollguard.serving.batching import BatchingRunner
-from rollguard.serving.errors import ModelNotFound, NotReady, VersionNotFound
-from rollguard.serving.registry import Registry, RegistryChanges
+from rollguard.serving.deadlines import Deadline
+from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
+from rollguard.serving.registry import Registry
+from rollguard.serving.runners.onnx import OnnxRunner
+from rollguard.serving.scheduling import Scheduled
+from tests.serving.support import eventually, layers, predict_arrays
 
 WriteVersion = Callable[..., Path]
+TIMEOUT_S = 30.0
+INLINE_BELOW_US = 200.0
 
 
 @pytest.fixture
-async def registry(registry_root: Path) -> AsyncIterator[Registry]:
-    registry = Registry(registry_root, poll_interval=3600)  # tests drive refresh() themselves
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="model")
+    yield pool
+    pool.shutdown()
+
+
+def make_registry(root: Path, executor: ThreadPoolExecutor, poll_interval: float) -> Registry:
+    return Registry(
+        root,
+        executor=executor,
+        poll_interval=poll_interval,
+        inline_below_us=INLINE_BELOW_US,
+        timeout_s=TIMEOUT_S,
+    )
+
+
+@pytest.fixture
+async def registry(registry_root: Path, executor: ThreadPoolExecutor) -> AsyncIterator[Registry]:
+    registry = make_registry(registry_root, executor, 3600)  # tests drive refresh() themselves
     yield registry
     await registry.stop()
+
+
+def answers(registry: Registry, model: str, version: str) -> bool:
+    """Whether `registry.get` gives the version (rather than raising why not)."""
+    try:
+        registry.get(model, version)
+    except ServingError:
+        return False
+    return True
+
+
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -38,7 +74,7 @@ async def assert_serves(
     registry: Registry, version: str, features: np.ndarray, estimator: Pipeline
 ) -> None:
     runner = registry.get("fraud", version).runner
-    outputs = await runner.predict({"input": features[:20]})
+    outputs = await predict_arrays(runner, {"input": features[:20]})
     np.testing.assert_array_equal(outputs["label"], estimator.predict(features[:20]))
 
 
@@ -62,40 +98,64 @@ async def test_start_loads_every_good_version(
     assert loaded.directory == registry.root / "fraud" / "1.2.0"
 
 
-async def test_new_version_is_loaded_on_refresh_and_announced(
+async def test_new_version_is_loaded_on_refresh(
     registry: Registry,
     write_version: WriteVersion,
     cancer_features: np.ndarray,
     cancer_estimator: Pipeline,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="rollguard.serving.registry")
     write_version("fraud", "1.0.0")
     await registry.start()
-    seen: list[RegistryChanges] = []
-    unsubscribe = registry.subscribe(seen.append)
+    first = registry.get("fraud", "1.0.0")
+    with pytest.raises(VersionNotFound):
+        registry.get("fraud", "1.1.0")
     write_version("fraud", "1.1.0", "sklearn")
-    changes = await registry.refresh()
-    assert changes == RegistryChanges(loaded=(("fraud", "1.1.0"),))
-    assert seen == [changes]
+    assert await registry.refresh() is None
+    assert registry.versions("fraud") == ["1.0.0", "1.1.0"]
     await assert_serves(registry, "1.1.0", cancer_features, cancer_estimator)
-    assert await registry.refresh() == RegistryChanges()  # nothing changed: nothing to say
-    unsubscribe()
-    write_version("fraud", "1.2.0")
-    await registry.refresh()
-    assert seen == [changes]
+    assert [r.getMessage() for r in caplog.records][
+        -1
+    ] == "loaded fraud/1.1.0 (sklearn, development)"
+    loaded = registry.get("fraud", "1.1.0")
+    caplog.clear()
+    await registry.refresh()  # nothing changed: nothing reloaded, nothing said
+    assert registry.get("fraud", "1.1.0") is loaded
+    assert registry.get("fraud", "1.0.0") is first
+    assert registry.refused() == {}
+    assert caplog.records == []
 
 
 async def test_watcher_picks_up_a_new_version(
-    registry_root: Path, write_version: WriteVersion
+    registry_root: Path, executor: ThreadPoolExecutor, write_version: WriteVersion
 ) -> None:
-    registry = Registry(registry_root, poll_interval=0.05)
+    registry = make_registry(registry_root, executor, 0.05)
     await registry.start()
     try:
-        arrived = asyncio.Event()
-        registry.subscribe(lambda c: arrived.set() if ("fraud", "2.0.0") in c.loaded else None)
         write_version("fraud", "2.0.0", stage="production")
-        async with asyncio.timeout(20):
-            await arrived.wait()
+        await eventually(lambda: answers(registry, "fraud", "2.0.0"))
         assert registry.default_version("fraud") == "2.0.0"
+    finally:
+        await registry.stop()
+
+
+async def test_watcher_refuses_a_bad_version(
+    registry_root: Path,
+    executor: ThreadPoolExecutor,
+    write_version: WriteVersion,
+    onnx_bytes: bytes,
+) -> None:
+    registry = make_registry(registry_root, executor, 0.05)
+    await registry.start()
+    try:
+        directory = write_version("fraud", "1.0.0")
+        replace_file(directory / "model.onnx", onnx_bytes[:100])
+        await eventually(lambda: ("fraud", "1.0.0") in registry.refused())
+        assert "sha256" in registry.refused()[("fraud", "1.0.0")]
+        replace_file(directory / "model.onnx", onnx_bytes)  # fixed: the watcher loads it
+        await eventually(lambda: answers(registry, "fraud", "1.0.0"))
+        assert registry.refused() == {}
     finally:
         await registry.stop()
 
@@ -117,20 +177,21 @@ async def test_tampered_artifact_is_refused_and_others_keep_serving(
     reason = registry.refused()[("fraud", "1.1.0")]
     assert str(bad / "model.onnx") in reason
     assert "sha256" in reason
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"refused fraud/1.1.0: {reason}"]
+    assert warnings_in(caplog) == [f"refused fraud/1.1.0: {reason}"]
     assert registry.versions("fraud") == ["1.0.0"]
     await assert_serves(registry, "1.0.0", cancer_features, cancer_estimator)
     with pytest.raises(NotReady, match="refused"):
         registry.get("fraud", "1.1.0")
-    states = {s.version: (s.status, s.reason) for s in registry.known_versions("fraud")}
-    assert states == {"1.0.0": ("loaded", None), "1.1.0": ("refused", reason)}
+    assert registry.models() == ["fraud"]
 
-    # Refused until its files change; then it is looked at again.
-    assert await registry.refresh() == RegistryChanges()
+    # Refused until its files change (and said once); then it is looked at again.
+    await registry.refresh()
+    assert registry.refused() == {("fraud", "1.1.0"): reason}
+    assert warnings_in(caplog) == [f"refused fraud/1.1.0: {reason}"]
     replace_file(bad / "model.onnx", onnx_bytes)
-    assert (await registry.refresh()).loaded == (("fraud", "1.1.0"),)
+    await registry.refresh()
     assert registry.refused() == {}
+    assert registry.versions("fraud") == ["1.0.0", "1.1.0"]
     await assert_serves(registry, "1.1.0", cancer_features, cancer_estimator)
 
 
@@ -153,10 +214,12 @@ async def test_unloadable_artifact_and_unreadable_manifest_are_refused(
     unreadable = registry.root / "fraud" / "1.2.0"
     unreadable.mkdir()
     (unreadable / "model.yaml").write_bytes(b"name: \xff\xfe\n")
-    first = await registry.refresh()
+    await registry.refresh()
     # The sha256 matched, so the file is complete: no point waiting, refused at once.
-    assert first.refused == (("fraud", "1.1.0", registry.refused()[("fraud", "1.1.0")]),)
+    assert list(registry.refused()) == [("fraud", "1.1.0")]
     assert registry.refused()[("fraud", "1.1.0")].startswith(f"{garbage / 'model.onnx'}: ")
+    with pytest.raises(NotReady, match="not loaded yet"):  # the manifest may still be copying
+        registry.get("fraud", "1.2.0")
     await registry.refresh()
     assert "not UTF-8" in registry.refused()[("fraud", "1.2.0")]
     assert registry.versions("fraud") == ["1.0.0"]
@@ -169,11 +232,14 @@ async def test_half_copied_version_waits_to_settle(
     await registry.start()
     directory = write_version("fraud", "1.0.0")
     replace_file(directory / "model.onnx", onnx_bytes[:100])  # the copy is still running
-    assert await registry.refresh() == RegistryChanges()  # not refused on first sight
+    await registry.refresh()
+    assert registry.refused() == {}  # not refused on first sight
     with pytest.raises(NotReady, match="not loaded yet"):
         registry.get("fraud", "1.0.0")
     replace_file(directory / "model.onnx", onnx_bytes)  # the copy finished
-    assert (await registry.refresh()).loaded == (("fraud", "1.0.0"),)
+    await registry.refresh()
+    assert registry.versions("fraud") == ["1.0.0"]
+    assert registry.refused() == {}
 
 
 async def test_version_that_stays_incomplete_is_refused_on_the_next_scan(
@@ -182,10 +248,13 @@ async def test_version_that_stays_incomplete_is_refused_on_the_next_scan(
     await registry.start()
     directory = write_version("fraud", "1.0.0")
     (directory / "model.onnx").unlink()
-    assert await registry.refresh() == RegistryChanges()
-    changes = await registry.refresh()
-    assert changes.refused == (("fraud", "1.0.0", registry.refused()[("fraud", "1.0.0")]),)
-    assert "model.onnx" in changes.refused[0][2]
+    await registry.refresh()
+    assert registry.refused() == {}
+    await registry.refresh()
+    assert list(registry.refused()) == [("fraud", "1.0.0")]
+    assert "model.onnx" in registry.refused()[("fraud", "1.0.0")]
+    with pytest.raises(NotReady, match="refused"):
+        registry.get("fraud", "1.0.0")
 
 
 async def test_removed_version_is_unloaded(registry: Registry, write_version: WriteVersion) -> None:
@@ -194,7 +263,7 @@ async def test_removed_version_is_unloaded(registry: Registry, write_version: Wr
     await registry.start()
     runner = registry.get("fraud", "1.1.0").runner
     shutil.rmtree(registry.root / "fraud" / "1.1.0")
-    assert await registry.refresh() == RegistryChanges(unloaded=(("fraud", "1.1.0"),))
+    await registry.refresh()
     assert not runner.ready
     assert registry.versions("fraud") == ["1.0.0"]
     with pytest.raises(VersionNotFound):
@@ -223,10 +292,14 @@ async def test_serving_version_whose_files_turn_bad_is_unloaded(
     await registry.start()
     runner = registry.get("fraud", "1.0.0").runner
     replace_file(directory / "model.onnx", b"not a model")
-    assert await registry.refresh() == RegistryChanges()  # settling: the old one still serves
+    await registry.refresh()  # settling: the old one still serves
     assert registry.get("fraud", "1.0.0").runner is runner
-    changes = await registry.refresh()
-    assert changes.unloaded == (("fraud", "1.0.0"),)
+    assert runner.ready and registry.refused() == {}
+    await registry.refresh()
+    assert list(registry.refused()) == [("fraud", "1.0.0")]
+    with pytest.raises(NotReady, match="refused"):
+        registry.get("fraud", "1.0.0")
+    assert registry.versions("fraud") == []
     assert not runner.ready
     assert "it was serving; unloaded" in caplog.records[-1].getMessage()
 
@@ -271,10 +344,12 @@ async def test_configmap_style_symlink_swap_is_picked_up(
     os.symlink("..2026_02", version_dir / "..data_tmp")
     os.replace(version_dir / "..data_tmp", version_dir / "..data")
     shutil.rmtree(version_dir / "..2026_01")
-    assert (await registry.refresh()).loaded == (("fraud", "1.0.0"),)
+    before = registry.get("fraud", "1.0.0")
+    await registry.refresh()
     loaded = registry.get("fraud", "1.0.0")
+    assert loaded is not before and not before.runner.ready
     assert loaded.manifest.stage == "production"
-    assert isinstance(loaded.runner, BatchingRunner)
+    assert any(isinstance(layer, BatchingRunner) for layer in layers(loaded.runner))
     assert registry.default_version("fraud") == "1.0.0"
 
 
@@ -300,10 +375,11 @@ async def test_swapping_a_version_directory_symlink_reloads_it(
     assert registry.get("fraud", "1.0.0").manifest.framework == "onnx"
     os.symlink(store / "b", registry.root / "fraud" / ".swap")
     os.replace(registry.root / "fraud" / ".swap", registry.root / "fraud" / "1.0.0")
-    assert (await registry.refresh()).loaded == (("fraud", "1.0.0"),)
+    await registry.refresh()
     assert registry.get("fraud", "1.0.0").manifest.framework == "sklearn"
     assert not old.ready
-    outputs = await registry.get("fraud", "1.0.0").runner.predict({"input": cancer_features[:3]})
+    runner = registry.get("fraud", "1.0.0").runner
+    outputs = await predict_arrays(runner, {"input": cancer_features[:3]})
     assert outputs["probabilities"].shape == (3, 2)
 
 
@@ -315,24 +391,29 @@ async def test_unchanged_content_is_not_reloaded(
     before = registry.get("fraud", "1.0.0")
     stat = (directory / "model.onnx").stat()
     os.utime(directory / "model.onnx", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert await registry.refresh() == RegistryChanges()
+    await registry.refresh()
     assert registry.get("fraud", "1.0.0") is before
+    assert before.runner.ready
 
 
-async def test_stop_unloads_everything(registry_root: Path, write_version: WriteVersion) -> None:
+async def test_stop_unloads_everything(
+    registry_root: Path, executor: ThreadPoolExecutor, write_version: WriteVersion
+) -> None:
     write_version(
         "fraud",
         "1.0.0",
         batching={"max_batch_size": 4, "max_delay_ms": 1, "max_concurrent_batches": 1},
     )
-    registry = Registry(registry_root, poll_interval=0.05)
+    write_version("fraud", "1.1.0")
+    registry = make_registry(registry_root, executor, 0.05)
     await registry.start()
-    runner = registry.get("fraud", "1.0.0").runner
-    assert isinstance(runner, BatchingRunner)
-    assert runner.max_concurrent_batches == 1  # from the manifest
+    batched = layers(registry.get("fraud", "1.0.0").runner)
+    plain = layers(registry.get("fraud", "1.1.0").runner)
+    (batching,) = [layer for layer in batched if isinstance(layer, BatchingRunner)]
+    assert batching.max_concurrent_batches == 1  # from the manifest
+    assert all(layer.ready for layer in batched + plain)
     await registry.stop()
-    assert not runner.ready
-    assert not runner.inner.ready
+    assert not any(layer.ready for layer in batched + plain)
     assert registry.models() == []
 
 
@@ -343,13 +424,47 @@ async def test_missing_root_keeps_what_is_loaded(
     await registry.start()
     moved = registry.root.with_name("unmounted")
     registry.root.rename(moved)
-    assert await registry.refresh() == RegistryChanges()
-    assert await registry.refresh() == RegistryChanges()
+    loaded = registry.get("fraud", "1.0.0")
+    await registry.refresh()
+    await registry.refresh()
     assert registry.versions("fraud") == ["1.0.0"]
+    assert registry.get("fraud", "1.0.0") is loaded and loaded.runner.ready
     assert [r.getMessage() for r in caplog.records if "missing" in r.getMessage()] == [
         f"registry root {registry.root} is missing or not a directory; keeping the 1 "
         "loaded version(s)"
     ]
     moved.rename(registry.root)
     shutil.rmtree(registry.root / "fraud")
-    assert await registry.refresh() == RegistryChanges(unloaded=(("fraud", "1.0.0"),))
+    await registry.refresh()
+    assert registry.models() == []
+    assert not loaded.runner.ready
+
+
+async def test_local_versions_are_scheduled_and_batched_ones_bounded(
+    registry: Registry, write_version: WriteVersion, cancer_features: np.ndarray
+) -> None:
+    write_version("fraud", "1.0.0")
+    write_version("fraud", "1.1.0", batching={"max_batch_size": 8, "max_delay_ms": 1})
+    await registry.start()
+    plain = layers(registry.get("fraud", "1.0.0").runner)
+    assert isinstance(plain[-1], OnnxRunner)
+    (scheduled,) = [layer for layer in plain if isinstance(layer, Scheduled)]
+    assert scheduled.inline_limit_s == INLINE_BELOW_US / 1e6  # the registry's limit
+    assert scheduled.timeout_s == TIMEOUT_S
+    assert not any(isinstance(layer, BatchingRunner) for layer in plain)
+
+    batched = layers(registry.get("fraud", "1.1.0").runner)
+    assert isinstance(batched[-1], OnnxRunner)
+    (scheduled,) = [layer for layer in batched if isinstance(layer, Scheduled)]
+    assert scheduled.inline_limit_s == 0  # a batched version never runs inline
+    kinds = [type(layer) for layer in batched]
+    assert kinds.index(BatchingRunner) < kinds.index(Scheduled)  # batches are scheduled
+    # A caller waiting in the batching queue is bounded by the registry's limit.
+    assert any(
+        isinstance(layer, Deadline) and layer.seconds == TIMEOUT_S
+        for layer in batched[: kinds.index(BatchingRunner)]
+    )
+    for version in ("1.0.0", "1.1.0"):
+        runner = registry.get("fraud", version).runner
+        outputs = await predict_arrays(runner, {"input": cancer_features[:5]})
+        assert outputs["probabilities"].shape == (5, 2)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from aiohttp import web
 from sklearn.datasets import load_breast_cancer
@@ -19,7 +20,9 @@ from sklearn.preprocessing import StandardScaler
 from rollguard.serving.demo import load_eval_data
 from rollguard.serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
 from rollguard.serving.manifest import parse_manifest
+from rollguard.serving.messages import InferRequest
 from rollguard.serving.runners.http import HttpRunner
+from tests.serving.support import predict_arrays
 
 MODEL_PATH = "/v2/models/fraud/versions/2"
 
@@ -41,6 +44,8 @@ class Upstream:
         self.release = asyncio.Event()  # set at teardown: stalled handlers may finish
         self.url = ""
         self.transports: set[object] = set()  # every connection a request came on
+        self.bodies: list[bytes] = []  # every infer body, as it arrived
+        self.answer: bytes | None = None  # answer this 200 body instead of the model's
 
     @property
     def connections(self) -> int:
@@ -54,11 +59,14 @@ class Upstream:
 
     async def handle_infer(self, request: web.Request) -> web.Response:
         self.transports.add(request.transport)
+        self.bodies.append(await request.read())
         doc = await request.json()
         if self.fail:
             return web.json_response({"error": "model exploded"}, status=500)
         if self.stall:
             await self.release.wait()
+        if self.answer is not None:
+            return web.Response(body=self.answer, content_type="application/json")
         tensor = doc["inputs"][0]
         assert tensor["datatype"] == "FP32"
         x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
@@ -123,7 +131,7 @@ async def test_predictions_equal_the_direct_model_call(
     await runner.load()
     assert runner.ready
     x, _ = load_eval_data()
-    got = await runner.predict({"input": x})
+    got = await predict_arrays(runner, {"input": x})
     np.testing.assert_array_equal(got["label"], model.predict(x))
     assert got["probabilities"].dtype == np.float32
     np.testing.assert_array_equal(got["probabilities"], model.predict_proba(x).astype(np.float32))
@@ -138,13 +146,13 @@ async def test_connections_are_kept_alive_and_closed_by_unload(
     await runner.load()
     x, _ = load_eval_data()
     for _ in range(3):
-        await runner.predict({"input": x[:2]})
+        await predict_arrays(runner, {"input": x[:2]})
     assert upstream.connections == 1  # the ready probe and three infers on one connection
     await runner.unload()
     with pytest.raises(NotReady, match="not loaded"):
-        await runner.predict({"input": x[:2]})
+        await predict_arrays(runner, {"input": x[:2]})
     await runner.load()  # a new pool, a new connection
-    await runner.predict({"input": x[:2]})
+    await predict_arrays(runner, {"input": x[:2]})
     assert upstream.connections == 2
     await runner.unload()
 
@@ -155,7 +163,7 @@ async def test_upstream_500_is_an_upstream_error(upstream: Upstream, tmp_path: P
     upstream.fail = True
     x, _ = load_eval_data()
     with pytest.raises(UpstreamError, match="answered 500: model exploded") as info:
-        await runner.predict({"input": x[:2]})
+        await predict_arrays(runner, {"input": x[:2]})
     assert not isinstance(info.value, UpstreamTimeout)
     await runner.unload()
 
@@ -166,7 +174,7 @@ async def test_slow_upstream_is_an_upstream_timeout(upstream: Upstream, tmp_path
     upstream.stall = True
     x, _ = load_eval_data()
     with pytest.raises(UpstreamTimeout, match=r"no answer within 0\.2 s"):
-        await runner.predict({"input": x[:2]})
+        await predict_arrays(runner, {"input": x[:2]})
     await runner.unload()
 
 
@@ -175,7 +183,7 @@ async def test_refused_connection_is_an_upstream_error(tmp_path: Path) -> None:
     runner = HttpRunner(_manifest_for(url), tmp_path)
     x, _ = load_eval_data()
     with pytest.raises(UpstreamError, match=f"{url}/infer: unreachable") as info:
-        await runner.predict({"input": x[:2]})
+        await predict_arrays(runner, {"input": x[:2]})
     assert not isinstance(info.value, UpstreamTimeout)
     with pytest.raises(ArtifactError, match="unreachable"):
         await runner.load()
@@ -191,4 +199,62 @@ async def test_ready_probe_gates_load(upstream: Upstream, tmp_path: Path) -> Non
     upstream.ready = True
     await runner.load()
     assert runner.ready
+    await runner.unload()
+
+
+def _infer_body(x: np.ndarray, **extra: Any) -> bytes:
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel()}
+    return orjson.dumps({"inputs": [tensor], **extra}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def test_a_plain_request_is_forwarded_byte_for_byte(
+    upstream: Upstream, model: Pipeline, tmp_path: Path
+) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    x, _ = load_eval_data()
+    body = _infer_body(x[:3], id="r7")
+    answer = await runner.predict(InferRequest.decode(body))
+    assert upstream.bodies == [body]
+    # The answer stays the upstream's JSON until someone asks for arrays.
+    assert [item["name"] for item in answer.items()] == ["label", "probabilities"]
+    assert answer.prediction() == float(model.predict(x[:1])[0])
+    np.testing.assert_array_equal(answer.arrays()["label"], model.predict(x[:3]))
+    await runner.unload()
+
+
+async def test_a_request_choosing_outputs_is_sent_for_every_output(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    x, _ = load_eval_data()
+    body = _infer_body(x[:2], id="r8", outputs=[{"name": "label"}])
+    answer = await runner.predict(InferRequest.decode(body))
+    (sent,) = upstream.bodies
+    assert sent != body
+    forwarded = InferRequest.decode(sent)
+    assert (forwarded.id, forwarded.outputs) == ("r8", None)  # the gateway picks the outputs
+    np.testing.assert_array_equal(forwarded.arrays()["input"], x[:2])
+    assert sorted(answer.arrays()) == ["label", "probabilities"]
+    await runner.unload()
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b'{"model_name": "fraud"}', "no 'outputs' list"),
+        (b'{"outputs": [{"name": "label", "shape": [1], "data": [1]}]}', "outputs\\[0\\]"),
+    ],
+)
+async def test_an_unreadable_answer_is_an_upstream_error(
+    upstream: Upstream, tmp_path: Path, answer: bytes, fragment: str
+) -> None:
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    upstream.answer = answer
+    x, _ = load_eval_data()
+    with pytest.raises(UpstreamError, match=fragment):
+        await predict_arrays(runner, {"input": x[:2]})
     await runner.unload()

@@ -15,6 +15,7 @@ from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import ArtifactError, ModelExecutionError
 from rollguard.serving.manifest import MANIFEST_NAME, TensorField, load_manifest
 from rollguard.serving.runners.onnx import OnnxRunner
+from tests.serving.support import predict_arrays
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ async def test_fraud_matches_onnxruntime(registry: Path, version: str) -> None:
     runner = _runner(directory)
     await runner.load()
     x, y = load_eval_data()
-    got = await runner.predict({"input": x})
+    got = await predict_arrays(runner, {"input": x})
     want = _direct(directory / "model.onnx", x)
     assert sorted(got) == ["label", "probabilities"]
     assert got["label"].dtype == np.int64 and got["probabilities"].dtype == np.float32

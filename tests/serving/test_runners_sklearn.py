@@ -19,6 +19,7 @@ from rollguard.serving.demo.faulty import faulty_rows
 from rollguard.serving.errors import ArtifactError, ModelExecutionError, NotReady
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest, parse_manifest
 from rollguard.serving.runners.sklearn import SklearnRunner
+from tests.serving.support import predict_arrays
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ async def test_skops_version_matches_the_estimator(registry: Path) -> None:
     await runner.load()
     assert runner.ready
     x, _ = load_eval_data()
-    outputs = await runner.predict({"input": x})
+    outputs = await predict_arrays(runner, {"input": x})
     model = skops.io.load(directory / "model.skops", trusted=[])
     assert list(outputs) == ["label", "probabilities"]
     assert outputs["label"].dtype == np.int64

@@ -16,6 +16,7 @@ from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import ArtifactError, FrameworkUnavailable, ModelExecutionError
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
 from rollguard.serving.runners.torch import TorchRunner
+from tests.serving.support import predict_arrays
 
 torch = pytest.importorskip("torch")
 
@@ -48,7 +49,7 @@ async def test_matches_the_torch_module(registry: Path, version: str, artifact: 
     runner = _runner(directory)
     await runner.load()
     x, y = load_eval_data()
-    got = await runner.predict({"input": x})
+    got = await predict_arrays(runner, {"input": x})
     label, probabilities = _direct(directory / artifact, x)
     assert got["label"].dtype == np.int64 and got["probabilities"].dtype == np.float32
     np.testing.assert_array_equal(got["label"], label)
@@ -63,7 +64,7 @@ async def test_both_formats_agree_and_serve_concurrent_batches(registry: Path) -
     x, _ = load_eval_data()
     batches = [x[i : i + 7] for i in range(0, len(x), 7)]  # uneven sizes: the batch dim is free
     results = await asyncio.gather(
-        *(r.predict({"input": b}) for r in (scripted, exported) for b in batches)
+        *(predict_arrays(r, {"input": b}) for r in (scripted, exported) for b in batches)
     )
     half = len(batches)
     for a, b in zip(results[:half], results[half:], strict=True):

@@ -1,0 +1,195 @@
+"""One rollout's life as pure transitions: begin, restore, tick, edit, act -> new state + effects.
+
+No I/O, no clock, no callbacks: the caller hands in the rollout, the state it holds,
+the evidence and the time, and gets back a Transition: the state to hold from now on
+and the effects (policy/effects.py) to run, in order. Every committed change is
+written ahead: Save, then Audit, then routing and the rest.
+
+Audit kinds and payloads are the log's format (`rollguard audit verify` and existing
+logs rely on them): `start` and `policy` carry {reason, state}, `restore` {reason,
+state as it was saved}, `decision` and `admin` a Decision's JSON, `threshold`
+{metric, threshold, stable}. `start` picks begin or restore; `status` is the
+state as status pages show it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from rollguard.policy.checks import evaluate_checks, latency_threshold
+from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide
+from rollguard.policy.effects import Audit, Effect, ResetWindows, Route, Save, SetLatencyThreshold
+from rollguard.policy.evidence import Evidence
+from rollguard.policy.schema import Check, Rollout
+from rollguard.policy.state import RolloutState, mirroring, routing_weight
+
+ENGINE = "engine"  # the audit actor for automatic decisions
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The state to hold once the effects have run, and the effects, in order."""
+
+    state: RolloutState
+    effects: tuple[Effect, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decided(Transition):
+    """A transition that a decision made (a tick, an operator's action), with that decision."""
+
+    decision: Decision
+
+
+def start(rollout: Rollout, saved: RolloutState | None, now: float) -> Transition:
+    """A rollout found at start-up or in a new policy file: restore its saved state, or begin."""
+    return begin(rollout, now) if saved is None else restore(rollout, saved, now)
+
+
+def begin(rollout: Rollout, now: float, *, generation: int = 1) -> Transition:
+    """A rollout with no saved state (or a saved one for another candidate) starts."""
+    state = RolloutState.initial(rollout, now, generation=generation)
+    return Transition(state, (*_started(state), SetLatencyThreshold(None), _route(rollout, state)))
+
+
+def restore(rollout: Rollout, saved: RolloutState, now: float) -> Transition:
+    """Start-up with a saved state: resume it, or begin anew if the policy changed meanwhile."""
+    if not saved.same_rollout(rollout):
+        # The policy changed while we were down: a new candidate is a new rollout.
+        return begin(rollout, now, generation=saved.generation + 1)
+    reason = f"restored {saved.phase.value} at step {saved.step + 1}, weight {saved.weight:g}"
+    # The policy may have been edited while we were down (thresholds, step weights).
+    state = _unfreeze_if_stale(saved, rollout)
+    if state.latency_threshold != saved.latency_threshold:
+        reason += "; latency check changed, threshold to be frozen again"
+    state = replace(state, weight=routing_weight(rollout, state))
+    effects: list[Effect] = [Save(state)] if state != saved else []
+    effects += [
+        Audit("restore", ENGINE, {"reason": reason, "state": saved.to_json()}),
+        SetLatencyThreshold(state.latency_threshold),
+        _route(rollout, state),
+    ]
+    return Transition(state, tuple(effects))
+
+
+def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) -> Decided:
+    """Freeze the latency threshold if due, run the checks, decide; commit what changed.
+
+    A tick that changes nothing beyond the reason saves nothing, yet its state (with
+    the fresher reason, for status pages) is the one to hold.
+    """
+    effects: list[Effect] = []
+    check = latency_check(rollout)
+    if state.latency_threshold is None and not state.phase.terminal and check is not None:
+        threshold = latency_threshold(check, evidence.stable)
+        if threshold is not None:  # None: stable has too few samples yet
+            state = replace(state, latency_threshold=threshold, threshold_check=_key(check))
+            data = {
+                "metric": check.metric,
+                "threshold": threshold,
+                "stable": evidence.stable.version,
+            }
+            effects += [
+                Save(state),
+                Audit("threshold", ENGINE, data),
+                SetLatencyThreshold(threshold),
+            ]
+    results = evaluate_checks(rollout.spec, evidence)
+    decision = decide(rollout, state, results, Counts.of(evidence), now)
+    if decision.changed:
+        effects += _commit(rollout, decision, "decision", ENGINE)
+    return Decided(decision.state, tuple(effects), decision)
+
+
+def act(rollout: Rollout, state: RolloutState, action: str, actor: str, now: float) -> Decided:
+    """An operator's rollback / promote / pause / resume / approve; ActionRejected if unfit."""
+    decision = apply_action(rollout, state, action, actor, now)
+    return Decided(decision.state, _commit(rollout, decision, "admin", actor), decision)
+
+
+def edit(current: Rollout, state: RolloutState, rollout: Rollout, now: float) -> Transition:
+    """Hot reload: keep the progress for an edit of the same rollout, start anew for a new one.
+
+    The same rollout (model, stable, candidate, strategy) keeps its step; a threshold
+    frozen for a latency check that changed is dropped, to be frozen again. Anything
+    else is a new generation, whose counts must not include the old candidate's.
+    """
+    if rollout.name != current.name:
+        raise ValueError(f"rollout {current.name!r} cannot become rollout {rollout.name!r}")
+    if rollout == current:
+        return Transition(state, ())
+    if not state.same_rollout(rollout):
+        new = RolloutState.initial(rollout, now, generation=state.generation + 1)
+        effects = (*_started(new), ResetWindows(), SetLatencyThreshold(None), _route(rollout, new))
+        return Transition(new, effects)
+    new = _unfreeze_if_stale(state, rollout)
+    new = replace(new, weight=routing_weight(rollout, new), reason="policy updated")
+    unfrozen = new.latency_threshold != state.latency_threshold
+    return Transition(
+        new,
+        (
+            Save(new),
+            Audit("policy", ENGINE, {"reason": new.reason, "state": new.to_json()}),
+            *((SetLatencyThreshold(None),) if unfrozen else ()),
+            _route(rollout, new),
+        ),
+    )
+
+
+def status(rollout: Rollout, state: RolloutState) -> dict[str, Any]:
+    """Where a rollout stands, in a few fields, for status pages and the admin API."""
+    spec = rollout.spec
+    return {
+        "name": rollout.name,
+        "model": spec.model,
+        "strategy": spec.strategy,
+        "stable": spec.stable,
+        "candidate": spec.candidate,
+        "phase": state.phase.value,
+        "step": state.step,
+        "steps": len(spec.steps),
+        "weight": state.weight,
+        "generation": state.generation,
+        "reason": state.reason,
+        "approved_by": state.approved_by,
+    }
+
+
+def latency_check(rollout: Rollout) -> Check | None:
+    """The check whose percentile sets the one frozen latency threshold (the first one)."""
+    return next((c for c in rollout.spec.checks if c.percentile is not None), None)
+
+
+# -- helpers --
+
+
+def _started(state: RolloutState) -> tuple[Effect, ...]:
+    data = {"reason": state.reason, "state": state.to_json()}
+    return Save(state), Audit("start", ENGINE, data, announce=True)
+
+
+def _commit(rollout: Rollout, decision: Decision, kind: str, actor: str) -> tuple[Effect, ...]:
+    # A changed state with no action is bookkeeping (a request baseline, a hold or
+    # alert that cleared): persisted, but neither audited nor announced.
+    audit: tuple[Effect, ...] = ()
+    if decision.action is not Action.NONE:
+        audit = (Audit(kind, actor, decision.to_json(), announce=True),)
+    return Save(decision.state), *audit, _route(rollout, decision.state)
+
+
+def _route(rollout: Rollout, state: RolloutState) -> Route:
+    return Route(state, mirroring(rollout, state))
+
+
+def _key(check: Check | None) -> str | None:
+    return None if check is None else check.model_dump_json()
+
+
+def _unfreeze_if_stale(state: RolloutState, rollout: Rollout) -> RolloutState:
+    """Drop a threshold frozen for a latency check the policy no longer has as it was."""
+    if state.latency_threshold is None:
+        return state
+    if state.threshold_check == _key(latency_check(rollout)):
+        return state
+    return replace(state, latency_threshold=None, threshold_check=None)

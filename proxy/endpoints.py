@@ -1,0 +1,294 @@
+"""The data port's endpoints: Open Inference Protocol (V2) REST, `/predict` and feedback.
+
+`DataPlane.handle` answers every request the data port reads, errors included: it
+admits it, matches its route, calls the handler and gives every answer its request id.
+Handlers only do HTTP: decode with the codec, call the inference service, encode.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from rollguard.proxy.errors import (
+    RETRY_AFTER_S,
+    FeedbackUnknown,
+    MethodNotAllowed,
+    ProxyError,
+    TooBusy,
+    status_for,
+    unforeseen,
+)
+from rollguard.proxy.inference import Answer, Inference
+from rollguard.proxy.routing import stickiness_key
+from rollguard.proxy.urls import Params, Route, Urls
+from rollguard.proxy.wire import JSON, Request, Response
+from rollguard.serving.codec import (
+    BINARY_HEADER,
+    encode_infer_response,
+    encode_items_response,
+    parse_json,
+    select_items,
+    select_outputs,
+)
+from rollguard.serving.errors import InvalidInput, NotReady, ServingError
+from rollguard.serving.manifest import Manifest
+from rollguard.serving.messages import InferRequest
+from rollguard.serving.predictcodec import decode_predict_request, encode_predictions
+
+log = logging.getLogger("rollguard")
+
+SERVER_NAME = "rollguard"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "rollouts", "feedback"]
+REQUEST_ID = "x-request-id"
+VARIANT = "x-rollguard-variant"
+_BINARY_KEY = BINARY_HEADER.lower()
+_PLATFORM = {
+    "onnx": "onnxruntime_onnx",
+    "torch": "pytorch",
+    "sklearn": "sklearn",
+    "http": "remote_v2",
+}
+
+
+def json_response(doc: Any, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def error_response(exc: BaseException, request_id: str | None, what: str) -> Response:
+    """An exception as its V2 error answer: `{"error": ...}`, its status from the one
+    table, the failing variant, Retry-After on 503. Bugs of ours are logged with `what`."""
+    if unforeseen(exc):
+        log.error("%s failed", what, exc_info=exc)
+    status = status_for(exc)
+    headers: list[tuple[str, str]] = []
+    if request_id:
+        headers.append((REQUEST_ID, request_id))
+    version = exc.version if isinstance(exc, ServingError) else None
+    if version:
+        headers.append((VARIANT, version))
+    if status == 503:
+        headers.append(("Retry-After", RETRY_AFTER_S))
+    if isinstance(exc, MethodNotAllowed):
+        headers.append(("Allow", ", ".join(exc.allowed)))
+    return Response(status, orjson.dumps({"error": str(exc)}), JSON, headers)
+
+
+def _checked_id(value: str) -> str:
+    """A request id as it may be echoed in a header: printable, no control characters."""
+    if not value.isprintable():
+        raise InvalidInput("the request id must not contain control characters")
+    return value
+
+
+class DataPlane:
+    """Every route of the data port, and the admission every POST goes through."""
+
+    def __init__(self, inference: Inference, *, max_inflight: int) -> None:
+        self.inference = inference
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.draining = False  # readiness says no while a shutdown drains connections
+        self._rejected = inference.metrics.rejected
+        self._urls = Urls(
+            [
+                Route("POST", "/v2/models/{model}/infer", self.infer),
+                Route("POST", "/v2/models/{model}/versions/{version}/infer", self.infer),
+                Route("POST", "/predict/{model}", self.predict),
+                Route("POST", "/v2/models/{model}/feedback", self.feedback),
+                Route("GET", "/v2", self.server_metadata),
+                Route("GET", "/v2/health/live", self.live),
+                Route("GET", "/v2/health/ready", self.ready),
+                Route("GET", "/v2/models/{model}", self.model_metadata),
+                Route("GET", "/v2/models/{model}/ready", self.model_ready),
+                Route("GET", "/v2/models/{model}/versions/{version}", self.model_metadata),
+                Route("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready),
+            ]
+        )
+
+    async def handle(self, request: Request) -> Response:
+        """The answer to any request; never raises."""
+        header_id = request.headers.get(REQUEST_ID)
+        admitted = False
+        try:
+            if header_id is not None:
+                _checked_id(header_id)
+            handler, params = self._urls.match(request.method, request.path)
+            if request.method == "POST" and self.inflight >= self.max_inflight:
+                self._rejected.labels(params.get("model", ""), "overloaded").inc()
+                raise TooBusy(
+                    f"{self.inflight} requests in flight, the limit is {self.max_inflight}"
+                )
+            self.inflight += 1
+            admitted = True
+            response = await handler(request, params)
+        except Exception as exc:
+            valid_id = header_id if header_id is not None and header_id.isprintable() else None
+            return error_response(exc, valid_id or self.inference.new_request_id(),
+                                  f"{request.method} {request.path}")  # fmt: skip
+        finally:
+            if admitted:
+                self.inflight -= 1
+        headers = response.headers
+        if headers is None:
+            response.headers = [(REQUEST_ID, header_id or self.inference.new_request_id())]
+        elif headers[0][0] != REQUEST_ID:  # the inference handlers put theirs first
+            headers.append((REQUEST_ID, header_id or self.inference.new_request_id()))
+        return response
+
+    def refuse(self, error: ProxyError) -> Response:
+        """The answer to a request that could not be read (malformed, too large)."""
+        return error_response(error, self.inference.new_request_id(), "reading a request")
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: Request, params: Params) -> Response:
+        """POST /v2/models/{model}/infer and /v2/models/{model}/versions/{version}/infer."""
+        headers = request.headers
+        model, pinned = params["model"], params.get("version")
+        request_id = headers.get(REQUEST_ID)
+        try:
+            parsed = InferRequest.decode(request.body, headers.get(_BINARY_KEY))
+            if parsed.id is not None:
+                request_id = _checked_id(parsed.id)
+            request_id = request_id or self.inference.new_request_id()
+            key = None if pinned else stickiness_key(self.inference.router, model, headers)
+            answer = await self.inference.infer(
+                model, parsed, request_id=request_id, key=key, version=pinned
+            )
+            return _encoded(answer, parsed, model)
+        except Exception as exc:
+            return error_response(exc, request_id or self.inference.new_request_id(),
+                                  f"POST {request.path}")  # fmt: skip
+
+    async def predict(self, request: Request, params: Params) -> Response:
+        """POST /predict/{model}: {"features": ...} or {"instances": [...]} for non-V2 callers."""
+        inference = self.inference
+        model = params["model"]
+        manifest = inference.registry.get(model, inference.primary_version(model)).manifest
+        arrays, body_id, single = decode_predict_request(request.body, manifest.input_specs)
+        request_id = _checked_id(body_id) if body_id else request.headers.get(REQUEST_ID)
+        request_id = request_id or inference.new_request_id()
+        answer = await inference.infer(
+            model,
+            InferRequest.of_arrays(arrays, id=body_id),
+            request_id=request_id,
+            key=stickiness_key(inference.router, model, request.headers),
+        )
+        doc = {
+            "model": model,
+            "version": answer.version,
+            "id": answer.request_id,
+            "predictions": encode_predictions(answer.response.arrays(), single),
+        }
+        body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        return Response(200, body, JSON, [(REQUEST_ID, request_id), (VARIANT, answer.version)])
+
+    async def feedback(self, request: Request, params: Params) -> Response:
+        """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list."""
+        inference = self.inference
+        model = params["model"]
+        inference.registry.versions(model)  # 404 for an unknown model
+        doc = parse_json(request.body)
+        items = doc if isinstance(doc, list) else [doc]
+        if not items:
+            raise InvalidInput("feedback list is empty")
+        labels: list[tuple[str, float]] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+                raise InvalidInput(f"feedback[{i}]: needs a string 'id'")
+            label = item.get("label")
+            if isinstance(label, list) and len(label) == 1:
+                label = label[0]
+            if isinstance(label, bool) or not isinstance(label, int | float):
+                raise InvalidInput(f"feedback[{i}]: 'label' must be a number")
+            labels.append((item["id"], float(label)))
+        accepted, unknown = [], []
+        for request_id, label in labels:
+            result = inference.feedback(request_id, label)
+            if result is None:
+                unknown.append(request_id)
+                continue
+            version, correct = result
+            inference.metrics.feedback.labels(
+                model, version, "correct" if correct else "wrong"
+            ).inc()
+            accepted.append({"id": request_id, "version": version, "correct": correct})
+        if not accepted and not isinstance(doc, list):
+            raise FeedbackUnknown(f"request id {labels[0][0]!r} is unknown or already labelled")
+        return json_response({"accepted": accepted, "unknown": unknown})
+
+    # --- health and metadata -------------------------------------------------------------
+
+    async def server_metadata(self, request: Request, params: Params) -> Response:
+        return json_response(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        )
+
+    async def live(self, request: Request, params: Params) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request, params: Params) -> Response:
+        if self.draining:
+            raise NotReady("shutting down")
+        if not self.inference.registry.models():
+            raise NotReady("no model is loaded yet")
+        return json_response({"ready": True})
+
+    async def model_metadata(self, request: Request, params: Params) -> Response:
+        """GET /v2/models/{model}[/versions/{version}]."""
+        inference = self.inference
+        model = params["model"]
+        versions = inference.registry.versions(model)
+        version = params.get("version") or inference.primary_version(model)
+        manifest = inference.registry.get(model, version).manifest
+        return json_response(_version_metadata(manifest, versions))
+
+    async def model_ready(self, request: Request, params: Params) -> Response:
+        """GET /v2/models/{model}[/versions/{version}]/ready: 200 when it can serve."""
+        inference = self.inference
+        model = params["model"]
+        version = params.get("version") or inference.primary_version(model)
+        loaded = inference.registry.get(model, version)
+        if not loaded.runner.ready:
+            raise NotReady(f"{model}/{version} is not ready")
+        return json_response({"name": model, "ready": True})
+
+
+def _encoded(answer: Answer, parsed: InferRequest, model: str) -> Response:
+    """The V2 answer: JSON output objects as the version gave them (selected and ordered),
+    or with binary tensors when the client asked for any."""
+    declared = answer.manifest.output_specs
+    headers = [(REQUEST_ID, answer.request_id), (VARIANT, answer.version)]
+    if parsed.binary_outputs:
+        outputs = select_outputs(answer.response.arrays(), parsed.outputs, declared)
+        body, header_len = encode_infer_response(
+            outputs,
+            model_name=model,
+            model_version=answer.version,
+            request_id=parsed.id,
+            binary_outputs=parsed.binary_outputs,
+        )
+        if header_len is not None:
+            headers.append((BINARY_HEADER, str(header_len)))
+            return Response(200, body, "application/octet-stream", headers)
+        return Response(200, body, JSON, headers)
+    items = select_items(answer.response.items(), parsed.outputs, declared)
+    body = encode_items_response(
+        items, model_name=model, model_version=answer.version, request_id=parsed.id
+    )
+    return Response(200, body, JSON, headers)
+
+
+def _version_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+    return {
+        "name": manifest.name,
+        "versions": versions,
+        "platform": _PLATFORM[manifest.framework],
+        "inputs": [t.spec().to_json() for t in manifest.inputs],
+        "outputs": [t.spec().to_json() for t in manifest.outputs],
+        "parameters": {"version": manifest.version, "stage": manifest.stage},
+    }

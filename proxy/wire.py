@@ -1,0 +1,82 @@
+"""HTTP/1.1 messages of the data port: a parsed request, a response, and its bytes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+
+SERVER = "rollguard"
+JSON = "application/json"
+_LINES = {
+    (version, s.value): f"HTTP/{version} {s.value} {s.phrase}\r\nServer: {SERVER}\r\n"
+    for s in HTTPStatus
+    for version in ("1.0", "1.1")
+}
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as read off a connection."""
+
+    method: str
+    path: str  # the target up to '?' or '#', still percent-encoded
+    query: str
+    headers: dict[str, str]  # lower-case names; the first of repeated headers
+    body: bytes
+    version: str  # "1.1" or "1.0"
+    keep_alive: bool
+
+
+@dataclass(slots=True)
+class Response:
+    """A response independent of the connection that writes it."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = JSON
+    headers: list[tuple[str, str]] | None = None  # beyond Content-Type and Content-Length
+
+
+class HttpDate:
+    """The Date header's value, formatted once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True)
+        return self._value
+
+
+def encode_response(response: Response, date: str, version: str, keep_alive: bool) -> bytes:
+    """Status line, headers and body as one buffer; ValueError for a header that holds a
+    control character (CR or LF would split the response; the others are not HTTP).
+
+    Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones.
+    """
+    status = response.status
+    line = _LINES.get((version, status)) or f"HTTP/{version} {status}\r\nServer: {SERVER}\r\n"
+    head = f"{line}Date: {date}\r\n"
+    if response.content_type is not None:
+        head += f"Content-Type: {response.content_type}\r\n"
+    head += f"Content-Length: {len(response.body)}\r\n"
+    if response.headers:
+        for name, value in response.headers:
+            if not value.isprintable() or not name.isprintable() or ":" in name:
+                raise ValueError(f"response header {name!r}: {value!r} is not a valid field")
+            head += f"{name}: {value}\r\n"
+    if keep_alive:
+        if version == "1.0":
+            head += "Connection: keep-alive\r\n"
+    elif version != "1.0":
+        head += "Connection: close\r\n"
+    head += "\r\n"
+    return head.encode("utf-8", "surrogateescape") + response.body

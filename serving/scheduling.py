@@ -1,0 +1,152 @@
+"""Where a local model's calls run: on executor threads, or inline on the event loop.
+
+`Scheduled` wraps a `LocalRunner`. For a model that answers in tens of microseconds,
+handing the call to a thread and waking the event loop again costs more than the model
+itself, so calls are measured in rounds of `WARMUP_CALLS` on the executor. When the
+fastest call of a round took under `inline_below_us` (the fastest, because a call on a
+thread also waits for the GIL while the event loop holds it, which says nothing about
+the model), the version goes inline for batches up to the largest one that ran under
+the limit in that round. There its own CPU time counts (collector pauses left out; the
+OS may preempt the loop thread on a busy machine, which the wall clock would blame on
+the model), in a moving average of calls clipped at 4x the limit: an average over the
+limit, or one call over `SPIKE_FACTOR` x the limit by the wall clock (a model that
+blocks), sends the version back to the executor, and each return doubles the next
+round's length (to `MAX_ROUND`).
+
+The time limit of a call is set here too, because only here is it known where the call
+runs: one on a thread is left behind at `timeout_s` (DeadlineExceeded; the thread
+finishes on its own), one inline cannot be interrupted by a timer, so none is set —
+which is why only models measured to be cheap run inline. A timer on every inline call
+would cost a third of the whole request (asyncio.timeout: about 10 µs against 37).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import time
+from concurrent.futures import Executor
+
+from rollguard.serving.errors import DeadlineExceeded
+from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.runners.base import LocalRunner, Wrapper
+from rollguard.serving.tensors import Tensors
+
+
+class _CollectorClock:
+    """Seconds spent in the garbage collector since start-up, from `gc.callbacks`.
+
+    The collector can run inside any call that allocates, and it holds the GIL while it
+    does: its pauses are not the model's time, so inline timings leave them out.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._started = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            gc.callbacks.append(self._on_collect)
+            self._installed = True
+
+    def _on_collect(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._started
+
+
+_COLLECTOR = _CollectorClock()
+
+
+class Scheduled(Wrapper):
+    """A local runner whose calls run on `executor`, or inline once measured to be cheap."""
+
+    WARMUP_CALLS = 32
+    MAX_ROUND = 4096
+    SPIKE_FACTOR = 1000.0
+    _SMOOTHING = 0.05  # weight of the newest inline call in the moving average
+
+    def __init__(
+        self, inner: LocalRunner, executor: Executor, inline_below_us: float, timeout_s: float
+    ) -> None:
+        """`inline_below_us` 0 keeps every call on the executor; a manifest's
+        `runtime.inline_below_us` overrides it for its version. `timeout_s` bounds each
+        call on the executor."""
+        super().__init__(inner)
+        self.local = inner
+        self._executor = executor
+        self.timeout_s = timeout_s
+        limit_us = float(inner.manifest.runtime.get("inline_below_us", inline_below_us))
+        self.inline_limit_s = max(limit_us, 0.0) / 1e6
+        if self.inline_limit_s:
+            _COLLECTOR.install()
+        self.inline = False  # calls of up to `inline_rows` rows run on the loop
+        self.inline_rows = 0
+        self.mean_call_s = 0.0  # inline: moving average; else the last round's fastest call
+        self._round_length = self.WARMUP_CALLS
+        self._round_calls = 0
+        self._round_fastest = math.inf
+        self._round_rows = 0  # the largest batch of this round that ran under the limit
+
+    async def predict(self, request: InferRequest) -> InferResponse:
+        if self.inline and request.rows() <= self.inline_rows:
+            return InferResponse.of_arrays(self._inline(request.arrays()))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._timed, request.arrays()
+                )
+        except TimeoutError:
+            manifest = self.manifest
+            raise DeadlineExceeded(
+                f"{manifest.name}/{manifest.version} did not answer within {self.timeout_s:g}s"
+            ) from None
+        return InferResponse.of_arrays(outputs)
+
+    def _inline(self, inputs: Tensors) -> Tensors:
+        collected = _COLLECTOR.total
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self.local.predict_sync(inputs)
+        finally:
+            paused = _COLLECTOR.total - collected
+            spent = time.thread_time() - start_cpu - paused
+            elapsed = time.perf_counter() - start - paused
+            limit = self.inline_limit_s
+            sample = spent if spent < 4.0 * limit else 4.0 * limit
+            mean = self.mean_call_s + self._SMOOTHING * (sample - self.mean_call_s)
+            self.mean_call_s = mean
+            if mean > limit or elapsed > self.SPIKE_FACTOR * limit:
+                self.inline = False
+                self._round_length = min(2 * self._round_length, self.MAX_ROUND)
+
+    def _timed(self, inputs: Tensors) -> Tensors:
+        """predict_sync on an executor thread, timed to decide whether to go inline."""
+        start = time.perf_counter()
+        try:
+            return self.local.predict_sync(inputs)
+        finally:
+            # Two executor threads may race on these counters; a lost update only
+            # shifts when a round ends.
+            elapsed = time.perf_counter() - start
+            if elapsed < self._round_fastest:
+                self._round_fastest = elapsed
+            if elapsed < self.inline_limit_s:
+                self._round_rows = max(self._round_rows, _rows(inputs))
+            self._round_calls += 1
+            if self._round_calls >= self._round_length:
+                fastest, rows = self._round_fastest, self._round_rows
+                self._round_calls, self._round_fastest, self._round_rows = 0, math.inf, 0
+                self.mean_call_s = fastest
+                if fastest < self.inline_limit_s:
+                    self.inline_rows = rows
+                    self.inline = True
+
+
+def _rows(inputs: Tensors) -> int:
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0

@@ -1,0 +1,209 @@
+"""The rollout shell (proxy/rollouts.py) over real windows, router, metrics and files, no HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rollguard.policy.audit import read_entries, verify
+from rollguard.policy.errors import StateError
+from rollguard.policy.store import StateStore
+from rollguard.proxy.metrics import Metrics
+from rollguard.proxy.rollouts import Rollouts
+from rollguard.proxy.routing import Router, SplitTable
+from rollguard.proxy.settings import Settings
+from rollguard.proxy.windows import Outcome, Windows
+from rollguard.serving.registry import Registry
+
+POLICY = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {{name: fraud}}
+spec:
+  model: fraud
+  stable: "1.0.0"
+  candidate: "{candidate}"
+  key: header:x-user-id
+  interval: 1h
+  steps:
+    - {{weight: 10, hold: 0s, min_requests: 50}}
+    - {{weight: {middle}, hold: 0s, min_requests: 50}}
+    - {{weight: 100, hold: 0s, min_requests: 50}}
+"""
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """The four real components the shell reaches, without the HTTP data plane around them."""
+
+    windows: Windows
+    router: Router
+    metrics: Metrics
+    registry: Registry
+
+
+class Shell:
+    """A Rollouts over a tmp policies directory and state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.policy = root / "policies" / "fraud.yaml"
+        self.policy.parent.mkdir(parents=True, exist_ok=True)
+        (root / "registry").mkdir(exist_ok=True)
+        self.settings = Settings(
+            policies=root / "policies", state=root / "state", registry=root / "registry"
+        )
+        self.executor = ThreadPoolExecutor(1)  # the registry's; it loads no model here
+        self.plane: DataPlane
+        self.rollouts: Rollouts
+
+    async def start(self) -> Rollouts:
+        """A new process: fresh data plane, the same files."""
+        self.plane = DataPlane(
+            windows=Windows(self.settings.window, self.settings.agreement_tolerance),
+            router=Router(),
+            metrics=Metrics(CollectorRegistry()),
+            registry=Registry(
+                self.settings.registry,
+                executor=self.executor,
+                poll_interval=self.settings.registry_poll_s,
+                inline_below_us=self.settings.inline_below_us,
+                timeout_s=self.settings.request_timeout_s,
+            ),
+        )
+        self.rollouts = Rollouts(self.plane, self.settings)
+        await self.rollouts.start()
+        return self.rollouts
+
+    def write(self, candidate: str = "1.1.0", middle: int = 50) -> None:
+        self.policy.write_text(POLICY.format(candidate=candidate, middle=middle))
+
+    def table(self) -> SplitTable | None:
+        return self.plane.router.table("fraud")
+
+    def serve_candidate(self, n: int = 50) -> None:
+        spec_candidate = self.rollouts.describe("fraud")["candidate"]
+        window = self.plane.windows.get("fraud", spec_candidate)
+        for _ in range(n):
+            window.record(0.01, Outcome.OK, 1.0)
+
+    def kinds(self) -> list[str]:
+        return [e["kind"] for e in read_entries(self.rollouts.audit_path)]
+
+    def gauge(self, name: str, **labels: str) -> float | None:
+        return self.plane.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+async def shell(tmp_path: Path) -> AsyncIterator[Shell]:
+    shell = Shell(tmp_path)
+    shell.write()
+    await shell.start()
+    yield shell
+    await shell.rollouts.stop()
+    shell.executor.shutdown()
+
+
+async def test_the_table_is_published_once_per_change(shell: Shell) -> None:
+    first = shell.table()
+    assert first is not None and (first.candidate, first.weight) == ("1.1.0", 10)
+    for _ in range(3):  # no candidate traffic: nothing changes, nothing is published
+        assert shell.rollouts.tick("fraud")["action"] == "none"
+        assert shell.table() is first
+    shell.serve_candidate()
+    assert shell.rollouts.tick("fraud")["action"] == "advance"
+    second = shell.table()
+    assert second is not first and second is not None and second.weight == 50
+    assert shell.gauge(
+        "rollguard_candidate_weight_percent",
+        model="fraud",
+        rollout="fraud",
+        stable="1.0.0",
+        candidate="1.1.0",
+    ) == pytest.approx(50)
+    shell.rollouts.tick("fraud")
+    assert shell.table() is second
+    # A pause changes the phase, not the split: the gauge moves, the table stays.
+    await shell.rollouts.act("fraud", "pause", "ops", "looking")
+    assert shell.table() is second
+    assert shell.gauge("rollguard_rollout_phase", rollout="fraud", phase="paused") == 1
+    assert shell.gauge("rollguard_rollout_phase", rollout="fraud", phase="progressing") == 0
+    assert shell.kinds() == ["policy_applied", "start", "decision", "admin"]
+
+
+async def test_an_edit_publishes_only_what_it_changes(shell: Shell) -> None:
+    first = shell.table()
+    shell.write(middle=50)  # the same file again: no event at all
+    shell.rollouts.reload()
+    assert shell.table() is first
+    shell.serve_candidate()
+    shell.rollouts.tick("fraud")
+    second = shell.table()
+    shell.write(middle=30)  # the current step's weight edited: the same rollout, a new split
+    shell.rollouts.reload()
+    third = shell.table()
+    assert third is not second and third is not None and third.weight == 30
+    assert shell.rollouts.describe("fraud")["step"] == 1
+    assert shell.kinds()[-2:] == ["policy_applied", "policy"]
+
+
+async def test_a_new_candidate_restarts_the_counts(shell: Shell) -> None:
+    shell.serve_candidate()
+    shell.rollouts.tick("fraud")
+    stable = shell.plane.windows.get("fraud", "1.0.0")
+    stable.record(0.01, Outcome.OK, 1.0)
+    assert shell.rollouts.describe("fraud")["variants"]["stable"]["requests"] == 1
+    shell.write(candidate="1.2.0")
+    shell.rollouts.reload()
+    described = shell.rollouts.describe("fraud")
+    assert (described["generation"], described["step"], described["candidate"]) == (2, 0, "1.2.0")
+    table = shell.table()
+    assert table is not None and (table.candidate, table.weight) == ("1.2.0", 10)
+    assert described["variants"]["stable"]["requests"] == 0
+
+
+async def test_a_removal_publishes_stable(shell: Shell) -> None:
+    shell.serve_candidate()
+    shell.rollouts.tick("fraud")
+    shell.policy.unlink()
+    shell.rollouts.reload()
+    assert shell.table() == SplitTable.single("fraud", "1.0.0")
+    assert shell.rollouts.overview()["rollouts"] == []
+    assert shell.kinds()[-1] == "policy_removed"
+
+
+async def test_a_restart_restores_the_step(shell: Shell) -> None:
+    shell.serve_candidate()
+    shell.rollouts.tick("fraud")
+    await shell.rollouts.stop()
+    await shell.start()
+    assert shell.rollouts.describe("fraud")["step"] == 1
+    table = shell.table()
+    assert table is not None and table.weight == 50
+    assert shell.kinds()[-2:] == ["policy_applied", "restore"]
+    assert verify(shell.rollouts.audit_path).ok
+
+
+async def test_a_failed_save_applies_nothing(shell: Shell) -> None:
+    failing = {"on": True}
+
+    def fsync(fd: int) -> None:
+        if failing["on"]:
+            raise OSError("disk full")
+
+    shell.rollouts.store = StateStore(shell.settings.state / "rollouts", fsync=fsync)
+    first = shell.table()
+    shell.serve_candidate()
+    with pytest.raises(StateError, match="disk full"):
+        shell.rollouts.tick("fraud")
+    assert shell.table() is first and shell.rollouts.describe("fraud")["step"] == 0
+    assert "decision" not in shell.kinds()
+    failing["on"] = False  # the disk recovers: the next tick decides again
+    assert shell.rollouts.tick("fraud")["action"] == "advance"
+    table = shell.table()
+    assert table is not first and table is not None and table.weight == 50

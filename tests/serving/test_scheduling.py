@@ -1,0 +1,190 @@
+"""Scheduled: fast models leave the executor for the event loop, slow or spiking ones stay
+on it, and big batches never run inline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rollguard.serving.demo import build_demo_registry, load_eval_data
+from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
+from rollguard.serving.messages import InferRequest
+from rollguard.serving.runners.onnx import OnnxRunner
+from rollguard.serving.runners.sklearn import SklearnRunner
+from rollguard.serving.scheduling import Scheduled
+from rollguard.serving.tensors import Tensors
+
+_TIMEOUT_S = 60.0  # far beyond any call here: the limit is tested on its own
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    build_demo_registry(root, frameworks=("onnx", "sklearn"))
+    return root
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(2, thread_name_prefix="model")
+    yield pool
+    pool.shutdown()
+
+
+class _Stalling(OnnxRunner):
+    """The real ONNX model, plus a stall on the calls a test asks for (a GC pause, a page-in)."""
+
+    stall_s = 0.0  # blocked (sleeping): wall-clock time only
+    burn_s = 0.0  # computing: CPU time
+    threads: set[str]
+
+    def predict_sync(self, inputs: Tensors) -> Tensors:
+        self.threads.add(threading.current_thread().name)
+        if self.stall_s:
+            time.sleep(self.stall_s)  # the model under test blocking, not synchronisation
+        if self.burn_s:
+            until = time.thread_time() + self.burn_s
+            while time.thread_time() < until:
+                pass
+        return super().predict_sync(inputs)
+
+
+def _row() -> InferRequest:
+    x, _ = load_eval_data()
+    return InferRequest.of_arrays({"input": x[:1]})
+
+
+def _rows(n: int) -> InferRequest:
+    x, _ = load_eval_data()
+    return InferRequest.of_arrays({"input": x[:n]})
+
+
+def _runs_inline(sched: Scheduled, request: InferRequest) -> bool:
+    """What Scheduled.predict decides for this request."""
+    return sched.inline and request.rows() <= sched.inline_rows
+
+
+async def _stalling(
+    registry: Path, executor: ThreadPoolExecutor, limit_us: float
+) -> tuple[Scheduled, _Stalling]:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    model = _Stalling(load_manifest(directory / MANIFEST_NAME), directory)
+    model.threads = set()
+    sched = Scheduled(model, executor, limit_us, timeout_s=_TIMEOUT_S)
+    await sched.load()
+    return sched, model
+
+
+async def _warmed(
+    registry: Path, executor: ThreadPoolExecutor, limit_us: float
+) -> tuple[Scheduled, _Stalling, InferRequest]:
+    """fraud-onnx 1.0.0 under `limit_us`, past its first executor round: inline."""
+    sched, model = await _stalling(registry, executor, limit_us)
+    row = _row()
+    for _ in range(sched.WARMUP_CALLS):
+        await sched.predict(row)
+    assert sched.inline
+    return sched, model, row
+
+
+async def test_fast_model_goes_inline_after_warm_up(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    sched, model = await _stalling(registry, executor, 50_000)
+    row = _row()
+    for _ in range(sched.WARMUP_CALLS - 1):
+        await sched.predict(row)
+    assert not sched.inline  # still measuring
+    assert model.threads and all(name.startswith("model") for name in model.threads)
+    await sched.predict(row)
+    assert sched.inline and 0 < sched.mean_call_s < 0.05  # the round's fastest call
+    model.threads.clear()
+    got = (await sched.predict(row)).arrays()
+    assert model.threads == {threading.current_thread().name}  # ran on the caller's thread
+    want = model.predict_sync(row.arrays())
+    np.testing.assert_array_equal(got["probabilities"], want["probabilities"])
+    await sched.unload()
+    assert not sched.ready and not model.ready
+
+
+async def test_a_spike_sends_it_back_to_the_executor_until_it_decays(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    # 0.5 ms limit: the model's own ~20 us is far below it, a 0.6 s stall over 1000x it.
+    sched, model, row = await _warmed(registry, executor, 500)
+    model.stall_s = 0.6
+    await sched.predict(row)
+    assert not sched.inline  # one call that long is enough
+    model.stall_s = 0.0
+    model.threads.clear()
+    calls = 0
+    while not sched.inline:
+        await sched.predict(row)
+        calls += 1
+    # Back inline after one executor round, twice as long as the first.
+    assert calls == 2 * sched.WARMUP_CALLS
+    assert all(name.startswith("model") for name in model.threads)
+
+
+async def test_an_average_over_the_limit_sends_it_back_too(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    sched, model, row = await _warmed(registry, executor, 5_000)
+    model.burn_s = 0.008  # 8 ms of CPU a call: over the limit, the average catches it
+    calls = 0
+    while sched.inline:
+        await sched.predict(row)
+        calls += 1
+    assert 1 < calls < 30 and sched.mean_call_s > 0.005
+
+
+async def test_slow_model_never_goes_inline(registry: Path, executor: ThreadPoolExecutor) -> None:
+    directory = registry / "fraud" / "1.3.0"  # the demo's slow candidate: 25 ms a call
+    model = SklearnRunner(load_manifest(directory / MANIFEST_NAME), directory)
+    sched = Scheduled(model, executor, 1_000, timeout_s=_TIMEOUT_S)
+    await sched.load()
+    for _ in range(sched.WARMUP_CALLS + 3):
+        await sched.predict(_row())
+    assert not sched.inline and sched.mean_call_s > 0.02
+
+
+async def test_zero_limit_or_manifest_opt_out_keeps_the_executor(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    manifest = load_manifest(directory / MANIFEST_NAME)
+    never = Scheduled(OnnxRunner(manifest, directory), executor, 0, timeout_s=_TIMEOUT_S)
+    opted_out = Scheduled(
+        OnnxRunner(manifest.model_copy(update={"runtime": {"inline_below_us": 0}}), directory),
+        executor,
+        1e6,
+        timeout_s=_TIMEOUT_S,
+    )
+    for sched in (never, opted_out):
+        await sched.load()
+        for _ in range(sched.WARMUP_CALLS + 3):
+            await sched.predict(_row())
+        assert not sched.inline and sched.inline_limit_s == 0
+
+
+async def test_one_pause_is_forgiven_and_big_batches_stay_on_the_executor(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    sched, model, row = await _warmed(registry, executor, 5_000)
+    assert sched.inline_rows == 1
+    model.stall_s = 0.05  # a 50 ms pause (a collector pass, a page fault): clipped to 20 ms
+    await sched.predict(row)
+    model.stall_s = 0.0
+    assert sched.inline
+    model.threads.clear()
+    big = _rows(64)  # 64 rows: never measured, not inline
+    answer = await sched.predict(big)
+    assert model.threads and all(name.startswith("model") for name in model.threads)
+    assert answer.arrays()["label"].shape == (64,)
+    assert not _runs_inline(sched, big) and _runs_inline(sched, row)
