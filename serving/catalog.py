@@ -35,6 +35,8 @@ from rollguard.serving.manifest import (
 from rollguard.serving.signatures import read_signature
 
 Status = Literal["ok", "refused"]
+# (file name, st_dev, st_ino, st_size, st_mtime_ns) of every visible file, sorted.
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
@@ -70,6 +72,32 @@ def version_directories(root: Path) -> list[tuple[str, str, Path]]:
         for model_dir in subdirectories(root)
         for version_dir in subdirectories(model_dir)
     ]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """What a version directory holds now, cheaply: a scan looks again where it changed."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return ()
+    found = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            st = os.stat(entry.path)  # follows symlinks: ConfigMap files link into ..data
+        except OSError:
+            continue
+        found.append((entry.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(found))
+
+
+def scan_versions(root: Path) -> dict[tuple[str, str], tuple[Path, Fingerprint]] | None:
+    """Every version directory by (model, version) with its fingerprint; None when the
+    root is missing."""
+    if not root.is_dir():
+        return None
+    return {(m, v): (d, fingerprint(d)) for m, v, d in version_directories(root)}
 
 
 def verify_directory(directory: Path, model: str, version: str) -> Manifest:

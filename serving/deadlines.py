@@ -22,10 +22,13 @@ class Deadline(Wrapper):
         self.seconds = seconds
 
     async def predict(self, request: InferRequest) -> InferResponse:
+        timeout = asyncio.timeout(self.seconds)
         try:
-            async with asyncio.timeout(self.seconds):
+            async with timeout:
                 return await self.inner.predict(request)
         except TimeoutError:
+            if not timeout.expired():
+                raise  # the inner runner's own failure, not our deadline
             manifest = self.manifest
             raise DeadlineExceeded(
                 f"{manifest.name}/{manifest.version} did not answer within {self.seconds:g}s"

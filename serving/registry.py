@@ -25,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rollguard.serving.batching import BatchingRunner
-from rollguard.serving.catalog import verify_directory, version_directories, version_key
+from rollguard.serving.catalog import (
+    Fingerprint,
+    scan_versions,
+    verify_directory,
+    version_key,
+)
 from rollguard.serving.deadlines import Deadline
 from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
 from rollguard.serving.manifest import Manifest
@@ -42,8 +46,6 @@ from rollguard.serving.scheduling import Scheduled
 logger = logging.getLogger(__name__)
 
 _Key = tuple[str, str]
-# (file name, st_dev, st_ino, st_size, st_mtime_ns) of every visible file, sorted.
-_Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,23 +77,6 @@ class _Outcome:
     retry: bool = False
 
 
-def _fingerprint(directory: Path) -> _Fingerprint:
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return ()
-    found = []
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        try:
-            st = os.stat(entry.path)  # follows symlinks: ConfigMap files link into ..data
-        except OSError:
-            continue
-        found.append((entry.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(sorted(found))
-
-
 def _naming_the_file(reason: str, directory: Path, manifest: Manifest) -> str:
     """A runner's reason, made to start with the artifact's full path if it lacks it."""
     if manifest.artifact is None or reason.startswith(str(directory / manifest.artifact)):
@@ -99,12 +84,6 @@ def _naming_the_file(reason: str, directory: Path, manifest: Manifest) -> str:
     if reason.startswith(manifest.artifact):
         return f"{directory}/{reason}"
     return f"{directory / manifest.artifact}: {reason}"
-
-
-def _scan(root: Path) -> dict[_Key, tuple[Path, _Fingerprint]] | None:
-    if not root.is_dir():
-        return None
-    return {(m, v): (d, _fingerprint(d)) for m, v, d in version_directories(root)}
 
 
 class Registry:
@@ -130,8 +109,8 @@ class Registry:
         self._loaded: dict[_Key, LoadedVersion] = {}
         self._defaults: dict[str, str] = {}  # model -> default version; cleared on any change
         self._refused: dict[_Key, _Refusal] = {}
-        self._pending: dict[_Key, tuple[_Fingerprint, str]] = {}  # failed once, settling
-        self._settled: dict[_Key, _Fingerprint] = {}  # files behind the loaded/refused state
+        self._pending: dict[_Key, tuple[Fingerprint, str]] = {}  # failed once, settling
+        self._settled: dict[_Key, Fingerprint] = {}  # files behind the loaded/refused state
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -181,7 +160,7 @@ class Registry:
         """Scan the directory once now and bring the loaded versions in step with it."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            seen = await loop.run_in_executor(None, _scan, self.root)
+            seen = await loop.run_in_executor(None, scan_versions, self.root)
             if seen is None:
                 # A missing root is more likely an unmounted volume than a wish to stop
                 # serving everything: keep what is loaded and say so once.
@@ -203,7 +182,7 @@ class Registry:
     def _known(self) -> set[_Key]:
         return self._loaded.keys() | self._refused.keys() | self._pending.keys()
 
-    def _needs_look(self, key: _Key, fingerprint: _Fingerprint) -> bool:
+    def _needs_look(self, key: _Key, fingerprint: Fingerprint) -> bool:
         refusal = self._refused.get(key)
         return (
             key in self._pending
@@ -252,7 +231,7 @@ class Registry:
             runner = Deadline(batched, self.timeout_s)
         return runner
 
-    async def _apply(self, key: _Key, fingerprint: _Fingerprint, outcome: _Outcome) -> None:
+    async def _apply(self, key: _Key, fingerprint: Fingerprint, outcome: _Outcome) -> None:
         label = "/".join(key)
         if outcome.reason is None:
             self._pending.pop(key, None)

@@ -94,12 +94,15 @@ class Scheduled(Wrapper):
     async def predict(self, request: InferRequest) -> InferResponse:
         if self.inline and request.rows() <= self.inline_rows:
             return InferResponse.of_arrays(self._inline(request.arrays()))
+        timeout = asyncio.timeout(self.timeout_s)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with timeout:
                 outputs = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._timed, request.arrays()
                 )
         except TimeoutError:
+            if not timeout.expired():
+                raise  # the model's own failure, not our deadline
             manifest = self.manifest
             raise DeadlineExceeded(
                 f"{manifest.name}/{manifest.version} did not answer within {self.timeout_s:g}s"

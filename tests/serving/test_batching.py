@@ -18,7 +18,8 @@ from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.runners import Runner, create_runner
+from rollguard.serving.runners import Runner
+from rollguard.serving.runners.onnx import OnnxRunner
 from rollguard.serving.scheduling import Scheduled
 from rollguard.serving.tensors import Tensors
 from tests.serving.support import predict_arrays
@@ -262,7 +263,7 @@ async def test_batches_a_real_onnx_model(
     manifest = load_manifest(directory / MANIFEST_NAME)
     with ThreadPoolExecutor(2) as executor:
         runner = BatchingRunner(
-            Scheduled(create_runner(manifest, directory), executor, 0, timeout_s=60),
+            Scheduled(OnnxRunner(manifest, directory), executor, 0, timeout_s=60),
             max_batch_size=16,
             max_delay_ms=5,
         )

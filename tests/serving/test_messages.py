@@ -22,7 +22,7 @@ from rollguard.serving.codec import (
 from rollguard.serving.errors import InvalidInput, UpstreamError
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.tensors import TensorSpec, check_inputs
-from tests.serving.test_jsontensors import tensor_docs
+from tests.serving.support import tensor_docs
 
 
 def _body(**doc: object) -> bytes:
@@ -118,7 +118,7 @@ def test_binary_request_is_decoded_and_forwarded_as_json() -> None:
     assert request.outputs == ["y"] and request.binary_outputs == {"y"}
     assert request.rows() == 2
     forwarded = InferRequest.decode(request.upstream_body())  # plain JSON, every output
-    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("b", None, set())
+    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("b", None, frozenset())
     np.testing.assert_array_equal(forwarded.arrays()["x"], x)
 
 
@@ -187,7 +187,7 @@ def test_a_request_choosing_outputs_is_encoded_again_for_every_output(
     sent = request.upstream_body()
     assert sent != body
     forwarded = InferRequest.decode(sent)
-    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("c", None, set())
+    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("c", None, frozenset())
     np.testing.assert_array_equal(forwarded.arrays()["x"], x)
 
 
@@ -211,7 +211,7 @@ def test_rows_and_first_row() -> None:
     assert request.first_row(5) is None  # only the first input is watched for drift
     assert InferRequest.of_arrays({"x": np.zeros(4, np.float32)}).first_row(4) is None  # 1-D
     assert InferRequest.of_arrays({"x": np.zeros((0, 2), np.float32)}).first_row(2) is None
-    assert InferRequest.of_arrays({"x": np.float32(3)[()]}).rows() == 1  # type: ignore[index]
+    assert InferRequest.of_arrays({"x": np.array(3, np.float32)}).rows() == 1  # 0-d
     deferred = InferRequest.decode(_body(inputs=[_tensor("x", x)]))
     assert deferred.rows() == 3
     row = deferred.first_row(2)

@@ -112,7 +112,7 @@ async def test_new_version_is_loaded_on_refresh(
     with pytest.raises(VersionNotFound):
         registry.get("fraud", "1.1.0")
     write_version("fraud", "1.1.0", "sklearn")
-    assert await registry.refresh() is None
+    await registry.refresh()
     assert registry.versions("fraud") == ["1.0.0", "1.1.0"]
     await assert_serves(registry, "1.1.0", cancer_features, cancer_estimator)
     assert [r.getMessage() for r in caplog.records][

@@ -3,6 +3,7 @@ on it, and big batches never run inline."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 from rollguard.serving.demo import build_demo_registry, load_eval_data
-from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
+from rollguard.serving.errors import DeadlineExceeded, ModelExecutionError
+from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
 from rollguard.serving.messages import InferRequest
+from rollguard.serving.runners import LocalRunner
 from rollguard.serving.runners.onnx import OnnxRunner
 from rollguard.serving.runners.sklearn import SklearnRunner
 from rollguard.serving.scheduling import Scheduled
@@ -188,3 +191,45 @@ async def test_one_pause_is_forgiven_and_big_batches_stay_on_the_executor(
     assert model.threads and all(name.startswith("model") for name in model.threads)
     assert answer.arrays()["label"].shape == (64,)
     assert not _runs_inline(sched, big) and _runs_inline(sched, row)
+
+
+class _Held(LocalRunner):
+    """A local model that blocks its thread until `gate` is set (at most 10 s)."""
+
+    def __init__(self) -> None:
+        manifest = Manifest(
+            name="held", version="3", framework="onnx", artifact="model.onnx", sha256="0" * 64
+        )
+        super().__init__(manifest, Path("."))
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.finished = threading.Event()
+
+    def _load_sync(self) -> None:
+        pass
+
+    def predict_sync(self, inputs: Tensors) -> Tensors:
+        self.entered.set()
+        try:
+            if not self.gate.wait(10):
+                raise ModelExecutionError("never released")
+            return {"y": inputs["x"] * 2}
+        finally:
+            self.finished.set()
+
+
+async def test_a_call_on_a_thread_past_its_limit_is_deadline_exceeded(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = _Held()
+    sched = Scheduled(model, executor, 0, timeout_s=0.05)
+    await sched.load()
+    x = np.ones((2, 2), np.float32)
+    async with asyncio.timeout(5):  # the caller is not kept waiting for the thread
+        with pytest.raises(DeadlineExceeded, match=r"^held/3 did not answer within 0\.05s$"):
+            await sched.predict(InferRequest.of_arrays({"x": x}))
+    assert not model.finished.is_set()  # the caller did not wait for the held thread
+    model.gate.set()
+    sched.timeout_s = 30.0  # the next call is served (with room for a loaded machine)
+    answer = await sched.predict(InferRequest.of_arrays({"x": x}))
+    np.testing.assert_array_equal(answer.arrays()["y"], x * 2)
