@@ -8,6 +8,7 @@ Handlers only do HTTP: decode with the codec, call the inference service, encode
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -139,9 +140,14 @@ class DataPlane:
             headers.append((REQUEST_ID, header_id or self.inference.new_request_id()))
         return response
 
-    def refuse(self, error: ProxyError) -> Response:
-        """The answer to a request that could not be read (malformed, too large)."""
-        return error_response(error, self.inference.new_request_id(), "reading a request")
+    def refuse(self, error: ProxyError, headers: Mapping[str, str]) -> Response:
+        """The answer to a request that could not be read (malformed, too large), with the
+        client's request id when its headers got that far."""
+        given = headers.get(REQUEST_ID)
+        request_id = given if given is not None and given.isprintable() else None
+        return error_response(
+            error, request_id or self.inference.new_request_id(), "reading a request"
+        )
 
     # --- inference -----------------------------------------------------------------------
 

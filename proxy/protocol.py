@@ -20,7 +20,7 @@ import logging
 import socket
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn, cast
 
@@ -39,7 +39,15 @@ _MAX_HEADER_BYTES = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handle = Callable[[Request], Awaitable[Response]]
-Refuse = Callable[[ProxyError], Response]
+Refuse = Callable[[ProxyError, Mapping[str, str]], Response]
+
+
+@dataclass(slots=True)
+class _Refused:
+    """A request we could not read, with the headers read before it went wrong."""
+
+    error: ProxyError
+    headers: Mapping[str, str]
 
 
 @dataclass(eq=False)
@@ -47,7 +55,7 @@ class Server:
     """What every connection of the data port shares; called, it makes a connection."""
 
     handle: Handle  # answers a request; never raises
-    refuse: Refuse  # the answer to a request we could not read
+    refuse: Refuse  # the answer to a request we could not read (its headers so far)
     max_body: int
     header_timeout_s: float
     keepalive_s: float
@@ -70,7 +78,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._queue: deque[Request | ProxyError] = deque()
+        self._queue: deque[Request | _Refused] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._reading = True  # parse what arrives; False once closing or refused
         self._paused = False
@@ -90,6 +98,11 @@ class Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._size = 0
         self._encoding = ""
+        self._continue_due = False  # a 100 Continue waits for earlier answers to go out
+        # A request that offered an Upgrade, held until its body is read (see _feed).
+        self._held: Request | None = None
+        self._held_length = 0
+        self._held_body = b""
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -104,19 +117,37 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._reading:
             return  # closing: read and dropped
-        if self._in_body:
+        if self._in_body or self._held is not None:
             self._arm(self._server.header_timeout_s)  # a body may pause this long
+        if self._held is not None:
+            data = self._fill_held(data)
+            if not data:
+                return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._reading = False  # what follows the request is not HTTP: answer, close
-            self._closing = True
+        except httptools.HttpParserUpgrade as exc:
+            # An Upgrade offer (h2c, websocket) is ignored, as a server may: the
+            # connection stays HTTP/1.1. llhttp stops at the end of the head, so the
+            # request's body (if any) and what follows are read here.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
         except httptools.HttpParserError as exc:
             if self._reading:  # not our own _Stop: the bytes are not HTTP
                 self._reading = False
                 if not isinstance(exc.__context__, _Stop | None):
                     raise  # a bug in a callback below
-                self._enqueue(MalformedRequest(f"malformed HTTP request: {exc}"))
+                self._enqueue(_Refused(MalformedRequest(f"malformed HTTP request: {exc}"), {}))
+            return
+        else:
+            return
+        self._parser = httptools.HttpRequestParser(self)
+        rest = data[offset:]
+        if self._held is not None:
+            rest = self._fill_held(rest)
+        if rest and self._reading:
+            self._feed(rest)
 
     def eof_received(self) -> bool:
         self._peer_eof = True
@@ -183,9 +214,11 @@ class Connection(asyncio.Protocol):
             if expect.lower() != "100-continue":
                 self._refuse(UnsupportedEncoding(f"Expect {expect!r} is not supported"))
             transport = self._transport
-            # Only while nothing is pending: a 100 must not overtake an earlier answer.
+            # A 100 must not overtake an earlier answer: else it goes once they are out.
             if transport is not None and not self._queue and self._worker is None:
                 transport.write(_CONTINUE)
+            else:
+                self._continue_due = True
         self._in_body = True
         self._arm(self._server.header_timeout_s)  # now the body's pauses count
 
@@ -207,6 +240,8 @@ class Connection(asyncio.Protocol):
             except ProxyError as exc:
                 self._refuse(exc)
         raw = self._url.decode("utf-8", "surrogateescape")
+        if raw[:1] != "/":  # absolute-form (RFC 9112 3.2.2): the path is what is asked for
+            raw = _origin_form(raw)
         path, _, query = raw.partition("?")
         request = Request(
             parser.get_method().decode("ascii", "replace"),
@@ -217,21 +252,43 @@ class Connection(asyncio.Protocol):
             parser.get_http_version(),
             keep_alive,
         )
+        if parser.should_upgrade():
+            length = self._headers.get("content-length", "0")
+            if "transfer-encoding" in self._headers or not length.isdigit():
+                self._refuse(MalformedRequest("an Upgrade offer needs a Content-Length body"))
+            if int(length) > 0:  # llhttp leaves the body to us: hold the request for it
+                self._held, self._held_length, self._held_body = request, int(length), b""
+                return
         self._enqueue(request)
         if not keep_alive:
             self._reading = False
             raise _Stop  # nothing after this request is read
 
+    def _fill_held(self, data: bytes) -> bytes:
+        """Add to the held request's body; once whole, answer it. The bytes beyond it."""
+        held = self._held
+        assert held is not None
+        need = self._held_length - len(self._held_body)
+        self._held_body += data[:need]
+        if len(self._held_body) < self._held_length:
+            return b""
+        held.body, self._held = self._held_body, None
+        self._enqueue(held)
+        if not held.keep_alive:
+            self._reading = False
+            return b""
+        return data[need:]
+
     def _refuse(self, error: ProxyError) -> NoReturn:
         """Answer `error` for the message being read; read nothing after it."""
         self._reading = False
         self._in_message = self._in_body = False
-        self._enqueue(error)
+        self._enqueue(_Refused(error, self._headers))
         raise _Stop
 
     # --- answering -----------------------------------------------------------------------
 
-    def _enqueue(self, item: Request | ProxyError) -> None:
+    def _enqueue(self, item: Request | _Refused) -> None:
         self._queue.append(item)
         self._disarm()
         if self._worker is None:
@@ -245,11 +302,13 @@ class Connection(asyncio.Protocol):
         try:
             while queue and self._transport is not None:
                 item = queue[0]
+                head_only = False
                 if isinstance(item, Request):
                     response = await server.handle(item)
                     version, keep_alive = item.version, item.keep_alive
+                    head_only = item.method == "HEAD"
                 else:
-                    response = server.refuse(item)
+                    response = server.refuse(item.error, item.headers)
                     version, keep_alive = "1.1", False
                 if self._drained is not None:
                     await self._drained  # the client reads slower than we answer
@@ -260,7 +319,7 @@ class Connection(asyncio.Protocol):
                 close = not keep_alive or (self._closing and not queue)
                 date = server.date()
                 try:
-                    data = encode_response(response, date, version, not close)
+                    data = encode_response(response, date, version, not close, head_only)
                 except ValueError as exc:  # a handler's header that is not HTTP
                     log.error("dropping an invalid response header: %s", exc)
                     data = encode_response(Response(500, b'{"error": "invalid response"}'),
@@ -271,6 +330,9 @@ class Connection(asyncio.Protocol):
                     return
                 if self._paused and len(queue) < MAX_QUEUED // 2:
                     self._resume_reading()
+                if self._continue_due and not queue:
+                    self._continue_due = False
+                    transport.write(_CONTINUE)
         except Exception:
             log.exception("answering a request failed; closing the connection")
             self.abort()
@@ -367,3 +429,12 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         raise MalformedRequest(f"body is truncated {encoding} data")
     return out
+
+
+def _origin_form(target: str) -> str:
+    """`http://host/path?q` as `/path?q`; any other form (`*`, authority) as given."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    slash = rest.find("/")
+    return rest[slash:] if slash != -1 else "/"

@@ -59,9 +59,12 @@ class Urls:
             params = _bind(segments, parts)
             if params is None:
                 continue
-            if route.method == method:
+            # HEAD is GET without the body (the connection leaves the body out).
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
                 return route.handler, params
             allowed.append(route.method)
+            if route.method == "GET":
+                allowed.append("HEAD")
         if allowed:
             raise MethodNotAllowed(
                 f"{method} is not allowed for {path}; use {', '.join(sorted(set(allowed)))}",

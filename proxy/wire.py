@@ -56,9 +56,12 @@ class HttpDate:
         return self._value
 
 
-def encode_response(response: Response, date: str, version: str, keep_alive: bool) -> bytes:
-    """Status line, headers and body as one buffer; ValueError for a header that holds a
-    control character (CR or LF would split the response; the others are not HTTP).
+def encode_response(
+    response: Response, date: str, version: str, keep_alive: bool, head_only: bool = False
+) -> bytes:
+    """Status line, headers and body as one buffer (no body for a HEAD request, its
+    Content-Length kept); ValueError for a header that holds a control character (CR or
+    LF would split the response; the others are not HTTP).
 
     Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones.
     """
@@ -79,4 +82,6 @@ def encode_response(response: Response, date: str, version: str, keep_alive: boo
     elif version != "1.0":
         head += "Connection: close\r\n"
     head += "\r\n"
+    if head_only:
+        return head.encode("utf-8", "surrogateescape")
     return head.encode("utf-8", "surrogateescape") + response.body

@@ -422,3 +422,28 @@ async def test_proxy_mode_shadow_gets_the_clients_body_and_agrees(tmp_path: Path
             assert sorted(bodies) == sorted(sent + sent)  # primary and shadow: the same bytes
     finally:
         await upstream.cleanup()
+
+
+async def test_metrics_on_the_admin_port_name_refused_versions(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """`rollguard_registry_refused` is read from the registry at scrape time: a version
+    whose artifact does not match its sha256 shows as 1, a serving one not at all; and
+    /metrics is the admin port's, not the data port's."""
+    registry = make_registry("fraud/1.0.0")
+    broken = registry / "fraud" / "9.9.9"
+    broken.mkdir()
+    (broken / "model.yaml").write_text(
+        "name: fraud\nversion: '9.9.9'\nframework: onnx\nartifact: model.onnx\n"
+        f"sha256: {'0' * 64}\nstage: staging\n"
+    )
+    (broken / "model.onnx").write_bytes(b"not the registered bytes")
+    async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.admin_url}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'rollguard_registry_refused{model="fraud",version="9.9.9"} 1.0' in text
+        assert 'rollguard_registry_refused{model="fraud",version="1.0.0"}' not in text
+        async with http.get(f"{server.url}/metrics") as resp:
+            assert resp.status == 404
+            assert "error" in await resp.json()

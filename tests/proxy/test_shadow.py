@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from rollguard.proxy.load import LoadGauge, host_busy_share, host_cpu_times
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.settings import Settings
-from rollguard.proxy.load import LoadGauge, host_busy_share, host_cpu_times
 from rollguard.proxy.shadow import ShadowMirror
 
 
