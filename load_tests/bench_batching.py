@@ -25,31 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from load_tests.bench import mlp
 from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners import Runner, create_runner
-from rollguard.serving.tensors import Tensors
+from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.runners import LocalRunner, Runner, Wrapper, create_runner
+from rollguard.serving.scheduling import Scheduled
 
 
-class CountingRunner(Runner):
+class CountingRunner(Wrapper):
     """Delegates to a runner and counts its calls and rows, to report batch sizes."""
 
     def __init__(self, inner: Runner) -> None:
-        super().__init__(inner.manifest, inner.directory)
-        self.inner = inner
+        super().__init__(inner)
         self.calls = 0
         self.rows = 0
 
-    async def load(self) -> None:
-        await self.inner.load()
-        self.ready = True
-
-    async def predict(self, inputs: Tensors) -> Tensors:
+    async def predict(self, request: InferRequest) -> InferResponse:
         self.calls += 1
-        self.rows += next(iter(inputs.values())).shape[0]
-        return await self.inner.predict(inputs)
-
-    async def unload(self) -> None:
-        self.ready = False
-        await self.inner.unload()
+        self.rows += request.rows()
+        return await self.inner.predict(request)
 
 
 def build_model(directory: Path, hidden: int, layers: int) -> tuple[Manifest, np.ndarray]:
@@ -73,9 +65,9 @@ async def drive(
             next_index += 1
             row = rows[i % len(rows)][None, :]
             start = time.perf_counter()
-            out = await runner.predict({"input": row})
+            out = await runner.predict(InferRequest.of_arrays({"input": row}))
             latencies[i] = time.perf_counter() - start
-            probabilities[i] = out["probabilities"][0]
+            probabilities[i] = out.arrays()["probabilities"][0]
 
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -92,14 +84,17 @@ async def main(args: argparse.Namespace) -> None:
             f"{args.concurrency} concurrent single-row callers, {args.requests} requests a mode"
         )
         with ThreadPoolExecutor(args.threads) as executor:
-            inner = create_runner(manifest, Path(tmp) / "wide-mlp" / "1", executor=executor)
+            local = create_runner(manifest, Path(tmp) / "wide-mlp" / "1")
+            assert isinstance(local, LocalRunner)
+            # Every call on the executor (never inline), no practical time limit.
+            inner = Scheduled(local, executor, inline_below_us=0.0, timeout_s=3600.0)
             await inner.load()
-            single = rows[:1]
+            single = InferRequest.of_arrays({"input": rows[:1]})
             for _ in range(20):
-                await inner.predict({"input": single})
+                await inner.predict(single)
             t0 = time.perf_counter()
             for _ in range(100):
-                await inner.predict({"input": single})
+                await inner.predict(single)
             print(f"one row, one caller: {(time.perf_counter() - t0) * 10:.2f} ms a call")
             results = {}
             for mode in ("off", "on"):

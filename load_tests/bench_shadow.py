@@ -7,7 +7,7 @@ mirroring every request to 1.1.0, the other none. An open-loop client sends the 
 arrival rate to each (latency counted from each request's scheduled start, so queueing
 cannot hide), in interleaved rounds. It prints the client's p50/p99 with shadow off
 and on, their ratio (the goal: p99 within 10 %), and the shadow copies' results from
-/metrics (`rollguard_shadow_requests_total`: ok, dropped, timeout). Writes
+the admin port's /metrics (`rollguard_shadow_requests_total`: ok, error, timeout, dropped, shed). Writes
 load_tests/results/shadow.md. Asserts nothing about speed.
 """
 
@@ -42,25 +42,29 @@ def build_registry(demo: Path, work: Path, slow_base: str) -> Path:
     return registry
 
 
-def start_gateway(procs: Processes, work: Path, name: str, registry: Path, shadow: bool) -> str:
-    port = free_port()
+def start_gateway(
+    procs: Processes, work: Path, name: str, registry: Path, shadow: bool
+) -> tuple[str, str]:
+    """The gateway's data-port and admin-port base URLs, once it is ready."""
+    port, admin_port = free_port(), free_port()
     policies = models.policies(work, "shadow" if shadow else None)
     argv = [sys.executable, "-m", "rollguard.proxy.cli", "serve", "--port", str(port)]
+    argv += ["--admin-port", str(admin_port)]
     argv += ["--registry", str(registry), "--policies", str(policies)]
     argv += ["--state", str(work / f"state-{name}")]
     env = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
     process = procs.start(name, argv, env=env, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
+    base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     process.wait_ready(f"{base}/v2/models/{models.MODEL}/ready", 120)
     process.wait_ready(f"{base}/v2/models/{models.MODEL}/versions/{models.CANDIDATE}/ready", 60)
     if shadow:
-        process.wait_ready(f"{base}/admin/rollouts/bench-shadow", 60)
-    return base
+        process.wait_ready(f"{admin}/admin/rollouts/bench-shadow", 60)
+    return base, admin
 
 
-def shadow_counts(base: str) -> dict[str, float]:
-    """rollguard_shadow_requests_total by result, summed over versions."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+def shadow_counts(admin: str) -> dict[str, float]:
+    """rollguard_shadow_requests_total by result, summed over versions (admin port)."""
+    with urllib.request.urlopen(f"{admin}/metrics", timeout=5) as response:
         text = response.read().decode()
     counts: dict[str, float] = {}
     for labels, value in _SHADOW.findall(text):
@@ -86,13 +90,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
         slow_base = f"http://127.0.0.1:{slow_port}"
         slow.wait_ready(f"{slow_base}/v2/health/ready", 60)
         registry = build_registry(demo, work, slow_base)
-        bases = {
+        gateways = {
             "off": start_gateway(procs, work, "gateway-no-shadow", registry, shadow=False),
             "on": start_gateway(procs, work, "gateway-shadow", registry, shadow=True),
         }
         results: dict[str, list[client.LoadResult]] = {"off": [], "on": []}
         for round_ in range(1, args.rounds + 1):
-            for mode, base in bases.items():
+            for mode, (base, _admin) in gateways.items():
                 url = f"{base}/v2/models/{models.MODEL}/infer"
                 asyncio.run(
                     client.open_loop(url, body, rate=args.rate, duration_s=1.0, headers=headers)
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     f"p99 {result.p99_ms:.2f} ms",
                     flush=True,
                 )
-        counts = shadow_counts(bases["on"])
+        counts = shadow_counts(gateways["on"][1])
     summary: dict[str, object] = {"counts": counts}
     for mode, runs in results.items():
         summary[mode] = {
@@ -160,7 +164,12 @@ def report(summary: dict[str, object], args: argparse.Namespace) -> str:
         " can move by more than the effect: read the rounds together",
         "- shadow copies (rollguard_shadow_requests_total, warm-ups included): "
         + ", ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items()))
-        + (f"; {counts.get('dropped', 0) / mirrored:.0%} shed" if mirrored else ""),
+        + (
+            f"; {(counts.get('dropped', 0) + counts.get('shed', 0)) / mirrored:.0%} not"
+            " mirrored (dropped: queue full; shed: busy)"
+            if mirrored
+            else ""
+        ),
         "",
         f"Machine: {host['nproc']} CPUs, {host['cpu']}, Python {host['python']}, "
         f"load average at end {host['load_average_at_start']}.",

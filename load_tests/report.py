@@ -25,7 +25,8 @@ NO_VARIANT = "(no variant)"  # answers without an x-rollguard-variant header (e.
 
 @dataclass(frozen=True, slots=True)
 class Poll:
-    """One look at the rollout through GET /admin/rollouts; `at` on the load's clock."""
+    """One look at the rollout through the admin port's GET /admin/rollouts; `at` on the
+    load's clock."""
 
     at: float
     phase: str

@@ -5,10 +5,11 @@
 
 Builds the demo registry (once, cached in the temp directory) unless --registry names
 one, links the scenario's versions into a scratch registry, starts `rollguard serve` on
-a free loopback port with a scratch state directory, polls GET /admin/rollouts every
-0.5 s while the load runs, then reads the rollout, its audit entries and the gateway's
-health, and stops the gateway whatever happened. Exit status 0 when the scenario's
-expectation is met, 1 when it is not, 2 when the run itself failed.
+free loopback ports (data and admin) with a scratch state directory, polls the admin
+port's GET /admin/rollouts every 0.5 s while the load runs, then reads the rollout, its
+audit entries and the gateway's health, and stops the gateway whatever happened. Exit
+status 0 when the scenario's expectation is met, 1 when it is not, 2 when the run
+itself failed.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _workload(scenario: Scenario, url: str) -> Workload:
 async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
     """Wait for the gateway, run the load while polling the rollout, collect the outcome."""
     name = scenario.rollout.name if scenario.rollout else None
-    url = gateway.url
+    url, admin = gateway.url, gateway.admin_url
     polls: list[Poll] = []  # `at` on the monotonic clock until the load's t0 is known
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         try:
@@ -120,7 +121,7 @@ async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
             raise RunError(str(exc)) from None
 
         async def poll_once() -> None:
-            for r in (await _get(http, f"{url}/admin/rollouts"))["rollouts"]:
+            for r in (await _get(http, f"{admin}/admin/rollouts"))["rollouts"]:
                 if r["name"] == name:
                     at = time.monotonic()
                     polls.append(Poll(at, r["phase"], float(r["weight"]), int(r["step"])))
@@ -159,8 +160,8 @@ async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
         detail, audit = None, []
         if name:
             await poll_once()
-            detail = await _get(http, f"{url}/admin/rollouts/{name}")
-            audit = (await _get(http, f"{url}/admin/audit?rollout={name}"))["entries"]
+            detail = await _get(http, f"{admin}/admin/rollouts/{name}")
+            audit = (await _get(http, f"{admin}/admin/audit?rollout={name}"))["entries"]
         try:
             async with http.get(f"{url}/v2/health/live") as r:
                 alive = r.status == 200

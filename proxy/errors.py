@@ -9,7 +9,8 @@ ProxyError
 ├── MethodNotAllowed       the path exists, not for that method (`allowed` names those)
 ├── Unauthorized           admin: no or wrong bearer token
 ├── Forbidden              admin: no token set and the client is not on loopback
-└── FeedbackUnknown        a label for a request id that is not (or no longer) known
+├── FeedbackUnknown        a label for a request id that is not (or no longer) known
+└── InvalidResponse        a handler's answer cannot be written as HTTP (a bug of ours)
 
 The serving and policy packages have their own roots (serving/errors.py,
 policy/errors.py); none of the three knows HTTP. `status_for` is the only place where
@@ -76,6 +77,10 @@ class FeedbackUnknown(ProxyError):
     """A feedback label names a request id the gateway no longer (or never) knew."""
 
 
+class InvalidResponse(ProxyError):
+    """An answer with a header HTTP cannot carry; answered 500 instead."""
+
+
 # Most specific first: the first matching class wins.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UnsupportedEncoding, 415),
@@ -87,6 +92,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Unauthorized, 401),
     (Forbidden, 403),
     (FeedbackUnknown, 404),
+    (InvalidResponse, 500),
     (InvalidInput, 400),
     (ModelNotFound, 404),  # VersionNotFound included
     (NotReady, 503),

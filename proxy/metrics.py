@@ -149,7 +149,7 @@ class Metrics:
         )
         self.shadow = Counter(
             "rollguard_shadow_requests",
-            "Shadow copies by result (ok, error, dropped, timeout).",
+            "Shadow copies by result (ok, error, timeout, unavailable, dropped, shed).",
             ["model", "version", "result"],
             registry=r,
         )

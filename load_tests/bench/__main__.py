@@ -93,16 +93,16 @@ def _get(url: str) -> str:
 
 def rollguard_notes(target: targets.Target) -> dict[str, object]:
     """The rollout's phase and weight after the runs, and shadow results from /metrics."""
-    if not target.base:
+    if not target.admin:
         return {}
     notes: dict[str, object] = {}
-    metrics = _get(target.base + "/metrics")
+    metrics = _get(target.admin + "/metrics")
     shadow = re.findall(
         r'rollguard_shadow_requests_total\{[^}]*result="(\w+)"[^}]*\} (\S+)', metrics
     )
     if shadow:
         notes["shadow_requests"] = {result: float(n) for result, n in shadow}
-    rollouts = _get(target.base + "/admin/rollouts")
+    rollouts = _get(target.admin + "/admin/rollouts")
     found = re.search(r'"phase":"(\w+)".*?"weight":([\d.]+)', rollouts)
     if found:
         notes["rollout"] = {"phase": found.group(1), "weight": float(found.group(2))}

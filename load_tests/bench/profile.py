@@ -20,8 +20,8 @@ _CATEGORIES = (
     ("HTTP client (aiohttp)", ("aiohttp/client", "aiohttp/connector", "aiohttp/payload")),
     ("HTTP server (aiohttp, incl. socket writes)", ("aiohttp/", "multidict/", "yarl/")),
     (
-        "HTTP server (rollguard fast path, incl. socket writes)",
-        ("proxy/fastpath", "proxy/reader", "proxy/http1", "httptools"),
+        "HTTP server (rollguard data port, incl. socket writes)",
+        ("proxy/protocol", "proxy/wire", "proxy/urls", "httptools"),
     ),
     ("HTTP client (rollguard upstream pool)", ("serving/upstream",)),
     ("V2 codec, JSON, numpy", ("serving/codec", "serving/tensors", "numpy/", "orjson")),

@@ -31,9 +31,10 @@ class Target:
     about: str
     url: str  # the infer URL the client posts to
     processes: tuple[Process, ...]  # every process whose CPU time this target costs
-    base: str = ""  # http://host:port of the front server (admin, /metrics)
+    base: str = ""  # http://host:port of the front server (data port: health)
     body: bytes | None = None  # None: the common body (models.request_body())
     connections: int | None = None  # None: --connections
+    admin: str = ""  # http://host:port of rollguard's admin port (/admin, /metrics)
 
 
 ALL = (  # the two targets of each goal next to each other (see round_order)
@@ -90,9 +91,11 @@ class Lab:
         strategy: str | None,
         module: str = "rollguard.proxy.cli",
         model: str = models.MODEL,
-    ) -> tuple[Process, str]:
-        port = free_port()
+    ) -> tuple[Process, str, str]:
+        """The process, its data-port base URL and its admin-port base URL."""
+        port, admin_port = free_port(), free_port()
         argv = [sys.executable, "-m", module, "serve", "--port", str(port)]
+        argv += ["--admin-port", str(admin_port)]
         argv += [
             "--registry",
             str(registry),
@@ -103,12 +106,12 @@ class Lab:
         shutil.rmtree(state, ignore_errors=True)  # a rolled-back rollout would stay rolled back
         argv += ["--state", str(state)]
         process = self.procs.start(name, argv, env=ROLLGUARD_ENV, cwd=REPO)
-        base = f"http://127.0.0.1:{port}"
+        base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         process.wait_ready(f"{base}/v2/models/{model}/ready", 120)
         if strategy is not None:  # the rollout must be routing before the run starts
             process.wait_ready(f"{base}/v2/models/{models.MODEL}/versions/1.1.0/ready", 60)
-            process.wait_ready(f"{base}/admin/rollouts/bench-{strategy}", 60)
-        return process, base
+            process.wait_ready(f"{admin}/admin/rollouts/bench-{strategy}", 60)
+        return process, base, admin
 
     def mlp_registries(self) -> tuple[Path, Path]:
         """The wide MLP's registries (without, with batching), trained once per Lab."""
@@ -149,13 +152,13 @@ class Lab:
         if name in ("rollguard", "rollguard-shadow"):
             strategy = "canary" if name == "rollguard" else "shadow"
             registry = models.inprocess_registry(self.demo, self.work)
-            p, base = self._rollguard(name, registry, strategy)
+            p, base, admin = self._rollguard(name, registry, strategy)
             about = (
                 f"in-process ONNX, canary {models.CANARY_WEIGHT:g}% hash split active"
                 if strategy == "canary"
                 else "in-process ONNX, every request mirrored to a shadow version"
             )
-            return Target(name, about, base + INFER, (p,), base)
+            return Target(name, about, base + INFER, (p,), base, admin=admin)
         if name == "naive-proxy":
             a, upstream = self.bare("a")
             port = free_port()
@@ -176,13 +179,13 @@ class Lab:
                 endpoints[models.CANDIDATE] = base_b
                 uppers = (a, b)
             registry = models.http_registry(self.demo, self.work, f"registry-{name}", endpoints)
-            p, base = self._rollguard(name, registry, policy)
+            p, base, admin = self._rollguard(name, registry, policy)
             about = {
                 None: "framework http in front of bare",
                 "canary": f"canary {models.CANARY_WEIGHT:g}% hash split over bare A / bare B",
                 "shadow": "bare A answers, every request mirrored to bare B",
             }[policy]
-            return Target(name, about, base + INFER, (p, *uppers), base)
+            return Target(name, about, base + INFER, (p, *uppers), base, admin=admin)
         if name.startswith("nginx"):
             front = self._front_nginx()
             a, b = self.bare("a")[0], self.bare("b")[0]
@@ -211,7 +214,7 @@ class Lab:
         if name in ("rollguard-mlp", "rollguard-mlp-batched"):
             plain, batched = self.mlp_registries()
             registry = batched if name.endswith("-batched") else plain
-            p, base = self._rollguard(name, registry, None, model=mlp.MODEL)
+            p, base, admin = self._rollguard(name, registry, None, model=mlp.MODEL)
             how = (
                 f"micro-batching on (max_batch_size {mlp.BATCHING.max_batch_size}, "
                 f"max_delay_ms {mlp.BATCHING.max_delay_ms:g})"
@@ -232,6 +235,7 @@ class Lab:
                 base,
                 body=mlp.request_body(),
                 connections=MLP_CONNECTIONS,
+                admin=admin,
             )
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(ALL)}")
 

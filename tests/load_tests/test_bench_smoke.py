@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from load_tests.bench import client, models
+from load_tests.bench.__main__ import rollguard_notes
 from load_tests.bench.procs import Processes
 from load_tests.bench.targets import Lab, Target
 from load_tests.bench.tools import Tool
@@ -79,3 +80,14 @@ async def test_bare_and_rollguard_answer_alike_under_load(lab: Lab) -> None:
         assert result.errors == 0, target.name
         assert result.requests > 0, target.name
         assert result.p50_ms <= result.p99_ms
+
+    # Admin and /metrics are on rollguard's admin port only; the notes read them there.
+    assert rollguard.admin and rollguard.admin != rollguard.base
+    assert not bare.admin
+    notes = rollguard_notes(rollguard)
+    assert notes["rollout"] == {"phase": "progressing", "weight": models.CANARY_WEIGHT}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{rollguard.base}/admin/rollouts") as response,
+    ):
+        assert response.status == 404
