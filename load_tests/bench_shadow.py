@@ -7,8 +7,8 @@ mirroring every request to 1.1.0, the other none. An open-loop client sends the 
 arrival rate to each (latency counted from each request's scheduled start, so queueing
 cannot hide), in interleaved rounds. It prints the client's p50/p99 with shadow off
 and on, their ratio (the goal: p99 within 10 %), and the shadow copies' results from
-the admin port's /metrics (`rollguard_shadow_requests_total`: ok, error, timeout, dropped, shed). Writes
-load_tests/results/shadow.md. Asserts nothing about speed.
+the admin port's /metrics (`rollguard_shadow_requests_total`: ok, error, timeout,
+dropped, shed). Writes load_tests/results/shadow.md. Asserts nothing about speed.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 _TOP_LEVEL = """
 import importlib.metadata as md, json
-print(json.dumps(sorted(n for n, dists in md.packages_distributions().items() if "rollguard" in dists)))
+names = md.packages_distributions().items()
+print(json.dumps(sorted(n for n, dists in names if "rollguard" in dists)))
 """
 
 

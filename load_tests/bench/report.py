@@ -79,22 +79,22 @@ class Goal:
 
 GOALS = (
     Goal(
-        "rollguard in-process, canary: throughput >= 0.85 x bare",
+        "rollguard in-process, canary: throughput >= 1.0 x bare",
         "rollguard",
         "bare",
         "rps",
-        0.85,
+        1.0,
         True,
     ),
     Goal(
         "rollguard in-process, canary: p99 <= 1.2 x bare", "rollguard", "bare", "p99_ms", 1.2, False
     ),
     Goal(
-        "rollguard proxy: throughput >= 0.5 x direct to upstream",
+        "rollguard proxy: throughput >= 0.8 x direct to upstream",
         "rollguard-proxy",
         "bare",
         "rps",
-        0.5,
+        0.8,
         True,
     ),
     Goal(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from rollguard.proxy.gateway import Gateway
 from rollguard.proxy.inference import Inference
 from rollguard.proxy.rollouts import Rollouts
@@ -67,3 +69,11 @@ def write_remote_version(registry: Path, version: str, endpoint: str, outputs: s
         "stage: production\ninputs: [{name: x, datatype: FP32, shape: [-1, 2]}]\n"
         + (f"outputs: {outputs}\n" if outputs else "")
     )
+
+
+async def start_upstream(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve a stand-in V2 upstream on a free loopback port: (its runner, its base URL)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"

@@ -18,7 +18,7 @@ from rollguard.serving.manifest import load_manifest
 from rollguard.serving.messages import InferRequest
 from rollguard.serving.runners import create_runner
 from tests.proxy.conftest import MakeRegistry
-from tests.proxy.support import serve, write_remote_version
+from tests.proxy.support import serve, start_upstream, write_remote_version
 
 
 async def _direct_predictions(
@@ -226,11 +226,8 @@ async def _upstream(mode: str) -> tuple[aiohttp.web.AppRunner, str]:
     app = web.Application()
     app.router.add_get("/v2/models/m/ready", ready)
     app.router.add_post("/v2/models/m/infer", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v2/models/m"
+    runner, base = await start_upstream(app)
+    return runner, f"{base}/v2/models/m"
 
 
 @pytest.mark.parametrize(("mode", "status"), [("fail", 502), ("slow", 504)])
@@ -384,10 +381,8 @@ async def test_proxy_mode_shadow_gets_the_clients_body_and_agrees(tmp_path: Path
     app = web.Application()
     app.router.add_get("/v2/models/m/ready", ready)
     app.router.add_post("/v2/models/m/infer", infer)
-    upstream = web.AppRunner(app)
-    await upstream.setup()
-    await web.TCPSite(upstream, "127.0.0.1", 0).start()
-    endpoint = f"http://127.0.0.1:{upstream.addresses[0][1]}/v2/models/m"
+    upstream, base = await start_upstream(app)
+    endpoint = f"{base}/v2/models/m"
     for version in ("1", "2"):
         label = "[{name: label, datatype: INT64, shape: [-1]}]"
         write_remote_version(tmp_path / "registry", version, endpoint, label)

@@ -28,7 +28,7 @@ from rollguard.serving.demo.build import load_eval_data
 from tests.proxy import rawhttp
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.rawhttp import chunked, closed, connect, exchange, get, post, read, until
-from tests.proxy.support import serve, write_remote_version
+from tests.proxy.support import serve, start_upstream, write_remote_version
 
 INFER = "/v2/models/fraud/infer"
 REMOTE = "/v2/models/remote/infer"
@@ -89,13 +89,9 @@ async def _slow_remote(tmp_path: Path) -> AsyncIterator[tuple[Path, Upstream]]:
     app = web.Application()
     app.router.add_get("/v2/models/m/versions/1/ready", ready)
     app.router.add_post("/v2/models/m/versions/1/infer", infer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, base = await start_upstream(app)
     registry = tmp_path / "registry"
-    write_remote_version(registry, "1", f"http://127.0.0.1:{port}/v2/models/m/versions/1")
+    write_remote_version(registry, "1", f"{base}/v2/models/m/versions/1")
     try:
         yield registry, upstream
     finally:
