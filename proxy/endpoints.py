@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from rollguard import __version__
 from rollguard.proxy.errors import (
     RETRY_AFTER_S,
     FeedbackUnknown,
@@ -42,7 +43,6 @@ from rollguard.serving.predictcodec import decode_predict_request, encode_predic
 log = logging.getLogger("rollguard")
 
 SERVER_NAME = "rollguard"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "rollouts", "feedback"]
 REQUEST_ID = "x-request-id"
 VARIANT = "x-rollguard-variant"
@@ -231,7 +231,7 @@ class DataPlane:
 
     async def server_metadata(self, request: Request, params: Params) -> Response:
         return json_response(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+            {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
         )
 
     async def live(self, request: Request, params: Params) -> Response:
