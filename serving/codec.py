@@ -72,9 +72,15 @@ def tensor_from_item(
             flat = np.asarray(data, dtype=object).reshape(-1)
             array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
         else:
-            array = np.asarray(data, dtype=dtype)
+            with np.errstate(over="ignore"):  # refused just below, not warned about
+                array = np.asarray(data, dtype=dtype)
             if array.dtype.kind in "iu" and array.size and np.asarray(data).dtype.kind == "f":
                 raise InvalidInput(f"input '{name}': {datatype} data holds non-integer values")
+            # JSON has no NaN or infinity: one here is a null or a number beyond the dtype.
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidInput(
+                    f"input '{name}': {datatype} data holds null or a value beyond its range"
+                )
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"input '{name}': data does not fit {datatype}: {exc}") from None
     if array.size != count:

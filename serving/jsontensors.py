@@ -31,6 +31,7 @@ _INT_RANGE: dict[str, tuple[int, int]] = {
 }
 # Float datatypes every JSON number converts to (FP16 is left to numpy: it overflows).
 _FLOATS = frozenset({"FP32", "FP64"})
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass pays object.__setattr__ per field
@@ -52,7 +53,8 @@ def numeric_data_fits(datatype: str, data: list[Any]) -> bool:
             sum(data, 0.0)  # a C loop refusing all but int, float, bool (and huge ints)
         except (TypeError, OverflowError):  # a string, a list, null; an int beyond floats
             return False
-        return True
+        # JSON numbers are finite doubles; FP32 holds less (1e308 would become inf).
+        return datatype != "FP32" or not data or -_FP32_MAX <= min(data) <= max(data) <= _FP32_MAX
     bounds = _INT_RANGE.get(datatype)
     if bounds is None:
         return False

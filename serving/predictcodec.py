@@ -59,9 +59,13 @@ def decode_predict_request(
     tensors: Tensors = {}
     for s in specs:
         try:
-            array = np.asarray(columns[s.name], dtype=s.dtype)
+            with np.errstate(over="ignore"):  # refused just below, not warned about
+                array = np.asarray(columns[s.name], dtype=s.dtype)
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidInput(f"input '{s.name}': values do not fit {s.datatype}: {exc}") from None
+        # JSON has no NaN or infinity: one here is a null or a number beyond the dtype.
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidInput(f"input '{s.name}': null or a value beyond {s.datatype}'s range")
         tensors[s.name] = array
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):

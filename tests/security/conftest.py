@@ -1,0 +1,5 @@
+"""The proxy tests' fixtures (a real demo registry, built once), shared with the security tests."""
+
+from tests.proxy.conftest import demo_registry, make_registry
+
+__all__ = ["demo_registry", "make_registry"]
