@@ -15,7 +15,6 @@ import asyncio
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,49 +82,48 @@ async def main(args: argparse.Namespace) -> None:
             f"built in {time.perf_counter() - started:.1f} s; executor: {args.threads} threads, "
             f"{args.concurrency} concurrent single-row callers, {args.requests} requests a mode"
         )
-        with ThreadPoolExecutor(args.threads) as executor:
-            local = create_runner(manifest, Path(tmp) / "wide-mlp" / "1")
-            assert isinstance(local, LocalRunner)
-            # Every call on the executor (never inline), no practical time limit.
-            inner = Scheduled(local, executor, inline_below_us=0.0, timeout_s=3600.0)
-            await inner.load()
-            single = InferRequest.of_arrays({"input": rows[:1]})
-            for _ in range(20):
-                await inner.predict(single)
-            t0 = time.perf_counter()
-            for _ in range(100):
-                await inner.predict(single)
-            print(f"one row, one caller: {(time.perf_counter() - t0) * 10:.2f} ms a call")
-            results = {}
-            for mode in ("off", "on"):
-                counting = CountingRunner(inner)
-                runner: Runner = counting
-                if mode == "on":
-                    runner = BatchingRunner(
-                        counting,
-                        max_batch_size=args.max_batch_size,
-                        max_delay_ms=args.max_delay_ms,
-                        max_concurrent_batches=args.threads,
-                    )
-                await runner.load()
-                await drive(runner, rows, args.concurrency * 4, args.concurrency)  # warm-up
-                counting.calls = counting.rows = 0
-                seconds, latencies, probabilities = await drive(
-                    runner, rows, args.requests, args.concurrency
+        local = create_runner(manifest, Path(tmp) / "wide-mlp" / "1")
+        assert isinstance(local, LocalRunner)
+        # Every call on the executor (never inline), no practical time limit.
+        inner = Scheduled(local, args.threads, inline_below_us=0.0, timeout_s=3600.0)
+        await inner.load()
+        single = InferRequest.of_arrays({"input": rows[:1]})
+        for _ in range(20):
+            await inner.predict(single)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            await inner.predict(single)
+        print(f"one row, one caller: {(time.perf_counter() - t0) * 10:.2f} ms a call")
+        results = {}
+        for mode in ("off", "on"):
+            counting = CountingRunner(inner)
+            runner: Runner = counting
+            if mode == "on":
+                runner = BatchingRunner(
+                    counting,
+                    max_batch_size=args.max_batch_size,
+                    max_delay_ms=args.max_delay_ms,
+                    max_concurrent_batches=args.threads,
                 )
-                results[mode] = (seconds, latencies, probabilities, counting.rows / counting.calls)
-                await runner.unload()
-            print(f"\n{'batching':<10}{'rows/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'rows/call':>11}")
-            for mode, (seconds, latencies, _, per_call) in results.items():
-                print(
-                    f"{mode:<10}{args.requests / seconds:>10.0f}"
-                    f"{np.percentile(latencies, 50) * 1e3:>10.2f}"
-                    f"{np.percentile(latencies, 99) * 1e3:>10.2f}{per_call:>11.1f}"
-                )
-            off, on = results["off"], results["on"]  # (seconds, latencies, probs, rows/call)
-            print(f"\nthroughput ratio on/off: {off[0] / on[0]:.2f}x")
-            same = np.allclose(off[2], on[2], atol=1e-5)
-            print(f"outputs equal in both modes (atol 1e-5): {'yes' if same else 'NO'}")
+            await runner.load()
+            await drive(runner, rows, args.concurrency * 4, args.concurrency)  # warm-up
+            counting.calls = counting.rows = 0
+            seconds, latencies, probabilities = await drive(
+                runner, rows, args.requests, args.concurrency
+            )
+            results[mode] = (seconds, latencies, probabilities, counting.rows / counting.calls)
+            await runner.unload()
+        print(f"\n{'batching':<10}{'rows/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'rows/call':>11}")
+        for mode, (seconds, latencies, _, per_call) in results.items():
+            print(
+                f"{mode:<10}{args.requests / seconds:>10.0f}"
+                f"{np.percentile(latencies, 50) * 1e3:>10.2f}"
+                f"{np.percentile(latencies, 99) * 1e3:>10.2f}{per_call:>11.1f}"
+            )
+        off, on = results["off"], results["on"]  # (seconds, latencies, probs, rows/call)
+        print(f"\nthroughput ratio on/off: {off[0] / on[0]:.2f}x")
+        same = np.allclose(off[2], on[2], atol=1e-5)
+        print(f"outputs equal in both modes (atol 1e-5): {'yes' if same else 'NO'}")
 
 
 def parse_args() -> argparse.Namespace:

@@ -52,7 +52,9 @@ def start_gateway(
     argv += ["--admin-port", str(admin_port)]
     argv += ["--registry", str(registry), "--policies", str(policies)]
     argv += ["--state", str(work / f"state-{name}")]
+    # A loopback benchmark: admin without a token, asked for explicitly (admin_auth none).
     env = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+    env |= {"ROLLGUARD_ADMIN_AUTH": "none", "ROLLGUARD_ADMIN_TOKEN": ""}
     process = procs.start(name, argv, env=env, cwd=REPO)
     base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     process.wait_ready(f"{base}/v2/models/{models.MODEL}/ready", 120)

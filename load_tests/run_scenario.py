@@ -78,8 +78,8 @@ def start_gateway(scenario: Scenario, registry: Path, work: Path, log: Path) -> 
     )
 
 
-async def _get(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as r:
+async def _get(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> Any:
+    async with http.get(url, headers=headers) as r:
         if r.status != 200:
             raise RunError(f"GET {url}: {r.status} {await r.text()}")
         return await r.json()
@@ -113,6 +113,7 @@ async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
     """Wait for the gateway, run the load while polling the rollout, collect the outcome."""
     name = scenario.rollout.name if scenario.rollout else None
     url, admin = gateway.url, gateway.admin_url
+    auth = gateway.admin_headers  # GatewayProcess made a token for this run
     polls: list[Poll] = []  # `at` on the monotonic clock until the load's t0 is known
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         try:
@@ -121,7 +122,7 @@ async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
             raise RunError(str(exc)) from None
 
         async def poll_once() -> None:
-            for r in (await _get(http, f"{admin}/admin/rollouts"))["rollouts"]:
+            for r in (await _get(http, f"{admin}/admin/rollouts", auth))["rollouts"]:
                 if r["name"] == name:
                     at = time.monotonic()
                     polls.append(Poll(at, r["phase"], float(r["weight"]), int(r["step"])))
@@ -160,8 +161,8 @@ async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
         detail, audit = None, []
         if name:
             await poll_once()
-            detail = await _get(http, f"{admin}/admin/rollouts/{name}")
-            audit = (await _get(http, f"{admin}/admin/audit?rollout={name}"))["entries"]
+            detail = await _get(http, f"{admin}/admin/rollouts/{name}", auth)
+            audit = (await _get(http, f"{admin}/admin/audit?rollout={name}", auth))["entries"]
         try:
             async with http.get(f"{url}/v2/health/live") as r:
                 alive = r.status == 200

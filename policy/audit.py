@@ -1,11 +1,22 @@
-"""The append-only, hash-chained audit log (`audit.jsonl`) and its verification.
+"""The append-only, chained audit log (`audit.jsonl`): append, verify at open, repair, export.
 
-Each line is the canonical JSON (sorted keys, no spaces) of one entry:
-seq, ts, kind, rollout, actor, data, prev (the previous entry's hash, "0"*64 first)
-and hash (sha256 of the entry's canonical JSON without `hash`). Changing, inserting,
-removing or reordering a line breaks the chain at that line. Removing lines from the
-end leaves a shorter valid chain, so every append also records the last seq and hash
-in a head file beside the log (`audit.jsonl.head`), and verification compares them.
+Each line is the canonical JSON (sorted keys, no spaces) of one entry: seq, ts, kind,
+rollout, actor, data, prev (the previous entry's hash, "0"*64 first) and hash. Without
+an audit key (policy/keys.py) `hash` is the sha256 of the entry's canonical JSON without
+`hash`: it shows accidents, and anyone who can write the file can recompute it. With a
+key every entry also names the key (`key`: its id) and `hash` is an HMAC-SHA256 under
+it, so a rewritten log no longer verifies. Changing, inserting, removing or reordering a
+line breaks the chain at that line; removing lines from the end leaves a shorter valid
+chain, so every append also records the last seq and hash in a head file beside the log
+(`audit.jsonl.head`), and verification compares them.
+
+Opening the log (the gateway's start) verifies the whole chain (policy/chain.py walks it):
+- an incomplete last line, which is what a crash mid-append leaves, is cut off and a
+  `repair` entry records the bytes dropped;
+- any other break is refused with `refuse_broken`; otherwise it is reported
+  (`problem`) and a `chain_break` entry records it, from which the chain goes on.
+  `verify` fails on a log holding a `chain_break` entry, so the break stays visible.
+Files are created 0600 and never opened through a symbolic link.
 """
 
 from __future__ import annotations
@@ -14,28 +25,43 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from rollguard.policy.chain import (
+    BREAK,
+    GENESIS,
+    KEYED,
+    RECORD_KINDS,
+    Record,
+    VerifyResult,
+    Walk,
+    seal,
+    walk_file,
+)
 from rollguard.policy.errors import AuditError
-from rollguard.policy.store import sync_directory, write_atomic
+from rollguard.policy.keys import AuditKey
+from rollguard.policy.store import (
+    canonical,
+    open_private,
+    read_private,
+    sync_directory,
+    write_atomic,
+)
 
-GENESIS = "0" * 64
+__all__ = ["GENESIS", "AuditLog", "Record", "VerifyResult", "adopt_key", "export", "verify"]
+
+log = logging.getLogger("rollguard.audit")
+REPAIR = "repair"
+ACTOR = "rollguard"  # the actor of the log's own entries (repair, chain_break, audit_keyed)
 _FIELDS = ("seq", "ts", "kind", "rollout", "actor", "data", "prev", "hash")
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    ok: bool
-    entries: int  # lines that verified before the first bad one (all of them when ok)
-    first_bad_line: int | None = None  # 1-based
-    reason: str | None = None
 
 
 class AuditLog:
@@ -46,29 +72,117 @@ class AuditLog:
         path: Path,
         clock: Callable[[], float] = time.time,
         *,
+        key: AuditKey | None = None,
+        refuse_broken: bool = False,
         fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         # Wall clock on purpose: `ts` is a record for people, not a deadline.
         self.path = path
+        self.key = key
         self._clock = clock
         self._fsync = fsync
         self._lock = threading.Lock()
         self._broken: str | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._seq, self._prev = _open_chain(path, fsync)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if self._seq == 0:
-            sync_directory(path.parent, fsync=fsync)  # the new log's entry must be durable
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._fd = open_private(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise AuditError(_open_error(path, exc)) from exc
+        try:
+            self._open(refuse_broken)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _open(self, refuse_broken: bool) -> None:
+        if stat.S_IMODE(os.fstat(self._fd).st_mode) & 0o077:
+            os.fchmod(self._fd, 0o600)  # a log from before 0600 was the rule
+        walk = walk_file(self._fd, self.key)
+        if (config := walk.config_problem()) is not None:
+            raise AuditError(f"{self.path}: {config}")
+        head = _read_head(self.path)
+        torn, problem = walk.torn, walk.open_problem(head)
+        if torn is not None and problem is None and not walk.tail_matches(head):
+            problem = (
+                walk.lines + 1,
+                "the last line is incomplete but the head records it as written: "
+                "the log was cut, not torn by a crash",
+            )
+        if problem is not None and refuse_broken:
+            line, reason = problem
+            raise AuditError(
+                f"{self.path}: the audit chain is broken at line {line}: {reason}; refusing to "
+                "start (audit_refuse_broken is set): run `rollguard audit verify`"
+            )
+        self.walk = walk  # what the log said at open, for recovery
+        #: the last seq before this open appended anything (recovery's crash window)
+        self.opened_at = walk.last_seq
+        self.records: dict[str, Record] = dict(walk.records)
+        self._seq, self._prev = walk.last_seq, walk.last_hash
+        if torn is not None:
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - len(torn))
+            self._fsync(self._fd)
+        if walk.lines == 0 and torn is None:
+            sync_directory(self.path.parent, fsync=self._fsync)  # the new log's entry
+        head_seq = head[0] if head is not None else 0
+        if problem is None and head_seq == self._seq - 1:
+            _write_head(self.path, self._seq, self._prev, self._fsync)  # an interrupted append
+        if torn is not None and problem is None:
+            log.warning("%s: dropped an incomplete last line (%d bytes)", self.path, len(torn))
+            why = "incomplete last line (crash mid-append)"
+            self.append(REPAIR, None, ACTOR, _dropped(torn, why))
+        if problem is not None:
+            line, reason = problem
+            log.error("%s: the audit chain is broken at line %d: %s", self.path, line, reason)
+            data: dict[str, Any] = {
+                "line": line,
+                "reason": reason,
+                "head": None if head is None else list(head),
+            }
+            if torn is not None:
+                data |= _dropped(torn, "incomplete last line")
+            self.append(BREAK, None, ACTOR, data)
+        found = walk.result(head, torn_is_bad=False)
+        #: whether the chain verified at open (a torn tail, once repaired, does not count)
+        self.chain_ok = found.ok and problem is None
+        self.problem: str | None = None  # the first break, for /admin and the log
+        if problem is not None:
+            self.problem = f"line {problem[0]}: {problem[1]}"
+        elif not found.ok:
+            self.problem = f"line {found.first_bad_line}: {found.reason}"
 
     @property
     def head(self) -> tuple[int, str]:
         """The last entry's seq and hash (0 and GENESIS for an empty log)."""
         return self._seq, self._prev
 
+    @property
+    def keyed(self) -> bool:
+        return self.key is not None
+
+    def record_seq(self, rollout: str, next_kind: str | None = None) -> int:
+        """The audit seq a state saved now corresponds to: the entry about to be appended
+        when it is one of the rollout's records (`next_kind`), else its last record."""
+        with self._lock:
+            if next_kind in RECORD_KINDS:
+                return self._seq + 1
+            record = self.records.get(rollout)
+            return 0 if record is None else record.seq
+
     def append(
         self, kind: str, rollout: str | None, actor: str, data: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Write one entry durably and return it as stored; AuditError if it cannot be."""
+        return self._append(kind, rollout, actor, data, self.key)
+
+    def _append(
+        self,
+        kind: str,
+        rollout: str | None,
+        actor: str,
+        data: Mapping[str, Any],
+        key: AuditKey | None,
+    ) -> dict[str, Any]:
         with self._lock:
             if self._broken is not None:
                 raise AuditError(self._broken)
@@ -82,8 +196,7 @@ class AuditLog:
                 "prev": self._prev,
             }
             try:
-                entry["hash"] = hashlib.sha256(_canonical(entry)).hexdigest()
-                line = _canonical(entry) + b"\n"
+                line = seal(entry, key)
             except (TypeError, ValueError) as exc:
                 raise AuditError(f"audit entry {kind!r} is not JSON-serialisable: {exc}") from exc
             try:
@@ -94,6 +207,8 @@ class AuditLog:
                 self._broken = f"{self.path}: append failed ({exc}); run `rollguard audit verify`"
                 raise AuditError(self._broken) from exc
             self._seq, self._prev = entry["seq"], entry["hash"]
+            if rollout is not None and kind in RECORD_KINDS:
+                self.records[rollout] = Record.after(self.records.get(rollout), entry)
             try:
                 _write_head(self.path, self._seq, self._prev, self._fsync)
             except OSError as exc:
@@ -116,49 +231,42 @@ class AuditLog:
         self.close()
 
 
-def verify(path: Path) -> VerifyResult:
-    """Check every line's hash, seq and prev link, then the tail against the head file."""
+def verify(path: Path, key: AuditKey | None = None) -> VerifyResult:
+    """Check every line's hash (or MAC), seq and prev link, then the tail against the head."""
     try:
         head = _read_head(path)
+        fd = open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = -1
     except AuditError as exc:
         return VerifyResult(False, 0, None, str(exc))
-    head_seq, head_hash = head if head is not None else (0, GENESIS)
-    prev, count, hash_at_head = GENESIS, 0, GENESIS
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                entry, problem = _check_line(raw, lineno, prev)
-                if entry is None:
-                    return VerifyResult(False, count, lineno, problem)
-                prev, count = entry["hash"], lineno
-                if lineno == head_seq:
-                    hash_at_head = prev
-    except FileNotFoundError:
-        pass  # no log is an empty log; the head decides whether that is right
     except OSError as exc:
-        return VerifyResult(False, count, None, f"{path}: cannot read: {exc}")
-    if head_seq > count:
-        return VerifyResult(
-            False,
-            count,
-            count + 1,
-            f"the log ends at entry {count} but its head records entry {head_seq}: "
-            "entries were removed from the end",
+        return VerifyResult(False, 0, None, _open_error(path, exc))
+    try:
+        walk = walk_file(fd, key) if fd >= 0 else Walk(key)
+    except OSError as exc:
+        return VerifyResult(False, 0, None, f"{path}: cannot read: {exc}")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return walk.result(head)
+
+
+def adopt_key(path: Path, key: AuditKey) -> dict[str, Any]:
+    """Seal an intact unkeyed log under `key`: an `audit_keyed` entry, keyed, continues it.
+
+    From then on only keyed entries verify. Run it once, after `verify` without a key
+    says the log is intact: what the log says up to here is taken as it is.
+    """
+    if verify(path, key).ok:
+        raise AuditError(f"{path}: the log is already sealed with this audit key")
+    result = verify(path)
+    if not result.ok:
+        raise AuditError(f"{path}: not adopting a key on this log: {result.reason}")
+    with AuditLog(path) as plain:
+        return plain._append(
+            KEYED, None, ACTOR, {"key": key.id, "unkeyed_entries": plain.head[0]}, key
         )
-    if hash_at_head != head_hash:
-        return VerifyResult(
-            False, head_seq - 1, head_seq, f"entry {head_seq} does not match the head's hash"
-        )
-    # One entry past the head is a crash between appending and recording the head.
-    if count > head_seq + 1:
-        return VerifyResult(
-            False,
-            head_seq + 1,
-            head_seq + 2,
-            f"entries after {head_seq + 1} are not recorded in the head"
-            + ("" if head is not None else " (head file missing)"),
-        )
-    return VerifyResult(True, count)
 
 
 def read_entries(
@@ -166,19 +274,17 @@ def read_entries(
 ) -> list[dict[str, Any]]:
     """Entries with since <= ts < until (naive datetimes are UTC); unverified."""
     lo, hi = _utc(since), _utc(until)
+    raw = read_private(path, AuditError, "audit log")
     entries: list[dict[str, Any]] = []
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    entry = json.loads(raw)
-                    ts = datetime.fromisoformat(entry["ts"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise AuditError(f"{path}:{lineno}: unreadable audit entry: {exc}") from exc
-                if (lo is None or ts >= lo) and (hi is None or ts < hi):
-                    entries.append(entry)
-    except FileNotFoundError:
-        return []
+    whole = (raw or b"").split(b"\n")[:-1]  # a last line still being written is not an entry
+    for lineno, line in enumerate(whole, start=1):
+        try:
+            entry = json.loads(line)
+            ts = datetime.fromisoformat(entry["ts"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditError(f"{path}:{lineno}: unreadable audit entry: {exc}") from exc
+        if (lo is None or ts >= lo) and (hi is None or ts < hi):
+            entries.append(entry)
     return entries
 
 
@@ -197,81 +303,26 @@ def export(
         raise ValueError(f"unknown export format {fmt!r}; expected 'json' or 'csv'")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_FIELDS)
+    writer.writerow((*_FIELDS, "key"))
     for e in entries:
-        row = {**e, "data": _canonical(e.get("data")).decode("utf-8")}
-        writer.writerow(["" if row.get(k) is None else row[k] for k in _FIELDS])
+        row = {**e, "data": canonical(e.get("data")).decode("utf-8")}
+        writer.writerow(["" if row.get(k) is None else row[k] for k in (*_FIELDS, "key")])
     return out.getvalue()
 
 
-def _open_chain(path: Path, fsync: Callable[[int], None]) -> tuple[int, str]:
-    """Where the chain continues: the verified last entry, reconciled with the head."""
-    tail = _last_line(path)
-    if tail is None:
-        seq, last_hash, prev = 0, GENESIS, GENESIS
-    else:
-        entry, problem = _check_line(tail, None, None)
-        if entry is None:
-            raise AuditError(
-                f"{path}: the last entry is damaged ({problem}); not appending "
-                "to a broken chain: run `rollguard audit verify`"
-            )
-        seq, last_hash, prev = entry["seq"], entry["hash"], entry["prev"]
-    head = _read_head(path)
-    head_seq, head_hash = head if head is not None else (0, GENESIS)
-    if (head_seq, head_hash) == (seq, last_hash):
-        return seq, last_hash
-    if (head_seq, head_hash) == (seq - 1, prev):
-        _write_head(path, seq, last_hash, fsync)  # finish an append a crash interrupted
-        return seq, last_hash
-    raise AuditError(
-        f"{path}: the log ends at entry {seq} but its head records entry {head_seq}; "
-        "entries were removed or the log replaced: run `rollguard audit verify`"
-    )
+def _dropped(torn: bytes, why: str) -> dict[str, Any]:
+    return {
+        "reason": why,
+        "dropped_bytes": len(torn),
+        "dropped_sha256": hashlib.sha256(torn).hexdigest(),
+        "dropped": torn[:2048].decode("utf-8", "replace"),
+    }
 
 
-def _check_line(
-    raw: bytes, lineno: int | None, prev: str | None
-) -> tuple[dict[str, Any] | None, str]:
-    """(entry, "") if the line is intact and follows `prev` as entry `lineno`."""
-    if not raw.endswith(b"\n"):
-        return None, "incomplete line (no newline): the log was truncated"
-    try:
-        entry = json.loads(raw)
-    except ValueError as exc:
-        return None, f"not JSON: {exc}"
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
-        return None, f"not an audit entry (expected the fields {', '.join(_FIELDS)})"
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    if hashlib.sha256(_canonical(body)).hexdigest() != entry["hash"]:
-        return None, "hash mismatch: the entry was changed"
-    if _canonical(entry) + b"\n" != raw:
-        return None, "not in canonical form: the line was edited"
-    if lineno is not None and entry["seq"] != lineno:
-        return None, (
-            f"seq is {entry['seq']}, expected {lineno}: a line was removed, inserted or moved"
-        )
-    if prev is not None and entry["prev"] != prev:
-        return None, "prev does not match the previous entry's hash"
-    return entry, ""
-
-
-def _last_line(path: Path) -> bytes | None:
-    """The file's last line (with its newline, if it has one), reading from the end."""
-    try:
-        with open(path, "rb") as f:
-            pos = f.seek(0, os.SEEK_END)
-            tail = b""
-            while pos > 0:
-                step = min(4096, pos)
-                pos -= step
-                f.seek(pos)
-                tail = f.read(step) + tail
-                if (cut := tail.rfind(b"\n", 0, len(tail) - 1)) >= 0:
-                    return tail[cut + 1 :]
-            return tail or None
-    except FileNotFoundError:
-        return None
+def _open_error(path: Path, exc: OSError) -> str:
+    if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symbolic link
+        return f"{path}: is a symbolic link; the audit log is never opened through one"
+    return f"{path}: cannot open the audit log: {exc}"
 
 
 def _head_path(path: Path) -> Path:
@@ -279,12 +330,9 @@ def _head_path(path: Path) -> Path:
 
 
 def _read_head(path: Path) -> tuple[int, str] | None:
-    try:
-        raw = _head_path(path).read_bytes()
-    except FileNotFoundError:
+    raw = read_private(_head_path(path), AuditError, "audit head")
+    if raw is None:
         return None
-    except OSError as exc:
-        raise AuditError(f"{_head_path(path)}: cannot read: {exc}") from exc
     try:
         head = json.loads(raw)
         return int(head["seq"]), str(head["hash"])
@@ -293,19 +341,13 @@ def _read_head(path: Path) -> tuple[int, str] | None:
 
 
 def _write_head(path: Path, seq: int, last_hash: str, fsync: Callable[[int], None]) -> None:
-    write_atomic(_head_path(path), _canonical({"seq": seq, "hash": last_hash}) + b"\n", fsync=fsync)
+    write_atomic(_head_path(path), canonical({"seq": seq, "hash": last_hash}) + b"\n", fsync=fsync)
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _canonical(value: object) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 def _iso(seconds: float) -> str:

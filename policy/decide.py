@@ -25,6 +25,16 @@ policy/strategies.py. The rules:
   min_requests, flip to 100 (after an approve if required), promote after warm_hold.
 - shadow: weight 0; with then_canary, hand over to a canary at steps[0] once checks pass.
 - Terminal phases (promoted, rolled_back, concluded) never change on their own.
+- A candidate that cannot take traffic (`observe`): a rollout waits for it to appear
+  (phase waiting, weight 0) and begins once it can; a running one fails its share over to
+  stable and holds, rolling back after spec.unavailable_deadline (at once with
+  on_candidate_unavailable: rollback). Failed rollback checks still roll back meanwhile.
+- Deadlines (a step's `deadline`, the rollout's `deadline` counted from when its policy was
+  applied) end a rollout that has not decided in time as explicitly inconclusive, with
+  on_deadline: rollback, hold (phase inconclusive: weight kept, no progress, rollback
+  checks still protect; an operator promotes or rolls back) or alert (once, then on).
+  Not while paused (pausing stops a step's clock) nor failing over (its own deadline).
+- A sample-ratio check gates nothing at weight 0 or 100: one arm gets every request.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ __all__ = [
     "apply_action",
     "decide",
     "describe",
+    "observe",
     "routing_weight",
 ]
 
@@ -66,14 +77,26 @@ def decide(
     if state.phase.terminal:
         return _decision(rollout, state, state, Action.NONE, evidence)
     base = _rebase(state, counts)
+    if state.phase is Phase.WAITING:
+        new = replace(base, reason=f"waiting for candidate {state.candidate}: {state.unavailable}")
+        return _deadline_passed(rollout, state, new, now) or _decision(rollout, state, new)
+    results = [r for r in results if not _moot(r, state)]
     failed = [r for r in results if r.verdict is Verdict.FAIL]
     rollback = [r for r in failed if r.check.on_fail == "rollback"]
     if rollback:
-        action = Action.FLIP_BACK if _effective(state) is Phase.FLIPPED else Action.ROLLBACK
         new = _rolled_back(base, "rollback: " + describe_all(rollback))
-        return _decision(rollout, state, new, action, evidence)
+        return _decision(rollout, state, new, _rollback_kind(state), evidence)
+    if state.unavailable is not None:
+        return _failing_over(rollout, state, base, Action.HOLD, now, evidence)
     if state.phase is Phase.PAUSED:
         new = replace(base, reason=f"paused (from {_effective(state).value}): no progress")
+        return _decision(rollout, state, new, Action.NONE, evidence)
+    if state.phase is Phase.INCONCLUSIVE:
+        new = replace(
+            base,
+            reason=f"inconclusive ({state.inconclusive}), held at weight {state.weight:g}: "
+            "promote or roll back",
+        )
         return _decision(rollout, state, new, Action.NONE, evidence)
     hold = [r for r in failed if r.check.on_fail == "hold"]
     alert = [r for r in failed if r.check.on_fail == "alert"]
@@ -86,6 +109,9 @@ def decide(
             r for r in results if r.check.on_fail != "alert" and r.verdict is not Verdict.PASS
         ]
         action, new = advance(Tick(rollout, results, waiting, counts, now), base)
+    passed = _deadline_passed(rollout, state, new, now, evidence)
+    if action in (Action.NONE, Action.HOLD) and passed is not None:
+        action, new = passed.action, passed.state
     if alert:
         note = "alert: " + describe_all(alert)
         if action is Action.NONE:
@@ -95,6 +121,47 @@ def decide(
     return _decision(rollout, state, new, action, evidence)
 
 
+def observe(rollout: Rollout, state: RolloutState, candidate: str | None, now: float) -> Decision:
+    """The registry's word on the candidate: None when it can take traffic, else why not
+    (an Availability value: missing, loading, refused, stale, unready).
+
+    A waiting rollout begins once its candidate can take traffic; a running one fails
+    over (holds) when it cannot, recovers when it can again, and rolls back as
+    on_candidate_unavailable says. Terminal phases ignore it.
+    """
+    if state.phase.terminal:
+        return _decision(rollout, state, state)
+    if state.phase is Phase.WAITING:
+        if candidate is None:
+            fresh = RolloutState.initial(rollout, now, generation=state.generation)
+            new = replace(
+                fresh,
+                started_at=state.started_at,  # a rollout deadline counts the wait too
+                reason=f"candidate {state.candidate} can take traffic: the rollout begins",
+            )
+            return _decision(rollout, state, new, Action.BEGIN)
+        waiting = f"waiting for candidate {state.candidate}: {candidate}"
+        new = replace(state, unavailable=candidate, reason=waiting)
+        return _decision(rollout, state, new)
+    if candidate is None:
+        if state.unavailable is None:
+            return _decision(rollout, state, state)
+        lasted = now - (state.unavailable_since if state.unavailable_since is not None else now)
+        new = replace(
+            state,
+            unavailable=None,
+            unavailable_since=None,
+            reason=f"candidate {state.candidate} can take traffic again after {lasted:.0f}s "
+            f"{state.unavailable}: failover ends",
+        )
+        return _decision(rollout, state, new, Action.RECOVER)
+    if state.unavailable is None:
+        new = replace(state, unavailable=candidate, unavailable_since=now)
+        return _failing_over(rollout, state, new, Action.FAILOVER, now)
+    # Still unavailable (maybe for another reason now): hold on, or roll back when due.
+    return _failing_over(rollout, state, replace(state, unavailable=candidate), Action.NONE, now)
+
+
 def apply_action(
     rollout: Rollout, state: RolloutState, action: str, actor: str, now: float
 ) -> Decision:
@@ -102,6 +169,11 @@ def apply_action(
     phase = state.phase
     if action not in ACTIONS:
         raise ActionRejected(f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+    if action != "rollback" and _effective(state) is Phase.WAITING:
+        raise ActionRejected(
+            f"rollout {state.name!r} is waiting for candidate {state.candidate} "
+            f"({state.unavailable or 'not ready'}): only rollback applies, not {action}"
+        )
     if action == "rollback":
         if phase is Phase.ROLLED_BACK:
             raise ActionRejected(f"rollout {state.name!r} is already rolled back")
@@ -116,8 +188,8 @@ def apply_action(
         new = ended(state, Phase.PROMOTED, f"promoted by {actor}")
         return _decision(rollout, state, new, Action.PROMOTE)
     if action == "pause":
-        if phase is Phase.PAUSED:
-            raise ActionRejected(f"rollout {state.name!r} is already paused")
+        if phase in (Phase.PAUSED, Phase.INCONCLUSIVE):
+            raise ActionRejected(f"rollout {state.name!r} is already {phase.value}")
         new = replace(
             state, phase=Phase.PAUSED, paused_from=phase, paused_at=now, reason=f"paused by {actor}"
         )
@@ -153,7 +225,7 @@ def _decision(
     rollout: Rollout,
     old: RolloutState,
     new: RolloutState,
-    action: Action,
+    action: Action = Action.NONE,
     evidence: tuple[dict[str, object], ...] = (),
 ) -> Decision:
     weight = routing_weight(rollout, new)
@@ -175,8 +247,77 @@ def _rolled_back(state: RolloutState, reason: str) -> RolloutState:
     return ended(state, Phase.ROLLED_BACK, reason)
 
 
+def _rollback_kind(state: RolloutState) -> Action:
+    return Action.FLIP_BACK if _effective(state) is Phase.FLIPPED else Action.ROLLBACK
+
+
 def _effective(state: RolloutState) -> Phase:
-    return state.paused_from if state.phase is Phase.PAUSED and state.paused_from else state.phase
+    """The phase a pause or an inconclusive hold stopped, else the phase itself."""
+    held = state.phase in (Phase.PAUSED, Phase.INCONCLUSIVE)
+    return state.paused_from if held and state.paused_from else state.phase
+
+
+def _failing_over(
+    rollout: Rollout,
+    old: RolloutState,
+    new: RolloutState,
+    action: Action,
+    now: float,
+    evidence: tuple[dict[str, object], ...] = (),
+) -> Decision:
+    """`new` has an unavailable candidate: hold, or roll back once that is due."""
+    spec, who = rollout.spec, f"candidate {new.candidate} {new.unavailable}"
+    since = new.unavailable_since if new.unavailable_since is not None else now
+    lasted, limit = now - since, spec.unavailable_deadline
+    if spec.on_candidate_unavailable == "rollback":
+        reason = f"rollback: {who} (on_candidate_unavailable: rollback)"
+        return _decision(rollout, old, _rolled_back(new, reason), _rollback_kind(old), evidence)
+    if lasted >= limit:
+        reason = f"rollback: {who} for {lasted:.0f}s (unavailable_deadline {limit:g}s)"
+        return _decision(rollout, old, _rolled_back(new, reason), _rollback_kind(old), evidence)
+    reason = f"hold: {who}: its share fails over to stable; rollback in {limit - lasted:.0f}s"
+    return _decision(rollout, old, replace(new, reason=reason), action, evidence)
+
+
+def _deadline_passed(
+    rollout: Rollout,
+    old: RolloutState,
+    new: RolloutState,
+    now: float,
+    evidence: tuple[dict[str, object], ...] = (),
+) -> Decision | None:
+    """The inconclusive outcome when a deadline passed undecided (alerted once), else None."""
+    spec = rollout.spec
+    passed = None
+    if spec.deadline is not None and now - old.started_at >= spec.deadline:
+        passed = f"rollout deadline {spec.deadline:g}s"
+    elif old.phase is Phase.PROGRESSING and spec.steps and spec.strategy != "ab":
+        i = min(old.step, len(spec.steps) - 1)
+        limit = spec.steps[i].deadline
+        if limit is not None and now - old.step_started_at >= limit:
+            passed = f"step {i + 1} deadline {limit:g}s"
+    if passed is None or passed == old.inconclusive:
+        return None
+    why = f"inconclusive: {passed} passed undecided ({new.reason})"
+    if spec.on_deadline == "rollback":
+        ended_ = _rolled_back(replace(new, inconclusive=passed), f"{why}; on_deadline: rollback")
+        return _decision(rollout, old, ended_, Action.INCONCLUSIVE, evidence)
+    if spec.on_deadline == "hold":
+        held = replace(
+            new,
+            phase=Phase.INCONCLUSIVE,
+            paused_from=_effective(new),
+            inconclusive=passed,
+            reason=f"{why}; on_deadline: hold at weight {new.weight:g}: promote or roll back",
+        )
+        return _decision(rollout, old, held, Action.INCONCLUSIVE, evidence)
+    alerted = replace(new, inconclusive=passed, reason=f"{why}; on_deadline: alert, going on")
+    return _decision(rollout, old, alerted, Action.INCONCLUSIVE, evidence)
+
+
+def _moot(result: CheckResult, state: RolloutState) -> bool:
+    """A sample-ratio check has nothing to test while one arm gets every routed request."""
+    return result.check.metric == "srm" and state.weight in (0.0, 100.0)
 
 
 def _metrics(results: Sequence[CheckResult]) -> tuple[str, ...]:

@@ -26,6 +26,10 @@ class Action(enum.Enum):
     FLIP_BACK = "flip_back"
     CONCLUDE = "conclude"
     ALERT = "alert"
+    BEGIN = "begin"  # a waiting rollout's candidate can take traffic: the rollout starts
+    FAILOVER = "failover"  # the candidate cannot take traffic: its share goes to stable, hold
+    RECOVER = "recover"  # the candidate can take traffic again: the failover ends
+    INCONCLUSIVE = "inconclusive"  # a deadline passed undecided: on_deadline applies
     PAUSE = "pause"  # the last three come from operators only
     RESUME = "resume"
     APPROVE = "approve"

@@ -54,6 +54,11 @@ class Route:
     def phase(self) -> Phase:
         return self.state.phase
 
+    @property
+    def failover(self) -> str | None:
+        """Why the candidate cannot take traffic (its share goes to stable), or None."""
+        return self.state.unavailable
+
 
 @dataclass(frozen=True, slots=True)
 class ResetWindows:

@@ -10,6 +10,11 @@ logs rely on them): `start` and `policy` carry {reason, state}, `restore` {reaso
 state as it was saved}, `decision` and `admin` a Decision's JSON, `threshold`
 {metric, threshold, stable}. `start` picks begin or restore; `status` is the
 state as status pages show it.
+
+`candidate` arguments are the registry's word on the candidate: None when it can take
+traffic, else why not (an Availability value: missing, loading, refused, stale,
+unready). A rollout whose candidate cannot take traffic yet begins in phase waiting;
+`observe` begins it once it can, and fails a running rollout over while it cannot.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Any
 
 from rollguard.policy.checks import evaluate_checks, latency_threshold
 from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide
+from rollguard.policy.decide import observe as candidate_decision
 from rollguard.policy.effects import Audit, Effect, ResetWindows, Route, Save, SetLatencyThreshold
 from rollguard.policy.evidence import Evidence
 from rollguard.policy.schema import Check, Rollout
-from rollguard.policy.state import RolloutState, mirroring, routing_weight
+from rollguard.policy.state import Phase, RolloutState, mirroring, routing_weight
 
 ENGINE = "engine"  # the audit actor for automatic decisions
 
@@ -42,22 +48,33 @@ class Decided(Transition):
     decision: Decision
 
 
-def start(rollout: Rollout, saved: RolloutState | None, now: float) -> Transition:
+def start(
+    rollout: Rollout, saved: RolloutState | None, now: float, candidate: str | None = None
+) -> Transition:
     """A rollout found at start-up or in a new policy file: restore its saved state, or begin."""
-    return begin(rollout, now) if saved is None else restore(rollout, saved, now)
+    if saved is None:
+        return begin(rollout, now, candidate=candidate)
+    return restore(rollout, saved, now, candidate=candidate)
 
 
-def begin(rollout: Rollout, now: float, *, generation: int = 1) -> Transition:
-    """A rollout with no saved state (or a saved one for another candidate) starts."""
-    state = RolloutState.initial(rollout, now, generation=generation)
+def begin(
+    rollout: Rollout, now: float, *, generation: int = 1, candidate: str | None = None
+) -> Transition:
+    """A rollout with no saved state (or a saved one for another candidate) starts, or
+    waits (phase waiting, weight 0) while its candidate cannot take traffic yet."""
+    state = _initial(rollout, now, generation, candidate)
     return Transition(state, (*_started(state), SetLatencyThreshold(None), _route(rollout, state)))
 
 
-def restore(rollout: Rollout, saved: RolloutState, now: float) -> Transition:
-    """Start-up with a saved state: resume it, or begin anew if the policy changed meanwhile."""
+def restore(
+    rollout: Rollout, saved: RolloutState, now: float, *, candidate: str | None = None
+) -> Transition:
+    """Start-up with a saved state: resume it, or begin anew if the policy changed meanwhile.
+
+    `candidate` matters only for a new rollout; a resumed one learns it from `observe`."""
     if not saved.same_rollout(rollout):
         # The policy changed while we were down: a new candidate is a new rollout.
-        return begin(rollout, now, generation=saved.generation + 1)
+        return begin(rollout, now, generation=saved.generation + 1, candidate=candidate)
     reason = f"restored {saved.phase.value} at step {saved.step + 1}, weight {saved.weight:g}"
     # The policy may have been edited while we were down (thresholds, step weights).
     state = _unfreeze_if_stale(saved, rollout)
@@ -81,7 +98,8 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
     """
     effects: list[Effect] = []
     check = latency_check(rollout)
-    if state.latency_threshold is None and not state.phase.terminal and check is not None:
+    frozen = state.phase.terminal or state.phase is Phase.WAITING
+    if state.latency_threshold is None and not frozen and check is not None:
         threshold = latency_threshold(check, evidence.stable)
         if threshold is not None:  # None: stable has too few samples yet
             state = replace(state, latency_threshold=threshold, threshold_check=_key(check))
@@ -102,13 +120,33 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
     return Decided(decision.state, tuple(effects), decision)
 
 
+def observe(rollout: Rollout, state: RolloutState, candidate: str | None, now: float) -> Decided:
+    """The registry's word on the candidate (see the module docstring): begin a waiting
+    rollout, fail over, recover or roll back; no effects when nothing changes."""
+    decision = candidate_decision(rollout, state, candidate, now)
+    if not decision.changed:
+        return Decided(decision.state, (), decision)
+    effects = _commit(rollout, decision, "decision", ENGINE)
+    if decision.action is Action.BEGIN:
+        # Counts are "since the rollout began": the stable's traffic while waiting is not.
+        save_audit, route = effects[:-1], effects[-1]
+        effects = (*save_audit, ResetWindows(), SetLatencyThreshold(None), route)
+    return Decided(decision.state, effects, decision)
+
+
 def act(rollout: Rollout, state: RolloutState, action: str, actor: str, now: float) -> Decided:
     """An operator's rollback / promote / pause / resume / approve; ActionRejected if unfit."""
     decision = apply_action(rollout, state, action, actor, now)
     return Decided(decision.state, _commit(rollout, decision, "admin", actor), decision)
 
 
-def edit(current: Rollout, state: RolloutState, rollout: Rollout, now: float) -> Transition:
+def edit(
+    current: Rollout,
+    state: RolloutState,
+    rollout: Rollout,
+    now: float,
+    candidate: str | None = None,
+) -> Transition:
     """Hot reload: keep the progress for an edit of the same rollout, start anew for a new one.
 
     The same rollout (model, stable, candidate, strategy) keeps its step; a threshold
@@ -120,7 +158,7 @@ def edit(current: Rollout, state: RolloutState, rollout: Rollout, now: float) ->
     if rollout == current:
         return Transition(state, ())
     if not state.same_rollout(rollout):
-        new = RolloutState.initial(rollout, now, generation=state.generation + 1)
+        new = _initial(rollout, now, state.generation + 1, candidate)
         effects = (*_started(new), ResetWindows(), SetLatencyThreshold(None), _route(rollout, new))
         return Transition(new, effects)
     new = _unfreeze_if_stale(state, rollout)
@@ -153,6 +191,11 @@ def status(rollout: Rollout, state: RolloutState) -> dict[str, Any]:
         "generation": state.generation,
         "reason": state.reason,
         "approved_by": state.approved_by,
+        "unavailable": state.unavailable,  # why the candidate's share fails over to stable
+        "unavailable_since": state.unavailable_since,
+        "inconclusive": state.inconclusive,  # the deadline that passed undecided
+        "deadline": spec.deadline,
+        "on_deadline": spec.on_deadline,
     }
 
 
@@ -162,6 +205,19 @@ def latency_check(rollout: Rollout) -> Check | None:
 
 
 # -- helpers --
+
+
+def _initial(rollout: Rollout, now: float, generation: int, candidate: str | None) -> RolloutState:
+    state = RolloutState.initial(rollout, now, generation=generation)
+    if candidate is None:
+        return state
+    return replace(
+        state,
+        phase=Phase.WAITING,
+        weight=0.0,
+        unavailable=candidate,
+        reason=f"{state.reason}; waiting for candidate {state.candidate}: {candidate}",
+    )
 
 
 def _started(state: RolloutState) -> tuple[Effect, ...]:

@@ -3,6 +3,13 @@
 Every failure becomes one PolicyInvalid whose message has one line per problem,
 earliest first, each `<file>:<line>: <dotted.field.path>: <reason>`; the exception's
 `line` is the first problem's. The watcher and `rollguard policy check` share this code.
+
+Policy files may come from people who should not be able to stall the gateway, so
+parsing is bounded: at most MAX_POLICY_BYTES, no anchors or aliases (a 555-byte alias
+bomb expands to billions of nodes), at most MAX_DEPTH levels of nesting (the composer
+recurses; a deep document would raise RecursionError) and MAX_NODES values (pure-Python
+YAML takes seconds for a long flat list), and every other failure of the
+YAML library becomes this file's PolicyInvalid rather than escaping.
 """
 
 from __future__ import annotations
@@ -10,33 +17,73 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.composer import ComposerError
+from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from rollguard.policy.errors import PolicyInvalid
 from rollguard.policy.schema import Rollout
 
 MAX_POLICY_BYTES = 1 << 20  # a policy is a page of YAML; refuse anything absurd early
+MAX_DEPTH = 32  # a Rollout nests 5 levels deep; far more is not a policy
+MAX_NODES = 10_000  # a long policy has a few hundred values; parsing time stays bounded
 _MAX_REPORTED = 10
 _Loc = tuple[int | str, ...]
 
 
-def load_rollout(path: Path) -> Rollout:
-    """Read and validate one Rollout file; PolicyInvalid names file, line and field."""
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases and stops at MAX_DEPTH or MAX_NODES."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, AliasEvent):
+            raise _refused("an alias (*name)", event)
+        if isinstance(event, ScalarEvent | CollectionStartEvent) and event.anchor is not None:
+            raise _refused("an anchor (&name)", event)
+        self._depth += 1
+        self._nodes += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _limit(f"nested deeper than {MAX_DEPTH} levels", event)
+            if self._nodes > MAX_NODES:
+                raise _limit(f"more than {MAX_NODES} values; a policy is far shorter", event)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _refused(what: str, event: yaml.Event) -> ComposerError:
+    return _limit(f"{what}: anchors and aliases are not allowed in policies", event)
+
+
+def _limit(reason: str, event: yaml.Event) -> ComposerError:
+    return ComposerError(None, None, reason, event.start_mark)  # type: ignore[arg-type]
+
+
+def load_rollout(path: Path, *, webhook_hosts: Sequence[str] = ()) -> Rollout:
+    """Read and validate one Rollout file; PolicyInvalid names file, line and field.
+
+    `webhook_hosts`: the operator's allow-list for webhook hosts (empty allows none)."""
     try:
         with path.open("rb") as f:
             data = f.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise PolicyInvalid(f"{path}: cannot read: {exc.strerror or exc}", file=str(path)) from exc
-    return parse_rollout_bytes(data, str(path))
+    return parse_rollout_bytes(data, str(path), webhook_hosts=webhook_hosts)
 
 
-def parse_rollout_bytes(data: bytes, source: str) -> Rollout:
+def parse_rollout_bytes(data: bytes, source: str, *, webhook_hosts: Sequence[str] = ()) -> Rollout:
     """parse_rollout for raw file contents: enforces the size cap and UTF-8."""
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyInvalid(
@@ -49,11 +96,13 @@ def parse_rollout_bytes(data: bytes, source: str) -> Rollout:
         raise PolicyInvalid(
             f"{source}:{line}: (document): not UTF-8 text", file=source, line=line
         ) from exc
-    return parse_rollout(text, source)
+    return parse_rollout(text, source, webhook_hosts=webhook_hosts)
 
 
-def parse_rollout(text: str, source: str) -> Rollout:
-    """Parse and validate the text of one Rollout document; `source` names it in errors."""
+def parse_rollout(text: str, source: str, *, webhook_hosts: Sequence[str] = ()) -> Rollout:
+    """Parse and validate the text of one Rollout document; `source` names it in errors.
+
+    `webhook_hosts`: the operator's allow-list for webhook hosts (empty allows none)."""
     root = _compose(text, source)
     if root is None:
         raise PolicyInvalid(
@@ -66,10 +115,13 @@ def parse_rollout(text: str, source: str) -> Rollout:
             document: Any = loader.construct_document(root)
         except yaml.MarkedYAMLError as exc:
             raise _syntax_error(exc, source) from exc
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a 5000-digit int
+            raise PolicyInvalid(f"{source}:1: YAML: {exc}", file=source, line=1) from exc
         finally:
             loader.dispose()
+        context = {"webhook_hosts": tuple(webhook_hosts)}
         try:
-            return Rollout.model_validate(document)
+            return Rollout.model_validate(document, context=context)
         except ValidationError as exc:
             problems = sorted(_describe(err, root) for err in exc.errors())
     lines = [f"{source}:{line}: {path}: {reason}" for line, path, reason in problems]
@@ -78,12 +130,14 @@ def parse_rollout(text: str, source: str) -> Rollout:
     raise PolicyInvalid("\n".join(lines), file=source, line=problems[0][0])
 
 
-def check_files(paths: Iterable[Path | str]) -> list[tuple[str, str | None]]:
+def check_files(
+    paths: Iterable[Path | str], *, webhook_hosts: Sequence[str] = ()
+) -> list[tuple[str, str | None]]:
     """`rollguard policy check`: (file, None) when valid, else (file, error message)."""
     results: list[tuple[str, str | None]] = []
     for p in paths:
         try:
-            load_rollout(Path(p))
+            load_rollout(Path(p), webhook_hosts=webhook_hosts)
         except PolicyInvalid as exc:
             results.append((str(p), str(exc)))
         else:
@@ -93,10 +147,13 @@ def check_files(paths: Iterable[Path | str]) -> list[tuple[str, str | None]]:
 
 def find_line(text: str, dotted: str) -> int | None:
     """The 1-based line of the field `a.b.0.c` in a YAML text, or None if it is absent."""
+    loader = _PolicyLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = loader.get_single_node()
     except yaml.YAMLError:
         return None
+    finally:
+        loader.dispose()
     if root is None:
         return None
     loc: _Loc = tuple(int(s) if s.isdigit() else s for s in dotted.split("."))
@@ -105,7 +162,7 @@ def find_line(text: str, dotted: str) -> int | None:
 
 
 def _compose(text: str, source: str) -> Node | None:
-    loader = yaml.SafeLoader(text)
+    loader = _PolicyLoader(text)
     try:
         # get_single_node raises a ComposerError marked at a second document.
         return loader.get_single_node()

@@ -16,9 +16,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
+
+from rollguard.policy import webhooks
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -50,6 +54,8 @@ _DURATION_SCHEMA = {
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Strategy = Literal["canary", "ab", "blue_green", "shadow"]
 OnFail = Literal["rollback", "hold", "alert"]
+OnDeadline = Literal["rollback", "hold", "alert"]
+OnUnavailable = Literal["hold", "rollback"]
 _LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")
 
 
@@ -68,6 +74,15 @@ class Step(_Frozen):
     weight: float = Field(ge=0, le=100)
     hold: Duration = 0.0
     min_requests: int = Field(default=0, ge=0)
+    deadline: Duration | None = None  # undecided this long after the step began: on_deadline
+
+    @model_validator(mode="after")
+    def _deadline_after_hold(self) -> Step:
+        if self.deadline is not None and self.deadline <= self.hold:
+            raise ValueError(
+                f"step deadline {self.deadline:g}s must be longer than its hold {self.hold:g}s"
+            )
+        return self
 
 
 class Check(_Frozen):
@@ -147,9 +162,33 @@ class Check(_Frozen):
 
 
 class Webhook(_Frozen):
+    """One webhook. Its host must be in the operator's `webhook_allowed_hosts` (checked
+    when the loader passes that list as validation context); secrets for its headers
+    come from the gateway's environment, named in `headers_from_env`, never the file."""
+
     webhook: str = Field(pattern=r"^https?://")
     timeout: Duration = 5.0
     retries: int = Field(default=3, ge=0, le=10)
+    headers_from_env: dict[str, str] = Field(default_factory=dict)  # header -> env variable
+
+    @field_validator("webhook")
+    @classmethod
+    def _allowed_destination(cls, url: str, info: ValidationInfo) -> str:
+        host, port = webhooks.destination(url)
+        context = info.context if isinstance(info.context, dict) else {}
+        hosts = context.get("webhook_hosts")
+        if hosts is not None and not webhooks.allowed(host, port, hosts):
+            listed = ", ".join(hosts) if hosts else "none"
+            raise ValueError(
+                f"host {host!r} (port {port}) is not in the webhook_allowed_hosts setting "
+                f"(allowed: {listed}); the operator lists where webhooks may go"
+            )
+        return url
+
+    @field_validator("headers_from_env")
+    @classmethod
+    def _header_sources(cls, headers: dict[str, str]) -> dict[str, str]:
+        return webhooks.check_headers_from_env(headers)
 
 
 class Spec(_Frozen):
@@ -175,6 +214,15 @@ class Spec(_Frozen):
     then_canary: bool = False
     checks: list[Check] = Field(default_factory=list)
     notify: list[Webhook] = Field(default_factory=list)
+    # A candidate that cannot take traffic (refused, unloaded, unready): its share fails
+    # over to stable while the rollout holds, then rolls back after unavailable_deadline;
+    # or rolls back at once.
+    on_candidate_unavailable: OnUnavailable = "hold"
+    unavailable_deadline: Duration = 300.0
+    # Undecided this long after the policy was applied (waiting included): on_deadline
+    # rolls back, holds the current weight (phase inconclusive), or alerts and goes on.
+    deadline: Duration | None = None
+    on_deadline: OnDeadline = "rollback"
 
     @model_validator(mode="after")
     def _coherent(self) -> Spec:
@@ -191,6 +239,12 @@ class Spec(_Frozen):
             raise ValueError("strategy 'ab' needs 'sample_size' or 'duration'")
         if self.interval <= 0:
             raise ValueError("interval must be positive")
+        if self.deadline is not None:
+            holds = sum(s.hold for s in self.steps) if self.strategy == "canary" else 0.0
+            if self.deadline <= holds:
+                raise ValueError(
+                    f"deadline {self.deadline:g}s cannot be met: the steps hold {holds:g}s"
+                )
         return self
 
 

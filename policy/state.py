@@ -27,6 +27,8 @@ class Phase(enum.Enum):
     CONCLUDED = "concluded"  # ab verdict reached (terminal)
     SHADOWING = "shadowing"  # weight 0, the gateway mirrors requests to the candidate
     FLIPPED = "flipped"  # blue-green: candidate serves all, the old side kept warm
+    WAITING = "waiting"  # the candidate cannot take traffic yet (not in the registry): weight 0
+    INCONCLUSIVE = "inconclusive"  # a deadline passed (on_deadline: hold): weight held, no progress
 
     @property
     def terminal(self) -> bool:
@@ -56,13 +58,18 @@ class RolloutState:
     step_start_requests: int | None = 0
     approved_by: str | None = None
     approved_at: float | None = None
-    paused_from: Phase | None = None
+    paused_from: Phase | None = None  # the phase a pause (or an inconclusive hold) stopped
     paused_at: float | None = None
     holding: tuple[str, ...] = ()  # metrics failing with on_fail=hold
     alerting: tuple[str, ...] = ()  # metrics failing with on_fail=alert
     latency_threshold: float | None = None  # seconds, frozen once per generation
     threshold_check: str | None = None  # the latency check (JSON) it was frozen for
     winner: str | None = None  # ab: a version, or "inconclusive"
+    # Why the candidate cannot take traffic (an Availability value: missing, refused, stale,
+    # loading, unready) and since when; its share fails over to the stable meanwhile.
+    unavailable: str | None = None
+    unavailable_since: float | None = None
+    inconclusive: str | None = None  # the deadline that passed undecided, once it has
     ci: tuple[float, float] | None = None  # ab: candidate minus stable on the primary metric
     reason: str = ""  # the last decision, one line
 
@@ -132,8 +139,8 @@ def routing_weight(rollout: Rollout, state: RolloutState) -> float:
     hot edit of a step's weight (or ab_weight) takes effect at once.
     """
     spec = rollout.spec
-    phase = state.paused_from if state.phase is Phase.PAUSED and state.paused_from else state.phase
-    if phase in (Phase.ROLLED_BACK, Phase.SHADOWING):
+    phase = _effective(state)
+    if phase in (Phase.ROLLED_BACK, Phase.SHADOWING, Phase.WAITING):
         return 0.0
     if phase in (Phase.PROMOTED, Phase.FLIPPED):
         return 100.0
@@ -149,10 +156,17 @@ def routing_weight(rollout: Rollout, state: RolloutState) -> float:
 
 def mirroring(rollout: Rollout, state: RolloutState) -> bool:
     """True when the gateway should mirror requests to the candidate (not routed)."""
-    phase = state.paused_from if state.phase is Phase.PAUSED and state.paused_from else state.phase
+    phase = _effective(state)
     if phase is Phase.SHADOWING:
         return True
     return rollout.spec.strategy == "blue_green" and phase in (
         Phase.PROGRESSING,
         Phase.AWAITING_APPROVAL,
     )
+
+
+def _effective(state: RolloutState) -> Phase:
+    """The phase that sets the routing: the one a pause or an inconclusive hold stopped."""
+    if state.phase in (Phase.PAUSED, Phase.INCONCLUSIVE) and state.paused_from is not None:
+        return state.paused_from
+    return state.phase

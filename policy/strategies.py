@@ -70,8 +70,17 @@ def progress(
 
 
 def ended(state: RolloutState, phase: Phase, reason: str) -> RolloutState:
-    """`state` in a terminal phase: nothing paused or held any more."""
-    return replace(state, phase=phase, paused_from=None, paused_at=None, holding=(), reason=reason)
+    """`state` in a terminal phase: nothing paused, held or failed over any more."""
+    return replace(
+        state,
+        phase=phase,
+        paused_from=None,
+        paused_at=None,
+        holding=(),
+        unavailable=None,
+        unavailable_since=None,
+        reason=reason,
+    )
 
 
 def _canary(t: Tick, state: RolloutState) -> Move:

@@ -5,11 +5,19 @@ it. Files are compared by content hash, so a Kubernetes ConfigMap update (an ato
 rename of the `..data` symlink, which may leave every visible mtime unchanged) is seen.
 A file that stops validating is Rejected and its last good Rollout stays current. One
 rollout per name and per model: a second file claiming either is Rejected, naming both.
+
+A file is one file's problem: whatever reading or parsing it raises becomes its own
+Rejected, and the scan goes on to the others. A policies directory that disappears (an
+unmounted volume, a ConfigMap being replaced) is treated like a missing registry root:
+the rollouts already loaded stay, a warning is logged, and the next scan that finds it
+again compares from there. scan() blocks on file I/O and YAML parsing; the gateway
+runs it in an executor thread, never on its event loop.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +27,8 @@ from typing import Any
 from rollguard.policy.errors import PolicyInvalid
 from rollguard.policy.loader import MAX_POLICY_BYTES, find_line, parse_rollout_bytes
 from rollguard.policy.schema import Rollout
+
+log = logging.getLogger("rollguard.policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,7 @@ class _Seen:
     name: str | None = None  # the rollout this file holds (its last good one)
     pending: Rollout | None = None  # valid, but its name or model is taken by another file
     text: str = field(default="", repr=False)  # the content, to find lines for messages
+    error: str | None = None  # why the file is rejected now, until it changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +88,10 @@ def changed_fields(old: Rollout | None, new: Rollout) -> tuple[str, ...]:
 class PolicyDirectory:
     """The Rollout files of one directory and the current good Rollout of each name."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, webhook_hosts: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.webhook_hosts = webhook_hosts  # the operator's allow-list (empty allows none)
+        self.missing: str | None = None  # why the directory cannot be listed, while it cannot
         self._seen: dict[Path, _Seen] = {}
         self._current: dict[str, _Current] = {}
         self._vanished: dict[str, _Current] = {}
@@ -91,9 +104,15 @@ class PolicyDirectory:
         current = self._current.get(name)
         return current.path if current else None
 
+    def rejected(self) -> dict[Path, str]:
+        """Every file rejected now, with why: kept on every scan until the file changes."""
+        return {path: seen.error for path, seen in sorted(self._seen.items()) if seen.error}
+
     def scan(self) -> list[PolicyEvent]:
         """Read the directory and report what changed since the previous scan."""
         files = self._list()
+        if files is None:
+            return []  # the directory is gone: keep every rollout (see the docstring)
         # Rollouts whose file vanished are reported Removed only at the end: if another
         # file declares the same name in this scan (a renamed file), it is a move.
         self._vanished = {}
@@ -113,12 +132,23 @@ class PolicyDirectory:
         self._vanished = {}
         return events
 
-    def _list(self) -> dict[Path, bytes | OSError]:
+    def _list(self) -> dict[Path, bytes | OSError] | None:
         found: dict[Path, bytes | OSError] = {}
         try:
             entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return found  # a missing directory holds no policies (yet)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if self.missing is None:
+                log.warning(
+                    "policies directory %s cannot be listed (%s); keeping the %d rollout(s) "
+                    "loaded until it is back",
+                    self.root, reason, len(self._current),
+                )  # fmt: skip
+            self.missing = reason
+            return None
+        if self.missing is not None:
+            log.warning("policies directory %s is back", self.root)
+            self.missing = None
         for entry in entries:
             # `..data` and `..2026_…` are ConfigMap internals; dot-files are editor litter.
             if entry.name.startswith(".") or not entry.name.endswith((".yaml", ".yml")):
@@ -146,13 +176,18 @@ class PolicyDirectory:
         held = seen.name if seen is not None else None
         if isinstance(content, OSError):
             error = f"{path}: cannot read: {content.strerror or content}"
-            self._seen[path] = _Seen(digest, held)
+            self._seen[path] = _Seen(digest, held, error=error)
             return [Rejected(path, error, held)]
         try:
-            rollout = parse_rollout_bytes(content, str(path))
+            rollout = parse_rollout_bytes(content, str(path), webhook_hosts=self.webhook_hosts)
         except PolicyInvalid as exc:
-            self._seen[path] = _Seen(digest, held)
+            self._seen[path] = _Seen(digest, held, error=str(exc))
             return [Rejected(path, str(exc), held, exc.line)]
+        except Exception:  # a bug of ours or the YAML library's: this file's problem only
+            log.exception("policy %s could not be parsed", path)
+            error = f"{path}:1: (document): could not be parsed (the gateway log has details)"
+            self._seen[path] = _Seen(digest, held, error=error)
+            return [Rejected(path, error, held, 1)]
         return self._apply(path, rollout, digest, content.decode("utf-8"))
 
     def _apply(self, path: Path, rollout: Rollout, digest: str, text: str) -> list[PolicyEvent]:
@@ -166,7 +201,7 @@ class PolicyDirectory:
                 f"{path}:{line or 1}: {field_name}: {_field_value(rollout, field_name)!r} "
                 f"is already declared by {other}"
             )
-            self._seen[path] = _Seen(digest, held, pending=rollout, text=text)
+            self._seen[path] = _Seen(digest, held, pending=rollout, text=text, error=error)
             return [Rejected(path, error, held, line)]
         events: list[PolicyEvent] = []
         if held is not None and held != rollout.name and self.path_of(held) == path:

@@ -1,14 +1,22 @@
 """The admin port: an aiohttp application for /admin/ (rollouts, actions, audit) and /metrics.
 
 It binds to loopback by default, apart from the data port, as sidecars users know do
-(Envoy's admin port, Linkerd's 4191, MLServer's and Triton's metrics ports). With
-ROLLGUARD_ADMIN_TOKEN set, every /admin/ request needs `Authorization: Bearer <token>`;
-without one, /admin/ answers loopback clients only. Errors map through the same table
-as the data port's (proxy/errors.py).
+(Envoy's admin port, Linkerd's 4191, MLServer's and Triton's metrics ports).
+
+Authentication is on unless the operator turns it off (`admin_auth: none`): every
+/admin/ request needs `Authorization: Bearer <ROLLGUARD_ADMIN_TOKEN>` (at least 16
+characters; an empty or short token refuses to start). No or malformed credentials
+answer 401 with `WWW-Authenticate`, a wrong token 403; a client that fails
+`LOCKOUT_LIMIT` times within `LOCKOUT_WINDOW_S` gets 429 with `Retry-After`. Tokens
+are compared in constant time. Without a token, /admin/ answers loopback clients only.
+/metrics stays open (Prometheus scrapers rarely carry tokens) unless
+`metrics_auth: token`. Errors map through the same table as the data port's
+(proxy/errors.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
@@ -20,25 +28,77 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rollguard.proxy.endpoints import error_response, json_response
-from rollguard.proxy.errors import Forbidden, MethodNotAllowed, RouteNotFound, Unauthorized
+from rollguard.proxy.errors import (
+    Forbidden,
+    MethodNotAllowed,
+    RateLimited,
+    RouteNotFound,
+    Unauthorized,
+)
+from rollguard.proxy.lockout import Lockout
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.rollouts import Rollouts
+from rollguard.proxy.settings import Settings, SettingsError
 from rollguard.proxy.wire import SERVER, Response
 from rollguard.serving.errors import InvalidInput
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
 ACTOR_HEADER = "x-rollguard-actor"
+MIN_TOKEN_CHARS = 16
+LOCKOUT_LIMIT = 10  # failed credentials per client address ...
+LOCKOUT_WINDOW_S = 60.0  # ... within this many seconds, then 429 until the oldest ages out
+_REALM = 'Bearer realm="rollguard admin"'
 
 Handler = Callable[[web.Request], Awaitable[Response]]
+
+
+def admin_token(settings: Settings) -> str | None:
+    """The token admin requires, or None when the operator chose `admin_auth: none`.
+
+    SettingsError, naming what to do, for a missing, empty, short or unsendable token,
+    or a token given together with `admin_auth: none`.
+    """
+    token = settings.admin_token
+    if settings.admin_auth == "none":
+        if token:
+            raise SettingsError(
+                "admin_auth is 'none' but ROLLGUARD_ADMIN_TOKEN is set; unset one of them"
+            )
+        if settings.metrics_auth == "token":
+            raise SettingsError("metrics_auth 'token' needs ROLLGUARD_ADMIN_TOKEN")
+        return None
+    hint = (
+        f"at least {MIN_TOKEN_CHARS} characters, e.g. from "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+    )
+    if token is None:
+        raise SettingsError(
+            f"the admin API needs a token: set ROLLGUARD_ADMIN_TOKEN ({hint}), or set "
+            "admin_auth: none (ROLLGUARD_ADMIN_AUTH=none) to run admin without one"
+        )
+    if token == "":
+        raise SettingsError(f"ROLLGUARD_ADMIN_TOKEN is set but empty; give a token of {hint}")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise SettingsError(f"ROLLGUARD_ADMIN_TOKEN has {len(token)} characters; it needs {hint}")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise SettingsError(
+            "ROLLGUARD_ADMIN_TOKEN must be printable ASCII without spaces (it is sent "
+            "in an HTTP header)"
+        )
+    return token
 
 
 class Admin:
     """The admin routes over the rollouts and the metrics registry."""
 
-    def __init__(self, rollouts: Rollouts, metrics: Metrics, token: str | None) -> None:
+    def __init__(self, rollouts: Rollouts, metrics: Metrics, settings: Settings) -> None:
         self.rollouts = rollouts
         self.metrics = metrics
-        self.token = token
+        token = admin_token(settings)
+        # Digests of equal length: comparing them leaks neither content nor length.
+        self._digest = None if token is None else hashlib.sha256(token.encode()).digest()
+        self._metrics_open = settings.metrics_auth == "none"
+        self.lockout = Lockout(limit=LOCKOUT_LIMIT, window_s=LOCKOUT_WINDOW_S)
 
     def application(self) -> web.Application:
         app = web.Application()
@@ -56,23 +116,33 @@ class Admin:
         return app
 
     def _authorise(self, request: web.Request) -> None:
-        if self.token:
-            given = request.headers.get("Authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                value.encode(), self.token.encode()
-            ):
-                raise Unauthorized(
-                    "admin API needs 'Authorization: Bearer <ROLLGUARD_ADMIN_TOKEN>'"
-                )
+        client = request.remote or ""
+        if self._digest is None:
+            if not _loopback(client):
+                raise Forbidden("admin API answers loopback clients only while admin_auth is none")
             return
-        remote = request.remote or ""
-        try:
-            loopback = ipaddress.ip_address(remote.split("%")[0]).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise Forbidden("admin API answers loopback clients only while no admin token is set")
+        wait = self.lockout.retry_after(client)
+        if wait is not None:
+            raise RateLimited(
+                f"too many failed admin credentials from this client; retry in {wait}s", wait
+            )
+        given = request.headers.get("Authorization")
+        if given is None:
+            raise Unauthorized(
+                "admin API needs 'Authorization: Bearer <ROLLGUARD_ADMIN_TOKEN>'", _REALM
+            )
+        scheme, _, value = given.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value or " " in value:
+            self.lockout.failed(client)
+            raise Unauthorized(
+                "malformed Authorization header; expected 'Bearer <token>'",
+                f'{_REALM}, error="invalid_request"',
+            )
+        digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+        if not hmac.compare_digest(digest, self._digest):
+            self.lockout.failed(client)
+            raise Forbidden("the admin token is not the one this gateway was started with")
 
     async def list_rollouts(self, request: web.Request) -> Response:
         self._authorise(request)
@@ -115,10 +185,19 @@ class Admin:
             until=_when(q.get("until"), "until"),
             rollout=q.get("rollout"),
         )
-        return json_response({"entries": entries})
+        return json_response({"entries": entries, "chain": self.rollouts.audit_status()})
 
     async def scrape(self, request: web.Request) -> Response:
+        if not self._metrics_open:
+            self._authorise(request)
         return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+
+
+def _loopback(remote: str) -> bool:
+    try:
+        return ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -152,6 +231,7 @@ def _answering(handler: Handler) -> Callable[[web.Request], Awaitable[web.Respon
         except Exception as exc:
             request_id = request.headers.get("x-request-id")
             response = error_response(exc, request_id, f"{request.method} {request.path}")
+            _add_auth_headers(response, exc)
         out = web.Response(body=response.body, status=response.status)
         if response.content_type is not None:
             out.headers["Content-Type"] = response.content_type
@@ -160,6 +240,18 @@ def _answering(handler: Handler) -> Callable[[web.Request], Awaitable[web.Respon
         return out
 
     return answer
+
+
+def _add_auth_headers(response: Response, exc: Exception) -> None:
+    """A 401's challenge and a 429's wait, unless the shared error answer has them."""
+    headers = list(response.headers or ())
+    present = {name.lower() for name, _ in headers}
+    if isinstance(exc, Unauthorized) and "www-authenticate" not in present:
+        headers.append(("WWW-Authenticate", exc.challenge))
+    if isinstance(exc, RateLimited):
+        headers = [(n, v) for n, v in headers if n.lower() != "retry-after"]
+        headers.append(("Retry-After", str(exc.retry_after)))
+    response.headers = headers
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

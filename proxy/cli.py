@@ -7,6 +7,9 @@ import json
 import logging
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
             "admin_port": args.admin_port,
         },
     )
+    from rollguard.proxy.admin import admin_token
+
+    admin_token(settings)  # refuse a missing, empty or short token before anything starts
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -51,8 +57,15 @@ def _serve(args: argparse.Namespace) -> int:
         await gateway.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            # SIGTERM (Kubernetes, systemd): drain first. SIGINT, or a second signal: now.
+            if stop.is_set() or signum == signal.SIGINT:
+                gateway.hurry()
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         log.info(
             "======== Running on http://%s:%d (admin http://%s:%d) ========",
             settings.host, gateway.port, settings.admin_host, gateway.admin_port,
@@ -61,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             log.info("shutting down")
+            await gateway.drain()
             await gateway.close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -76,9 +90,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _policy_check(args: argparse.Namespace) -> int:
     from rollguard.policy.loader import check_files
+    from rollguard.proxy.settings import load_settings
 
+    # Webhook hosts are checked against the same setting the gateway will use.
+    hosts = load_settings(args.config).webhook_allowed_hosts
     failed = 0
-    for path, error in check_files([Path(p) for p in args.files]):
+    for path, error in check_files([Path(p) for p in args.files], webhook_hosts=hosts):
         if error is None:
             print(f"{path}: ok")
         else:
@@ -108,6 +125,10 @@ def _registry(args: argparse.Namespace) -> int:
     if args.registry_command == "show":
         print(json.dumps(catalog.show(root, args.model, args.version), indent=2, default=str))
         return 0
+    from rollguard.serving.signatures import tensor_from_flag
+
+    inputs = [tensor_from_flag(t) for t in args.input] if args.input else None
+    outputs = [tensor_from_flag(t) for t in args.output] if args.output else None
     path = catalog.add(
         root,
         Path(args.artifact),
@@ -118,25 +139,41 @@ def _registry(args: argparse.Namespace) -> int:
         parent=args.parent,
         created_by=args.created_by or os.environ.get("USER"),
         endpoint=args.endpoint,
+        trusted_types=args.trusted_type,
+        inputs=inputs,
+        outputs=outputs,
+        trust_pickle=args.trust_pickle,
+        reference=Path(args.reference) if args.reference else None,
     )
     print(f"added {args.model}/{args.version} at {path}")
     return 0
 
 
-def _request(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    import urllib.error
-    import urllib.request
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: the bearer token must never travel to another origin."""
 
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _request(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     headers = {"Content-Type": "application/json"}
     token = os.environ.get("ROLLGUARD_ADMIN_TOKEN")
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with opener.open(req, timeout=10) as resp:
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = _origin(exc.headers.get("Location") or "", req.full_url)
+            raise CliError(
+                f"{method} {path}: {exc.code} redirect to {where} not followed (the admin "
+                "token is only sent to --url); point --url at the gateway's admin port"
+            ) from None
         try:
             message = json.loads(exc.read()).get("error", exc.reason)
         except (ValueError, AttributeError):
@@ -144,6 +181,12 @@ def _request(url: str, method: str, path: str, body: dict[str, Any] | None = Non
         raise CliError(f"{method} {path}: {exc.code} {message}") from None
     except urllib.error.URLError as exc:
         raise CliError(f"cannot reach rollguard at {url}: {exc.reason}") from None
+
+
+def _origin(location: str, base: str) -> str:
+    """scheme://host[:port] of a redirect target (nothing of its path or query)."""
+    target = urllib.parse.urlsplit(urllib.parse.urljoin(base, location))
+    return f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.netloc else "?"
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -180,18 +223,34 @@ def _action(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from rollguard.policy.audit import export, verify
+    from rollguard.policy.audit import adopt_key, export, verify
+    from rollguard.policy.keys import load_key
 
     path = Path(args.state) / "audit.jsonl"
-    if args.audit_command == "verify":
-        result = verify(path)
+    if args.audit_command in ("verify", "adopt-key"):
+        key_file = Path(args.key_file) if args.key_file else None
+        key = load_key(os.environ.get("ROLLGUARD_AUDIT_KEY"), key_file, Path(args.state))
+        if args.audit_command == "adopt-key":
+            if key is None:
+                raise CliError("adopt-key needs the key: ROLLGUARD_AUDIT_KEY or --key-file")
+            entry = adopt_key(path, key)
+            print(f"{path}: sealed with audit key {key.id} from entry {entry['seq']} on")
+            return 0
+        result = verify(path, key)
         if not result.ok:
             raise CliError(
                 f"audit log {path} fails at "
                 + (f"line {result.first_bad_line}" if result.first_bad_line else "its head file")
                 + f": {result.reason}"
             )
-        print(f"{path}: {result.entries} entries, chain intact")
+        if key is not None:
+            print(f"{path}: {result.entries} entries, chain intact, sealed with audit key {key.id}")
+        else:
+            print(
+                f"{path}: {result.entries} entries, chain intact but UNKEYED: a plain sha256 "
+                f"chain that anyone who can write {path.parent} can rewrite undetected; set "
+                "ROLLGUARD_AUDIT_KEY (or audit_key_file) to seal it with an HMAC key"
+            )
         return 0
     since = datetime.fromisoformat(args.since) if args.since else None
     until = datetime.fromisoformat(args.until) if args.until else None
@@ -230,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     psub = policy.add_subparsers(dest="policy_command", required=True)
     check = psub.add_parser("check", help="validate policy files offline")
     check.add_argument("files", nargs="+")
+    check.add_argument(
+        "--config", type=Path, help="settings file whose webhook_allowed_hosts apply"
+    )
     check.set_defaults(func=_policy_check)
 
     registry = sub.add_parser("registry", help="inspect or add to a registry directory")
@@ -249,6 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--parent")
     add.add_argument("--created-by")
     add.add_argument("--endpoint", help="framework http: the upstream's V2 model URL")
+    for flag in ("input", "output"):
+        add.add_argument(
+            f"--{flag}",
+            action="append",
+            metavar="NAME:DATATYPE:SHAPE",
+            help=f"declare an {flag} tensor, e.g. {flag}:FP32:-1,30 (repeat for more)",
+        )
+    add.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a .joblib/.pt/.pt2 to read its signature (unpickling runs its code)",
+    )
+    add.add_argument("--trusted-type", action="append", help="a skops type you vouch for")
+    add.add_argument("--reference", help="a .npy/.npz sample of training inputs (drift)")
     registry.set_defaults(func=_registry)
 
     status = sub.add_parser("status", help="rollouts of a running gateway")
@@ -266,7 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     audit.add_argument("--state", default=os.environ.get("ROLLGUARD_STATE", ".rollguard"))
     asub = audit.add_subparsers(dest="audit_command", required=True)
-    asub.add_parser("verify", help="non-zero exit on any changed, removed or reordered line")
+    key_help = "audit key file (default $ROLLGUARD_AUDIT_KEY_FILE; or $ROLLGUARD_AUDIT_KEY)"
+    for name, text in (
+        ("verify", "non-zero exit on any changed, removed or reordered line"),
+        ("adopt-key", "seal an intact unkeyed log with the audit key from here on"),
+    ):
+        keyed = asub.add_parser(name, help=text)
+        keyed.add_argument("--state", default=argparse.SUPPRESS, help="state directory")
+        keyed.add_argument(
+            "--key-file", default=os.environ.get("ROLLGUARD_AUDIT_KEY_FILE"), help=key_help
+        )
     exp = asub.add_parser("export", help="entries in a date range as JSON or CSV")
     exp.add_argument("--since")
     exp.add_argument("--until")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -48,8 +49,8 @@ class _Tally:
         self.latencies.setdefault(variant, []).append(latency)
 
 
-async def _rollout(http: aiohttp.ClientSession, admin_url: str) -> dict[str, Any] | None:
-    async with http.get(f"{admin_url}/admin/rollouts/fraud") as r:
+async def _rollout(http: aiohttp.ClientSession, gw: GatewayProcess) -> dict[str, Any] | None:
+    async with http.get(f"{gw.admin_url}/admin/rollouts/fraud", headers=gw.admin_headers) as r:
         return await r.json() if r.status == 200 else None
 
 
@@ -122,7 +123,7 @@ async def _act(
     try:
         while time.monotonic() - start < ACT_DEADLINE_S:
             await asyncio.sleep(1.0)
-            doc = await _rollout(http, gw.admin_url)
+            doc = await _rollout(http, gw)
             if doc is None or doc.get("candidate") != _candidate(policy):
                 continue
             line = _progress(doc, tally, time.monotonic() - start)
@@ -151,7 +152,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-async def _summary(http: aiohttp.ClientSession, admin_url: str, tally: _Tally) -> None:
+async def _summary(http: aiohttp.ClientSession, gw: GatewayProcess, tally: _Tally) -> None:
     print("\n== summary (client side, all acts)")
     print(f"{'version':<8} {'requests':>8} {'errors':>7} {'p50 ms':>7} {'p99 ms':>7}")
     for variant in sorted(tally.requests):
@@ -161,7 +162,7 @@ async def _summary(http: aiohttp.ClientSession, admin_url: str, tally: _Tally) -
             f"{variant:<8} {n:>8} {100 * tally.failures[variant] / n:>6.2f}% "
             f"{_percentile(lat, 50):>7.2f} {_percentile(lat, 99):>7.2f}"
         )
-    doc = await _rollout(http, admin_url)
+    doc = await _rollout(http, gw)
     if doc is not None:
         print("\n== gateway windows (last rollout, recent requests)")
         for role in ("stable", "candidate"):
@@ -172,7 +173,7 @@ async def _summary(http: aiohttp.ClientSession, admin_url: str, tally: _Tally) -
                 f"error rate {100 * v['error_rate']:.2f}%  accuracy "
                 + (f"{100 * acc:.1f}%" if acc is not None else "n/a")
             )
-    async with http.get(f"{admin_url}/admin/audit") as r:
+    async with http.get(f"{gw.admin_url}/admin/audit", headers=gw.admin_headers) as r:
         entries = (await r.json())["entries"]
     print("\n== decisions (from the hash-chained audit log)")
     for e in entries:
@@ -189,7 +190,12 @@ async def _run(workdir: Path, port: int) -> int:
         state=workdir / "state",
         log=workdir / "gateway.log",
         port=port,
-        env={**os.environ, "ROLLGUARD_POLICY_POLL_S": "0.5"},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "ROLLGUARD_ADMIN_AUTH"},
+            "ROLLGUARD_POLICY_POLL_S": "0.5",
+            # Admin with a token, as in production: a fresh one for this run only.
+            "ROLLGUARD_ADMIN_TOKEN": secrets.token_urlsafe(32),
+        },
     )
     tally = _Tally()
     try:
@@ -202,7 +208,7 @@ async def _run(workdir: Path, port: int) -> int:
                 await _act(http, gw, workdir, title, policy, goal, tally)
                 for title, policy, goal in ACTS
             ]
-            await _summary(http, gw.admin_url, tally)
+            await _summary(http, gw, tally)
     finally:
         gw.stop()
     from rollguard.policy.audit import verify

@@ -2,28 +2,37 @@
 
 `DataPlane.handle` answers every request the data port reads, errors included: it
 admits it, matches its route, calls the handler and gives every answer its request id.
+A model's routes first pass its gate: the caller's credential (proxy/auth.py) and its
+rate limit (proxy/limits.py); health and server metadata are open to all.
 Handlers only do HTTP: decode with the codec, call the inference service, encode.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
 from rollguard import __version__
+from rollguard.proxy.auth import Authenticator, Principal, Scope
 from rollguard.proxy.errors import (
     RETRY_AFTER_S,
     FeedbackUnknown,
+    Forbidden,
     MethodNotAllowed,
     ProxyError,
+    RateLimited,
     TooBusy,
+    Unauthorized,
+    public_message,
     status_for,
     unforeseen,
 )
 from rollguard.proxy.inference import Answer, Inference
+from rollguard.proxy.limits import RateLimiter
 from rollguard.proxy.routing import stickiness_key
 from rollguard.proxy.urls import Params, Route, Urls
 from rollguard.proxy.wire import JSON, Request, Response
@@ -59,11 +68,34 @@ def json_response(doc: Any, status: int = 200) -> Response:
     return Response(status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+class _Throttle:
+    """At most one log line a second per error type: failures can come by the thousand."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[type, float] = {}
+
+    def due(self, kind: type) -> bool:
+        now = self._clock()
+        if now - self._last.get(kind, float("-inf")) < 1.0:
+            return False
+        self._last[kind] = now
+        return True
+
+
+_DETAILS = _Throttle()  # what error bodies leave out goes to the log
+
+
 def error_response(exc: BaseException, request_id: str | None, what: str) -> Response:
-    """An exception as its V2 error answer: `{"error": ...}`, its status from the one
-    table, the failing variant, Retry-After on 503. Bugs of ours are logged with `what`."""
+    """An exception as its V2 error answer: `{"error": ...}` with what a client may read
+    (`public_message`), its status from the one table, the failing variant, Retry-After
+    on 503 and 429, the challenge on 401. Bugs of ours are logged with `what`, and so is
+    any detail the answer leaves out (paths, URLs, digests)."""
+    message = public_message(exc)
     if unforeseen(exc):
         log.error("%s failed", what, exc_info=exc)
+    elif message != str(exc) and _DETAILS.due(type(exc)):
+        log.warning("%s (request %s): %s", what, request_id, exc)
     status = status_for(exc)
     headers: list[tuple[str, str]] = []
     if request_id:
@@ -73,9 +105,13 @@ def error_response(exc: BaseException, request_id: str | None, what: str) -> Res
         headers.append((VARIANT, version))
     if status == 503:
         headers.append(("Retry-After", RETRY_AFTER_S))
-    if isinstance(exc, MethodNotAllowed):
+    elif isinstance(exc, RateLimited):
+        headers.append(("Retry-After", str(exc.retry_after)))
+    elif isinstance(exc, Unauthorized | Forbidden) and exc.challenge:
+        headers.append(("WWW-Authenticate", exc.challenge))
+    elif isinstance(exc, MethodNotAllowed):
         headers.append(("Allow", ", ".join(exc.allowed)))
-    return Response(status, orjson.dumps({"error": str(exc)}), JSON, headers)
+    return Response(status, orjson.dumps({"error": message}), JSON, headers)
 
 
 def _checked_id(value: str) -> str:
@@ -85,30 +121,105 @@ def _checked_id(value: str) -> str:
     return value
 
 
-class DataPlane:
-    """Every route of the data port, and the admission every POST goes through."""
+Guarded = Callable[[Request, Params, Principal | None], Awaitable[Response]]
 
-    def __init__(self, inference: Inference, *, max_inflight: int) -> None:
+
+class DataPlane:
+    """Every route of the data port, the gate of a model's routes (credential, rate
+    limit), and the admission every POST goes through."""
+
+    def __init__(
+        self,
+        inference: Inference,
+        *,
+        max_inflight: int,
+        auth: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.inference = inference
         self.max_inflight = max_inflight
         self.inflight = 0
         self.draining = False  # readiness says no while a shutdown drains connections
+        self.auth = auth if auth is not None and auth.active else None
+        self.limiter = limiter if limiter is not None and limiter.config.enabled else None
         self._rejected = inference.metrics.rejected
+        gate = self._gated
         self._urls = Urls(
             [
-                Route("POST", "/v2/models/{model}/infer", self.infer),
-                Route("POST", "/v2/models/{model}/versions/{version}/infer", self.infer),
-                Route("POST", "/predict/{model}", self.predict),
-                Route("POST", "/v2/models/{model}/feedback", self.feedback),
+                Route("POST", "/v2/models/{model}/infer", gate("infer", self.infer)),
+                Route(
+                    "POST",
+                    "/v2/models/{model}/versions/{version}/infer",
+                    gate("infer", self.infer),
+                ),
+                Route("POST", "/predict/{model}", gate("infer", self.predict)),
+                Route("POST", "/v2/models/{model}/feedback", gate("feedback", self.feedback)),
                 Route("GET", "/v2", self.server_metadata),
                 Route("GET", "/v2/health/live", self.live),
                 Route("GET", "/v2/health/ready", self.ready),
-                Route("GET", "/v2/models/{model}", self.model_metadata),
-                Route("GET", "/v2/models/{model}/ready", self.model_ready),
-                Route("GET", "/v2/models/{model}/versions/{version}", self.model_metadata),
-                Route("GET", "/v2/models/{model}/versions/{version}/ready", self.model_ready),
+                Route("GET", "/v2/models/{model}", gate(None, self.model_metadata)),
+                Route("GET", "/v2/models/{model}/ready", gate(None, self.model_ready)),
+                Route(
+                    "GET",
+                    "/v2/models/{model}/versions/{version}",
+                    gate(None, self.model_metadata),
+                ),
+                Route(
+                    "GET",
+                    "/v2/models/{model}/versions/{version}/ready",
+                    gate(None, self.model_ready),
+                ),
             ]
         )
+
+    def _gated(
+        self, scope: Scope | None, handler: Guarded
+    ) -> Callable[[Request, Params], Awaitable[Response]]:
+        """`handler` behind the model's gate: the caller it is given is the principal the
+        request's credential proves (None when it brings none, or auth is off)."""
+        if self.auth is None and self.limiter is None:
+
+            async def open_route(request: Request, params: Params) -> Response:
+                return await handler(request, params, None)
+
+            return open_route
+
+        async def guarded(request: Request, params: Params) -> Response:
+            return await handler(request, params, self._admit(request, params["model"], scope))
+
+        return guarded
+
+    def _admit(self, request: Request, model: str, scope: Scope | None) -> Principal | None:
+        """Who calls, if anyone can tell, checked against the model's needs and the
+        caller's rate limit; Unauthorized, Forbidden or RateLimited otherwise."""
+        principal = None
+        try:
+            if self.auth is not None:
+                principal = self.auth.check(request.headers, scope, model)
+            limiter = self.limiter
+            if limiter is not None:
+                if principal is not None:
+                    limiter.check(principal.name, principal.tier)
+                else:
+                    given = request.headers.get(limiter.header) if limiter.header else None
+                    client = f"header:{given}" if given else f"address:{request.peer}"
+                    limiter.check(client, None)
+        except (Unauthorized, Forbidden, RateLimited) as exc:
+            reason = {Unauthorized: "unauthenticated", Forbidden: "forbidden"}.get(
+                type(exc), "rate_limited"
+            )
+            self._rejected.labels(self._known(model), reason).inc()
+            raise
+        return principal
+
+    def _known(self, model: str) -> str:
+        """`model` as a metric label when the registry knows it, else "": label values
+        never come from whatever a client writes in a URL."""
+        try:
+            self.inference.registry.versions(model)
+        except ServingError:
+            return ""
+        return model
 
     async def handle(self, request: Request) -> Response:
         """The answer to any request; never raises."""
@@ -119,7 +230,7 @@ class DataPlane:
                 _checked_id(header_id)
             handler, params = self._urls.match(request.method, request.path)
             if request.method == "POST" and self.inflight >= self.max_inflight:
-                self._rejected.labels(params.get("model", ""), "overloaded").inc()
+                self._rejected.labels(self._known(params.get("model", "")), "overloaded").inc()
                 raise TooBusy(
                     f"{self.inflight} requests in flight, the limit is {self.max_inflight}"
                 )
@@ -151,7 +262,7 @@ class DataPlane:
 
     # --- inference -----------------------------------------------------------------------
 
-    async def infer(self, request: Request, params: Params) -> Response:
+    async def infer(self, request: Request, params: Params, caller: Principal | None) -> Response:
         """POST /v2/models/{model}/infer and /v2/models/{model}/versions/{version}/infer."""
         headers = request.headers
         model, pinned = params["model"], params.get("version")
@@ -163,19 +274,27 @@ class DataPlane:
             request_id = request_id or self.inference.new_request_id()
             key = None if pinned else stickiness_key(self.inference.router, model, headers)
             answer = await self.inference.infer(
-                model, parsed, request_id=request_id, key=key, version=pinned
+                model,
+                parsed,
+                request_id=request_id,
+                key=key,
+                version=pinned,
+                client=caller.name if caller is not None else None,
             )
             return _encoded(answer, parsed, model)
         except Exception as exc:
             return error_response(exc, request_id or self.inference.new_request_id(),
                                   f"POST {request.path}")  # fmt: skip
 
-    async def predict(self, request: Request, params: Params) -> Response:
+    async def predict(self, request: Request, params: Params, caller: Principal | None) -> Response:
         """POST /predict/{model}: {"features": ...} or {"instances": [...]} for non-V2 callers."""
         inference = self.inference
         model = params["model"]
         manifest = inference.registry.get(model, inference.primary_version(model)).manifest
-        arrays, body_id, single = decode_predict_request(request.body, manifest.input_specs)
+        schemas = {t.name: t.features for t in manifest.inputs if t.features}
+        arrays, body_id, single = decode_predict_request(
+            request.body, manifest.input_specs, schemas
+        )
         request_id = _checked_id(body_id) if body_id else request.headers.get(REQUEST_ID)
         request_id = request_id or inference.new_request_id()
         answer = await inference.infer(
@@ -183,6 +302,7 @@ class DataPlane:
             InferRequest.of_arrays(arrays, id=body_id),
             request_id=request_id,
             key=stickiness_key(inference.router, model, request.headers),
+            client=caller.name if caller is not None else None,
         )
         doc = {
             "model": model,
@@ -193,7 +313,9 @@ class DataPlane:
         body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         return Response(200, body, JSON, [(REQUEST_ID, request_id), (VARIANT, answer.version)])
 
-    async def feedback(self, request: Request, params: Params) -> Response:
+    async def feedback(
+        self, request: Request, params: Params, caller: Principal | None
+    ) -> Response:
         """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list."""
         inference = self.inference
         model = params["model"]
@@ -214,7 +336,9 @@ class DataPlane:
             labels.append((item["id"], float(label)))
         accepted, unknown = [], []
         for request_id, label in labels:
-            result = inference.feedback(request_id, label)
+            result = inference.feedback(
+                request_id, label, client=caller.name if caller is not None else None
+            )
             if result is None:
                 unknown.append(request_id)
                 continue
@@ -244,7 +368,9 @@ class DataPlane:
             raise NotReady("no model is loaded yet")
         return json_response({"ready": True})
 
-    async def model_metadata(self, request: Request, params: Params) -> Response:
+    async def model_metadata(
+        self, request: Request, params: Params, caller: Principal | None
+    ) -> Response:
         """GET /v2/models/{model}[/versions/{version}]."""
         inference = self.inference
         model = params["model"]
@@ -253,7 +379,9 @@ class DataPlane:
         manifest = inference.registry.get(model, version).manifest
         return json_response(_version_metadata(manifest, versions))
 
-    async def model_ready(self, request: Request, params: Params) -> Response:
+    async def model_ready(
+        self, request: Request, params: Params, caller: Principal | None
+    ) -> Response:
         """GET /v2/models/{model}[/versions/{version}]/ready: 200 when it can serve."""
         inference = self.inference
         model = params["model"]

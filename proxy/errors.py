@@ -4,20 +4,27 @@ ProxyError
 ├── MalformedRequest       the bytes are not an HTTP/1.1 request we can read
 │   └── UnsupportedEncoding    a Content-Encoding or Expect we do not take
 ├── BodyTooLarge           the body is over `max_body_bytes`
-├── TooBusy                `max_inflight` requests are in flight
+├── TooBusy                `max_inflight` requests are in flight, or a connection/body cap is full
+├── RequestTimeout         a request's head or body did not arrive in time
 ├── RouteNotFound          no route for the path
 ├── MethodNotAllowed       the path exists, not for that method (`allowed` names those)
-├── Unauthorized           admin: no or wrong bearer token
-├── Forbidden              admin: no token set and the client is not on loopback
+├── Unauthorized           no credential, or one that does not verify (401, challenge)
+├── Forbidden              a credential (or a client) that may not do this (403)
+├── RateLimited            the client's token bucket is empty (`retry_after` seconds)
 ├── FeedbackUnknown        a label for a request id that is not (or no longer) known
 └── InvalidResponse        a handler's answer cannot be written as HTTP (a bug of ours)
 
 The serving and policy packages have their own roots (serving/errors.py,
 policy/errors.py); none of the three knows HTTP. `status_for` is the only place where
-an error becomes a status, for the data port and the admin port alike.
+an error becomes a status, for the data port and the admin port alike, and
+`public_message` the only place where it becomes the text a client reads: absolute paths
+are cut to their file name, URLs to "the upstream", sha256 digests hidden (the full text
+goes to the log).
 """
 
 from __future__ import annotations
+
+import re
 
 from rollguard.policy.errors import ActionRejected, PolicyError, PolicyInvalid, RolloutNotFound
 from rollguard.serving.errors import (
@@ -50,7 +57,12 @@ class BodyTooLarge(ProxyError):
 
 
 class TooBusy(ProxyError):
-    """The gateway has as many requests in flight as it admits."""
+    """The gateway has as many requests in flight (or connections, or buffered bodies) as
+    it admits."""
+
+
+class RequestTimeout(ProxyError):
+    """A request's head or body stopped arriving: `header_timeout_s` / `body_timeout_s`."""
 
 
 class RouteNotFound(ProxyError):
@@ -66,11 +78,29 @@ class MethodNotAllowed(ProxyError):
 
 
 class Unauthorized(ProxyError):
-    """Admin needs a bearer token that this request did not give."""
+    """No credential where one is needed, or one that does not verify. `challenge` is the
+    WWW-Authenticate value (RFC 6750)."""
+
+    def __init__(self, message: str, challenge: str = 'Bearer realm="rollguard"') -> None:
+        super().__init__(message)
+        self.challenge = challenge
 
 
 class Forbidden(ProxyError):
-    """Admin without a token answers loopback clients only."""
+    """A verified caller that may not do this (scope, model), or a client admin refuses.
+    `challenge`, when set, is sent as WWW-Authenticate (insufficient_scope)."""
+
+    def __init__(self, message: str, challenge: str | None = None) -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+
+class RateLimited(ProxyError):
+    """The client has used up its rate limit; `retry_after` whole seconds until a token."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class FeedbackUnknown(ProxyError):
@@ -87,10 +117,12 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (MalformedRequest, 400),
     (BodyTooLarge, 413),
     (TooBusy, 503),
+    (RequestTimeout, 408),
     (RouteNotFound, 404),
     (MethodNotAllowed, 405),
     (Unauthorized, 401),
     (Forbidden, 403),
+    (RateLimited, 429),
     (FeedbackUnknown, 404),
     (InvalidResponse, 500),
     (InvalidInput, 400),
@@ -122,3 +154,32 @@ def status_for(exc: BaseException) -> int:
 def unforeseen(exc: BaseException) -> bool:
     """True for a 500 that is a bug of ours rather than a model's failure (logged)."""
     return status_for(exc) == 500 and not isinstance(exc, ServingError | PolicyError)
+
+
+# What a client must not read in an error: where files live, where upstreams are, digests.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>:,.;)]")
+_DIGEST = re.compile(r"\b[0-9a-fA-F]{64}\b")
+_ABSOLUTE = re.compile(r"(?<![\w.:/-])(?:/[^\s/'\":,()\[\]]+)+/?")
+_RELATIVE = re.compile(r"\b(?:[\w.-]+/){2,}[\w.-]+")  # registry/fraud/1.0.0/model.onnx
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-fA-F:]*:[0-9a-fA-F:]*\]")
+
+
+def public_message(exc: BaseException) -> str:
+    """What a client is told about `exc`. A bug of ours says nothing more. The proxy's own
+    errors only echo the client's request and stay as they are; the others keep their
+    words with URLs said as "the upstream", paths cut to the file name, IP addresses and
+    sha256 digests hidden."""
+    if unforeseen(exc):
+        return "internal error; the gateway log has the details"
+    text = str(exc)
+    if isinstance(exc, ProxyError):
+        return text
+    text = _URL.sub("the upstream", text)
+    text = _ABSOLUTE.sub(_file_name, text)
+    text = _RELATIVE.sub(_file_name, text)
+    text = _ADDRESS.sub("[address]", text)
+    return _DIGEST.sub("[sha256]", text)
+
+
+def _file_name(match: re.Match[str]) -> str:
+    return match.group(0).rstrip("/").rsplit("/", 1)[-1] or "[path]"

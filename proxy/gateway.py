@@ -2,22 +2,34 @@
 
 The data port is served end to end by rollguard's own HTTP/1.1 protocol
 (proxy/protocol.py) in front of `DataPlane`; the admin port by an aiohttp application
-(proxy/admin.py). Every setting comes from `Settings` and is handed to the constructors.
+(proxy/admin.py), whose HTTP-level errors are answered as JSON here. Every setting comes
+from `Settings` and is handed to the constructors.
+
+Stopping (`rollguard serve` on SIGTERM): `drain()` turns readiness to 503 while both
+ports keep serving for `drain_delay_s` (answers close their connections, so clients
+reconnect to where the endpoints now point); `close()` then stops listening, lets the
+requests in flight finish within `shutdown_grace_s`, answers the rest 503 and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import resource
+from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from rollguard.proxy.admin import Admin
-from rollguard.proxy.endpoints import DataPlane
+from rollguard.proxy.capacity import Capacity
+from rollguard.proxy.endpoints import REQUEST_ID, DataPlane, error_response
 from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.load import LoadGauge
 from rollguard.proxy.metrics import Metrics
@@ -27,6 +39,9 @@ from rollguard.proxy.routing import Router
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.shadow import ShadowMirror
 from rollguard.proxy.windows import Windows
+from rollguard.proxy.wire import JSON, SERVER, Response
+from rollguard.serving.bulkhead import Isolation
+from rollguard.serving.errors import InvalidInput
 from rollguard.serving.registry import Registry
 
 log = logging.getLogger("rollguard")
@@ -38,10 +53,16 @@ class Gateway:
     def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
-        self._executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="model")
         self.registry = Registry(
             settings.registry,
-            executor=self._executor,
+            threads=settings.executor_threads,
+            isolation=Isolation(
+                concurrency=settings.version_concurrency,
+                queue=settings.version_queue,
+                shadow_concurrency=settings.shadow_concurrency,
+                shadow_queue=settings.shadow_queue,
+                shadow_threads=settings.shadow_threads,
+            ),
             poll_interval=settings.registry_poll_s,
             inline_below_us=settings.inline_below_us,
             timeout_s=settings.request_timeout_s,
@@ -68,14 +89,27 @@ class Gateway:
         )
         self.rollouts = Rollouts(self.inference, settings)
         self.data_plane = DataPlane(self.inference, max_inflight=settings.max_inflight)
-        self.admin = Admin(self.rollouts, self.metrics, settings.admin_token)
+        self.admin = Admin(self.rollouts, self.metrics, settings)
+        plane = self.data_plane
+        self.capacity = Capacity(
+            max_connections=_fit_to_descriptors(settings.max_connections),
+            max_connections_per_client=settings.max_connections_per_client,
+            max_buffered_bytes=settings.max_buffered_bytes,
+            max_inflight=settings.max_inflight,
+            inflight=lambda: plane.inflight,
+        )
+        self.metrics.watch_capacity(self.capacity)
         self._server = Server(
-            self.data_plane.handle,
-            self.data_plane.refuse,
+            plane.handle,
+            plane.refuse,
             max_body=settings.max_body_bytes,
             header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
             keepalive_s=settings.keepalive_s,
+            capacity=self.capacity,
         )
+        self._hurry = asyncio.Event()
+        self._trimmer: asyncio.Task[None] | None = None
         self._listener: asyncio.Server | None = None
         self._admin_listener: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -92,20 +126,35 @@ class Gateway:
         # of the collector's reach shortens the collector's pauses under load.
         gc.collect()
         gc.freeze()
+        self._trimmer = asyncio.create_task(_trim_after_bursts(self.capacity))
         try:
             loop = asyncio.get_running_loop()
             self._listener = await loop.create_server(
                 self._server, settings.host, settings.port, reuse_address=True
             )
             self.port = int(self._listener.sockets[0].getsockname()[1])
-            runner = web.AppRunner(self.admin.application(), access_log=None)
+            self.rollouts.own_ports.add(self.port)  # webhooks never reach a listener of ours
+            app = self.admin.application()
+            app.middlewares.append(_admin_guard)
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._admin_runner = runner
-            assert runner.server is not None  # set up
+            server = runner.server
+            assert server is not None  # set up
+
+            def admin_connection() -> web.RequestHandler:
+                return _AdminConnection(
+                    server,
+                    loop=loop,
+                    access_log=None,  # type: ignore[arg-type]  # None: no access log
+                    keepalive_timeout=settings.keepalive_s,
+                )
+
             self._admin_listener = await loop.create_server(
-                runner.server, settings.admin_host, settings.admin_port, reuse_address=True
+                admin_connection, settings.admin_host, settings.admin_port, reuse_address=True
             )
             self.admin_port = int(self._admin_listener.sockets[0].getsockname()[1])
+            self.rollouts.own_ports.add(self.admin_port)
         except BaseException:
             await self.close()
             raise
@@ -115,10 +164,26 @@ class Gateway:
             settings.admin_host, self.admin_port,
         )  # fmt: skip
 
+    async def drain(self) -> None:
+        """Readiness answers 503 while both ports keep serving, for `drain_delay_s` (or
+        until `hurry`): long enough for load balancers to stop sending new requests."""
+        self.data_plane.draining = self._server.draining = True
+        delay = self.settings.drain_delay_s
+        if self._listener is None or delay <= 0 or self._hurry.is_set():
+            return
+        log.info("draining: readiness is 503; still serving for %gs", delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), delay)
+
+    def hurry(self) -> None:
+        """End the drain delay now (a second signal)."""
+        self._hurry.set()
+
     async def close(self) -> None:
         """Readiness off, stop accepting, let requests in flight finish within the grace
-        period, then stop the admin port and the services."""
-        self.data_plane.draining = True
+        period (those still running then are answered 503), then stop the admin port and
+        the services."""
+        self.data_plane.draining = self._server.draining = True
         grace = self.settings.shutdown_grace_s
         if self._listener is not None:
             self._listener.close()
@@ -127,9 +192,15 @@ class Gateway:
                 conn.shutdown()
             workers = [c.worker for c in connections if c.worker is not None]
             if workers:
+                log.info("waiting up to %gs for %d request(s) in flight", grace, len(workers))
                 _, pending = await asyncio.wait(workers, timeout=grace)
-                for task in pending:
-                    task.cancel()
+                late = [c for c in connections if c.worker in pending]
+                for conn in late:
+                    conn.give_up()
+                if pending:
+                    log.warning("%d request(s) still running after shutdown_grace_s=%g: "
+                                "answered 503", len(pending), grace)  # fmt: skip
+                    await asyncio.wait(pending, timeout=1.0)
             for conn in list(self._server.connections):
                 conn.abort()
             with contextlib.suppress(TimeoutError):  # let closed connections say so
@@ -141,8 +212,139 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            self._trimmer = None
         await self.rollouts.stop()
         await self.shadow.drain(1.0)
         self.gauge.stop()
         await self.registry.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- the admin port's HTTP layer: its own errors as JSON, like the data port's ----------
+
+
+class _AdminConnection(web.RequestHandler):
+    """aiohttp's connection handler, answering its HTTP-level errors (malformed request,
+    header too large, a handler that failed outside ours) as `{"error": ...}`."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 and not isinstance(exc, ConnectionError):
+            log.error("admin port: %s %s failed", request.method, request.path, exc_info=exc)
+        else:
+            log.debug("admin port: refused a request: %s", exc or message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already sent; cannot send the error")
+        if status >= 500:
+            text = _ADMIN_ERRORS.get(status, "the request failed")
+        else:  # aiohttp's parser says what was wrong on its first line
+            said = str(getattr(exc, "message", "") or exc or message or status)
+            text = f"malformed HTTP request: {said.strip().splitlines()[0].rstrip(':')}"
+        response = web.Response(status=status, body=orjson.dumps({"error": text}),
+                                content_type=JSON)  # fmt: skip
+        response.headers["Server"] = SERVER  # not aiohttp's and Python's versions
+        response.force_close()
+        return response
+
+
+_ADMIN_ERRORS = {500: "internal error; the gateway log has the details", 504: "timed out"}
+
+
+@web.middleware
+async def _admin_guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Before admin's handlers: a request id with control characters is 400 as on the data
+    port; the body is read here, so a client leaving mid-body or a body over aiohttp's
+    limit is a short log line or a JSON 413, never a traceback or text."""
+    given = request.headers.get(REQUEST_ID)
+    if given is not None and not given.isprintable():
+        error = InvalidInput("the request id must not contain control characters")
+        return _as_aiohttp(error_response(error, None, "admin"))
+    if request.can_read_body:
+        try:
+            await request.read()
+        except web.HTTPException as exc:
+            doc = {"error": f"{exc.reason}: {exc.text or ''}".rstrip(": ")}
+            return web.Response(status=exc.status, body=orjson.dumps(doc), content_type=JSON)
+        except ConnectionError as exc:
+            log.debug("admin port: client left mid-body: %s", exc)
+            raise
+    return await handler(request)
+
+
+def _as_aiohttp(response: Response) -> web.Response:
+    out = web.Response(status=response.status, body=response.body)
+    if response.content_type is not None:
+        out.headers["Content-Type"] = response.content_type
+    for name, value in response.headers or ():
+        out.headers[name] = value
+    return out
+
+
+FD_RESERVE = 256  # descriptors kept for what is not a client: files, upstreams, admin
+
+
+def _fit_to_descriptors(max_connections: int) -> int:
+    """`max_connections`, with the process's open-file limit raised to hold them (up to
+    its hard limit); lowered, with a warning, when the limit cannot be raised: the cap
+    must bite before the descriptors run out, or the registry and policy scans fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return max_connections
+    raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft >= want:
+        return max_connections
+    fitted = max(1, soft - FD_RESERVE)
+    log.warning("max_connections=%d does not fit the open-file limit %d: using %d",
+                max_connections, soft, fitted)  # fmt: skip
+    return fitted
+
+
+BURST_BYTES = 16 * 1024 * 1024  # request bodies buffered at once that count as a burst
+TRIM_EVERY_S = 2.0
+
+
+async def _trim_after_bursts(capacity: Capacity) -> None:
+    """Give the memory of a burst of large request bodies back to the system once it is
+    over. glibc keeps freed heap memory for reuse: 1 MiB and larger blocks are mapped
+    on their own (freed at once, see `_libc`), and after a burst `malloc_trim` returns
+    the smaller pieces the bodies arrived in."""
+    libc = _libc()
+    if libc is None:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(TRIM_EVERY_S)
+        if capacity.high_water >= BURST_BYTES and capacity.buffered <= capacity.high_water // 4:
+            capacity.high_water = capacity.buffered
+            await loop.run_in_executor(None, libc.malloc_trim, 0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    """glibc, with every allocation of 1 MiB or more (request bodies) served from its own
+    mapping, so that freeing it returns it to the system at once. By default glibc raises
+    that threshold to the largest block freed (up to 32 MiB), after which a burst of
+    large bodies grows a heap that is never given back. None: not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt, _ = libc.mallopt, libc.malloc_trim  # glibc's; AttributeError elsewhere
+    except (OSError, AttributeError):
+        return None
+    m_mmap_threshold = -3
+    if not mallopt(m_mmap_threshold, 1024 * 1024):
+        log.debug("mallopt(M_MMAP_THRESHOLD) was refused")
+    return libc

@@ -7,7 +7,6 @@ request crosses into serving/ twice: to look its version up, and to be answered.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Callable
@@ -15,20 +14,23 @@ from dataclasses import dataclass
 
 from rollguard.proxy.agreement import answers_agree
 from rollguard.proxy.metrics import Metrics
-from rollguard.proxy.routing import Router
+from rollguard.proxy.routing import Router, SplitTable
 from rollguard.proxy.shadow import ShadowMirror
 from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow, Windows
+from rollguard.serving.availability import Availability
+from rollguard.serving.bulkhead import in_shadow_lane
 from rollguard.serving.errors import (
     DeadlineExceeded,
     InvalidInput,
     ModelExecutionError,
+    NotReady,
     ServingError,
     UpstreamError,
     UpstreamTimeout,
 )
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.registry import Registry
+from rollguard.serving.registry import LoadedVersion, Registry
 from rollguard.serving.tensors import check_inputs
 
 
@@ -45,17 +47,38 @@ class Answer:
 
 
 class RequestIds:
-    """Request ids for requests that bring none: a per-process random prefix and a counter.
+    """Request ids for requests that bring none: 128 bits from the OS's CSPRNG, as 32 hex
+    digits. Unguessable, so that a client cannot label (or look up) another's request.
 
-    Cheaper than uuid4 on the hot path, and unique across replicas by the prefix.
+    The random bytes are drawn in blocks (one `os.urandom` call per 512 ids) and each
+    id takes its own 16 bytes: ~0.24 µs an id against ~0.13 µs for a counter and ~2.6 µs
+    for `str(uuid4())` (measured on the 2-core CI box).
+    A forked child starts a fresh block, so parent and child never share ids.
     """
 
+    _BLOCK = 512  # ids per os.urandom call
+
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
-        self._counter = itertools.count()
+        self._hex = ""
+        self._pos = 0
+        self._forks = _FORKS[0]
 
     def __call__(self) -> str:
-        return f"{self._prefix}-{next(self._counter)}"
+        pos = self._pos
+        if pos >= len(self._hex) or self._forks != _FORKS[0]:
+            self._hex, pos, self._forks = os.urandom(16 * self._BLOCK).hex(), 0, _FORKS[0]
+        self._pos = pos + 32
+        return self._hex[pos : pos + 32]
+
+
+_FORKS = [0]  # bumped in a forked child: its RequestIds draw a fresh block
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Inference:
@@ -97,6 +120,7 @@ class Inference:
         request_id: str,
         key: str | None = None,
         version: str | None = None,
+        client: str | None = None,
     ) -> Answer:
         """Run one request. `version` pins it: pinned requests never count in windows."""
         if version is not None:
@@ -111,14 +135,25 @@ class Inference:
                 raise failure from exc
             return Answer(response, model, version, "pinned", request_id, loaded.manifest)
         table = self.router.table(model)
+        failover: str | None = None
         if table is None:
             version, role = self.registry.default_version(model), "stable"
+            loaded = self.registry.get(model, version)
         else:
             version, role = table.choose(key)
-        loaded = self.registry.get(model, version)
+            if role == "candidate":
+                loaded, failover = self._candidate(table, version)
+            else:
+                loaded = self.registry.get(model, version)
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
+        if failover is not None and table is not None:
+            # The split chose the candidate (sample-ratio checks count that); stable answers.
+            self.windows.get(model, version).count_routed()
+            self.metrics.failover(model, version, failover).inc()
+            version, role = table.stable, "stable"
         window = self.windows.get(model, version)
-        window.count_routed()
+        if failover is None:
+            window.count_routed()
         variant = self.metrics.variant(model, version, role)
         # Copies are admitted before the primary runs: a shed one then costs nothing more.
         mirrored = (
@@ -128,9 +163,15 @@ class Inference:
         )
         variant.inflight += 1
         start = self._clock()
+        unloaded = False
         try:
             response = await loaded.runner.predict(request)
             prediction = response.prediction()
+        except NotReady as exc:
+            _of_version(exc, version)
+            if role != "candidate" or self._still_loaded(model, version, loaded):
+                raise
+            unloaded = True
         except Exception as exc:
             failure = _of_version(exc, version)
             if isinstance(failure, DeadlineExceeded | UpstreamTimeout):
@@ -143,6 +184,11 @@ class Inference:
             raise failure from exc
         finally:
             variant.inflight -= 1
+        if unloaded:
+            # The registry unloaded the candidate under this call (its files changed): route
+            # again; the request path now fails it over to the stable, counted, or finds
+            # the candidate's new load.
+            return await self.infer(model, request, request_id=request_id, key=key, client=client)
         latency = self._clock() - start
         width = window.input_width
         row = None if width is None else request.first_row(width)
@@ -153,7 +199,27 @@ class Inference:
             self._mirror(model, shadow_version, request, response)
         return Answer(response, model, version, role, request_id, loaded.manifest)
 
-    def feedback(self, request_id: str, label: float) -> tuple[str, bool] | None:
+    def _still_loaded(self, model: str, version: str, loaded: LoadedVersion) -> bool:
+        try:
+            return self.registry.get(model, version) is loaded
+        except ServingError:
+            return False
+
+    def _candidate(self, table: SplitTable, version: str) -> tuple[LoadedVersion, str | None]:
+        """The candidate's load, or the stable's and why when the candidate cannot take
+        traffic: the table says so, or the registry refused or dropped it since the table
+        was published (the rollout shell republishes within its availability poll)."""
+        model, reason = table.model, table.failover
+        if reason is None:
+            found = self.registry.availability(model, version)
+            if found is Availability.READY:  # a stale candidate fails over; a stale stable serves
+                return self.registry.get(model, version), None
+            reason = found.value
+        return self.registry.get(model, table.stable), reason
+
+    def feedback(
+        self, request_id: str, label: float, *, client: str | None = None
+    ) -> tuple[str, bool] | None:
         """Attach a ground-truth label; (version, correct) or None if the id is unknown."""
         found = self.feedback_index.pop(request_id)
         if found is None:
@@ -191,6 +257,7 @@ class Inference:
         shadow = self.shadow
 
         async def run() -> None:
+            in_shadow_lane()  # this task's calls take the version's shadow slots and threads
             start = self._clock()
             try:
                 async with shadow.deadline():

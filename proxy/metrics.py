@@ -16,6 +16,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from rollguard.proxy.capacity import Capacity
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -129,6 +131,44 @@ class RefusalCollector(Collector):
         yield family
 
 
+class CapacityCollector(Collector):
+    """The data port's connections and buffered bodies (proxy/capacity.py), read at scrape."""
+
+    def __init__(self, capacity: Capacity) -> None:
+        self._capacity = capacity
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._capacity
+        yield GaugeMetricFamily(
+            "rollguard_connections_open", "Data-port connections open.", value=c.connections
+        )
+        yield GaugeMetricFamily(
+            "rollguard_request_body_buffered_bytes",
+            "Request-body bytes held (arriving, queued or being answered), of max_buffered_bytes.",
+            value=c.buffered,
+        )
+        refused = CounterMetricFamily(
+            "rollguard_capacity_refusals",
+            "Connections (max_connections, max_connections_per_client) and request bodies "
+            "(overloaded, buffer_full) refused by the data port's caps, answered 503.",
+            labels=["reason"],
+        )
+        for why, count in c.refused.items():
+            refused.add_metric([why.value], count)
+        yield refused
+        timed_out = CounterMetricFamily(
+            "rollguard_connection_timeouts",
+            "Data-port connections closed by a time limit: head, body (408) or idle.",
+            labels=["phase"],
+        )
+        for phase, count in c.timed_out.items():
+            timed_out.add_metric([phase], count)
+        yield timed_out
+
+
 class Metrics:
     """Every rollguard_* series. Bind children once per variant (`variant()`), not per request."""
 
@@ -177,19 +217,63 @@ class Metrics:
             ["rollout", "phase"],
             registry=r,
         )
+        self.failovers = Counter(
+            "rollguard_failover_requests",
+            "Requests the split gave a candidate that could not take them, served by the "
+            "stable instead, by why (missing, loading, refused, stale, unready).",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+        self.unavailable = Gauge(
+            "rollguard_rollout_candidate_unavailable",
+            "1 while a rollout's candidate cannot take traffic (failing over, or waiting).",
+            ["rollout"],
+            registry=r,
+        )
+        self.inconclusive = Gauge(
+            "rollguard_rollout_inconclusive",
+            "1 once a rollout's deadline (or a step's) passed undecided.",
+            ["rollout"],
+            registry=r,
+        )
+        self.audit_chain_ok = Gauge(
+            "rollguard_audit_chain_ok",
+            "1 when the audit chain verified at start (a repaired torn tail counts as intact).",
+            registry=r,
+        )
         self.policy_errors = Gauge(
             "rollguard_policy_invalid",
             "1 while a policy file is rejected (file label).",
             ["file"],
             registry=r,
         )
+        self.webhooks = Counter(
+            "rollguard_webhook_deliveries",
+            "Webhook deliveries by result: delivered, failed (after retries), refused (a "
+            "host not allowed, the gateway's own port, a redirect, a missing secret), dropped.",
+            ["result"],
+            registry=r,
+        )
         self._variants: dict[tuple[str, str, str], VariantMetrics] = {}
+        self._failovers: dict[tuple[str, str, str], Counter] = {}
         r.register(VariantCollector(self._variants))
 
     def watch_registry(self, registry: Refusals) -> None:
         """Export `rollguard_registry_refused`: 1 per version the registry refuses, read
         at scrape time from the registry itself, so it cannot drift from it."""
         self.registry.register(RefusalCollector(registry))
+
+    def failover(self, model: str, version: str, reason: str) -> Counter:
+        """The failover counter's child for a candidate and a reason (cached: per request)."""
+        key = (model, version, reason)
+        found = self._failovers.get(key)
+        if found is None:
+            found = self._failovers[key] = self.failovers.labels(*key)
+        return found
+
+    def watch_capacity(self, capacity: Capacity) -> None:
+        """Export the data port's connection and body-buffer counts, read at scrape time."""
+        self.registry.register(CapacityCollector(capacity))
 
     def variant(self, model: str, version: str, role: str) -> VariantMetrics:
         key = (model, version, role)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -44,7 +45,17 @@ class GatewayProcess:
         admin_port: int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        drain_delay_s: float = 0.0,
     ) -> None:
+        """`drain_delay_s`: how long a SIGTERM keeps serving while not ready (0: stop at
+        once, what tests and the demo want); ROLLGUARD_DRAIN_DELAY_S in `env` wins.
+
+        Admin needs a token: unless `env` gives ROLLGUARD_ADMIN_TOKEN or asks for
+        ROLLGUARD_ADMIN_AUTH, a random one is made for this process (`admin_headers`)."""
+        base = dict(os.environ if env is None else env)
+        if not base.get("ROLLGUARD_ADMIN_TOKEN") and not base.get("ROLLGUARD_ADMIN_AUTH"):
+            base["ROLLGUARD_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
+        self.admin_token = base.get("ROLLGUARD_ADMIN_TOKEN") or None
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"  # the data port
@@ -60,10 +71,15 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 command,
                 cwd=cwd,
-                env=dict(os.environ if env is None else env),
+                env={"ROLLGUARD_DRAIN_DELAY_S": f"{drain_delay_s:g}", **base},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The Authorization header the admin port wants (none with admin_auth none)."""
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
 
     async def wait_ready(self, http: aiohttp.ClientSession, limit_s: float = 60.0) -> None:
         """Return once /v2/health/ready answers 200; GatewayExited otherwise."""
@@ -87,6 +103,20 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the graceful shutdown (drain, grace) runs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    async def wait_exit(self, limit_s: float = 30.0) -> int:
+        """The exit status, once the process has ended; GatewayExited after `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        while (status := self.proc.poll()) is None:
+            if time.monotonic() > deadline:
+                raise GatewayExited(f"the gateway did not exit within {limit_s:g}s")
+            await asyncio.sleep(0.05)
+        return status
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `grace_s`."""

@@ -4,14 +4,19 @@ A connection reads requests with proxy/reading.py (keep-alive, pipelining, chunk
 gzip/deflate bodies), hands each to the `handle` coroutine and writes the answers in
 order. It owns what a server must around that:
 
+- capacity (proxy/capacity.py): connections over `max_connections` in total or
+  `max_connections_per_client` from one address are answered 503 and closed before a
+  byte of them is read; a body is admitted before it is buffered;
 - time limits: a request head must arrive within `header_timeout_s` of its first byte,
-  a body may pause at most that long between reads, and an idle kept-alive connection
-  closes after `keepalive_s`;
+  a body within `body_timeout_s` of its head, never pausing longer than
+  `header_timeout_s` (408, then close), and an idle kept-alive connection closes after
+  `keepalive_s`;
 - backpressure: at most `MAX_QUEUED` pipelined requests are buffered before the socket
   is no longer read, and a client that reads slower than we answer is waited for;
 - `100 Continue` sent when a client waits for it, never before an earlier answer;
 - refusals (malformed, too large) answered, then the connection closed;
-- a graceful `shutdown`: no new requests, the running one finishes, then close.
+- a graceful `shutdown`: no new requests, the running one finishes, those queued
+  behind it are answered 503, then close; `give_up` answers the running one 503 too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from rollguard.proxy.errors import InvalidResponse, ProxyError
+from rollguard.proxy.capacity import Capacity, Refusal
+from rollguard.proxy.errors import InvalidResponse, ProxyError, RequestTimeout, TooBusy
 from rollguard.proxy.reading import CONTINUE, Read, Refused, RequestReader
 from rollguard.proxy.wire import HttpDate, Request, Response, encode_response
 
@@ -32,6 +38,14 @@ log = logging.getLogger("rollguard")
 
 MAX_QUEUED = 4  # pipelined requests buffered before the socket is no longer read
 LINGER_S = 10.0  # a closing connection drains the client this long, so no reset loses bytes
+REFUSED_LINGER_S = 1.0  # the same for a connection turned away or timed out: it costs a fd
+_TURNED_AWAY = {
+    Refusal.MAX_CONNECTIONS: "the gateway holds max_connections connections; retry later",
+    Refusal.MAX_CONNECTIONS_PER_CLIENT: (
+        "this client address holds max_connections_per_client connections; retry later"
+    ),
+}
+_SHUTTING_DOWN = "the gateway is shutting down; retry on another instance"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 Handle = Callable[[Request], Awaitable[Response]]
@@ -45,10 +59,13 @@ class Server:
     handle: Handle  # answers a request; never raises
     refuse: Refuse  # the answer to a request we could not read (its headers so far)
     max_body: int
-    header_timeout_s: float
+    header_timeout_s: float  # a head's arrival from its first byte; a body's longest pause
+    body_timeout_s: float  # a body's arrival from the end of its head
     keepalive_s: float
+    capacity: Capacity
     date: HttpDate = field(default_factory=HttpDate)
     connections: set[Connection] = field(default_factory=set)
+    draining: bool = False  # shutting down: every answer closes its connection
 
     def __call__(self) -> Connection:
         return Connection(self)
@@ -60,7 +77,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
-        self._reader = RequestReader(server.max_body, self._received)
+        self._reader = RequestReader(server.max_body, self._received, server.capacity)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Request | Refused] = deque()
         self._worker: asyncio.Task[None] | None = None
@@ -73,24 +90,43 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when the scheduled handle fires
         self._deadline: float | None = None  # when the connection expires; None: never
+        self._phase = "idle"  # what the deadline waits for: "idle", "head" or "body"
+        self._body_until = 0.0  # the body being read must be whole by then
+        self._peer = ""  # the client's IP address, given to each request
+        self._counted = False  # in the server's capacity (not turned away)
+        self._stopping = False  # shut down: requests not started are answered 503
+        self._giving_up = False  # the shutdown grace is over for the running request
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        refusal = self._server.capacity.connect(self._peer)
+        if refusal is not None:
+            self._turn_away(self._transport, refusal)
+            return
+        self._counted = True
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._server.connections.add(self)
-        self._arm(self._server.keepalive_s)
+        self._arm(self._server.keepalive_s, "idle")
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
-        begun = reader.begun
+        if not reader.reading:
+            return  # closing, or a request that ends the connection is being answered
+        begun, in_body = reader.begun, reader.in_body
         reader.feed(data)
-        if reader.in_body or (reader.in_message and reader.begun != begun):
-            # A head is due within the limit of its first byte; a body may pause that long.
-            self._arm(self._server.header_timeout_s)
+        if reader.in_body:
+            now = self._loop.time()
+            if not in_body or reader.begun != begun:  # a body began in these bytes
+                self._body_until = now + self._server.body_timeout_s
+            self._arm_body(now)
+        elif reader.in_message and reader.begun != begun:
+            self._arm(self._server.header_timeout_s, "head")  # from the head's first byte
 
     def eof_received(self) -> bool:
         self._peer_eof = True
@@ -102,6 +138,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._server.connections.discard(self)
+        if self._counted:
+            self._counted = False
+            self._server.capacity.disconnect(self._peer)
+        self._reader.stop()  # a body half read gives back what it held
         self._disarm()
         if self._timer is not None:
             self._timer.cancel()
@@ -132,6 +172,8 @@ class Connection(asyncio.Protocol):
                 self._continue_due = True
             return
         assert isinstance(item, Request | Refused)
+        if isinstance(item, Request):
+            item.peer = self._peer
         self._queue.append(item)
         self._disarm()
         if self._worker is None:
@@ -147,9 +189,15 @@ class Connection(asyncio.Protocol):
                 item = queue[0]
                 head_only = False
                 if isinstance(item, Request):
-                    response = await server.handle(item)
                     version, keep_alive = item.version, item.keep_alive
                     head_only = item.method == "HEAD"
+                    if self._stopping:  # queued behind the request running at shutdown
+                        response = server.refuse(TooBusy(_SHUTTING_DOWN), item.headers)
+                    else:
+                        response = await self._answer(item)
+                    if item.reserved:
+                        server.capacity.release(item.reserved)
+                        item.reserved = 0
                 else:
                     response = server.refuse(item.error, item.headers)
                     version, keep_alive = "1.1", False
@@ -159,7 +207,8 @@ class Connection(asyncio.Protocol):
                 transport = self._transport
                 if transport is None:
                     break  # the client left: the answer is dropped
-                close = not keep_alive or (self._closing and not queue)
+                closing = self._closing or server.draining or self._giving_up
+                close = not keep_alive or (closing and not queue)
                 date = server.date()
                 try:
                     data = encode_response(response, date, version, not close, head_only)
@@ -183,11 +232,29 @@ class Connection(asyncio.Protocol):
         finally:
             self._worker = None
         if self._transport is None:
+            for item in queue:
+                if isinstance(item, Request) and item.reserved:
+                    server.capacity.release(item.reserved)
             queue.clear()
-        elif not self._reader.in_message:
-            self._arm(server.keepalive_s)
+        elif self._reader.in_body:
+            self._arm_body(self._loop.time())
+        elif self._reader.in_message:
+            self._arm(server.header_timeout_s, "head")
         else:
-            self._arm(server.header_timeout_s)
+            self._arm(server.keepalive_s, "idle")
+
+    async def _answer(self, request: Request) -> Response:
+        """The handler's answer; 503 if the shutdown grace ran out before it came."""
+        try:
+            return await self._server.handle(request)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._giving_up or task is None:
+                raise
+            task.uncancel()
+            log.info("%s %s: unanswered when the shutdown grace ran out", request.method,
+                     request.path)  # fmt: skip
+            return self._server.refuse(TooBusy(_SHUTTING_DOWN), request.headers)
 
     # --- connection state ----------------------------------------------------------------
 
@@ -201,11 +268,18 @@ class Connection(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
 
-    def _arm(self, seconds: float) -> None:
+    def _arm(self, seconds: float, phase: str) -> None:
         """Expire the connection `seconds` from now: idle keep-alive, or a request's head
         or body that stopped arriving."""
-        deadline = self._loop.time() + seconds
+        self._arm_at(self._loop.time() + seconds, phase)
+
+    def _arm_body(self, now: float) -> None:
+        """A body: whole by `_body_until`, and no pause longer than the header limit."""
+        self._arm_at(min(self._body_until, now + self._server.header_timeout_s), "body")
+
+    def _arm_at(self, deadline: float, phase: str) -> None:
         self._deadline = deadline
+        self._phase = phase
         if self._timer is None or deadline < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
@@ -225,12 +299,33 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(deadline, self._expired)
             return
         self._deadline = None
-        if self._transport is not None and self._worker is None and not self._queue:
-            self._transport.close()  # idle, or a request that never finished arriving
+        transport = self._transport
+        if transport is None or self._worker is not None or self._queue:
+            return
+        phase = self._phase
+        self._server.capacity.timed_out[phase] += 1
+        if phase == "idle":
+            transport.close()
+            return
+        # A head or a body that stopped arriving: say so, and close.
+        limit = "header_timeout_s" if phase == "head" else "body_timeout_s / header_timeout_s"
+        error = RequestTimeout(f"the request {phase} did not arrive in time ({limit})")
+        self._write_final(transport, self._server.refuse(error, {}))
+        self._close(transport, REFUSED_LINGER_S)
 
-    def _close(self, transport: asyncio.Transport) -> None:
+    def _turn_away(self, transport: asyncio.Transport, refusal: Refusal) -> None:
+        """A connection over a cap: 503 before reading anything, then close."""
+        self._reader.stop()
+        log.debug("connection from %s refused: %s", self._peer, refusal.value)
+        self._write_final(transport, self._server.refuse(TooBusy(_TURNED_AWAY[refusal]), {}))
+        self._close(transport, REFUSED_LINGER_S)
+
+    def _write_final(self, transport: asyncio.Transport, response: Response) -> None:
+        transport.write(encode_response(response, self._server.date(), "1.1", False))
+
+    def _close(self, transport: asyncio.Transport, linger_s: float = LINGER_S) -> None:
         """Close after the answer is sent: FIN, then drain the client until its EOF or
-        LINGER_S, so that unread bytes do not turn into a reset that loses the answer."""
+        `linger_s`, so that unread bytes do not turn into a reset that loses the answer."""
         self._reader.stop()
         if self._peer_eof or not transport.can_write_eof():
             transport.close()
@@ -238,7 +333,7 @@ class Connection(asyncio.Protocol):
         transport.write_eof()
         self._resume_reading()
         self._disarm()
-        self._loop.call_later(LINGER_S, transport.abort)  # a no-op once it has closed
+        self._loop.call_later(linger_s, transport.abort)  # a no-op once it has closed
 
     @property
     def worker(self) -> asyncio.Task[None] | None:
@@ -246,12 +341,19 @@ class Connection(asyncio.Protocol):
         return self._worker
 
     def shutdown(self) -> None:
-        """Take no new requests: close now if idle, else after the one running."""
+        """Take no new requests: close now if idle, else once the one running is answered
+        (and those queued behind it, 503: they never started)."""
         self._reader.stop()
-        self._closing = True
-        while len(self._queue) > 1:
-            self._queue.pop()
+        self._closing = self._stopping = True
         if not self._queue and self._transport is not None:
+            self._transport.close()
+
+    def give_up(self) -> None:
+        """The shutdown grace is over: the request running is answered 503, then close."""
+        self._giving_up = True
+        if self._worker is not None:
+            self._worker.cancel()
+        elif self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:

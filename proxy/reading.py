@@ -5,6 +5,10 @@ in order: a `Request`, a `Refused` one (malformed, too large, an encoding we do 
 take: nothing after it is read), or `CONTINUE` when a client waits for a 100 before
 sending its body. An Upgrade offer (h2c, websocket) is ignored, as a server may: the
 connection stays HTTP/1.1 and the offer's body is read as any other.
+
+With a `Capacity`, a body is admitted at the end of its head, before any of it is
+buffered (503 when the data port is full); the bytes it reserves as they arrive (503 if
+the budget runs out) travel with its `Request` (`reserved`) until it is answered.
 """
 
 from __future__ import annotations
@@ -16,12 +20,23 @@ from typing import Final, NoReturn
 
 import httptools
 
-from rollguard.proxy.errors import BodyTooLarge, MalformedRequest, ProxyError, UnsupportedEncoding
+from rollguard.proxy.capacity import Capacity, Refusal
+from rollguard.proxy.errors import (
+    BodyTooLarge,
+    MalformedRequest,
+    ProxyError,
+    TooBusy,
+    UnsupportedEncoding,
+)
 from rollguard.proxy.wire import Request
 
 MAX_URL = 8190
 MAX_HEADERS = 128
 MAX_HEADER_BYTES = 64 * 1024
+_FULL = {
+    Refusal.OVERLOADED: "too many requests in flight or arriving (max_inflight); retry later",
+    Refusal.BUFFER_FULL: "too many request bytes buffered (max_buffered_bytes); retry later",
+}
 
 
 @dataclass(slots=True)
@@ -52,9 +67,12 @@ class RequestReader:
     and `begun` counts messages begun, for the connection's timers.
     """
 
-    def __init__(self, max_body: int, deliver: Callable[[Read], None]) -> None:
+    def __init__(
+        self, max_body: int, deliver: Callable[[Read], None], capacity: Capacity | None = None
+    ) -> None:
         self._max_body = max_body
         self._deliver = deliver
+        self._capacity = capacity
         self._parser = httptools.HttpRequestParser(self)
         self.reading = True
         self.in_message = False
@@ -64,13 +82,18 @@ class RequestReader:
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
-        self._chunks: list[bytes] = []
+        # The body: its first piece as given, then all of it in one growing buffer (a
+        # trickled body is not held as thousands of small objects).
+        self._first = b""
+        self._rest = bytearray()
         self._size = 0
         self._encoding = ""
+        self._admitted = False  # the body holds a `Capacity` slot while it arrives
+        self._reserved = 0  # bytes it holds in the `Capacity` budget
         # A request that offered an Upgrade, held until its body is read (see feed).
         self._held: Request | None = None
         self._held_length = 0
-        self._held_body = b""
+        self._held_body = bytearray()
 
     def feed(self, data: bytes) -> None:
         if not self.reading:
@@ -98,8 +121,10 @@ class RequestReader:
         self.feed(data[offset:])
 
     def stop(self) -> None:
-        """Read nothing more."""
+        """Read nothing more; a message half read gives back what it held."""
         self.reading = False
+        self._held, self._held_body = None, bytearray()
+        self._give_back()
 
     # --- httptools callbacks -------------------------------------------------------------
 
@@ -109,8 +134,8 @@ class RequestReader:
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
-        self._chunks = []
         self._size = 0
+        self._give_back()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -136,9 +161,17 @@ class RequestReader:
                 BodyTooLarge(f"body of {length} bytes exceeds the limit of {self._max_body}")
             )
         expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            self._refuse(UnsupportedEncoding(f"Expect {expect!r} is not supported"))
+        capacity = self._capacity
+        if capacity is not None and (length not in (None, "0") or "transfer-encoding" in headers):
+            # A body: admitted first. Its bytes are reserved as they arrive, so that a
+            # client must send what it holds (a declared length costs it nothing).
+            refusal = capacity.admit_body(0)
+            if refusal is not None:
+                self._refuse(TooBusy(_FULL[refusal]))
+            self._admitted = True
         if expect is not None:
-            if expect.lower() != "100-continue":
-                self._refuse(UnsupportedEncoding(f"Expect {expect!r} is not supported"))
             self._deliver(CONTINUE)
         self.in_body = True
 
@@ -146,12 +179,21 @@ class RequestReader:
         self._size += len(body)
         if self._size > self._max_body:  # chunked: no length said up front
             self._refuse(BodyTooLarge(f"body exceeds the limit of {self._max_body} bytes"))
-        self._chunks.append(body)
+        if self._size > self._reserved and self._admitted:
+            self._reserve(self._size - self._reserved)
+        if self._rest:
+            self._rest += body
+        elif not self._first:
+            self._first = body
+        else:
+            self._rest += self._first
+            self._rest += body
+            self._first = b""
 
     def on_message_complete(self) -> None:
         self.in_message = self.in_body = False
-        chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = bytes(self._rest) if self._rest else self._first
+        self._first, self._rest = b"", bytearray()
         parser = self._parser
         keep_alive = parser.should_keep_alive()
         if self._encoding != "identity":
@@ -159,6 +201,8 @@ class RequestReader:
                 body = _inflate(body, self._encoding, self._max_body)
             except ProxyError as exc:
                 self._refuse(exc)
+            if len(body) > self._reserved and self._admitted:
+                self._reserve(len(body) - self._reserved)
         raw = self._url.decode("utf-8", "surrogateescape")
         if raw[:1] != "/":  # absolute-form (RFC 9112 3.2.2): the path is what is asked for
             raw = _origin_form(raw)
@@ -177,9 +221,10 @@ class RequestReader:
             if "transfer-encoding" in self._headers or not length.isdigit():
                 self._refuse(MalformedRequest("an Upgrade offer needs a Content-Length body"))
             if int(length) > 0:  # llhttp leaves the body to us: hold the request for it
-                self._held, self._held_length, self._held_body = request, int(length), b""
+                self._held, self._held_length, self._held_body = request, int(length), bytearray()
                 self.in_message = self.in_body = True
                 return
+        request.reserved = self._handed_over()
         self._deliver(request)
         if not keep_alive:
             self.reading = False
@@ -192,11 +237,23 @@ class RequestReader:
         held = self._held
         assert held is not None
         need = self._held_length - len(self._held_body)
-        self._held_body += data[:need]
+        piece = data[:need]
+        capacity = self._capacity
+        if capacity is not None and self._admitted:
+            if capacity.grow(len(piece)) is not None:
+                self._held = None
+                self.reading = False
+                self.in_message = self.in_body = False
+                self._give_back()
+                self._deliver(Refused(TooBusy(_FULL[Refusal.BUFFER_FULL]), held.headers))
+                return b""
+            self._reserved += len(piece)
+        self._held_body += piece
         if len(self._held_body) < self._held_length:
             return b""
-        held.body, self._held = self._held_body, None
+        held.body, self._held = bytes(self._held_body), None
         self.in_message = self.in_body = False
+        held.reserved = self._handed_over()
         self._deliver(held)
         if not held.keep_alive:
             self.reading = False
@@ -207,8 +264,36 @@ class RequestReader:
         """Deliver `error` for the message being read; read nothing after it."""
         self.reading = False
         self.in_message = self.in_body = False
+        self._give_back()
         self._deliver(Refused(error, self._headers))
         raise _Stop
+
+    def _reserve(self, extra: int) -> None:
+        """`extra` more bytes for the admitted body; refused (503) when the budget is full."""
+        assert self._capacity is not None
+        if self._capacity.grow(extra) is not None:
+            self._refuse(TooBusy(_FULL[Refusal.BUFFER_FULL]))
+        self._reserved += extra
+
+    def _handed_over(self) -> int:
+        """The message is a Request now: its slot is free, its bytes go with it."""
+        reserved = self._reserved
+        if self._admitted:
+            assert self._capacity is not None
+            self._capacity.received()
+        self._admitted, self._reserved = False, 0
+        return reserved
+
+    def _give_back(self) -> None:
+        """Free what the message being read holds (refused, abandoned): its body so far,
+        and its share of the `Capacity`."""
+        self._first, self._rest = b"", bytearray()
+        capacity = self._capacity
+        if capacity is not None:
+            if self._admitted:
+                capacity.received()
+            capacity.release(self._reserved)
+        self._admitted, self._reserved = False, 0
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:

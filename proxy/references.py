@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -27,8 +28,8 @@ class DriftReferences:
             ref = None
             try:
                 loaded = self._registry.get(model, version)
-                if loaded.manifest.reference:
-                    data = np.load(loaded.directory / loaded.manifest.reference)
+                if loaded.reference is not None:  # the bytes verified against model.yaml
+                    data = np.load(io.BytesIO(loaded.reference), allow_pickle=False)
                     ref = data if isinstance(data, np.ndarray) else next(iter(data.values()))
                     ref = ref.reshape(ref.shape[0], -1).astype(np.float32)
             except (ServingError, OSError, ValueError) as exc:

@@ -5,6 +5,11 @@ this shell gathers the evidence it decides from and runs the effects it returns,
 once and in order, in `_run`: the state store, the audit log, webhooks, the windows,
 and the routing table, which `_publish` alone swaps, only when it differs.
 
+Every `failover_poll_s` it asks the registry whether each rollout's candidate can take
+traffic and hands the answer to the core (`lifecycle.observe`), which begins a waiting
+rollout, fails a candidate's share over to stable, or rolls back; the request path
+guards the moments between a refusal and the next look (proxy/inference.py).
+
 Everything here runs on the event-loop thread (the tick tasks, admin handlers, the
 policy watcher), so no locks are taken. Times are wall-clock seconds, not monotonic:
 step start times and approvals are persisted and must mean the same after a restart.
@@ -24,19 +29,30 @@ import aiohttp
 
 from rollguard.policy import lifecycle
 from rollguard.policy.audit import AuditLog, read_entries
-from rollguard.policy.effects import Audit, ResetWindows, Route, Save, SetLatencyThreshold
+from rollguard.policy.decision import Action
+from rollguard.policy.effects import (
+    Audit,
+    Effect,
+    ResetWindows,
+    Route,
+    Save,
+    SetLatencyThreshold,
+)
 from rollguard.policy.errors import PolicyError, RolloutNotFound
 from rollguard.policy.evidence import Evidence
+from rollguard.policy.keys import load_key
+from rollguard.policy.recovery import recover
 from rollguard.policy.schema import Rollout, Spec
 from rollguard.policy.state import Phase, RolloutState
 from rollguard.policy.store import StateStore
-from rollguard.policy.watcher import Applied, PolicyDirectory, Rejected, Removed
+from rollguard.policy.watcher import Applied, PolicyDirectory, PolicyEvent, Rejected, Removed
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.notify import Notifier
 from rollguard.proxy.references import DriftReferences
 from rollguard.proxy.routing import KeySource, Router, SplitTable
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.windows import VariantWindow, Windows
+from rollguard.serving.availability import Availability
 from rollguard.serving.errors import ServingError
 from rollguard.serving.registry import Registry
 
@@ -74,13 +90,22 @@ class Rollouts:
     def __init__(self, inference: InferenceView, settings: Settings) -> None:
         self.inference = inference
         self.settings = settings
-        self.directory = PolicyDirectory(settings.policies)
-        self.store = StateStore(settings.state / "rollouts")
+        self.directory = PolicyDirectory(
+            settings.policies, webhook_hosts=settings.webhook_allowed_hosts
+        )
+        key = load_key(settings.audit_key, settings.audit_key_file, settings.state)
+        self.store = StateStore(settings.state / "rollouts", key=key)
         self.audit_path = settings.state / "audit.jsonl"
-        self.audit = AuditLog(self.audit_path)
+        # Verifies the chain: a torn tail is repaired, a break reported (or refused).
+        self.audit = AuditLog(self.audit_path, key=key, refuse_broken=settings.audit_refuse_broken)
+        inference.metrics.audit_chain_ok.set(1 if self.audit.chain_ok else 0)
         self.rejected: dict[str, str] = {}  # file -> error
+        # The gateway's listening ports, which webhooks never reach; the gateway adds each
+        # port it listens on (port 0 in the settings is only known once it listens).
+        self.own_ports: set[int] = {p for p in (settings.port, settings.admin_port) if p}
         self._managed: dict[str, _Managed] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._looking: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._notifier: Notifier | None = None
         self.references = DriftReferences(inference.registry)
@@ -89,13 +114,21 @@ class Rollouts:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        self._notifier = Notifier(self._session)
+        hosts = self.settings.webhook_allowed_hosts
+        self._notifier = Notifier(
+            self._session,
+            allowed_hosts=hosts,
+            own_ports=self.own_ports,
+            counter=self.inference.metrics.webhooks,
+        )
         self.settings.state.mkdir(parents=True, exist_ok=True)
-        self.reload()
+        self._apply_scan(await asyncio.to_thread(self.directory.scan))
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+        self._looking = asyncio.get_running_loop().create_task(self._availability_loop())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._watch, *(m.task for m in self._managed.values())) if t]
+        own = (self._watch, self._looking)
+        tasks = [t for t in (*own, *(m.task for m in self._managed.values())) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -109,14 +142,48 @@ class Rollouts:
         while True:
             await asyncio.sleep(self.settings.policy_poll_s)
             try:
-                self.reload()
+                # Reading and parsing YAML happen in a thread: the event loop keeps serving.
+                self._apply_scan(await asyncio.to_thread(self.directory.scan))
             except Exception:  # the watcher must outlive any one bad scan
                 log.exception("policy scan failed")
 
+    async def _availability_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.failover_poll_s)
+            for name in list(self._managed):
+                try:
+                    self.observe(name)
+                except (PolicyError, OSError) as exc:  # a failed save: the next look retries
+                    log.error("rollout %s: failover check failed: %s", name, exc)
+                except Exception:  # failover must outlive any one bad look
+                    log.exception("rollout %s: failover check failed", name)
+
+    def observe(self, name: str) -> None:
+        """Hand the registry's word on a rollout's candidate to the core, and run the result."""
+        managed = self._get(name)
+        rollout = managed.rollout
+        transition = lifecycle.observe(
+            rollout, managed.state, self._unavailable(rollout.spec), _now()
+        )
+        if transition.effects:
+            self._run(managed, rollout, transition)
+            decision = transition.decision
+            if decision.action is not Action.NONE:  # not a reason's bookkeeping
+                self.inference.metrics.decisions.labels(name, decision.action.value).inc()
+                log.warning("rollout %s: %s", name, decision.reason)
+
+    def _unavailable(self, spec: Spec) -> str | None:
+        """None when the rollout's candidate can take traffic, else why not."""
+        found = self.inference.registry.availability(spec.model, spec.candidate)
+        return None if found is Availability.READY else found.value
+
     def reload(self) -> None:
         """Scan the policies directory once and apply what changed."""
+        self._apply_scan(self.directory.scan())
+
+    def _apply_scan(self, events: list[PolicyEvent]) -> None:
         errors = self.inference.metrics.policy_errors
-        for event in self.directory.scan():
+        for event in events:
             if isinstance(event, Applied):
                 self.rejected.pop(str(event.path), None)
                 errors.labels(str(event.path)).set(0)
@@ -129,9 +196,14 @@ class Rollouts:
                 self.audit.append("policy_rejected", event.name, ADMIN_ACTOR, data)
             elif isinstance(event, Removed):
                 self._removed(event)
-        for path in [p for p in self.rejected if not Path(p).exists()]:
-            del self.rejected[path]  # a rejected file that was deleted is no longer an error
+        # The directory's word on what is rejected now: an unreadable file stays rejected on
+        # every scan; a deleted or fixed one is no longer an error.
+        now = {str(path): error for path, error in self.directory.rejected().items()}
+        for path in self.rejected.keys() - now.keys():
             errors.labels(path).set(0)
+        for path in now.keys() - self.rejected.keys():
+            errors.labels(path).set(1)
+        self.rejected = now
 
     def _applied(self, event: Applied) -> None:
         rollout, managed = event.rollout, self._managed.get(event.name)
@@ -139,15 +211,15 @@ class Rollouts:
         self.audit.append("policy_applied", event.name, ADMIN_ACTOR, data)
         self._prepare_windows(rollout.spec)
         if managed is not None:
-            self._run(
-                managed, rollout, lifecycle.edit(managed.rollout, managed.state, rollout, _now())
-            )
+            candidate = self._unavailable(rollout.spec)
+            transition = lifecycle.edit(managed.rollout, managed.state, rollout, _now(), candidate)
+            self._run(managed, rollout, transition)
             managed.path = event.path
             log.info("rollout %s updated (%s)", event.name, ", ".join(event.changed_fields))
             return
-        saved = self.store.load(event.name)
+        saved = recover(event.name, self.store, self.audit).state  # checked against the log
         state = None if saved is None else RolloutState.from_json(saved)
-        transition = lifecycle.start(rollout, state, _now())
+        transition = lifecycle.start(rollout, state, _now(), self._unavailable(rollout.spec))
         managed = _Managed(rollout, transition.state, event.path)
         self._run(managed, rollout, transition)
         self._managed[event.name] = managed
@@ -179,18 +251,19 @@ class Rollouts:
         """
         spec, windows = rollout.spec, self._windows(rollout.spec)
         recorded: RolloutState | None = None  # saved; its audit entry may still be due
-        for effect in transition.effects:
+        for i, effect in enumerate(transition.effects):
             if recorded is not None and not isinstance(effect, Audit):
                 managed.rollout, managed.state, recorded = rollout, recorded, None
             if isinstance(effect, Save):
-                self.store.save(rollout.name, effect.state.to_json())
+                seq = self.audit.record_seq(rollout.name, _next_kind(transition.effects, i))
+                self.store.save(rollout.name, effect.state.to_json(), audit_seq=seq)
                 recorded = effect.state
             elif isinstance(effect, Audit):
                 record = self.audit.append(effect.kind, rollout.name, effect.actor, effect.data)
                 if effect.announce and self._notifier is not None and spec.notify:
                     self._notifier.send(spec.notify, record)
             elif isinstance(effect, Route):
-                self._publish(_table(spec, effect), (rollout.name, effect.phase))
+                self._publish(_table(spec, effect), effect.state)
             elif isinstance(effect, ResetWindows):
                 for window in windows:
                     window.reset()
@@ -199,11 +272,11 @@ class Rollouts:
                     window.set_latency_threshold(effect.seconds)
         managed.rollout, managed.state = rollout, transition.state
 
-    def _publish(self, table: SplitTable, gauges: tuple[str, Phase] | None = None) -> None:
+    def _publish(self, table: SplitTable, gauges: RolloutState | None = None) -> None:
         """The one place that publishes a routing table, swapped only when it differs.
 
-        `gauges`: the rollout and phase to report beside the table's weight (a phase
-        can change while the table stays the same, e.g. awaiting approval).
+        `gauges`: the rollout state to report beside the table's weight (a phase can
+        change while the table stays the same, e.g. awaiting approval).
         """
         metrics, router = self.inference.metrics, self.inference.router
         served = router.table(table.model)
@@ -217,11 +290,13 @@ class Rollouts:
                 for version in (table.stable, table.candidate):
                     self.inference.windows.get(table.model, version).reset_routed()
         if gauges is not None:
-            name, phase = gauges
+            name, phase = gauges.name, gauges.phase
             labels = (table.model, name, table.stable, table.candidate or "")
             metrics.weight.labels(*labels).set(table.weight)
             for each in Phase:
                 metrics.phase.labels(name, each.value).set(1 if each is phase else 0)
+            metrics.unavailable.labels(name).set(0 if gauges.unavailable is None else 1)
+            metrics.inconclusive.labels(name).set(0 if gauges.inconclusive is None else 1)
 
     # -- one rollout's evidence --
 
@@ -245,6 +320,7 @@ class Rollouts:
 
     def tick(self, name: str) -> dict[str, Any]:
         """Run one decision for a rollout now (the loop calls this; so can tests)."""
+        self.observe(name)
         managed = self._get(name)
         rollout = managed.rollout
         spec, (stable, candidate) = rollout.spec, self._windows(rollout.spec)
@@ -289,7 +365,13 @@ class Rollouts:
         return {
             "rollouts": [self._describe(m, False) for m in self._managed.values()],
             "rejected": [{"file": f, "error": e} for f, e in sorted(self.rejected.items())],
+            "audit": self.audit_status(),
         }
+
+    def audit_status(self) -> dict[str, Any]:
+        """How the audit chain verified at start: chain_ok, the first problem, keyed or not."""
+        audit = self.audit
+        return {"chain_ok": audit.chain_ok, "problem": audit.problem, "keyed": audit.keyed}
 
     def describe(self, name: str) -> dict[str, Any]:
         return self._describe(self._get(name), True)
@@ -319,8 +401,16 @@ def _table(spec: Spec, route: Route) -> SplitTable:
         weight=route.weight,
         split=spec.split,
         key_source=KeySource.parse(spec.key) if spec.key else None,
-        shadows=(spec.candidate,) if route.mirroring else (),
+        # No copies to a candidate that cannot take them.
+        shadows=(spec.candidate,) if route.mirroring and route.failover is None else (),
+        failover=route.failover,
     )
+
+
+def _next_kind(effects: tuple[Effect, ...], i: int) -> str | None:
+    """The audit kind right after effect i, if an Audit follows it (a Save's record)."""
+    following = effects[i + 1] if i + 1 < len(effects) else None
+    return following.kind if isinstance(following, Audit) else None
 
 
 def _now() -> float:

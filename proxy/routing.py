@@ -1,7 +1,9 @@
 """Per-request variant choice: sticky hash or random splits on precomputed tables.
 
 The policy engine builds one immutable `SplitTable` per model and swaps it into the
-`Router`; the request path only reads a dict and does integer comparisons.
+`Router`; the request path only reads a dict and does integer comparisons. A table
+whose candidate cannot take traffic says why (`failover`): the split still picks the
+candidate for its share, and the request path serves that share from the stable.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class SplitTable:
     split: SplitMode = "hash"
     key_source: KeySource | None = None
     shadows: tuple[str, ...] = ()
+    # Why the candidate cannot take traffic now (an Availability value), or None.
+    failover: str | None = None
     rng: RandomSource = field(default=_RNG, repr=False, compare=False)
     threshold: int = field(init=False)  # basis points: weight * 100, rounded
     _stable: tuple[str, Role] = field(init=False, repr=False, compare=False)

@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rollguard.proxy.auth import AuthConfig
+from rollguard.proxy.limits import RateLimitConfig
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "rollguard.yaml"
 ENV_PREFIX = "ROLLGUARD_"
 
@@ -30,17 +33,35 @@ class Settings(BaseModel):
     registry: Path = Path("registry")
     policies: Path = Path("policies")
     state: Path = Path(".rollguard")
-    admin_token: str | None = None  # from ROLLGUARD_ADMIN_TOKEN, never the config file
+    audit_key: str | None = Field(default=None, repr=False)  # ROLLGUARD_AUDIT_KEY only: HMAC key
+    audit_key_file: Path | None = None  # or the key in a file outside the state directory
+    audit_refuse_broken: bool = False  # true: a broken audit chain stops the start
+    admin_token: str | None = Field(default=None, repr=False)  # ROLLGUARD_ADMIN_TOKEN only
+    admin_auth: Literal["token", "none"] = "token"  # none: admin without a token, loopback only
+    metrics_auth: Literal["none", "token"] = "none"  # token: /metrics needs the admin token too
+    webhook_allowed_hosts: tuple[str, ...] = ()  # host, host:port or *.domain webhooks may reach
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_inflight: int = Field(default=512, ge=1)
+    data_auth: AuthConfig = Field(default_factory=AuthConfig)  # data-port credentials
+    jwt_secret: str | None = Field(default=None, repr=False)  # ROLLGUARD_JWT_SECRET only
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)  # per client
+    max_buffered_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # all bodies held
+    max_connections: int = Field(default=4096, ge=1)  # data-port connections in total
+    max_connections_per_client: int = Field(default=1024, ge=0)  # per address; 0: no cap
     header_timeout_s: float = Field(default=10.0, gt=0)  # a head's arrival; a body's pauses
+    body_timeout_s: float = Field(default=60.0, gt=0)  # a whole body's arrival after its head
     keepalive_s: float = Field(default=75.0, gt=0)  # idle kept-alive connections close
+    drain_delay_s: float = Field(default=5.0, ge=0)  # SIGTERM: not ready, still serving
     shutdown_grace_s: float = Field(default=5.0, ge=0)  # requests in flight at shutdown
     request_timeout_s: float = Field(default=10.0, gt=0)
-    executor_threads: int = Field(default=2, ge=1, le=256)
+    executor_threads: int = Field(default=2, ge=1, le=256)  # per local version, its own
+    version_concurrency: int = Field(default=64, ge=1)  # calls running in one version
+    version_queue: int = Field(default=256, ge=0)  # calls waiting for one; then 503 at once
+    shadow_threads: int = Field(default=1, ge=1, le=64)  # a local version's, for shadow copies
     inline_below_us: float = Field(default=100.0, ge=0)  # faster models skip the executor
     registry_poll_s: float = Field(default=2.0, gt=0)
     policy_poll_s: float = Field(default=2.0, gt=0)
+    failover_poll_s: float = Field(default=0.25, gt=0)  # rollouts re-read candidates' availability
     window: int = Field(default=2000, ge=10)  # per-variant ring buffer, when no policy says
     feedback_capacity: int = Field(default=100_000, ge=100)
     shadow_queue: int = Field(default=256, ge=0)
@@ -62,6 +83,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: expected a mapping of settings")
     if "admin_token" in data:
         raise SettingsError(f"{path}: admin_token belongs in ${ENV_PREFIX}ADMIN_TOKEN, not a file")
+    if "audit_key" in data:
+        raise SettingsError(f"{path}: audit_key belongs in ${ENV_PREFIX}AUDIT_KEY, not a file")
+    if "jwt_secret" in data:
+        raise SettingsError(f"{path}: jwt_secret belongs in ${ENV_PREFIX}JWT_SECRET, not a file")
     # Relative paths in a config file are relative to the working directory, like flags.
     return data
 
@@ -80,11 +105,13 @@ def load_settings(
     fields = Settings.model_fields
     for name in fields:
         value = environ.get(ENV_PREFIX + name.upper())
-        if value is not None and value != "":
+        if value is not None and (value != "" or name == "admin_token"):  # empty: refused
             merged[name] = value
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if isinstance(merged.get("log_level"), str):
         merged["log_level"] = merged["log_level"].upper()
+    if isinstance(hosts := merged.get("webhook_allowed_hosts"), str):  # from the environment
+        merged["webhook_allowed_hosts"] = [h.strip() for h in hosts.split(",") if h.strip()]
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

@@ -9,8 +9,19 @@ from http import HTTPStatus
 
 SERVER = "rollguard"
 JSON = "application/json"
+# On every answer of the data port: a JSON API that no browser should sniff, render,
+# frame or cache.
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+)
+_FIXED = f"Server: {SERVER}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in SECURITY_HEADERS)
 _LINES = {
-    (version, s.value): f"HTTP/{version} {s.value} {s.phrase}\r\nServer: {SERVER}\r\n"
+    (version, s.value): f"HTTP/{version} {s.value} {s.phrase}\r\n{_FIXED}"
     for s in HTTPStatus
     for version in ("1.0", "1.1")
 }
@@ -27,6 +38,8 @@ class Request:
     body: bytes
     version: str  # "1.1" or "1.0"
     keep_alive: bool
+    peer: str = ""  # the client's IP address, set by the connection
+    reserved: int = 0  # body bytes it holds of the data port's buffer budget (capacity.py)
 
 
 @dataclass(slots=True)
@@ -66,7 +79,7 @@ def encode_response(
     Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones.
     """
     status = response.status
-    line = _LINES.get((version, status)) or f"HTTP/{version} {status}\r\nServer: {SERVER}\r\n"
+    line = _LINES.get((version, status)) or f"HTTP/{version} {status}\r\n{_FIXED}"
     head = f"{line}Date: {date}\r\n"
     if response.content_type is not None:
         head += f"Content-Type: {response.content_type}\r\n"

@@ -22,7 +22,7 @@ from rollguard.serving.errors import (
     ServingError,
     VersionNotFound,
 )
-from rollguard.serving.hashing import sha256_file
+from rollguard.serving.hashing import PinnedBytes, read_file, sha256_file
 from rollguard.serving.manifest import (
     ARTIFACT_SUFFIXES,
     MANIFEST_NAME,
@@ -30,9 +30,9 @@ from rollguard.serving.manifest import (
     Manifest,
     Stage,
     dump_manifest,
-    load_manifest,
+    manifest_from_bytes,
 )
-from rollguard.serving.signatures import read_signature
+from rollguard.serving.signatures import onnx_external_files, read_signature
 
 Status = Literal["ok", "refused"]
 # (file name, st_dev, st_ino, st_size, st_mtime_ns) of every visible file, sorted.
@@ -100,17 +100,17 @@ def scan_versions(root: Path) -> dict[tuple[str, str], tuple[Path, Fingerprint]]
     return {(m, v): (d, fingerprint(d)) for m, v, d in version_directories(root)}
 
 
-def verify_directory(directory: Path, model: str, version: str) -> Manifest:
-    """The version's manifest once it validates, names its directories and its
-    artifact's sha256 matches; ManifestError / ArtifactError naming the file otherwise.
-    Blocking (reads and hashes the artifact): call it off the event loop."""
+def read_manifest(directory: Path, model: str, version: str) -> Manifest:
+    """The version's model.yaml once it validates and names its directories;
+    ManifestError naming the file otherwise."""
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ManifestError(f"{manifest_path}: missing")
     try:
-        manifest = load_manifest(manifest_path)
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{manifest_path}: not UTF-8 text: {exc.reason}") from None
+        raw = read_file(directory, MANIFEST_NAME)
+    except ArtifactError as exc:
+        raise ManifestError(str(exc)) from None
+    manifest = manifest_from_bytes(raw, str(manifest_path))
     for field, value, expected in (
         ("name", manifest.name, model),
         ("version", manifest.version, version),
@@ -119,21 +119,20 @@ def verify_directory(directory: Path, model: str, version: str) -> Manifest:
             raise ManifestError(
                 f"{manifest_path}: {field} {value!r} does not match its directory {expected!r}"
             )
-    if manifest.framework == "http":
-        return manifest
-    assert manifest.artifact is not None
-    artifact = directory / manifest.artifact
-    if not artifact.is_file():
-        raise ArtifactError(f"{artifact}: artifact named in model.yaml is missing")
-    try:
-        actual = sha256_file(artifact)
-    except OSError as exc:
-        raise ArtifactError(f"{artifact}: cannot read: {exc.strerror or exc}") from None
-    if actual != manifest.sha256:
-        raise ArtifactError(
-            f"{artifact}: sha256 {actual} does not match {manifest.sha256} in model.yaml"
-        )
     return manifest
+
+
+def read_version(directory: Path, model: str, version: str) -> tuple[Manifest, PinnedBytes]:
+    """The version's manifest and the bytes of every file it pins, each read once and
+    checked against its sha256 (serving/hashing.py); ManifestError / ArtifactError
+    naming the file otherwise. Blocking (reads whole files): call it off the event loop."""
+    manifest = read_manifest(directory, model, version)
+    return manifest, PinnedBytes.read(directory, manifest)
+
+
+def verify_directory(directory: Path, model: str, version: str) -> Manifest:
+    """`read_version` without keeping the bytes: what `registry verify` checks."""
+    return read_version(directory, model, version)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +171,8 @@ def _inspect(model: str, version: str, directory: Path) -> VersionInfo:
         manifest = verify_directory(directory, model, version)
     except ServingError as exc:
         try:  # still report framework and stage when only the artifact is at fault
-            partial: Manifest | None = load_manifest(directory / MANIFEST_NAME)
-        except (ManifestError, UnicodeDecodeError):
+            partial: Manifest | None = read_manifest(directory, model, version)
+        except ServingError:
             partial = None
         return VersionInfo(model, version, directory, "refused", str(exc), partial)
     return VersionInfo(model, version, directory, "ok", None, manifest)
@@ -226,12 +225,20 @@ def add(
     created_by: str | None = None,
     endpoint: str | None = None,
     trusted_types: list[str] | None = None,
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    trust_pickle: bool = False,
+    reference: Path | None = None,
 ) -> Path:
     """Copy an artifact into root/model/version with a model.yaml; returns the directory.
 
-    Inputs and outputs are read from the artifact where its format states them,
-    otherwise left empty with a warning. `trusted_types` are skops types the caller
-    vouches for (never guessed). For `framework="http"` pass `endpoint`, no artifact.
+    Inputs and outputs are `inputs`/`outputs` when given, otherwise read from the
+    artifact where its format states them without running it (ONNX graph, skops), or,
+    for a pickle, only when `trust_pickle` says the caller would serve the file anyway;
+    else left empty with a warning. `trusted_types` are skops types the caller vouches
+    for (never guessed). An ONNX model's external data files (found with the `onnx`
+    package) and `reference` (a .npy/.npz drift sample) are copied too and pinned by
+    their sha256 in `files`. For `framework="http"` pass `endpoint`, no artifact.
     The version is assembled under a hidden name in root and renamed into place, so a
     watching registry never sees it half-copied; an existing version is never
     overwritten (FileExistsError).
@@ -248,6 +255,8 @@ def add(
         raise FileExistsError(f"{target}: version already exists; versions are never overwritten")
     if framework != "http" and (artifact is None or not artifact.is_file()):
         raise ArtifactError(f"{artifact}: no such file")
+    if reference is not None and reference.suffix not in (".npy", ".npz"):
+        raise ArtifactError(f"{reference}: a reference sample is a .npy or .npz file")
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".adding-", dir=root))
     try:
@@ -261,16 +270,31 @@ def add(
             "created_by": created_by,
             "created_at": datetime.now(UTC),
             "trusted_types": list(trusted_types or []),
+            "files": [],
         }
         if artifact is not None and framework != "http":
             copied = staging / ("model" + artifact.suffix)
             shutil.copyfile(artifact, copied)
-            # Hash and inspect the copy: it is what will be served, whatever the source does.
+            # Hash and inspect the copies: they are what will be served, whatever the
+            # sources do meanwhile.
             fields["artifact"] = copied.name
             fields["sha256"] = sha256_file(copied)
-            fields["inputs"], fields["outputs"] = read_signature(
-                framework, copied, trusted_types or []
-            )
+            if framework == "onnx":
+                for name in onnx_external_files(copied):
+                    shutil.copyfile(artifact.parent / name, staging / name)
+                    fields["files"].append({"path": name, "sha256": sha256_file(staging / name)})
+            if inputs is None or outputs is None:
+                found = read_signature(
+                    framework, copied, trusted_types or [], trust_pickle=trust_pickle
+                )
+                inputs = found[0] if inputs is None else inputs
+                outputs = found[1] if outputs is None else outputs
+        fields["inputs"], fields["outputs"] = inputs or [], outputs or []
+        if reference is not None:
+            name = "reference" + reference.suffix
+            shutil.copyfile(reference, staging / name)
+            fields["reference"] = name
+            fields["files"].append({"path": name, "sha256": sha256_file(staging / name)})
         try:
             manifest = Manifest.model_validate(fields)
         except ValueError as exc:

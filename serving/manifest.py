@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollguard.serving.errors import ManifestError
+from rollguard.serving.features import Feature, check_declaration
 from rollguard.serving.tensors import V2_TO_NUMPY, TensorSpec
 
 MANIFEST_NAME = "model.yaml"
@@ -46,8 +47,38 @@ class TensorField(_Frozen):
             raise ValueError(f"shape {value}: dimensions are positive or -1")
         return value
 
+    # Per-column schema checked on /predict rows (serving/features.py).
+    features: list[Feature] | None = None
+
+    @model_validator(mode="after")
+    def _features_fit(self) -> TensorField:
+        if self.features is not None:
+            check_declaration(self.features, self.datatype, self.shape)
+        return self
+
     def spec(self) -> TensorSpec:
         return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+def plain_file_name(value: str, what: str) -> str:
+    """`value` when it names a file directly in the version directory: no `/`, no `..`,
+    no hidden name (a scan skips hidden names, so their changes would go unseen)."""
+    if not value or "/" in value or "\\" in value or value.startswith(".") or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a plain file name in the version directory")
+    return value
+
+
+class PinnedFile(_Frozen):
+    """One more file a version loads (ONNX external data, the drift `reference`), pinned
+    by its own sha256 as the artifact is."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        return plain_file_name(value, "files: path")
 
 
 class Batching(_Frozen):
@@ -74,13 +105,33 @@ class Manifest(_Frozen):
     created_by: str | None = None
     created_at: datetime | None = None
     batching: Batching | None = None
-    reference: str | None = None
+    reference: str | None = None  # must also be listed in `files`
+    # Every file the version reads besides the artifact and model.yaml, with its sha256.
+    files: list[PinnedFile] = Field(default_factory=list)
     # skops: extra type names the artifact may contain, on top of skops' own safe list.
     trusted_types: list[str] = Field(default_factory=list)
     # http: seconds before an upstream call is abandoned.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
     # Parameters the runner passes to its framework (e.g. intra_op_threads for onnx).
     runtime: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _files_pinned(self) -> Manifest:
+        paths = [f.path for f in self.files]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ValueError(f"files: {repeated} listed more than once")
+        clash = [p for p in paths if p in (MANIFEST_NAME, self.artifact)]
+        if clash:
+            raise ValueError(f"files: {clash[0]!r} is model.yaml or the artifact itself")
+        if self.reference is not None:
+            plain_file_name(self.reference, "reference")
+            if self.reference not in paths:
+                raise ValueError(
+                    f"reference {self.reference!r} is not listed in 'files' with its sha256 "
+                    "(every file a version reads is pinned by a hash)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _artifact_or_endpoint(self) -> Manifest:
@@ -92,8 +143,7 @@ class Manifest(_Frozen):
             return self
         if not self.artifact:
             raise ValueError(f"framework {self.framework!r} needs 'artifact' (a file name)")
-        if "/" in self.artifact or self.artifact in (".", ".."):
-            raise ValueError(f"artifact {self.artifact!r} must be a plain file name")
+        plain_file_name(self.artifact, "artifact")
         if not self.artifact.endswith(ARTIFACT_SUFFIXES[self.framework]):
             raise ValueError(
                 f"artifact {self.artifact!r} does not fit framework {self.framework!r} "
@@ -112,6 +162,13 @@ class Manifest(_Frozen):
     def output_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(t.spec() for t in self.outputs)
 
+    @cached_property
+    def pinned(self) -> dict[str, str]:
+        """Every file the version reads besides model.yaml, name -> sha256, artifact first."""
+        found = {self.artifact: self.sha256} if self.artifact and self.sha256 else {}
+        found.update((f.path, f.sha256) for f in self.files)
+        return found
+
 
 def parse_manifest(data: Any, source: str) -> Manifest:
     """Validate already-parsed YAML; errors name `source` and the offending field."""
@@ -125,17 +182,44 @@ def parse_manifest(data: Any, source: str) -> Manifest:
         raise ManifestError(f"{source}: {where}: {first['msg']}") from None
 
 
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a few hundred bytes of aliases can expand to
+    gigabytes when walked, and a manifest has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in model.yaml", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def manifest_from_bytes(raw: bytes, source: str) -> Manifest:
+    """Validate model.yaml's bytes; errors name `source`."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{source}: not UTF-8 text: {exc.reason}") from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ManifestError(f"{source}: not valid YAML: {exc}") from None
+    return parse_manifest(data, source)
+
+
 def load_manifest(path: Path) -> Manifest:
     """Read and validate one model.yaml."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
-    return parse_manifest(data, str(path))
+    return manifest_from_bytes(raw, str(path))
 
 
 def dump_manifest(manifest: Manifest, path: Path) -> None:

@@ -3,21 +3,25 @@
 The directory is polled, not watched with inotify: polling sees Kubernetes-style
 atomic symlink swaps and works on network filesystems. Each scan fingerprints every
 version directory (name, device, inode, size and mtime of each visible file, symlinks
-followed) and looks again only where a fingerprint changed.
+followed) and looks again only where a fingerprint changed, or where a retry is due.
 
-A version whose files changed is verified (manifest valid, names match its
-directories, artifact sha256 matches) and then loaded. When verification fails, the
-version is given one more scan to settle, because a copy may still be in progress;
-if it fails again with the same files it is refused: one WARNING line
-`refused <model>/<version>: <reason>`, and it stays refused until its files change.
-A version that was serving and whose files change to something bad is unloaded and
-refused rather than kept serving: the files on disk are the source of truth, and an
-old model in memory that no longer matches them would be served by nobody's intent.
-While its new files settle (one scan), the old model keeps serving. A changed
-version that verifies is loaded beside the old one and swapped in before the old one
-is unloaded, so it never stops serving; files that change but keep the same manifest
-and sha256 (a touch, a ConfigMap re-sync) cause no reload. `http` versions whose
-upstream is not ready are retried on every scan, since nothing on disk will change.
+Looking at a version reads each file it pins once (model.yaml's artifact and `files`),
+checks each sha256 over the bytes read, and hands those very bytes to the runner
+(serving/hashing.py): what was hashed is what is loaded. When verification fails, the
+version is given one more scan to settle, because a copy may still be in progress; if
+it fails again with the same files (or verified files fail to load) it is refused: one
+WARNING line `refused <model>/<version>: <reason>`. A refused version is looked at again with
+back-off (after 1, 2, 4 ... poll intervals, at most 32), so a failure whose cause is
+not in its files (a module its pickle needs installed later, an upstream coming up)
+heals without a file change; a change of its files is looked at on the next scan.
+
+A version that was serving keeps serving its last verified load when its files change
+to something bad (wrong bytes, deleted artifact, broken model.yaml): the refusal is
+logged, the version is `STALE` (serving/availability.py) until a good change replaces
+it or its good files come back. A changed version that verifies is loaded beside the
+old one and swapped in before the old one is unloaded, so it never stops serving;
+files that change but keep the same manifest and sha256 (a touch, a ConfigMap re-sync)
+cause no reload. Only removing its directory unloads a version.
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from concurrent.futures import Executor
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rollguard.serving.availability import Availability
 from rollguard.serving.batching import BatchingRunner
+from rollguard.serving.bulkhead import Bulkhead, Isolation
 from rollguard.serving.catalog import (
     Fingerprint,
+    read_version,
     scan_versions,
-    verify_directory,
     version_key,
 )
 from rollguard.serving.deadlines import Deadline
@@ -46,6 +53,8 @@ from rollguard.serving.scheduling import Scheduled
 logger = logging.getLogger(__name__)
 
 _Key = tuple[str, str]
+_MAX_BACKOFF_POLLS = 32  # a refused version is looked at again at least this often
+_LOOKS_AT_ONCE = 4  # versions read and loaded at once: each holds its files in memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +65,19 @@ class LoadedVersion:
     runner: Runner
     directory: Path
     loaded_at: datetime
+    reference: bytes | None = None  # the verified bytes of the manifest's `reference`
 
 
 @dataclass(frozen=True, slots=True)
 class _Refusal:
     reason: str
     manifest: Manifest | None
-    retry: bool  # look again every scan even if the files did not change
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    attempts: int  # refusals in a row of the same files
+    due: float  # clock() time of the next look
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +89,6 @@ class _Outcome:
     reason: str | None = None  # failure
     final: bool = False  # failure that waiting cannot cure (the files verified)
     manifest: Manifest | None = None
-    retry: bool = False
 
 
 def _naming_the_file(reason: str, directory: Path, manifest: Manifest) -> str:
@@ -93,25 +107,33 @@ class Registry:
         self,
         root: Path,
         *,
-        executor: Executor,
+        threads: int,
         poll_interval: float,
         inline_below_us: float,
         timeout_s: float,
+        isolation: Isolation | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`executor` runs local models; `inline_below_us` lets cheap ones run on the loop
-        (serving/scheduling.py); `timeout_s` bounds each local call (an `http` version's
-        own `timeout_s` bounds its calls)."""
+        """Each local version computes on `threads` threads of its own;
+        `inline_below_us` lets cheap ones run on the loop (serving/scheduling.py);
+        `timeout_s` bounds each local call (an `http` version's own `timeout_s` bounds
+        its calls); `isolation` sizes each version's bulkhead; `clock` times retries."""
         self.root = root
+        self.isolation = isolation or Isolation()
         self.inline_below_us = inline_below_us
         self.poll_interval = poll_interval
         self.timeout_s = timeout_s
-        self._executor = executor
-        self._loaded: dict[_Key, LoadedVersion] = {}
+        self.threads = threads
+        self._clock = clock
+        self._loaded: dict[_Key, LoadedVersion] = {}  # the last verified load of each
         self._defaults: dict[str, str] = {}  # model -> default version; cleared on any change
-        self._refused: dict[_Key, _Refusal] = {}
+        self._refused: dict[_Key, _Refusal] = {}  # its current files; loaded too: stale
         self._pending: dict[_Key, tuple[Fingerprint, str]] = {}  # failed once, settling
         self._settled: dict[_Key, Fingerprint] = {}  # files behind the loaded/refused state
+        self._retries: dict[_Key, _Retry] = {}  # refused: when to look again
+        self._examining: set[_Key] = set()  # being read and loaded right now
         self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced loads, unloading when idle
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._root_missing = False
@@ -135,12 +157,15 @@ class Registry:
             await self._watcher
             self._watcher = None
         async with self._lock:
+            if self._retiring:
+                await asyncio.gather(*self._retiring, return_exceptions=True)
             for key in list(self._loaded):
                 await self._loaded.pop(key).runner.unload()
                 self._defaults.clear()
             self._refused.clear()
             self._pending.clear()
             self._settled.clear()
+            self._retries.clear()
 
     async def _watch(self) -> None:
         while True:
@@ -174,51 +199,71 @@ class Registry:
             self._root_missing = False
             for key in self._known() - set(seen):
                 await self._forget(key)
-            todo = [(key, d, fp) for key, (d, fp) in seen.items() if self._needs_look(key, fp)]
-            outcomes = await asyncio.gather(*(self._examine(key, d) for key, d, _ in todo))
-            for (key, _, fp), outcome in zip(todo, outcomes, strict=True):
-                await self._apply(key, fp, outcome)
+            now = self._clock()
+            todo = [(key, d, fp) for key, (d, fp) in seen.items() if self._needs_look(key, fp, now)]
+            self._examining.update(key for key, _, _ in todo)
+            try:
+                limit = asyncio.Semaphore(_LOOKS_AT_ONCE)
+                outcomes = await asyncio.gather(
+                    *(self._examine(key, d, limit) for key, d, _ in todo)
+                )
+                for (key, _, fp), outcome in zip(todo, outcomes, strict=True):
+                    await self._apply(key, fp, outcome)
+            finally:
+                self._examining.clear()
 
     def _known(self) -> set[_Key]:
         return self._loaded.keys() | self._refused.keys() | self._pending.keys()
 
-    def _needs_look(self, key: _Key, fingerprint: Fingerprint) -> bool:
-        refusal = self._refused.get(key)
+    def _needs_look(self, key: _Key, fingerprint: Fingerprint, now: float) -> bool:
+        retry = self._retries.get(key)
         return (
             key in self._pending
-            or (refusal is not None and refusal.retry)
+            or (retry is not None and retry.due <= now)
             or self._settled.get(key) != fingerprint
         )
 
-    async def _examine(self, key: _Key, directory: Path) -> _Outcome:
+    async def _examine(self, key: _Key, directory: Path, limit: asyncio.Semaphore) -> _Outcome:
+        async with limit:
+            return await self._read_and_load(key, directory)
+
+    async def _read_and_load(self, key: _Key, directory: Path) -> _Outcome:
         loop = asyncio.get_running_loop()
-        try:  # hashing reads the whole artifact: off the event loop, off the model executor
-            manifest = await loop.run_in_executor(None, verify_directory, directory, *key)
+        try:  # reading and hashing whole files: off the event loop, off the model executor
+            manifest, pinned = await loop.run_in_executor(None, read_version, directory, *key)
         except ServingError as exc:
             return _Outcome(reason=str(exc))
         except Exception as exc:  # e.g. the directory changed under us mid-read
             return _Outcome(reason=f"{directory}: {type(exc).__name__}: {exc}")
         current = self._loaded.get(key)
         if current is not None and current.manifest == manifest:
-            return _Outcome()
+            return _Outcome()  # same manifest, same sha256s: the same bytes are serving
+        reference = pinned.files.get(manifest.reference) if manifest.reference else None
         try:
-            runner = self._compose(create_runner(manifest, directory))
+            runner = self._compose(create_runner(manifest, directory, pinned))
+            del pinned  # the runner drops its copy once loaded; keep no other
             await runner.load()
         except Exception as exc:  # a runner may raise anything its framework raises
             reason = _naming_the_file(str(exc) or type(exc).__name__, directory, manifest)
-            return _Outcome(
-                reason=reason, final=True, manifest=manifest, retry=manifest.framework == "http"
-            )
-        return _Outcome(loaded=LoadedVersion(manifest, runner, directory, datetime.now(UTC)))
+            return _Outcome(reason=reason, final=True, manifest=manifest)
+        loaded = LoadedVersion(manifest, runner, directory, datetime.now(UTC), reference)
+        return _Outcome(loaded=loaded)
 
     def _compose(self, runner: Runner) -> Runner:
-        """The framework runner wrapped as the manifest asks: a local one scheduled on the
-        executor with its time limit (inline when cheap, never when batched: a batched
-        version is one whose calls are worth queueing for), then batched."""
+        """The framework runner wrapped as the manifest asks, then put behind its own
+        bulkhead: a local one scheduled on its own threads with its time limit (inline
+        when cheap, never when batched: a batched version is one whose calls are worth
+        queueing for), then batched."""
         manifest = runner.manifest
         if isinstance(runner, LocalRunner):
             inline = 0.0 if manifest.batching else self.inline_below_us
-            runner = Scheduled(runner, self._executor, inline, self.timeout_s)
+            runner = Scheduled(
+                runner,
+                self.threads,
+                inline,
+                self.timeout_s,
+                shadow_threads=self.isolation.shadow_threads,
+            )
         if manifest.batching is not None:
             batched = BatchingRunner(
                 runner,
@@ -229,13 +274,22 @@ class Registry:
             # A remote runner's pool times its calls out (the manifest's timeout_s), a
             # scheduled one its thread calls; a queued caller is bounded here.
             runner = Deadline(batched, self.timeout_s)
-        return runner
+        isolation = self.isolation
+        return Bulkhead(
+            runner,
+            concurrency=isolation.concurrency,
+            queue=isolation.queue,
+            shadow_concurrency=isolation.shadow_concurrency,
+            shadow_queue=isolation.shadow_queue,
+        )
 
     async def _apply(self, key: _Key, fingerprint: Fingerprint, outcome: _Outcome) -> None:
         label = "/".join(key)
         if outcome.reason is None:
             self._pending.pop(key, None)
-            self._refused.pop(key, None)
+            self._retries.pop(key, None)
+            if self._refused.pop(key, None) is not None and outcome.loaded is None:
+                logger.info("%s: its files verify again; serving them", label)
             self._settled[key] = fingerprint
             if outcome.loaded is not None:
                 old = self._loaded.get(key)
@@ -247,7 +301,7 @@ class Registry:
                     manifest.framework, manifest.stage,
                 )  # fmt: skip
                 if old is not None:
-                    await old.runner.unload()
+                    self._retire(old)
             return
         settled = (
             outcome.final
@@ -259,29 +313,47 @@ class Registry:
             self._pending[key] = (fingerprint, outcome.reason)
             return
         self._pending.pop(key, None)
-        self._settled[key] = fingerprint
         previous = self._refused.get(key)
-        self._refused[key] = _Refusal(outcome.reason, outcome.manifest, outcome.retry)
-        old = self._loaded.pop(key, None)
-        self._defaults.clear()
-        if old is not None:
+        retry = self._retries.get(key)
+        same_files = retry is not None and self._settled.get(key) == fingerprint
+        attempts = retry.attempts + 1 if retry is not None and same_files else 1
+        delay = self.poll_interval * min(2 ** (attempts - 1), _MAX_BACKOFF_POLLS)
+        self._retries[key] = _Retry(attempts, self._clock() + delay)
+        self._settled[key] = fingerprint
+        self._refused[key] = _Refusal(outcome.reason, outcome.manifest)
+        if previous is not None and previous.reason == outcome.reason:
+            logger.debug("%s still refused (attempt %d): %s", label, attempts, outcome.reason)
+            return
+        serving = self._loaded.get(key)
+        if serving is not None:
             logger.warning(
-                "refused %s: %s (it was serving; unloaded because its files changed)",
-                label, outcome.reason,
+                "refused %s: %s (still serving its last verified load, from %s)",
+                label, outcome.reason, serving.loaded_at.isoformat(timespec="seconds"),
             )  # fmt: skip
-            await old.runner.unload()
-        elif previous is None or previous.reason != outcome.reason:
+        else:
             logger.warning("refused %s: %s", label, outcome.reason)
+
+    def _retire(self, old: LoadedVersion) -> None:
+        """Unload a replaced load in the background, once the requests it already took
+        are answered (they were routed to it before the reload), within the call limit."""
+        runner = old.runner
+        if isinstance(runner, Bulkhead):
+            task = asyncio.get_running_loop().create_task(runner.retire(self.timeout_s))
+        else:
+            task = asyncio.get_running_loop().create_task(runner.unload())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _forget(self, key: _Key) -> None:
         self._refused.pop(key, None)
         self._pending.pop(key, None)
         self._settled.pop(key, None)
+        self._retries.pop(key, None)
         old = self._loaded.pop(key, None)
         self._defaults.clear()
         if old is not None:
             logger.info("unloaded %s: its directory is gone", "/".join(key))
-            await old.runner.unload()
+            self._retire(old)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -290,20 +362,21 @@ class Registry:
         return sorted({model for model, _ in self._known()})
 
     def versions(self, model: str) -> list[str]:
-        """The model's loaded versions, in natural version order."""
+        """The model's loaded versions (stale ones too), in natural version order."""
         if model not in self.models():
             raise ModelNotFound(f"model {model!r} is not in the registry")
         return sorted((v for m, v in self._loaded if m == model), key=version_key)
 
     def get(self, model: str, version: str) -> LoadedVersion:
-        """A loaded version; ModelNotFound, VersionNotFound, or NotReady saying why not."""
+        """A version's last verified load (stale or not); ModelNotFound, VersionNotFound,
+        or NotReady saying why not (the reason, which names files, is in the log)."""
         key = (model, version)
         if key in self._loaded:
             return self._loaded[key]
         if key in self._refused:
-            raise NotReady(f"{model} {version} was refused: {self._refused[key].reason}")
-        if key in self._pending:
-            raise NotReady(f"{model} {version} is not loaded yet: {self._pending[key][1]}")
+            raise NotReady(f"{model} {version} was refused (the gateway log says why)")
+        if key in self._pending or key in self._examining:
+            raise NotReady(f"{model} {version} is not loaded yet")
         if model in self.models():
             raise VersionNotFound(f"model {model!r} has no version {version!r}")
         raise ModelNotFound(f"model {model!r} is not in the registry")
@@ -324,5 +397,20 @@ class Registry:
         return production[-1]
 
     def refused(self) -> dict[tuple[str, str], str]:
-        """Every refused version and the reason."""
+        """Every version whose current files are refused, and the reason (a stale one,
+        still serving its last verified load, too)."""
         return {key: refusal.reason for key, refusal in self._refused.items()}
+
+    def availability(self, model: str, version: str) -> Availability:
+        """Whether the version can take traffic (serving/availability.py)."""
+        key = (model, version)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            if key in self._refused:
+                return Availability.STALE
+            return Availability.READY if loaded.runner.ready else Availability.UNREADY
+        if key in self._refused:
+            return Availability.REFUSED
+        if key in self._pending or key in self._examining:
+            return Availability.LOADING
+        return Availability.MISSING

@@ -18,20 +18,36 @@ runs: one on a thread is left behind at `timeout_s` (DeadlineExceeded; the threa
 finishes on its own), one inline cannot be interrupted by a timer, so none is set —
 which is why only models measured to be cheap run inline. A timer on every inline call
 would cost a third of the whole request (asyncio.timeout: about 10 µs against 37).
+
+Only a model whose cost cannot depend on its inputs' values may go inline at all
+(`fixed_cost`): an ONNX graph without control flow or value-sized operators
+(serving/onnxgraph.py). scikit-learn estimators are arbitrary Python and TorchScript or
+exported torch programs may loop on a value, so those always run on threads, where the
+deadline holds. An inline call therefore costs what its batch size says, and the batch
+size is capped at what was measured.
+
+Calls on threads run on the version's own daemon threads, one set per lane
+(serving/bulkhead.py `Threads`): a hung or slow version ties up only its own threads,
+a shadow copy never one that serves a client, and once all of a lane's threads are stuck
+in calls past their deadline it answers `Overloaded` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 import time
-from concurrent.futures import Executor
 
+from rollguard.serving.bulkhead import Lane, Threads, current_lane
 from rollguard.serving.errors import DeadlineExceeded
 from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.onnxgraph import NotOnnx, value_dependent_operators
 from rollguard.serving.runners.base import LocalRunner, Wrapper
 from rollguard.serving.tensors import Tensors
+
+log = logging.getLogger(__name__)
 
 
 class _CollectorClock:
@@ -61,8 +77,21 @@ class _CollectorClock:
 _COLLECTOR = _CollectorClock()
 
 
+def fixed_cost(runner: LocalRunner) -> str | None:
+    """None when a call's cost cannot depend on its inputs' values (the model may run
+    inline), else why it might (blocking: reads an ONNX artifact)."""
+    manifest = runner.manifest
+    if manifest.framework != "onnx":
+        return f"framework {manifest.framework!r} may run code whose cost depends on values"
+    try:
+        found = value_dependent_operators(runner.artifact_path.read_bytes())
+    except (OSError, NotOnnx) as exc:
+        return f"its graph cannot be read ({exc})"
+    return f"its graph uses {', '.join(found)}" if found else None
+
+
 class Scheduled(Wrapper):
-    """A local runner whose calls run on `executor`, or inline once measured to be cheap."""
+    """A local runner whose calls run on its own threads, or inline once measured cheap."""
 
     WARMUP_CALLS = 32
     MAX_ROUND = 4096
@@ -70,19 +99,28 @@ class Scheduled(Wrapper):
     _SMOOTHING = 0.05  # weight of the newest inline call in the moving average
 
     def __init__(
-        self, inner: LocalRunner, executor: Executor, inline_below_us: float, timeout_s: float
+        self,
+        inner: LocalRunner,
+        threads: int,
+        inline_below_us: float,
+        timeout_s: float,
+        *,
+        shadow_threads: int = 1,
     ) -> None:
-        """`inline_below_us` 0 keeps every call on the executor; a manifest's
+        """`threads` compute the version's calls (`shadow_threads` its shadow copies);
+        `inline_below_us` 0 keeps every call on them; a manifest's
         `runtime.inline_below_us` overrides it for its version. `timeout_s` bounds each
-        call on the executor."""
+        call on a thread."""
         super().__init__(inner)
         self.local = inner
-        self._executor = executor
+        label = f"{inner.manifest.name}/{inner.manifest.version}"
+        self.threads = {
+            Lane.PRIMARY: Threads(label, threads),
+            Lane.SHADOW: Threads(f"{label} shadow", shadow_threads),
+        }
         self.timeout_s = timeout_s
         limit_us = float(inner.manifest.runtime.get("inline_below_us", inline_below_us))
         self.inline_limit_s = max(limit_us, 0.0) / 1e6
-        if self.inline_limit_s:
-            _COLLECTOR.install()
         self.inline = False  # calls of up to `inline_rows` rows run on the loop
         self.inline_rows = 0
         self.mean_call_s = 0.0  # inline: moving average; else the last round's fastest call
@@ -91,15 +129,30 @@ class Scheduled(Wrapper):
         self._round_fastest = math.inf
         self._round_rows = 0  # the largest batch of this round that ran under the limit
 
+    async def load(self) -> None:
+        await self.inner.load()
+        if self.inline_limit_s:
+            why = await asyncio.to_thread(fixed_cost, self.local)
+            if why is not None:
+                manifest = self.manifest
+                log.info("%s/%s always runs on threads: %s", manifest.name, manifest.version, why)
+                self.inline_limit_s = 0.0
+            else:
+                _COLLECTOR.install()
+
+    async def unload(self) -> None:
+        for threads in self.threads.values():
+            threads.close()
+        await self.inner.unload()
+
     async def predict(self, request: InferRequest) -> InferResponse:
-        if self.inline and request.rows() <= self.inline_rows:
+        lane = current_lane()
+        if self.inline and request.rows() <= self.inline_rows and lane is Lane.PRIMARY:
             return InferResponse.of_arrays(self._inline(request.arrays()))
         timeout = asyncio.timeout(self.timeout_s)
         try:
             async with timeout:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._timed, request.arrays()
-                )
+                outputs = await self.threads[lane].run(self._timed, request.arrays())
         except TimeoutError:
             if not timeout.expired():
                 raise  # the model's own failure, not our deadline
@@ -127,13 +180,14 @@ class Scheduled(Wrapper):
                 self._round_length = min(2 * self._round_length, self.MAX_ROUND)
 
     def _timed(self, inputs: Tensors) -> Tensors:
-        """predict_sync on an executor thread, timed to decide whether to go inline."""
+        """predict_sync on one of the version's threads, timed to decide whether to go
+        inline."""
         start = time.perf_counter()
         try:
             return self.local.predict_sync(inputs)
         finally:
-            # Two executor threads may race on these counters; a lost update only
-            # shifts when a round ends.
+            # Two threads may race on these counters; a lost update only shifts when a
+            # round ends.
             elapsed = time.perf_counter() - start
             if elapsed < self._round_fastest:
                 self._round_fastest = elapsed
@@ -144,7 +198,7 @@ class Scheduled(Wrapper):
                 fastest, rows = self._round_fastest, self._round_rows
                 self._round_calls, self._round_fastest, self._round_rows = 0, math.inf, 0
                 self.mean_call_s = fastest
-                if fastest < self.inline_limit_s:
+                if fastest < self.inline_limit_s:  # 0 when the cost is not fixed
                     self.inline_rows = rows
                     self.inline = True
 

@@ -1,9 +1,10 @@
-"""What inputs and outputs an artifact declares, read without serving it.
+"""What inputs and outputs an artifact declares, read without running anything in it.
 
-`rollguard registry add` writes these into model.yaml: ONNX from the session's
-signature, scikit-learn from `n_features_in_` and `classes_`, torch from a
-`torch.export` program's example inputs. What a format does not state is left empty
-with a warning, never guessed.
+`rollguard registry add` writes these into model.yaml: ONNX from the graph's declared
+inputs and outputs, skops from the estimator its allow-listed types rebuild. A pickle
+(`.joblib`, `.pt`, `.pt2`) runs whatever code it names when it is loaded, so it is never
+loaded here unless the caller says it trusts the file (`--trust-pickle`); without that,
+inputs and outputs come from flags or are left empty with a warning, never guessed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from rollguard.serving.errors import ArtifactError
-from rollguard.serving.manifest import Framework
+from rollguard.serving.manifest import Framework, TensorField, plain_file_name
 from rollguard.serving.tensors import NUMPY_TO_V2
 
 logger = logging.getLogger(__name__)
@@ -35,15 +36,72 @@ def _tensor(name: str, datatype: str, dims: Any) -> _Tensor:
     return {"name": name, "datatype": datatype, "shape": shape or [-1]}
 
 
+def tensor_from_flag(text: str) -> _Tensor:
+    """`name:DATATYPE:d1,d2,...` (e.g. `input:FP32:-1,30`) as a model.yaml tensor entry;
+    ValueError saying what is wrong."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3:
+        raise ValueError(f"{text!r}: expected NAME:DATATYPE:SHAPE, e.g. input:FP32:-1,30")
+    name, datatype, dims = parts
+    try:
+        shape = [int(d) for d in dims.split(",")]
+    except ValueError:
+        raise ValueError(f"{text!r}: shape {dims!r} is not comma-separated integers") from None
+    entry = {"name": name, "datatype": datatype.upper(), "shape": shape}
+    try:
+        TensorField.model_validate(entry)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+    return entry
+
+
 def read_signature(
-    framework: Framework, path: Path, trusted: list[str]
+    framework: Framework, path: Path, trusted: list[str], *, trust_pickle: bool = False
 ) -> tuple[list[_Tensor], list[_Tensor]]:
-    """(inputs, outputs) of the artifact at `path` as model.yaml tensor entries."""
+    """(inputs, outputs) of the artifact at `path` as model.yaml tensor entries. Pickles
+    are loaded only with `trust_pickle`; otherwise their signature is left empty."""
     if framework == "onnx":
         return _onnx_signature(path)
+    if path.suffix in (".joblib", ".pt", ".pt2") and not trust_pickle:
+        logger.warning(
+            "%s: a pickle runs code when loaded, so its inputs/outputs were not read; "
+            "left empty in model.yaml (give them as --input/--output NAME:DATATYPE:SHAPE, "
+            "or pass --trust-pickle if you would serve this file anyway)",
+            path.name,
+        )
+        return [], []
     if framework == "sklearn":
         return _sklearn_signature(path, trusted)
     return _torch_signature(path)
+
+
+def onnx_external_files(path: Path) -> list[str]:
+    """File names the ONNX model at `path` keeps tensors in (external data), read from
+    its graph without loading any weights; [] when the `onnx` package is not installed
+    (then a model that needs them fails to load in `_onnx_signature`, saying so)."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+    except ImportError:
+        return []
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors share no public base class
+        raise ArtifactError(f"{path.name}: not an ONNX model: {exc}") from None
+    found: list[str] = []
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = ExternalDataInfo(tensor).location
+        try:
+            plain_file_name(location, "external data location")
+        except ValueError as exc:
+            raise ArtifactError(
+                f"{path.name}: {exc}; rollguard pins only files next to the model"
+            ) from None
+        if location not in found:
+            found.append(location)
+    return found
 
 
 def _onnx_signature(path: Path) -> tuple[list[_Tensor], list[_Tensor]]:
@@ -52,7 +110,10 @@ def _onnx_signature(path: Path) -> tuple[list[_Tensor], list[_Tensor]]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's errors share no public base class
-        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {exc}") from None
+        hint = ""
+        if "external" in str(exc).lower() or "data" in str(exc).lower():
+            hint = " (if it keeps weights in external data files, install onnx so they are found)"
+        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {exc}{hint}") from None
 
     def tensors(args: list[Any], kind: str) -> list[_Tensor]:
         found = []
@@ -88,7 +149,7 @@ def _sklearn_signature(path: Path, trusted: list[str]) -> tuple[list[_Tensor], l
     else:
         import joblib
 
-        estimator = joblib.load(path)  # a pickle: only add files you would serve anyway
+        estimator = joblib.load(path)  # trust_pickle: the caller vouched for this file
     n_features = getattr(estimator, "n_features_in_", None)
     if not isinstance(n_features, int):
         logger.warning("%s: no n_features_in_; inputs left empty in model.yaml", path.name)

@@ -20,7 +20,13 @@ from load_tests.bench.procs import Process, Processes, free_port, http_ok
 from load_tests.bench.tools import Tool
 
 REPO = Path(__file__).resolve().parents[2]
-ROLLGUARD_ENV = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+# A loopback benchmark: admin without a token, asked for explicitly (admin_auth none).
+ROLLGUARD_ENV = {
+    "ROLLGUARD_LOG_LEVEL": "WARNING",
+    "ROLLGUARD_ADMIN_AUTH": "none",
+    "ROLLGUARD_ADMIN_TOKEN": "",
+    "PYTHONPATH": str(REPO),
+}
 INFER = f"/v2/models/{models.MODEL}/infer"
 MLP_CONNECTIONS = 64  # the issue fixes the micro-batching goal at 64 connections
 

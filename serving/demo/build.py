@@ -29,10 +29,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from rollguard.serving.catalog import verify_directory
 from rollguard.serving.demo.faulty import FaultyClassifier, SlowClassifier
-from rollguard.serving.errors import ManifestError
+from rollguard.serving.errors import ServingError
 from rollguard.serving.hashing import sha256_file
-from rollguard.serving.manifest import MANIFEST_NAME, dump_manifest, load_manifest, parse_manifest
+from rollguard.serving.manifest import MANIFEST_NAME, dump_manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 _E = TypeVar("_E", bound=Any)  # an estimator
@@ -232,15 +233,14 @@ _PLAN = (
 )
 
 
-def _is_valid(directory: Path) -> bool:
-    """True when a version directory holds a manifest whose artifact matches its sha256."""
+def _is_valid(directory: Path, spec: _Version) -> bool:
+    """True when a version directory verifies as the registry would load it (manifest,
+    artifact and every pinned file, `reference` included)."""
     try:
-        manifest = load_manifest(directory / MANIFEST_NAME)
-        if manifest.reference and not (directory / manifest.reference).is_file():
-            return False
-        return sha256_file(directory / (manifest.artifact or "")) == manifest.sha256
-    except (ManifestError, OSError):
+        manifest = verify_directory(directory, spec.model, spec.version)
+    except (ServingError, OSError):
         return False
+    return manifest.reference is not None
 
 
 def _write_version(spec: _Version, models: _Models, staging: Path) -> None:
@@ -267,6 +267,7 @@ def _write_version(spec: _Version, models: _Models, staging: Path) -> None:
             "created_by": "rollguard demo builder",
             "created_at": datetime.now(UTC),
             "reference": REFERENCE_NAME,
+            "files": [{"path": REFERENCE_NAME, "sha256": sha256_file(staging / REFERENCE_NAME)}],
             "runtime": {"threads": 1} if spec.framework == "torch" else {},
         },
         f"{spec.model}/{spec.version}",
@@ -300,7 +301,7 @@ def build_demo_registry(
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         for spec in _PLAN:
             target = root / spec.model / spec.version
-            if spec.framework not in wanted or _is_valid(target):
+            if spec.framework not in wanted or _is_valid(target, spec):
                 continue
             staging = Path(tempfile.mkdtemp(prefix=f".build-{spec.model}-", dir=root))
             try:

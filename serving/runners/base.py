@@ -4,17 +4,28 @@
 the request's V2 body; a local one (`LocalRunner`) computes on its arrays with a
 blocking `predict_sync`. Scheduling that call (inline or on threads), deadlines and
 micro-batching wrap a runner (`Wrapper`) and keep its interface.
+
+A local runner loads the bytes the registry hashed (`PinnedBytes`), never the path
+again; made without them it reads and checks them itself. Loads that import framework
+code (the first `import sklearn`, unpickling, which imports the classes a pickle names)
+hold `IMPORT_LOCK`: two threads importing scikit-learn at once can see a partially
+initialised module (`cannot import name '_MetadataRequester'`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.tensors import Tensors
+
+# One per process: imports are process-wide, so is the race they can lose.
+IMPORT_LOCK = threading.RLock()
 
 
 class Runner(ABC):
@@ -75,9 +86,23 @@ class LocalRunner(Runner):
     Unwrapped, `predict` runs it on the default executor.
     """
 
+    def __init__(
+        self, manifest: Manifest, directory: Path, pinned: PinnedBytes | None = None
+    ) -> None:
+        super().__init__(manifest, directory)
+        self._pinned = pinned
+
     async def load(self) -> None:
         await asyncio.to_thread(self._load_sync)
         self._ready = True
+
+    def take_pinned(self) -> PinnedBytes:
+        """The verified bytes to load: those handed in (then dropped, so the buffer is not
+        kept beside the loaded model), else read and checked now (ArtifactError)."""
+        pinned, self._pinned = self._pinned, None
+        if pinned is None:
+            pinned = PinnedBytes.read(self.directory, self.manifest)
+        return pinned
 
     async def predict(self, request: InferRequest) -> InferResponse:
         outputs = await asyncio.to_thread(self.predict_sync, request.arrays())

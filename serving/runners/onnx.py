@@ -1,7 +1,16 @@
-"""ONNX Runtime runner: one CPU InferenceSession per version, inputs and outputs by name."""
+"""ONNX Runtime runner: one CPU InferenceSession per version, inputs and outputs by name.
+
+The session is made from the verified bytes (base.py). A model that keeps its weights
+in external data files lists them in model.yaml's `files`; those are written, with the
+model, into a private 0700 directory from their verified bytes, and the session is
+made from there, so ONNX Runtime never reads a file that was not hashed. A model whose
+external data is not listed cannot load at all (it has nowhere to read it from).
+"""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +21,9 @@ from rollguard.serving.errors import (
     ModelExecutionError,
     NotReady,
 )
+from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
 from rollguard.serving.tensors import Tensors
 
 
@@ -22,15 +32,30 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _session_from_private_copy(
+    ort: Any, options: Any, name: str, model: bytes, files: dict[str, bytes]
+) -> Any:
+    """A session made from a private copy of the verified files (mkdtemp: mode 0700,
+    nobody else can swap them), removed once made: ONNX Runtime has read the weights by
+    then (a mapped file stays readable after it is unlinked)."""
+    private = Path(tempfile.mkdtemp(prefix="rollguard-onnx-"))
+    try:
+        for file_name, data in ((name, model), *files.items()):
+            (private / file_name).write_bytes(data)
+        return ort.InferenceSession(
+            str(private / name), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 class OnnxRunner(LocalRunner):
     """Serves a `model.onnx` with ONNX Runtime's CPU provider."""
 
     def __init__(
-        self,
-        manifest: Manifest,
-        directory: Path,
+        self, manifest: Manifest, directory: Path, pinned: PinnedBytes | None = None
     ) -> None:
-        super().__init__(manifest, directory)
+        super().__init__(manifest, directory, pinned)
         self._session: Any = None
         self._input_names: list[str] = []
         self._output_names: list[str] = []
@@ -38,7 +63,8 @@ class OnnxRunner(LocalRunner):
     def _load_sync(self) -> None:
         path = self.artifact_path
         try:
-            import onnxruntime as ort
+            with IMPORT_LOCK:
+                import onnxruntime as ort
         except ImportError:
             raise FrameworkUnavailable(
                 f"{path.name}: framework 'onnx' needs onnxruntime, which is not installed"
@@ -48,14 +74,25 @@ class OnnxRunner(LocalRunner):
         # a big intra-op pool per session would oversubscribe the cores.
         options.intra_op_num_threads = int(self.manifest.runtime.get("intra_op_threads", 1))
         options.inter_op_num_threads = 1
+        pinned = self.take_pinned()
+        external = {n: b for n, b in pinned.files.items() if n != self.manifest.reference}
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            if external:
+                session = _session_from_private_copy(
+                    ort, options, path.name, pinned.artifact, external
+                )
+            else:
+                session = ort.InferenceSession(
+                    pinned.artifact, sess_options=options, providers=["CPUExecutionProvider"]
+                )
         except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidProtobuf
-            raise ArtifactError(
-                f"{path.name}: ONNX Runtime cannot load it: {_first_line(exc)}"
-            ) from None
+            reason = _first_line(exc)
+            if "model_path must not be empty" in reason or "external data" in reason.lower():
+                reason = (
+                    "it keeps tensors in external data files not listed in model.yaml's "
+                    "`files` (each needs its sha256 there)"
+                )
+            raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {reason}") from None
         input_names = [i.name for i in session.get_inputs()]
         output_names = [o.name for o in session.get_outputs()]
         self._check_declared(path, input_names, output_names)

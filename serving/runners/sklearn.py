@@ -1,21 +1,24 @@
 """scikit-learn runner: `model.skops` (types allow-listed) or `model.joblib` (pickle).
 
 Security: a joblib file is a pickle, and unpickling runs whatever code the file names.
-The registry verifies the artifact's sha256 against model.yaml before any runner loads
-it, so only the exact bytes an operator pinned are ever unpickled. skops files are
-safer: every type they contain must be on skops' safe list or in `trusted_types`.
+The runner unpickles the very buffer whose sha256 matched model.yaml (base.py), so only
+the exact bytes an operator pinned are ever unpickled, whatever happens to the file on
+disk meanwhile. skops files are safer: every type they contain must be on skops' safe
+list or in `trusted_types`.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rollguard.serving.errors import ArtifactError, InvalidInput, ModelExecutionError, NotReady
+from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
 from rollguard.serving.tensors import Tensors
 
 # Output names this runner knows how to compute, and the estimator method behind each.
@@ -31,44 +34,44 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_skops(path: Path, allowed: list[str]) -> Any:
+def _load_skops(path: Path, data: bytes, allowed: list[str]) -> Any:
     import skops.io
 
-    untrusted = skops.io.get_untrusted_types(file=path)
+    untrusted = skops.io.get_untrusted_types(data=data)
     refused = sorted(t for t in untrusted if t not in allowed)
     if refused:
         raise ArtifactError(
             f"{path.name}: contains types skops does not trust: {', '.join(refused)}; "
             "if you trust this file, add them to `trusted_types` in model.yaml"
         )
-    return skops.io.load(path, trusted=untrusted)
+    return skops.io.loads(data, trusted=untrusted)
 
 
-def _load_joblib(path: Path) -> Any:
+def _load_joblib(data: bytes) -> Any:
     import joblib
 
-    return joblib.load(path)
+    return joblib.load(io.BytesIO(data))
 
 
 class SklearnRunner(LocalRunner):
     """Serves an estimator; the first declared input is its 2-D feature matrix."""
 
     def __init__(
-        self,
-        manifest: Manifest,
-        directory: Path,
+        self, manifest: Manifest, directory: Path, pinned: PinnedBytes | None = None
     ) -> None:
-        super().__init__(manifest, directory)
+        super().__init__(manifest, directory, pinned)
         self._model: Any = None
         self._outputs: dict[str, np.dtype | None] = {}
 
     def _load_sync(self) -> None:
         path = self.artifact_path
+        data = self.take_pinned().artifact
         try:
-            if path.suffix == ".skops":
-                model = _load_skops(path, self.manifest.trusted_types)
-            else:
-                model = _load_joblib(path)
+            with IMPORT_LOCK:  # unpickling imports the estimator's modules
+                if path.suffix == ".skops":
+                    model = _load_skops(path, data, self.manifest.trusted_types)
+                else:
+                    model = _load_joblib(data)
         except ArtifactError:
             raise
         except OSError as exc:
@@ -81,7 +84,8 @@ class SklearnRunner(LocalRunner):
         self._model = model
 
     def _choose_outputs(self, path: Path, model: Any) -> dict[str, np.dtype | None]:
-        from sklearn.base import is_classifier
+        with IMPORT_LOCK:
+            from sklearn.base import is_classifier
 
         if not callable(getattr(model, "predict", None)):
             raise ArtifactError(f"{path.name}: holds a {type(model).__name__}, not an estimator")

@@ -6,6 +6,7 @@ optional extra (`pip install 'rollguard[torch]'`).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,9 @@ from rollguard.serving.errors import (
     ModelExecutionError,
     NotReady,
 )
+from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.runners.base import LocalRunner
+from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
 from rollguard.serving.tensors import Tensors
 
 if TYPE_CHECKING:
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 def _import_torch(artifact: str) -> ModuleType:
     """The torch module, or FrameworkUnavailable naming the artifact that needs it."""
     try:
-        import torch
+        with IMPORT_LOCK:
+            import torch
     except ImportError:
         raise FrameworkUnavailable(
             f"{artifact}: framework 'torch' needs PyTorch, which is not installed "
@@ -49,11 +52,9 @@ class TorchRunner(LocalRunner):
     """Serves a torch module; inputs go positionally in the order model.yaml declares them."""
 
     def __init__(
-        self,
-        manifest: Manifest,
-        directory: Path,
+        self, manifest: Manifest, directory: Path, pinned: PinnedBytes | None = None
     ) -> None:
-        super().__init__(manifest, directory)
+        super().__init__(manifest, directory, pinned)
         self._torch: Any = None
         self._module: torch.nn.Module | None = None
 
@@ -63,12 +64,15 @@ class TorchRunner(LocalRunner):
         # Process-wide: every torch model in this process shares the setting, so the
         # last loaded version's value wins. Keep it small; the executor gives parallelism.
         torch.set_num_threads(int(self.manifest.runtime.get("threads", 1)))
+        # The verified buffer, never the path: the file may have changed since it was hashed.
+        data = io.BytesIO(self.take_pinned().artifact)
         try:
-            if path.suffix == ".pt2":
-                module = torch.export.load(str(path)).module()
-            else:
-                module = torch.jit.load(str(path), map_location="cpu")
-                module.eval()  # exported (.pt2) modules refuse eval(); they are traced as-is
+            with IMPORT_LOCK:  # loading imports what the archive names (torch submodules)
+                if path.suffix == ".pt2":
+                    module = torch.export.load(data).module()
+                else:
+                    module = torch.jit.load(data, map_location="cpu")
+                    module.eval()  # exported (.pt2) modules refuse eval(); traced as-is
         except Exception as exc:  # torch raises RuntimeError, BadZipFile, pickling errors
             raise ArtifactError(f"{path.name}: torch cannot load it: {_last_line(exc)}") from None
         # A module that ever runs in grad mode cannot later run under inference_mode.

@@ -151,8 +151,8 @@ class Env:
         self.run(transition)
         return transition.decision
 
-    def edit(self, rollout: Rollout) -> None:
-        self.run(lifecycle.edit(self.rollout, self.state, rollout, self.now))
+    def edit(self, rollout: Rollout, candidate: str | None = None) -> None:
+        self.run(lifecycle.edit(self.rollout, self.state, rollout, self.now, candidate))
         self.rollout = rollout
 
     def run_until(self, phases: set[Phase], max_ticks: int = 60) -> list[Action]:

@@ -12,9 +12,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rollguard.policy.audit import GENESIS, AuditLog, VerifyResult, export, read_entries, verify
+from rollguard.policy.audit import (
+    GENESIS,
+    AuditLog,
+    VerifyResult,
+    adopt_key,
+    export,
+    read_entries,
+    verify,
+)
 from rollguard.policy.errors import AuditError
+from rollguard.policy.keys import AuditKey
 
 T0 = datetime(2026, 11, 23, 4, 0, tzinfo=UTC)
 N = 20
@@ -143,19 +154,44 @@ def test_tampering_is_found_at_its_line(
     assert result.reason
 
 
-@pytest.mark.parametrize(
-    "tamper",
-    [_delete(N), lambda lines: [*lines[:-1], lines[-1][:40]], _change(N)],
-    ids=["last line deleted", "last line truncated", "last line changed"],
+DAMAGE = pytest.mark.parametrize(
+    ("tamper", "bad_line"),
+    [(_delete(N), N), (lambda lines: [*lines[:-1], lines[-1][:40]], N), (_change(N), N)],
+    ids=["last line deleted", "last line cut (head records it)", "last line changed"],
 )
-def test_a_damaged_log_refuses_further_appends(
-    tmp_path: Path, pristine: Path, tamper: Callable[[Lines], Lines]
+
+
+@DAMAGE
+def test_a_damaged_log_is_refused_when_so_configured(
+    tmp_path: Path, pristine: Path, tamper: Callable[[Lines], Lines], bad_line: int
 ) -> None:
     path = copy_log(pristine, tmp_path)
     path.write_bytes(b"".join(tamper(lines_of(path))))
-    with pytest.raises(AuditError, match="rollguard audit verify"):
-        AuditLog(path)
+    before = path.read_bytes()
+    with pytest.raises(AuditError, match=f"broken at line {bad_line}.*audit_refuse_broken"):
+        AuditLog(path, refuse_broken=True)
+    assert path.read_bytes() == before  # refused: nothing written
     assert not verify(path).ok
+
+
+@DAMAGE
+def test_a_damaged_log_is_reported_recorded_and_continued(
+    tmp_path: Path, pristine: Path, tamper: Callable[[Lines], Lines], bad_line: int
+) -> None:
+    path = copy_log(pristine, tmp_path)
+    path.write_bytes(b"".join(tamper(lines_of(path))))
+    with AuditLog(path) as log:
+        assert not log.chain_ok and log.problem and f"line {bad_line}" in log.problem
+        log.append("decision", "fraud", "engine", {"after": "the break"})
+    *_, brk, after = [json.loads(line) for line in lines_of(path)]
+    assert brk["kind"] == "chain_break" and brk["data"]["line"] == bad_line
+    assert after["prev"] == brk["hash"]
+    result = verify(path)
+    assert not result.ok and result.first_bad_line is not None
+    assert result.first_bad_line <= bad_line + 1
+    with AuditLog(path) as again:  # the break is recorded once, not at every start
+        assert not again.chain_ok
+    assert [json.loads(line)["kind"] for line in lines_of(path)].count("chain_break") == 1
 
 
 def test_removing_the_head_file_is_detected(tmp_path: Path) -> None:
@@ -163,8 +199,26 @@ def test_removing_the_head_file_is_detected(tmp_path: Path) -> None:
     (tmp_path / "audit.jsonl.head").unlink()
     result = verify(path)
     assert (result.ok, result.first_bad_line) == (False, 2)
-    with pytest.raises(AuditError):
-        AuditLog(path)
+    with pytest.raises(AuditError, match="head file missing"):
+        AuditLog(path, refuse_broken=True)
+
+
+def test_a_torn_last_line_is_cut_and_the_repair_recorded(tmp_path: Path) -> None:
+    """What a crash mid-append leaves: part of a line, the head still at the entry before."""
+    path = make_log(tmp_path / "audit.jsonl", 3)
+    torn = b'{"actor":"engine","data":{"action":"rollb'
+    with path.open("ab") as f:
+        f.write(torn)
+    assert not verify(path).ok
+    with AuditLog(path, refuse_broken=True) as log:  # a crash is not a broken chain
+        assert log.chain_ok and log.problem is None
+        assert log.head[0] == 4
+    repair = json.loads(lines_of(path)[-1])
+    assert repair["kind"] == "repair" and repair["seq"] == 4
+    assert repair["data"]["dropped_bytes"] == len(torn)
+    assert repair["data"]["dropped"] == torn.decode()
+    assert repair["data"]["dropped_sha256"] == hashlib.sha256(torn).hexdigest()
+    assert verify(path) == VerifyResult(True, 4)
 
 
 def test_crash_between_append_and_head_update_is_tolerated(tmp_path: Path) -> None:
@@ -242,7 +296,138 @@ def test_export_csv(tmp_path: Path) -> None:
     path = make_log(tmp_path / "audit.jsonl", 3)
     rows = list(csv.DictReader(io.StringIO(export(path, fmt="csv"))))
     assert [r["seq"] for r in rows] == ["1", "2", "3"]
-    assert list(rows[0]) == ["seq", "ts", "kind", "rollout", "actor", "data", "prev", "hash"]
+    assert list(rows[0]) == [
+        *("seq", "ts", "kind", "rollout", "actor", "data", "prev", "hash", "key")
+    ]
     assert rows[0]["kind"] == "admin" and rows[0]["prev"] == GENESIS
     assert json.loads(rows[1]["data"]) == {"i": 1, "weight": 5.0, "note": "é"}
     assert rows[2]["hash"] == json.loads(lines_of(path)[2])["hash"]
+
+
+KEY = AuditKey(b"k" * 32)
+OTHER = AuditKey(b"o" * 32)
+
+
+def make_keyed(path: Path, n: int = 5, key: AuditKey = KEY) -> Path:
+    with AuditLog(path, key=key) as log:
+        for i in range(n):
+            log.append("decision", "fraud", "engine", {"i": i})
+    return path
+
+
+def forge_plain(path: Path, edit: Callable[[dict[str, object]], None]) -> None:
+    """What someone without the key can do: rewrite entries and recompute the plain chain."""
+    prev, out = GENESIS, []
+    for line in lines_of(path):
+        entry = json.loads(line)
+        entry.pop("key", None)
+        edit(entry)
+        entry["prev"] = prev
+        body = {k: v for k, v in entry.items() if k != "hash"}
+        entry["hash"] = prev = hashlib.sha256(canonical(body)).hexdigest()
+        out.append(canonical(entry) + b"\n")
+    path.write_bytes(b"".join(out))
+    head = path.with_name(path.name + ".head")
+    head.write_bytes(canonical({"seq": len(out), "hash": prev}) + b"\n")
+
+
+def test_a_keyed_chain_verifies_with_its_key_only(tmp_path: Path) -> None:
+    path = make_keyed(tmp_path / "audit.jsonl")
+    entries = [json.loads(line) for line in lines_of(path)]
+    assert {e["key"] for e in entries} == {KEY.id}
+    assert verify(path, KEY) == VerifyResult(True, 5, keyed=True)
+    without = verify(path)
+    assert not without.ok and "needs the key" in str(without.reason)
+    other = verify(path, OTHER)
+    assert not other.ok and KEY.id in str(other.reason)
+    with pytest.raises(AuditError, match="needs the key"):
+        AuditLog(path)  # no unkeyed entries after keyed ones
+    with pytest.raises(AuditError, match="not the configured key"):
+        AuditLog(path, key=OTHER)
+
+
+def test_a_recomputed_chain_is_detected_under_the_key(tmp_path: Path) -> None:
+    """The forgery of the issue: an automatic rollback erased, the chain recomputed."""
+    path = make_keyed(tmp_path / "audit.jsonl")
+
+    def erase(entry: dict[str, object]) -> None:
+        entry["data"] = {"i": "nothing happened"}
+
+    forge_plain(path, erase)
+    assert verify(path).ok  # without the key a plain chain cannot tell
+    result = verify(path, KEY)
+    assert not result.ok and "no entry of the audit log is sealed" in str(result.reason)
+    with pytest.raises(AuditError, match="no entry of the audit log is sealed"):
+        AuditLog(path, key=KEY)
+
+
+def test_an_entry_rehashed_without_the_key_breaks_the_keyed_chain(tmp_path: Path) -> None:
+    path = make_keyed(tmp_path / "audit.jsonl")
+    lines = lines_of(path)
+    entry = json.loads(lines[2])
+    entry["actor"] = "mallory"
+    entry["hash"] = hashlib.sha256(
+        canonical({k: v for k, v in entry.items() if k != "hash"})
+    ).hexdigest()
+    path.write_bytes(b"".join([*lines[:2], canonical(entry) + b"\n", *lines[3:]]))
+    result = verify(path, KEY)
+    assert (result.ok, result.first_bad_line) == (False, 3) and "MAC" in str(result.reason)
+
+
+def test_adopting_a_key_seals_an_unkeyed_log_from_then_on(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 3)
+    with pytest.raises(AuditError, match="adopt-key"):
+        AuditLog(path, key=KEY)
+    adopted = adopt_key(path, KEY)
+    assert (adopted["kind"], adopted["seq"], adopted["key"]) == ("audit_keyed", 4, KEY.id)
+    with AuditLog(path, key=KEY) as log:
+        assert log.chain_ok
+        log.append("admin", "fraud", "alice", {})
+    assert verify(path, KEY) == VerifyResult(True, 5, keyed=True)
+    with pytest.raises(AuditError, match="already sealed"):
+        adopt_key(path, KEY)
+    # An unkeyed entry slipped in after the keyed ones is found.
+    lines = lines_of(path)
+    forge_plain(path, lambda entry: None)
+    path.write_bytes(b"".join([*lines, lines_of(path)[0]]))
+    assert not verify(path, KEY).ok
+
+
+def test_files_are_private_and_never_opened_through_a_link(tmp_path: Path) -> None:
+    path = make_log(tmp_path / "audit.jsonl", 2)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.with_name("audit.jsonl.head").stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)  # a log from before: tightened at open
+    AuditLog(path).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "audit.jsonl"
+    target.write_bytes(path.read_bytes())
+    linked = elsewhere / "state"
+    linked.mkdir()
+    (linked / "audit.jsonl").symlink_to(target)
+    with pytest.raises(AuditError, match="symbolic link"):
+        AuditLog(linked / "audit.jsonl")
+    assert not verify(linked / "audit.jsonl").ok
+    with pytest.raises(AuditError, match="symbolic link"):
+        read_entries(linked / "audit.jsonl")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    where=st.floats(0, 1, exclude_max=True),
+    byte=st.integers(0, 255),
+)
+def test_any_changed_byte_fails_keyed_verification(
+    tmp_path_factory: pytest.TempPathFactory, n: int, where: float, byte: int
+) -> None:
+    path = make_keyed(tmp_path_factory.mktemp("prop") / "audit.jsonl", n)
+    raw = bytearray(path.read_bytes())
+    i = int(where * len(raw))
+    if raw[i] == byte:
+        return
+    raw[i] = byte
+    path.write_bytes(bytes(raw))
+    assert not verify(path, KEY).ok

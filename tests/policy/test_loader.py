@@ -6,13 +6,21 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rollguard.policy.errors import PolicyInvalid
-from rollguard.policy.loader import check_files, find_line, load_rollout, parse_rollout
+from rollguard.policy.loader import (
+    MAX_DEPTH,
+    MAX_NODES,
+    check_files,
+    find_line,
+    load_rollout,
+    parse_rollout,
+)
 from rollguard.policy.schema import json_schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +158,142 @@ def test_check_files_reports_each_file(tmp_path: Path) -> None:
     assert results[1][1] is not None and results[1][1].startswith(f"{bad}:2: kind: ")
 
 
+# The billion laughs in YAML: a document built from it holds 9^9 strings. Padded with a
+# comment to the 555 bytes that froze the gateway for 36 s.
+_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]\n"
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True)
+)
+ALIAS_BOMB = _LAUGHS + "#" + "." * (555 - len(_LAUGHS) - 2) + "\n"
+
+
+def test_alias_bomb_is_refused_at_once() -> None:
+    assert len(ALIAS_BOMB) == 555
+    started = time.monotonic()
+    error = _error(ALIAS_BOMB)
+    assert time.monotonic() - started < 1.0
+    assert str(error) == (
+        "fraud.yaml:1: YAML: an anchor (&name): anchors and aliases are not allowed in policies"
+    )
+
+
+def test_an_alias_alone_is_refused_too() -> None:
+    text = VALID.replace("spec:\n", "spec: &s\n") + "copy: *s\n"
+    assert "anchors and aliases are not allowed" in str(_error(text))
+    # Merge keys need aliases, so they go with them.
+    merged = "base: {x: 1}\nother:\n  <<: *base\n"
+    assert "an alias (*name)" in str(_error(merged))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spec: " + "[" * 200_000 + "]" * 200_000,
+        "spec: " + "{a: " * 5_000 + "1" + "}" * 5_000,
+        "spec:\n" + "".join(" " * i + "a:\n" for i in range(1, 2_000)),
+    ],
+    ids=["flow-lists", "flow-maps", "block-maps"],
+)
+def test_deep_nesting_is_this_files_error_not_a_recursion_error(text: str) -> None:
+    started = time.monotonic()
+    error = _error(text)
+    assert time.monotonic() - started < 1.0
+    assert f"nested deeper than {MAX_DEPTH} levels" in str(error)
+
+
+def test_a_huge_flat_document_is_cut_short() -> None:
+    started = time.monotonic()
+    error = _error("[" + "1, " * 200_000 + "1]")
+    assert time.monotonic() - started < 1.0
+    assert f"more than {MAX_NODES} values" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("9" * 5_000, "fraud.yaml:1: YAML: Exceeds the limit"),  # int() refuses; not a crash
+        ("!!python/object/apply:os.system [echo]", "fraud.yaml:6: YAML: could not determine"),
+    ],
+)
+def test_values_the_yaml_library_refuses_are_this_files_error(value: str, expected: str) -> None:
+    assert str(_error(VALID.replace('"1.0.0"', value))).startswith(expected)
+
+
+HOOK = VALID + '  notify:\n    - {webhook: "%s", headers_from_env: {Authorization: HOOK_AUTH}}\n'
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("https://hooks.example.com/x", ("hooks.example.com",)),
+        ("https://hooks.example.com:8443/x", ("hooks.example.com:8443",)),
+        ("http://a.b.example.com/x", ("*.example.com",)),
+        ("http://127.0.0.1:9000/hook", ("127.0.0.1:9000",)),
+        ("http://[::1]:9000/hook", ("[::1]:9000",)),
+    ],
+)
+def test_webhooks_to_allowed_hosts_load(url: str, hosts: tuple[str, ...]) -> None:
+    rollout = parse_rollout(HOOK % url, "fraud.yaml", webhook_hosts=hosts)
+    assert rollout.spec.notify[0].headers_from_env == {"Authorization": "HOOK_AUTH"}
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts", "named"),
+    [
+        ("http://127.0.0.1:8081/admin/rollouts/fraud/promote", (), "'127.0.0.1' (port 8081)"),
+        ("http://169.254.169.254/latest/meta-data", ("hooks.example.com",), "'169.254.169.254'"),
+        ("https://hooks.example.com:8443/x", ("hooks.example.com:443",), "(port 8443)"),
+        ("http://example.com/x", ("*.example.com",), "'example.com'"),
+        ("http://127.1:9000/x", ("127.0.0.1",), "'127.1'"),  # spelled otherwise: not listed
+    ],
+)
+def test_webhooks_elsewhere_are_refused_naming_host_and_setting(
+    url: str, hosts: tuple[str, ...], named: str
+) -> None:
+    with pytest.raises(PolicyInvalid) as info:
+        parse_rollout(HOOK % url, "fraud.yaml", webhook_hosts=hosts)
+    message = str(info.value)
+    assert message.startswith("fraud.yaml:18: spec.notify.0.webhook: host "), message
+    assert named in message and "webhook_allowed_hosts" in message
+
+
+@pytest.mark.parametrize(
+    ("hook", "reason"),
+    [
+        ('{webhook: "http://user:pw@hooks.example.com/x"}', "must not carry credentials"),
+        ('{webhook: "http://hooks.example.com/x", headers: {Authorization: x}}', "unknown field"),
+        (
+            '{webhook: "http://hooks.example.com/x", headers_from_env: {Authorization: "B 1"}}',
+            "is not an environment variable name",
+        ),
+        (
+            '{webhook: "http://hooks.example.com/x", headers_from_env: {Host: HOOK_HOST}}',
+            "is set by rollguard",
+        ),
+    ],
+)
+def test_webhook_secrets_never_come_from_the_policy(hook: str, reason: str) -> None:
+    text = VALID + f"  notify: [{hook}]\n"
+    with pytest.raises(PolicyInvalid, match=reason):
+        parse_rollout(text, "fraud.yaml", webhook_hosts=("hooks.example.com",))
+
+
+def test_policy_check_uses_the_configured_allow_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rollguard.proxy.cli import main
+
+    policy = tmp_path / "fraud.yaml"
+    policy.write_text(HOOK % "https://hooks.example.com/rollouts")
+    config = tmp_path / "rollguard.yaml"
+    config.write_text("webhook_allowed_hosts: []\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 1
+    err = capsys.readouterr().err
+    assert "'hooks.example.com'" in err and "webhook_allowed_hosts" in err
+    config.write_text("webhook_allowed_hosts: [hooks.example.com]\n")
+    assert main(["policy", "check", "--config", str(config), str(policy)]) == 0
+
+
 def test_find_line() -> None:
     assert find_line(VALID, "metadata.name") == 3
     assert find_line(VALID, "spec.checks.1.metric") == 15
@@ -166,7 +310,9 @@ def test_shipped_policies_exist_and_validate() -> None:
     names = {p.name for p in SHIPPED}
     assert {"fraud-canary.yaml", "shadow.yaml", "ab.yaml", "blue-green.yaml"} <= names
     assert "approval.yaml" in names
-    assert check_files(SHIPPED) == [(str(p), None) for p in SHIPPED]
+    # approval.yaml notifies a local receiver: the operator lists it, as its comment says.
+    hosts = ("127.0.0.1:9000",)
+    assert check_files(SHIPPED, webhook_hosts=hosts) == [(str(p), None) for p in SHIPPED]
 
 
 def _python_with_jsonschema() -> str | None:

@@ -249,3 +249,58 @@ def test_renaming_the_file_moves_the_rollout_without_removing_it(tmp_path: Path)
     assert moved.path == tmp_path / "fraud-canary.yaml"
     assert (moved.previous, moved.changed_fields) == (first.rollout, ())
     assert watcher.path_of("fraud") == tmp_path / "fraud-canary.yaml"
+
+
+def test_a_broken_file_never_blocks_the_others(tmp_path: Path) -> None:
+    """A deep or aliased file is that file's Rejected; edits and deletions elsewhere in the
+    same scan still apply, and keep applying on later scans."""
+    (tmp_path / "fraud.yaml").write_text(policy())
+    (tmp_path / "iris.yaml").write_text(policy("iris", model="iris"))
+    watcher = PolicyDirectory(tmp_path)
+    watcher.scan()
+    (tmp_path / "deep.yaml").write_text("spec: " + "[" * 100_000 + "]" * 100_000)
+    (tmp_path / "bomb.yaml").write_text("a: &a [x, x]\nb: [*a, *a]\n")
+    (tmp_path / "fraud.yaml").write_text(policy(max_errors=0.05))
+    (tmp_path / "iris.yaml").unlink()
+    events = watcher.scan()
+    rejected = {e.path.name: e.error for e in events if isinstance(e, Rejected)}
+    assert "nested deeper than" in rejected["deep.yaml"]
+    assert "anchors and aliases are not allowed" in rejected["bomb.yaml"]
+    assert Removed("iris", tmp_path / "iris.yaml") in events
+    assert watcher.current()["fraud"].spec.checks[0].max == 0.05
+    (tmp_path / "fraud.yaml").write_text(policy(max_errors=0.07))
+    [event] = watcher.scan()  # the broken files, unchanged, stay quiet
+    assert isinstance(event, Applied) and event.rollout.spec.checks[0].max == 0.07
+    assert set(watcher.rejected()) == {tmp_path / "deep.yaml", tmp_path / "bomb.yaml"}
+
+
+def test_rejection_status_persists_until_the_file_changes(tmp_path: Path) -> None:
+    unreadable = tmp_path / "broken.yaml"
+    # Root reads any file whatever its mode; /proc/self/mem opens and then fails to read.
+    unreadable.symlink_to("/proc/self/mem")
+    (tmp_path / "fraud.yaml").write_text(policy())
+    watcher = PolicyDirectory(tmp_path)
+    [*_, first] = sorted(watcher.scan(), key=lambda e: isinstance(e, Rejected))
+    assert isinstance(first, Rejected) and "cannot read" in first.error
+    for _ in range(3):
+        assert watcher.scan() == []  # no new event ...
+        assert set(watcher.rejected()) == {unreadable}  # ... and still rejected
+    unreadable.unlink()
+    watcher.scan()
+    assert watcher.rejected() == {}
+
+
+def test_a_vanished_directory_keeps_what_is_loaded(tmp_path: Path) -> None:
+    root = tmp_path / "policies"
+    root.mkdir()
+    (root / "fraud.yaml").write_text(policy())
+    watcher = PolicyDirectory(root)
+    watcher.scan()
+    loaded = watcher.current()
+    root.rename(tmp_path / "elsewhere")
+    assert watcher.scan() == []  # not Removed: an unmounted volume is not a decision
+    assert watcher.current() == loaded and watcher.missing is not None
+    (tmp_path / "elsewhere").rename(root)
+    assert watcher.scan() == [] and watcher.missing is None
+    (root / "fraud.yaml").unlink()
+    assert watcher.scan() == [Removed("fraud", root / "fraud.yaml")]

@@ -24,6 +24,12 @@ class Server:
     settings: Settings
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """The Authorization header admin wants, or none when started with admin_auth none."""
+        token = self.settings.admin_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
     def gateway(self) -> Inference:
         return self.running.inference
 
@@ -35,7 +41,10 @@ class Server:
 @contextlib.asynccontextmanager
 async def serve(tmp_path: Path, registry: Path, **settings: Any) -> AsyncIterator[Server]:
     """Start the real gateway on free loopback ports, as `rollguard serve` does; stop it
-    afterwards. `settings` override Settings fields."""
+    afterwards. `settings` override Settings fields. Admin runs without a token
+    (`admin_auth: none`, loopback only) unless the test passes `admin_token`."""
+    if "admin_token" not in settings:
+        settings.setdefault("admin_auth", "none")
     policies = settings.pop("policies", tmp_path / "policies")
     Path(policies).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - test set-up
     config = Settings(

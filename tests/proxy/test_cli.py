@@ -60,13 +60,18 @@ def test_registry_list_verify_show_add(
 
 
 async def test_status_actions_and_audit_against_a_running_gateway(
-    tmp_path: Path, make_registry: MakeRegistry, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    make_registry: MakeRegistry,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "fraud.yaml").write_text(GOOD.read_text())
-    async with serve(tmp_path, registry, policies=policies) as server:
+    token = "cli-test-admin-token-0123456789"
+    monkeypatch.setenv("ROLLGUARD_ADMIN_TOKEN", token)  # what the CLI sends
+    async with serve(tmp_path, registry, policies=policies, admin_token=token) as server:
         url = ["--url", server.admin_url]  # the CLI talks to the admin port
         assert await asyncio.to_thread(main, ["status", *url]) == 0
         assert "fraud\tfraud\tcanary\tprogressing" in capsys.readouterr().out

@@ -473,14 +473,47 @@ async def test_half_sent_head_is_closed_while_others_are_answered(
         await slow_w.drain()
         answer = await exchange(server.url, post(INFER, _row(0, "meanwhile")))
         assert (answer.status, answer.json()["id"]) == (200, "meanwhile")
-        assert await closed(slow_r, timeout_s=timeout + 3.0)
+        assert await _timed_out(slow_r, "head", timeout + 3.0)
         assert time.monotonic() - started >= timeout * 0.9
         # A body that stops arriving is cut off alike.
         async with connect(server.url) as (r, w):
             started = time.monotonic()
             w.write(post(INFER, _row(0))[:-20])
-            assert await closed(r, timeout_s=timeout + 3.0)
+            assert await _timed_out(r, "body", timeout + 3.0)
             assert time.monotonic() - started >= timeout * 0.9
+
+
+async def test_a_trickled_body_is_cut_off_by_the_body_limit(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """A byte at a time, each within the pause limit: the whole body's limit still holds."""
+    settings = {"header_timeout_s": 1.0, "body_timeout_s": 0.5}
+    async with (
+        serve(tmp_path, make_registry("fraud/1.0.0"), **settings) as server,
+        connect(server.url) as (r, w),
+    ):
+        body = _row(0)
+        w.write(post(INFER, body)[: -len(body)])
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            for byte in body[:-1]:
+                w.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+
+        trickling = asyncio.create_task(trickle())
+        assert await _timed_out(r, "body", 5.0)
+        trickling.cancel()
+        assert time.monotonic() - started >= 0.45
+        assert server.running.capacity.timed_out["body"] == 1
+
+
+async def _timed_out(reader: asyncio.StreamReader, phase: str, timeout_s: float) -> bool:
+    """A 408 naming `phase`, then the close."""
+    answer = await read(reader, timeout_s)
+    assert answer.status == 408 and f"request {phase} did not arrive" in answer.json()["error"]
+    assert answer.headers["connection"] == "close"
+    return await closed(reader)
 
 
 async def test_idle_kept_alive_connection_is_closed(
@@ -510,7 +543,10 @@ async def test_many_idle_connections_all_closed_by_the_timeout(
         streams = [await stack.enter_async_context(connect(server.url)) for _ in range(50)]
         for i, (_, w) in enumerate(streams[:25]):  # half of them sent half a head
             w.write(f"GET /v2/health/live HTTP/1.1\r\nX-N: {i}".encode())
-        results = await asyncio.gather(*(closed(r, timeout_s=5.0) for r, _ in streams))
+        results = await asyncio.gather(
+            *(_timed_out(r, "head", 5.0) for r, _ in streams[:25]),
+            *(closed(r, timeout_s=5.0) for r, _ in streams[25:]),
+        )
         assert all(results)
         await until(lambda: not server.running._server.connections)
         assert (await exchange(server.url, get("/v2/health/live"))).status == 200
@@ -541,8 +577,9 @@ async def test_overload_is_503_with_retry_after_while_health_answers(tmp_path: P
         assert (answer.status, answer.json()["id"]) == (200, "held")
         assert plane.inflight == 0
         assert (await exchange(server.url, post(REMOTE, _remote_row("next")))).status == 200
+        # Refused at the end of its head, before its body was buffered.
         rejected = server.running.metrics.registry.get_sample_value(
-            "rollguard_rejected_requests_total", {"model": "remote", "reason": "overloaded"}
+            "rollguard_capacity_refusals_total", {"reason": "overloaded"}
         )
         assert rejected == 1.0
 
@@ -667,6 +704,21 @@ async def test_upgrade_offer_with_a_body_is_ignored(
         assert (answer.status, answer.json().get("id")) == (200, "h2c"), answer.json()
 
 
+async def test_bodies_past_the_buffer_budget_are_503_also_behind_an_upgrade_offer(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    h2c = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQ")
+    async with serve(tmp_path, make_registry("fraud/1.0.0"), max_buffered_bytes=1024) as server:
+        big = b'{"inputs": [], "pad": "' + b"x" * 2000 + b'"}'
+        head = f"POST {INFER} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for request in (post(INFER, big), post(INFER, big, *h2c), head.encode() + chunked(big)):
+            answer = await exchange(server.url, request)
+            assert (answer.status, answer.headers["retry-after"]) == (503, "1")
+            assert "max_buffered_bytes" in answer.json()["error"]
+        assert server.running.capacity.buffered == 0
+        assert (await exchange(server.url, post(INFER, _row(0, "small")))).status == 200
+
+
 async def test_100_continue_behind_a_running_request(tmp_path: Path) -> None:
     async with (
         _slow_remote(tmp_path) as (registry, upstream),
@@ -702,8 +754,12 @@ async def test_close_drops_queued_requests_and_answers_the_running_one(tmp_path:
         upstream.release.set()
         answer = await read(r)
         assert (answer.status, answer.json()["id"]) == (200, "running")
+        assert answer.headers.get("connection") != "close"
+        answer = await read(r)  # the queued GET never ran: 503, retry elsewhere
+        assert (answer.status, answer.headers["retry-after"]) == (503, "1")
+        assert "shutting down" in answer.json()["error"]
         assert answer.headers["connection"] == "close"
-        assert await closed(r)  # the queued GET is never answered
+        assert await closed(r)
         await asyncio.wait_for(closing, 5.0)
 
 
@@ -720,7 +776,10 @@ async def test_close_gives_up_on_requests_after_the_grace_period(tmp_path: Path)
         started = time.monotonic()
         await asyncio.wait_for(server.running.close(), grace + 3.0)
         assert time.monotonic() - started >= grace * 0.9
-        assert await closed(r)  # no answer: the connection is cut
+        answer = await read(r)  # answered 503 rather than cut off
+        assert (answer.status, answer.headers["connection"]) == (503, "close")
+        assert "shutting down" in answer.json()["error"]
+        assert await closed(r)
         assert plane.inflight == 0
 
 

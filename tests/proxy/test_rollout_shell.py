@@ -19,6 +19,7 @@ from rollguard.proxy.routing import Router, SplitTable
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.windows import Outcome, Windows
 from rollguard.serving.registry import Registry
+from tests.proxy.conftest import MakeRegistry
 
 POLICY = """\
 apiVersion: rollguard/v1
@@ -48,17 +49,17 @@ class DataPlane:
 
 
 class Shell:
-    """A Rollouts over a tmp policies directory and state directory."""
+    """A Rollouts over a tmp policies directory and state directory, and a registry of the
+    versions its policies name (a rollout waits for a candidate the registry lacks)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, registry: Path) -> None:
         self.root = root
         self.policy = root / "policies" / "fraud.yaml"
         self.policy.parent.mkdir(parents=True, exist_ok=True)
-        (root / "registry").mkdir(exist_ok=True)
         self.settings = Settings(
-            policies=root / "policies", state=root / "state", registry=root / "registry"
+            policies=root / "policies", state=root / "state", registry=registry
         )
-        self.executor = ThreadPoolExecutor(1)  # the registry's; it loads no model here
+        self.executor = ThreadPoolExecutor(1)  # the registry's
         self.plane: DataPlane
         self.rollouts: Rollouts
 
@@ -70,12 +71,13 @@ class Shell:
             metrics=Metrics(CollectorRegistry()),
             registry=Registry(
                 self.settings.registry,
-                executor=self.executor,
+                threads=1,
                 poll_interval=self.settings.registry_poll_s,
                 inline_below_us=self.settings.inline_below_us,
                 timeout_s=self.settings.request_timeout_s,
             ),
         )
+        await self.plane.registry.start()
         self.rollouts = Rollouts(self.plane, self.settings)
         await self.rollouts.start()
         return self.rollouts
@@ -98,14 +100,18 @@ class Shell:
     def gauge(self, name: str, **labels: str) -> float | None:
         return self.plane.metrics.registry.get_sample_value(name, labels)
 
+    async def stop(self) -> None:
+        await self.rollouts.stop()
+        await self.plane.registry.stop()
+
 
 @pytest.fixture
-async def shell(tmp_path: Path) -> AsyncIterator[Shell]:
-    shell = Shell(tmp_path)
+async def shell(tmp_path: Path, make_registry: MakeRegistry) -> AsyncIterator[Shell]:
+    shell = Shell(tmp_path, make_registry("fraud/1.0.0", "fraud/1.1.0", "fraud/1.2.0"))
     shell.write()
     await shell.start()
     yield shell
-    await shell.rollouts.stop()
+    await shell.stop()
     shell.executor.shutdown()
 
 
@@ -180,7 +186,7 @@ async def test_a_removal_publishes_stable(shell: Shell) -> None:
 async def test_a_restart_restores_the_step(shell: Shell) -> None:
     shell.serve_candidate()
     shell.rollouts.tick("fraud")
-    await shell.rollouts.stop()
+    await shell.stop()
     await shell.start()
     assert shell.rollouts.describe("fraud")["step"] == 1
     table = shell.table()
@@ -207,3 +213,39 @@ async def test_a_failed_save_applies_nothing(shell: Shell) -> None:
     assert shell.rollouts.tick("fraud")["action"] == "advance"
     table = shell.table()
     assert table is not first and table is not None and table.weight == 50
+
+
+async def test_a_missing_candidate_waits_fails_over_and_begins(
+    tmp_path: Path, make_registry: MakeRegistry, demo_registry: Path
+) -> None:
+    registry = make_registry("fraud/1.0.0")
+    shell = Shell(tmp_path, registry)
+    shell.write(candidate="1.1.0")
+    await shell.start()
+    try:
+        table = shell.table()
+        assert table is not None and (table.weight, table.failover) == (0, "missing")
+        assert shell.rollouts.describe("fraud")["phase"] == "waiting"
+        assert shell.gauge("rollguard_rollout_phase", rollout="fraud", phase="waiting") == 1
+        assert shell.gauge("rollguard_rollout_candidate_unavailable", rollout="fraud") == 1
+        (registry / "fraud" / "1.1.0").symlink_to(demo_registry / "fraud" / "1.1.0")
+        await shell.plane.registry.refresh()
+        shell.rollouts.observe("fraud")
+        table = shell.table()
+        assert table is not None and (table.weight, table.failover) == (10, None)
+        assert shell.rollouts.describe("fraud")["phase"] == "progressing"
+        assert shell.gauge("rollguard_rollout_candidate_unavailable", rollout="fraud") == 0
+        # The candidate's directory goes: its share fails over at the next look.
+        (registry / "fraud" / "1.1.0").unlink()
+        await shell.plane.registry.refresh()
+        shell.rollouts.observe("fraud")
+        table = shell.table()
+        assert table is not None and (table.weight, table.failover) == (10, "missing")
+        assert shell.gauge("rollguard_rollout_candidate_unavailable", rollout="fraud") == 1
+        assert shell.kinds()[-2:] == ["decision", "decision"]  # begin, failover
+        decisions = "rollguard_rollout_decisions_total"
+        assert shell.gauge(decisions, rollout="fraud", action="begin") == 1
+        assert shell.gauge(decisions, rollout="fraud", action="failover") == 1
+    finally:
+        await shell.stop()
+        shell.executor.shutdown()

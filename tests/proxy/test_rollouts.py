@@ -173,6 +173,7 @@ def _start(
     registry: Path, policies: Path, state: Path, port: int, admin_port: int
 ) -> GatewayProcess:
     env = {**os.environ, "ROLLGUARD_LOG_LEVEL": "WARNING"}
+    env |= {"ROLLGUARD_ADMIN_AUTH": "none", "ROLLGUARD_ADMIN_TOKEN": ""}  # loopback test
     return GatewayProcess(
         registry=registry, policies=policies, state=state,
         log=state.parent / "serve.log", port=port, admin_port=admin_port, env=env,
@@ -289,7 +290,13 @@ async def test_shadow_mirrors_compares_and_notifies(
     try:
         async with (
             # About mirroring, not shedding: a busy test machine must not shed copies.
-            serve(tmp_path, registry, policies=policies, shadow_budget=1.0) as server,
+            serve(
+                tmp_path,
+                registry,
+                policies=policies,
+                shadow_budget=1.0,
+                webhook_allowed_hosts=("127.0.0.1",),  # the receiver; admin stays refused
+            ) as server,
             aiohttp.ClientSession() as http,
         ):
             served = await drive(server, http, lambda: _phase(server) == "rolled_back")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -200,3 +201,12 @@ def test_stickiness_key_from_headers_or_cookies() -> None:
     assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark; session=s9"}) == "s9"
     assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark"}) is None
     assert stickiness_key(by_cookie, "m", {"cookie": 'session="unterminated'}) is None
+
+
+@given(keys, weights)
+def test_a_failed_over_table_still_picks_the_candidate_by_key(key: str, weight: float) -> None:
+    """Failover changes who answers, not the split: a key keeps its bucket, so it comes
+    back to the candidate when the candidate can take traffic again."""
+    table = canary(weight)
+    failed = dataclasses.replace(table, failover="refused")
+    assert failed != table and failed.choose(key) == table.choose(key)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -261,18 +260,17 @@ async def test_batches_a_real_onnx_model(
 ) -> None:
     directory = write_version("cancer", "1")
     manifest = load_manifest(directory / MANIFEST_NAME)
-    with ThreadPoolExecutor(2) as executor:
-        runner = BatchingRunner(
-            Scheduled(OnnxRunner(manifest, directory), executor, 0, timeout_s=60),
-            max_batch_size=16,
-            max_delay_ms=5,
-        )
-        await runner.load()
-        try:
-            chunks = np.array_split(cancer_features[:100], 40)
-            outs = await asyncio.gather(*(predict_arrays(runner, {"input": c}) for c in chunks))
-        finally:
-            await runner.unload()
+    runner = BatchingRunner(
+        Scheduled(OnnxRunner(manifest, directory), 2, 0, timeout_s=60),
+        max_batch_size=16,
+        max_delay_ms=5,
+    )
+    await runner.load()
+    try:
+        chunks = np.array_split(cancer_features[:100], 40)
+        outs = await asyncio.gather(*(predict_arrays(runner, {"input": c}) for c in chunks))
+    finally:
+        await runner.unload()
     labels = np.concatenate([o["label"] for o in outs])
     probabilities = np.concatenate([o["probabilities"] for o in outs])
     np.testing.assert_array_equal(labels, cancer_estimator.predict(cancer_features[:100]))

@@ -17,6 +17,8 @@ from rollguard.serving.catalog import add, list_versions, show, verify, version_
 from rollguard.serving.errors import ArtifactError, ModelNotFound, VersionNotFound
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
 from rollguard.serving.runners import create_runner
+from rollguard.serving.signatures import tensor_from_flag
+from tests.serving.external import FEATURES, WEIGHTS_FILE, expected, linear_onnx
 from tests.serving.support import predict_arrays
 
 CANCER_SIGNATURE = (
@@ -31,8 +33,8 @@ CANCER_SIGNATURE = (
 def signature(directory: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     manifest = load_manifest(directory / MANIFEST_NAME)
     return (
-        [t.model_dump() for t in manifest.inputs],
-        [t.model_dump() for t in manifest.outputs],
+        [t.model_dump(exclude_none=True) for t in manifest.inputs],
+        [t.model_dump(exclude_none=True) for t in manifest.outputs],
     )
 
 
@@ -77,18 +79,27 @@ async def test_add_onnx_infers_the_session_signature(
     assert outputs["probabilities"].shape == (4, 2)
 
 
-def test_add_joblib_classifier_and_regressor(
+def test_add_joblib_classifier_and_regressor_when_trusted(
     registry_root: Path, source: Path, joblib_bytes: bytes
 ) -> None:
     (source / "clf.joblib").write_bytes(joblib_bytes)
-    clf = add(registry_root, source / "clf.joblib", model="fraud", version="2", parent="1.0.0")
+    clf = add(
+        registry_root,
+        source / "clf.joblib",
+        model="fraud",
+        version="2",
+        parent="1.0.0",
+        trust_pickle=True,
+    )
     assert load_manifest(clf / MANIFEST_NAME).framework == "sklearn"
     assert load_manifest(clf / MANIFEST_NAME).parent == "1.0.0"
     assert signature(clf) == CANCER_SIGNATURE
 
     x, y = load_diabetes(return_X_y=True)
     joblib.dump(LinearRegression().fit(x, y), source / "reg.joblib")
-    reg = add(registry_root, source / "reg.joblib", model="diabetes", version="1")
+    reg = add(
+        registry_root, source / "reg.joblib", model="diabetes", version="1", trust_pickle=True
+    )
     assert signature(reg) == (
         [{"name": "input", "datatype": "FP32", "shape": [-1, 10]}],
         [{"name": "prediction", "datatype": "FP64", "shape": [-1]}],
@@ -130,7 +141,7 @@ def test_add_torch_export_reads_the_exported_program(registry_root: Path, source
         module, (torch.zeros(2, 4),), dynamic_shapes={"input": {0: batch}}
     )
     torch.export.save(program, source / "mlp.pt2")
-    directory = add(registry_root, source / "mlp.pt2", model="mlp", version="1")
+    directory = add(registry_root, source / "mlp.pt2", model="mlp", version="1", trust_pickle=True)
     assert load_manifest(directory / MANIFEST_NAME).framework == "torch"
     assert signature(directory) == (
         [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
@@ -209,3 +220,83 @@ def test_version_key_sorts_naturally() -> None:
         "2",
         "10.0",
     ]
+
+
+def test_add_pickle_without_trust_takes_the_signature_from_flags(
+    registry_root: Path, source: Path, joblib_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (source / "clf.joblib").write_bytes(joblib_bytes)
+    blank = add(registry_root, source / "clf.joblib", model="fraud", version="1")
+    assert signature(blank) == ([], [])
+    assert "--trust-pickle" in caplog.text
+    inputs = [tensor_from_flag("input:fp32:-1,30")]
+    outputs = [tensor_from_flag("label:INT64:-1"), tensor_from_flag("probabilities:FP32:-1,2")]
+    flagged = add(
+        registry_root,
+        source / "clf.joblib",
+        model="fraud",
+        version="2",
+        inputs=inputs,
+        outputs=outputs,
+    )
+    assert signature(flagged) == CANCER_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("input", "expected NAME:DATATYPE:SHAPE"),
+        ("input:FP32:a,b", "not comma-separated integers"),
+        ("input:FLOAT:-1", "unknown datatype"),
+        ("input:FP32:0", "positive or -1"),
+    ],
+)
+def test_tensor_flags_name_what_is_wrong(flag: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tensor_from_flag(flag)
+
+
+async def test_add_onnx_pins_its_external_data_and_a_reference(
+    registry_root: Path, source: Path, cancer_features: np.ndarray
+) -> None:
+    weights = np.random.default_rng(0).normal(size=(FEATURES, 2)).astype(np.float32) / 100
+    path = linear_onnx(source, weights)
+    np.save(source / "sample.npy", cancer_features[:50])
+    directory = add(
+        registry_root, path, model="fraud", version="1", reference=source / "sample.npy"
+    )
+    manifest = load_manifest(directory / MANIFEST_NAME)
+    assert manifest.reference == "reference.npy"
+    assert {f.path: f.sha256 for f in manifest.files} == {
+        WEIGHTS_FILE: hashlib.sha256((source / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        "reference.npy": hashlib.sha256((source / "sample.npy").read_bytes()).hexdigest(),
+    }
+    assert signature(directory) == CANCER_SIGNATURE
+    assert [v.status for v in verify(registry_root)] == ["ok"]
+    runner = create_runner(manifest, directory)
+    await runner.load()
+    outputs = await predict_arrays(runner, {"input": cancer_features[:4]})
+    await runner.unload()
+    np.testing.assert_allclose(
+        outputs["probabilities"], expected(cancer_features[:4], weights), rtol=1e-4
+    )
+
+    (directory / WEIGHTS_FILE).write_bytes((weights * 1000).tobytes())  # same size
+    (report,) = verify(registry_root)
+    assert report.status == "refused"
+    assert report.reason is not None and f"{WEIGHTS_FILE}: sha256" in report.reason
+    with pytest.raises(ArtifactError, match=rf"{WEIGHTS_FILE}: sha256"):
+        await create_runner(manifest, directory).load()
+
+
+def test_add_refuses_a_reference_of_another_kind(registry_root: Path, source: Path) -> None:
+    (source / "lr.onnx").write_bytes(b"x")
+    (source / "sample.csv").write_text("1,2\n")
+    with pytest.raises(ArtifactError, match=r"\.npy or \.npz"):
+        add(
+            registry_root,
+            source / "lr.onnx",
+            model="m",
+            version="1",
+            reference=source / "sample.csv",
+        )

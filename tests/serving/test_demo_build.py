@@ -67,14 +67,17 @@ def test_writes_every_version_with_a_valid_manifest(built: tuple[Path, list[Path
         assert manifest.created_by and manifest.created_at
         features = 64 if model == "digits" else 30
         classes = 10 if model == "digits" else 2
-        assert [t.model_dump() for t in manifest.inputs] == [
+        assert [t.model_dump(exclude_none=True) for t in manifest.inputs] == [
             {"name": "input", "datatype": "FP32", "shape": [-1, features]}
         ]
-        assert [t.model_dump() for t in manifest.outputs] == [
+        assert [t.model_dump(exclude_none=True) for t in manifest.outputs] == [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
         ]
         assert manifest.reference == "reference.npy"
+        assert [(f.path, f.sha256) for f in manifest.files] == [
+            ("reference.npy", sha256_file(directory / "reference.npy"))
+        ]
         reference = np.load(directory / "reference.npy")
         assert reference.dtype == np.float32 and reference.shape == (200, features)
         assert 0.7 < manifest.metrics["accuracy"] <= 1.0
@@ -91,6 +94,9 @@ def test_second_build_keeps_valid_versions_and_repairs_broken_ones(
     assert build_demo_registry(root, frameworks=["sklearn"]) == [root / "fraud" / "1.1.0"]
     manifest = _manifest(root, "fraud", "1.1.0")
     assert manifest.sha256 == sha256_file(root / "fraud" / "1.1.0" / "model.skops")
+    # A changed reference is a broken version too: every pinned file is checked.
+    np.save(root / "fraud" / "1.0.0" / "reference.npy", np.zeros((3, 30), np.float32))
+    assert build_demo_registry(root, frameworks=["sklearn"]) == [root / "fraud" / "1.0.0"]
 
 
 def test_metrics_order_the_candidates(built: tuple[Path, list[Path]]) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn.pipeline import Pipeline
 
+from rollguard.serving.availability import Availability
 from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.deadlines import Deadline
 from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
@@ -36,7 +37,7 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 def make_registry(root: Path, executor: ThreadPoolExecutor, poll_interval: float) -> Registry:
     return Registry(
         root,
-        executor=executor,
+        threads=2,
         poll_interval=poll_interval,
         inline_below_us=INLINE_BELOW_US,
         timeout_s=TIMEOUT_S,
@@ -264,7 +265,7 @@ async def test_removed_version_is_unloaded(registry: Registry, write_version: Wr
     runner = registry.get("fraud", "1.1.0").runner
     shutil.rmtree(registry.root / "fraud" / "1.1.0")
     await registry.refresh()
-    assert not runner.ready
+    await eventually(lambda: not runner.ready)  # unloaded once idle, in the background
     assert registry.versions("fraud") == ["1.0.0"]
     with pytest.raises(VersionNotFound):
         registry.get("fraud", "1.1.0")
@@ -285,23 +286,93 @@ async def test_manifest_name_must_match_its_directory(
     assert "'churn' does not match its directory 'fraud'" in reason
 
 
-async def test_serving_version_whose_files_turn_bad_is_unloaded(
-    registry: Registry, write_version: WriteVersion, caplog: pytest.LogCaptureFixture
+async def test_serving_version_whose_files_turn_bad_keeps_its_last_verified_load(
+    registry: Registry,
+    write_version: WriteVersion,
+    onnx_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    directory = write_version("fraud", "1.0.0")
+    directory = write_version("fraud", "1.0.0", stage="production")
     await registry.start()
     runner = registry.get("fraud", "1.0.0").runner
     replace_file(directory / "model.onnx", b"not a model")
     await registry.refresh()  # settling: the old one still serves
     assert registry.get("fraud", "1.0.0").runner is runner
     assert runner.ready and registry.refused() == {}
+    assert registry.availability("fraud", "1.0.0") is Availability.READY
     await registry.refresh()
     assert list(registry.refused()) == [("fraud", "1.0.0")]
-    with pytest.raises(NotReady, match="refused"):
-        registry.get("fraud", "1.0.0")
-    assert registry.versions("fraud") == []
-    assert not runner.ready
-    assert "it was serving; unloaded" in caplog.records[-1].getMessage()
+    assert registry.availability("fraud", "1.0.0") is Availability.STALE
+    assert registry.get("fraud", "1.0.0").runner is runner and runner.ready
+    assert registry.versions("fraud") == ["1.0.0"]
+    assert registry.default_version("fraud") == "1.0.0"
+    assert "still serving its last verified load" in caplog.records[-1].getMessage()
+    replace_file(directory / "model.onnx", onnx_bytes)  # the good bytes are back
+    await registry.refresh()
+    assert registry.availability("fraud", "1.0.0") is Availability.READY
+    assert registry.get("fraud", "1.0.0").runner is runner  # nothing to reload
+    assert registry.refused() == {}
+
+
+async def test_availability_of_each_state(
+    registry: Registry, write_version: WriteVersion, onnx_bytes: bytes
+) -> None:
+    write_version("fraud", "1.0.0")
+    never = write_version("fraud", "1.1.0")
+    replace_file(never / "model.onnx", b"garbage")
+    await registry.start()
+    assert registry.availability("fraud", "1.0.0") is Availability.READY
+    assert registry.availability("fraud", "1.1.0") is Availability.REFUSED
+    assert registry.availability("fraud", "9.9.9") is Availability.MISSING
+    assert registry.availability("churn", "1") is Availability.MISSING
+    copying = write_version("fraud", "1.2.0")
+    replace_file(copying / "model.onnx", onnx_bytes[:100])
+    await registry.refresh()
+    assert registry.availability("fraud", "1.2.0") is Availability.LOADING
+    await registry.refresh()
+    assert registry.availability("fraud", "1.2.0") is Availability.REFUSED
+    shutil.rmtree(registry.root / "fraud" / "1.0.0")
+    await registry.refresh()
+    assert registry.availability("fraud", "1.0.0") is Availability.MISSING
+
+
+async def test_refused_version_is_retried_with_back_off(
+    registry_root: Path,
+    executor: ThreadPoolExecutor,
+    write_version: WriteVersion,
+    onnx_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="rollguard.serving.registry")
+    now = [0.0]
+    registry = Registry(
+        registry_root,
+        threads=2,
+        poll_interval=1.0,
+        inline_below_us=INLINE_BELOW_US,
+        timeout_s=TIMEOUT_S,
+        clock=lambda: now[0],
+    )
+    directory = write_version("fraud", "1.0.0")
+    replace_file(directory / "model.onnx", onnx_bytes[:100])
+    await registry.start()  # looked at twice: refused at start, at clock 0
+    looks = []
+    try:
+        for _ in range(200):  # a scan every poll interval
+            now[0] += 1.0
+            caplog.clear()
+            await registry.refresh()
+            if any("still refused" in r.getMessage() for r in caplog.records):
+                looks.append(now[0])
+        # 1, 2, 4 ... poll intervals apart, then at most 32.
+        assert looks == [1, 3, 7, 15, 31, 63, 95, 127, 159, 191]
+        assert registry.availability("fraud", "1.0.0") is Availability.REFUSED
+        replace_file(directory / "model.onnx", onnx_bytes)  # a change is seen at once
+        now[0] += 1.0
+        await registry.refresh()
+        assert registry.availability("fraud", "1.0.0") is Availability.READY
+    finally:
+        await registry.stop()
 
 
 async def test_default_version_is_the_highest_production_one(
@@ -347,7 +418,8 @@ async def test_configmap_style_symlink_swap_is_picked_up(
     before = registry.get("fraud", "1.0.0")
     await registry.refresh()
     loaded = registry.get("fraud", "1.0.0")
-    assert loaded is not before and not before.runner.ready
+    assert loaded is not before
+    await eventually(lambda: not before.runner.ready)
     assert loaded.manifest.stage == "production"
     assert any(isinstance(layer, BatchingRunner) for layer in layers(loaded.runner))
     assert registry.default_version("fraud") == "1.0.0"
@@ -377,7 +449,7 @@ async def test_swapping_a_version_directory_symlink_reloads_it(
     os.replace(registry.root / "fraud" / ".swap", registry.root / "fraud" / "1.0.0")
     await registry.refresh()
     assert registry.get("fraud", "1.0.0").manifest.framework == "sklearn"
-    assert not old.ready
+    await eventually(lambda: not old.ready)
     runner = registry.get("fraud", "1.0.0").runner
     outputs = await predict_arrays(runner, {"input": cancer_features[:3]})
     assert outputs["probabilities"].shape == (3, 2)
@@ -437,7 +509,7 @@ async def test_missing_root_keeps_what_is_loaded(
     shutil.rmtree(registry.root / "fraud")
     await registry.refresh()
     assert registry.models() == []
-    assert not loaded.runner.ready
+    await eventually(lambda: not loaded.runner.ready)
 
 
 async def test_local_versions_are_scheduled_and_batched_ones_bounded(

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import ArtifactError, ModelExecutionError
+from rollguard.serving.hashing import sha256_file
 from rollguard.serving.manifest import MANIFEST_NAME, TensorField, load_manifest
 from rollguard.serving.runners.onnx import OnnxRunner
 from tests.serving.support import predict_arrays
@@ -69,8 +70,9 @@ async def test_garbage_artifact_is_refused(registry: Path, tmp_path: Path) -> No
     directory = tmp_path / "v"
     shutil.copytree(registry / "fraud-onnx" / "1.0.0", directory)
     (directory / "model.onnx").write_bytes(b"\x08\x07not an onnx graph" * 40)
+    repinned = sha256_file(directory / "model.onnx")  # pinned: only the loader can object
     with pytest.raises(ArtifactError, match=r"model\.onnx: ONNX Runtime cannot load it"):
-        await _runner(directory).load()
+        await _runner(directory, sha256=repinned).load()
 
 
 async def test_manifest_that_disagrees_with_the_graph_is_refused(registry: Path) -> None:

@@ -17,6 +17,7 @@ from sklearn.linear_model import LinearRegression
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.demo.faulty import faulty_rows
 from rollguard.serving.errors import ArtifactError, ModelExecutionError, NotReady
+from rollguard.serving.hashing import sha256_file
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest, parse_manifest
 from rollguard.serving.runners.sklearn import SklearnRunner
 from tests.serving.support import predict_arrays
@@ -99,7 +100,7 @@ async def test_missing_artifact_is_refused(registry: Path, tmp_path: Path) -> No
     directory = tmp_path / "v"
     shutil.copytree(registry / "fraud" / "1.0.0", directory)
     (directory / "model.skops").unlink()
-    with pytest.raises(ArtifactError, match=r"model\.skops: cannot read"):
+    with pytest.raises(ArtifactError, match=r"model\.skops: named in model\.yaml but missing"):
         await _runner(directory).load()
 
 
@@ -107,7 +108,8 @@ def _skops_version(directory: Path, model: Any, **fields: Any) -> SklearnRunner:
     directory.mkdir()
     skops.io.dump(model, directory / "model.skops")
     data = {"name": "m", "version": "1", "framework": "sklearn", "artifact": "model.skops"}
-    manifest = parse_manifest({**data, "sha256": "0" * 64, **fields}, "test")
+    sha256 = sha256_file(directory / "model.skops")
+    manifest = parse_manifest({**data, "sha256": sha256, **fields}, "test")
     return SklearnRunner(manifest, directory)
 
 

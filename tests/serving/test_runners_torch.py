@@ -14,6 +14,7 @@ import pytest
 
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import ArtifactError, FrameworkUnavailable, ModelExecutionError
+from rollguard.serving.hashing import sha256_file
 from rollguard.serving.manifest import MANIFEST_NAME, load_manifest
 from rollguard.serving.runners.torch import TorchRunner
 from tests.serving.support import predict_arrays
@@ -96,8 +97,9 @@ async def test_garbage_artifact_is_refused(registry: Path, tmp_path: Path, versi
     shutil.copytree(registry / "fraud-torch" / version, directory)
     artifact = next(directory.glob("model.pt*"))
     artifact.write_bytes(b"PK\x03\x04 truncated, not a torch archive" * 20)
+    repinned = sha256_file(artifact)  # pinned: only the loader can object
     with pytest.raises(ArtifactError, match=re.escape(f"{artifact.name}: torch cannot load it")):
-        await _runner(directory).load()
+        await _runner(directory, sha256=repinned).load()
 
 
 async def test_missing_torch_is_framework_unavailable(

@@ -79,7 +79,7 @@ async def _stalling(
     directory = registry / "fraud-onnx" / "1.0.0"
     model = _Stalling(load_manifest(directory / MANIFEST_NAME), directory)
     model.threads = set()
-    sched = Scheduled(model, executor, limit_us, timeout_s=_TIMEOUT_S)
+    sched = Scheduled(model, 2, limit_us, timeout_s=_TIMEOUT_S)
     await sched.load()
     return sched, model
 
@@ -150,7 +150,7 @@ async def test_an_average_over_the_limit_sends_it_back_too(
 async def test_slow_model_never_goes_inline(registry: Path, executor: ThreadPoolExecutor) -> None:
     directory = registry / "fraud" / "1.3.0"  # the demo's slow candidate: 25 ms a call
     model = SklearnRunner(load_manifest(directory / MANIFEST_NAME), directory)
-    sched = Scheduled(model, executor, 1_000, timeout_s=_TIMEOUT_S)
+    sched = Scheduled(model, 2, 1_000, timeout_s=_TIMEOUT_S)
     await sched.load()
     for _ in range(sched.WARMUP_CALLS + 3):
         await sched.predict(_row())
@@ -162,10 +162,10 @@ async def test_zero_limit_or_manifest_opt_out_keeps_the_executor(
 ) -> None:
     directory = registry / "fraud-onnx" / "1.0.0"
     manifest = load_manifest(directory / MANIFEST_NAME)
-    never = Scheduled(OnnxRunner(manifest, directory), executor, 0, timeout_s=_TIMEOUT_S)
+    never = Scheduled(OnnxRunner(manifest, directory), 2, 0, timeout_s=_TIMEOUT_S)
     opted_out = Scheduled(
         OnnxRunner(manifest.model_copy(update={"runtime": {"inline_below_us": 0}}), directory),
-        executor,
+        2,
         1e6,
         timeout_s=_TIMEOUT_S,
     )
@@ -222,7 +222,7 @@ async def test_a_call_on_a_thread_past_its_limit_is_deadline_exceeded(
     executor: ThreadPoolExecutor,
 ) -> None:
     model = _Held()
-    sched = Scheduled(model, executor, 0, timeout_s=0.05)
+    sched = Scheduled(model, 2, 0, timeout_s=0.05)
     await sched.load()
     x = np.ones((2, 2), np.float32)
     async with asyncio.timeout(5):  # the caller is not kept waiting for the thread
