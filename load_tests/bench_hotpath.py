@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rollguard.proxy.feedback import FeedbackIndex
 from rollguard.proxy.routing import KeySource, Router, SplitTable, stickiness_key
-from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow
+from rollguard.proxy.windows import Outcome, VariantWindow
 
 N_KEYS = 4096  # distinct users and request ids cycled through (a power of two for masking)
 
@@ -55,7 +56,7 @@ def bench(split: str, loops: int, repeat: int) -> dict[str, float]:
             version, _role = choose(stickiness_key(router, "fraud", headers[j]))
             window = windows[version]
             window.count_routed()
-            put(ids[j], window, window.record(0.0012, ok, 1.0))
+            put("fraud", None, ids[j], window, window.record(0.0012, ok, 1.0))
 
     def extract_only() -> None:
         for i in range(loops):
@@ -74,7 +75,7 @@ def bench(split: str, loops: int, repeat: int) -> dict[str, float]:
     def put_only() -> None:
         put, window = index.put, windows["1.0.0"]
         for i in range(loops):
-            put(ids[i & mask], window, i)
+            put("fraud", None, ids[i & mask], window, i)
 
     def empty_loop() -> None:
         for i in range(loops):

@@ -23,6 +23,11 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               P(latency > T) exceeds 1 − NN/100, i.e. its pNN is above T with
               always-valid confidence. The windows' percentiles and their ratio are
               reported, not tested: a windowed percentile looked at repeatedly is not.
+              Like for like: with T the engine freezes R, the stable's median request
+              size in rows (latency_rows below); T comes from the stable's requests of
+              at most R rows and only such requests are counted on either variant, so
+              a client sending huge batches to one variant can neither make it look
+              slow nor hide that it is.
   accuracy    max_drop_vs_stable: lower bound of stable − candidate (correct/labelled) >
               margin; min: candidate's upper bound < min. Label rates per variant are
               reported and flagged when their ratio leaves [0.8, 1.25] (with delayed
@@ -49,6 +54,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from rollguard.policy.evidence import Evidence, VariantEvidence
 from rollguard.policy.schema import Check, Spec
@@ -56,7 +63,14 @@ from rollguard.policy.sequential import Bounds, Side, difference_sequence, rate_
 from rollguard.policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
 from rollguard.policy.verdict import CheckResult, Verdict
 
-__all__ = ["MIN_EVENTS", "check_alpha", "evaluate", "evaluate_checks", "latency_threshold"]
+__all__ = [
+    "MIN_EVENTS",
+    "check_alpha",
+    "evaluate",
+    "evaluate_checks",
+    "latency_rows",
+    "latency_threshold",
+]
 
 MIN_EVENTS = 5
 KS_MIN_STATISTIC = 0.1
@@ -124,11 +138,24 @@ def latency_threshold(check: Check, stable: VariantEvidence) -> float | None:
     if check.max is not None:
         return check.max
     assert check.max_ratio_to_stable is not None  # the schema requires one of the two
-    rows = max(check.min_samples, math.ceil(_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9))
-    if stable.requests < check.min_samples or stable.latencies.size < rows:
+    needed = max(check.min_samples, math.ceil(_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9))
+    latencies = stable.latencies_up_to(latency_rows(stable))
+    if stable.requests < check.min_samples or latencies.size < needed:
         return None
-    pnn = stable.percentile(q)
-    return None if pnn is None else check.max_ratio_to_stable * pnn
+    return check.max_ratio_to_stable * float(np.percentile(latencies, q))
+
+
+def latency_rows(stable: VariantEvidence) -> int:
+    """R, the largest request (in rows) a latency check counts: the median batch size of
+    the stable's recent window (1 before it has any), frozen together with T.
+
+    Latency grows with a request's rows, so a request is only comparable with requests
+    of about its size. Counting requests up to the stable's median keeps both variants
+    to the sizes most of the stable's traffic has, and moving R takes more than half of
+    the stable's traffic."""
+    if stable.rows.size == 0:
+        return 1
+    return max(1, math.ceil(float(np.median(stable.rows))))
 
 
 def _verdict(enough: bool, crossed: bool, events: int, within: bool) -> Verdict:
@@ -220,12 +247,14 @@ def _latency(check: Check, ev: Evidence, alpha: float) -> CheckResult:
     q = check.percentile
     assert q is not None
     s, c = ev.stable, ev.candidate
-    p_s, p_c = s.percentile(q), c.percentile(q)
+    rows = c.latency_rows
+    p_s, p_c = s.percentile(q, rows), c.percentile(q, rows)
     window: Detail = {
         "stable_window_pnn": p_s,
         "candidate_window_pnn": p_c,
         "window_ratio": p_c / p_s if p_s and p_c is not None else None,
         "threshold_s": c.latency_threshold,
+        "rows_counted_up_to": rows,
         "stable_exceedance": s.over_threshold / s.since_threshold if s.since_threshold else None,
     }
     if c.latency_threshold is None:

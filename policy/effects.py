@@ -67,9 +67,11 @@ class ResetWindows:
 
 @dataclass(frozen=True, slots=True)
 class SetLatencyThreshold:
-    """Count requests slower than `seconds` in both windows from now on (None: stop)."""
+    """Count requests slower than `seconds` in both windows from now on (None: stop),
+    among requests of at most `rows` rows (None: any size)."""
 
     seconds: float | None
+    rows: int | None = None
 
 
 Effect = Save | Audit | Route | ResetWindows | SetLatencyThreshold

@@ -25,6 +25,7 @@ class VariantEvidence:
     errors: int = 0  # of those, model errors and timeouts (never bad input)
     routed: int = 0  # requests routed here since the split weights last changed (for SRM)
     latency_threshold: float | None = None  # seconds; frozen by the engine, see checks
+    latency_rows: int | None = None  # requests above this many rows are not counted against it
     since_threshold: int = 0  # completed requests since the threshold was set
     over_threshold: int = 0  # of those, slower than the threshold
     labelled: int = 0  # requests whose feedback label arrived
@@ -32,6 +33,8 @@ class VariantEvidence:
     compared: int = 0  # shadow: requests compared with the primary's answer
     agreed: int = 0  # of those, the same answer
     latencies: np.ndarray = field(default_factory=lambda: np.empty(0))  # seconds, recent
+    # Each recent request's batch size (rows), aligned with `latencies`; empty: not known.
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint32))
     inputs: np.ndarray | None = None  # recent input rows (2-D) for drift, when recorded
 
     @property
@@ -46,9 +49,18 @@ class VariantEvidence:
     def agreement(self) -> float | None:
         return self.agreed / self.compared if self.compared else None
 
-    def percentile(self, q: float) -> float | None:
-        """The q-th latency percentile of the recent window, in seconds."""
-        return float(np.percentile(self.latencies, q)) if self.latencies.size else None
+    def percentile(self, q: float, rows: int | None = None) -> float | None:
+        """The q-th latency percentile of the recent window, in seconds: of its requests
+        of at most `rows` rows when given."""
+        latencies = self.latencies_up_to(rows)
+        return float(np.percentile(latencies, q)) if latencies.size else None
+
+    def latencies_up_to(self, rows: int | None) -> np.ndarray:
+        """The recent latencies of requests of at most `rows` rows (None, or sizes not
+        recorded: all of them)."""
+        if rows is None or self.rows.size != self.latencies.size:
+            return self.latencies
+        return self.latencies[self.rows <= rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from rollguard.policy.checks import evaluate_checks, latency_threshold
+from rollguard.policy.checks import evaluate_checks, latency_rows, latency_threshold
 from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide
 from rollguard.policy.decide import observe as candidate_decision
 from rollguard.policy.effects import Audit, Effect, ResetWindows, Route, Save, SetLatencyThreshold
@@ -84,7 +84,7 @@ def restore(
     effects: list[Effect] = [Save(state)] if state != saved else []
     effects += [
         Audit("restore", ENGINE, {"reason": reason, "state": saved.to_json()}),
-        SetLatencyThreshold(state.latency_threshold),
+        SetLatencyThreshold(state.latency_threshold, state.latency_rows),
         _route(rollout, state),
     ]
     return Transition(state, tuple(effects))
@@ -102,16 +102,20 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
     if state.latency_threshold is None and not frozen and check is not None:
         threshold = latency_threshold(check, evidence.stable)
         if threshold is not None:  # None: stable has too few samples yet
-            state = replace(state, latency_threshold=threshold, threshold_check=_key(check))
+            rows = latency_rows(evidence.stable)
+            state = replace(
+                state, latency_threshold=threshold, threshold_check=_key(check), latency_rows=rows
+            )
             data = {
                 "metric": check.metric,
                 "threshold": threshold,
+                "rows": rows,
                 "stable": evidence.stable.version,
             }
             effects += [
                 Save(state),
                 Audit("threshold", ENGINE, data),
-                SetLatencyThreshold(threshold),
+                SetLatencyThreshold(threshold, rows),
             ]
     results = evaluate_checks(rollout.spec, evidence)
     decision = decide(rollout, state, results, Counts.of(evidence), now)
@@ -243,9 +247,10 @@ def _key(check: Check | None) -> str | None:
 
 
 def _unfreeze_if_stale(state: RolloutState, rollout: Rollout) -> RolloutState:
-    """Drop a threshold frozen for a latency check the policy no longer has as it was."""
+    """Drop a threshold frozen for a latency check the policy no longer has as it was, or
+    without the request size it counts up to (saved before sizes were frozen with it)."""
     if state.latency_threshold is None:
         return state
-    if state.threshold_check == _key(latency_check(rollout)):
+    if state.threshold_check == _key(latency_check(rollout)) and state.latency_rows is not None:
         return state
-    return replace(state, latency_threshold=None, threshold_check=None)
+    return replace(state, latency_threshold=None, threshold_check=None, latency_rows=None)

@@ -14,8 +14,14 @@ record in the log (policy/chain.py's Record):
 | seq = its last record, same outcome | | used as saved |
 | seq = its last record, another outcome | | refused: changed outside rollguard |
 | seq older than its last record | | stale: rebuilt from the log |
-| seq = the entry right after the log's end | | saved just before a crash: applied and audited |
-| seq the log does not hold for it | | refused |
+| seq after its last record, up to one past the log's end | | crash-saved: applied, audited |
+| seq further ahead than the log | | refused |
+
+A save is followed at once by its rollout's record at the seq it names (every append
+runs on the event loop), so a sealed state naming a seq after the rollout's last record
+was saved by a process that died before writing that record. Whatever holds that seq
+now came later: the `repair` of the torn record, or entries of a start that was itself
+killed before it recovered this rollout (policy entries, other rollouts' records).
 
 "Outcome" is what routes traffic and what a decision changes: the versions, the
 generation, the step, the approval, the A/B winner, and the phase when either side is
@@ -94,7 +100,7 @@ def _decide(name: str, store: StateStore, audit: AuditLog) -> Recovered:
         if damaged and stored.sealed == "key":
             note = "the audit log is broken where it records this rollout: its key-sealed state"
             return Recovered(stored.state, note + " file is used and recorded again")
-        if trusted and seq is not None and seq == audit.opened_at + 1:
+        if trusted and seq is not None and _saved_before_a_crash(seq, 0, audit):
             return Recovered(stored.state, _CRASH)
         raise StateError(
             f"rollout {name!r}: the state file corresponds to audit entry {seq}, but the audit "
@@ -126,12 +132,18 @@ def _decide(name: str, store: StateStore, audit: AuditLog) -> Recovered:
         )
     if damaged and stored.sealed == "key":
         return Recovered(stored.state, "the audit log is broken after its last trusted record")
-    if trusted and seq == audit.opened_at + 1:
+    if trusted and _saved_before_a_crash(seq, record.seq, audit):
         return Recovered(stored.state, _CRASH)
     raise StateError(
         f"rollout {name!r}: the state file corresponds to audit entry {seq}, which the audit log "
-        f"does not hold for this rollout (its last record is entry {record.seq}); {_REMEDY}"
+        f"does not hold for this rollout (its last record is entry {record.seq}, the log ends "
+        f"at entry {audit.opened_at}); {_REMEDY}"
     )
+
+
+def _saved_before_a_crash(seq: int, last_record: int, audit: AuditLog) -> bool:
+    """A state saved for entry `seq` whose record was never written (see the docstring)."""
+    return last_record < seq <= audit.opened_at + 1
 
 
 def agrees(stored: StoredState | None, audit: AuditLog, name: str) -> str | None:

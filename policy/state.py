@@ -64,6 +64,7 @@ class RolloutState:
     alerting: tuple[str, ...] = ()  # metrics failing with on_fail=alert
     latency_threshold: float | None = None  # seconds, frozen once per generation
     threshold_check: str | None = None  # the latency check (JSON) it was frozen for
+    latency_rows: int | None = None  # larger requests are not counted (frozen with it)
     winner: str | None = None  # ab: a version, or "inconclusive"
     # Why the candidate cannot take traffic (an Availability value: missing, refused, stale,
     # loading, unready) and since when; its share fails over to the stable meanwhile.

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -135,15 +135,22 @@ class _Watched:
 class ApiKeys:
     """The keys file: sha256 digest to Principal, reloaded when the file changes."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        tiers: Collection[str] | None = None,
+    ) -> None:
         self._file = _Watched(path, clock)
+        self._tiers = None if tiers is None else frozenset(tiers)
         self._file.changed()  # remember the stamp read below
-        self._by_digest = _read_keys(path)
+        self._by_digest = _read_keys(path, self._tiers)
 
     def lookup(self, key: str) -> Principal | None:
         if self._file.changed():
             try:
-                self._by_digest = _read_keys(self._file.path)
+                self._by_digest = _read_keys(self._file.path, self._tiers)
                 log.info("API keys reloaded from %s (%d keys)", self._file.path,
                          len(self._by_digest))  # fmt: skip
             except AuthConfigError as exc:
@@ -155,7 +162,7 @@ class ApiKeys:
         return {p.tier for p in self._by_digest.values() if p.tier is not None}
 
 
-def _read_keys(path: Path) -> dict[str, Principal]:
+def _read_keys(path: Path, tiers: frozenset[str] | None) -> dict[str, Principal]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -174,6 +181,11 @@ def _read_keys(path: Path) -> dict[str, Principal]:
         if entry.name in names or entry.sha256 in found:
             raise AuthConfigError(f"API keys file {path}: key {entry.name!r} is listed twice")
         names.add(entry.name)
+        if tiers is not None and entry.tier is not None and entry.tier not in tiers:
+            raise AuthConfigError(
+                f"API keys file {path}: key {entry.name!r} has tier {entry.tier!r}; "
+                f"rate_limits.tiers names {sorted(tiers) or 'none'}"
+            )
         models = None if entry.models is None else frozenset(entry.models)
         found[entry.sha256] = Principal(
             f"key:{entry.name}", frozenset(entry.scopes), models, entry.tier
@@ -318,12 +330,16 @@ class Authenticator:
         config: AuthConfig,
         *,
         jwt_secret: str | None,
+        tiers: Collection[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`tiers`: the rate-limit tiers a key may name (None: any)."""
         self.config = config
         self._all = config.required
         self._models = frozenset(config.models)
-        self.keys = ApiKeys(config.api_keys_file, clock) if config.api_keys_file else None
+        self.keys = (
+            ApiKeys(config.api_keys_file, clock, tiers=tiers) if config.api_keys_file else None
+        )
         self.jwt = (
             JwtVerifier(
                 secret=jwt_secret,

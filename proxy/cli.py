@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import urllib.error
 import urllib.parse
@@ -14,6 +15,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from rollguard import __version__
+from rollguard.proxy.when import ACCEPTED, BadTime, parse_when, utc_now
 
 DEFAULT_URL = "http://127.0.0.1:8081"  # the admin port
 
@@ -46,6 +50,17 @@ def _serve(args: argparse.Namespace) -> int:
     from rollguard.proxy.admin import admin_token
 
     admin_token(settings)  # refuse a missing, empty or short token before anything starts
+    # Refuse what would fail anyway before the state directory or audit log is touched.
+    if not settings.registry.is_dir():
+        raise CliError(
+            f"registry directory {settings.registry} does not exist or is not a directory "
+            "(--registry, ROLLGUARD_REGISTRY or registry: in the settings file)"
+        )
+    for what, host, port in (
+        ("data", settings.host, settings.port),
+        ("admin", settings.admin_host, settings.admin_port),
+    ):
+        _check_port_free(what, host, port)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -82,6 +97,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(what: str, host: str, port: int) -> None:
+    """Bind and release host:port as the gateway will (SO_REUSEADDR); port 0 is always free."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"{what} port: cannot resolve host {host!r}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CliError(
+                f"{what} port {host}:{port} is not free ({exc.strerror}); "
+                f"stop what holds it or pick another port"
+            ) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from rollguard.proxy.demo import run_demo
 
@@ -108,6 +143,8 @@ def _registry(args: argparse.Namespace) -> int:
     from rollguard.serving import catalog
 
     root = Path(args.registry)
+    if args.registry_command != "add" and not root.is_dir():
+        raise CliError(f"registry directory {root} does not exist or is not a directory")
     if args.registry_command in ("list", "verify"):
         infos = (
             catalog.verify(root)
@@ -131,7 +168,7 @@ def _registry(args: argparse.Namespace) -> int:
     outputs = [tensor_from_flag(t) for t in args.output] if args.output else None
     path = catalog.add(
         root,
-        Path(args.artifact),
+        Path(args.artifact) if args.artifact else None,
         model=args.model,
         version=args.version,
         framework=args.framework,
@@ -189,18 +226,48 @@ def _origin(location: str, base: str) -> str:
     return f"{target.scheme}://{target.netloc.rpartition('@')[2]}" if target.netloc else "?"
 
 
+_STATUS_COLUMNS = (
+    ("NAME", "name"),
+    ("MODEL", "model"),
+    ("STRATEGY", "strategy"),
+    ("PHASE", "phase"),
+    ("STABLE", "stable"),
+    ("CANDIDATE", "candidate"),
+    ("WEIGHT", "weight"),
+    ("REASON", "reason"),
+)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "weight":
+        return f"{value:g}%"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart; the last one left ragged."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    lines = []
+    for row in (header, *rows):
+        padded = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        lines.append("  ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def _status(args: argparse.Namespace) -> int:
     overview = _request(args.url, "GET", "/admin/rollouts")
-    for r in overview["rollouts"]:
-        print(
-            f"{r['name']}\t{r['model']}\t{r['strategy']}\t{r['phase']}\t"
-            f"stable={r['stable']} candidate={r['candidate']} "
-            f"weight={r['weight']:g}%\t{r['reason']}"
-        )
+    if args.output == "json":
+        print(json.dumps(overview, indent=2, sort_keys=True))
+        return 0
+    rows = [[_cell(k, r.get(k)) for _, k in _STATUS_COLUMNS] for r in overview["rollouts"]]
+    if rows:
+        sys.stdout.write(table([title for title, _ in _STATUS_COLUMNS], rows))
+    else:
+        print("no rollouts")
     for bad in overview.get("rejected", []):
         print(f"REJECTED {bad['file']}: {bad['error']}")
-    if not overview["rollouts"]:
-        print("no rollouts")
     return 0
 
 
@@ -252,9 +319,7 @@ def _audit(args: argparse.Namespace) -> int:
                 "ROLLGUARD_AUDIT_KEY (or audit_key_file) to seal it with an HMAC key"
             )
         return 0
-    since = datetime.fromisoformat(args.since) if args.since else None
-    until = datetime.fromisoformat(args.until) if args.until else None
-    text = export(path, since=since, until=until, fmt=args.format)
+    text = export(path, since=args.since, until=args.until, fmt=args.format)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
@@ -262,17 +327,36 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(text: str) -> datetime:
+    """argparse type for --since/--until: the error names every accepted form."""
+    try:
+        return parse_when(text, utc_now())
+    except BadTime as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _url_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("ROLLGUARD_URL", DEFAULT_URL),
+        help=f"the gateway's admin port (default $ROLLGUARD_URL or {DEFAULT_URL})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollguard", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"rollguard {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", type=Path, help="settings file (default config/rollguard.yaml)")
-    serve.add_argument("--registry", help="model registry directory")
+    serve.add_argument("--registry", help="model registry directory (must exist)")
     serve.add_argument("--policies", help="rollout policies directory")
     serve.add_argument("--state", help="state and audit directory")
     serve.add_argument("--host", help="data port address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="data port (default 8080)")
+    serve.add_argument("--port", type=int, help="data port (default 8080; must be free)")
     serve.add_argument("--admin-host", help="admin port address (default 127.0.0.1)")
     serve.add_argument("--admin-port", type=int, help="admin port: /admin, /metrics (8081)")
     serve.set_defaults(func=_serve)
@@ -280,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="build a registry, serve it, roll a bad and a good candidate"
     )
-    demo.add_argument("--workdir", type=Path, default=Path("rollguard-demo"))
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("rollguard-demo"),
+        help="where the demo registry, policies and state go (default rollguard-demo)",
+    )
     demo.add_argument("--port", type=int, default=0, help="0 picks a free port")
     demo.add_argument("--quick", action="store_true", help="shorter holds (tests)")
     demo.set_defaults(func=_demo)
@@ -288,28 +377,42 @@ def build_parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="rollout policy files")
     psub = policy.add_subparsers(dest="policy_command", required=True)
     check = psub.add_parser("check", help="validate policy files offline")
-    check.add_argument("files", nargs="+")
+    check.add_argument("files", nargs="+", help="Rollout YAML files")
     check.add_argument(
         "--config", type=Path, help="settings file whose webhook_allowed_hosts apply"
     )
     check.set_defaults(func=_policy_check)
 
+    # --registry is taken before the subcommand and after it (`registry verify --registry D`).
+    registry_help = "registry directory (default $ROLLGUARD_REGISTRY or ./registry)"
     registry = sub.add_parser("registry", help="inspect or add to a registry directory")
-    registry.add_argument("--registry", default=os.environ.get("ROLLGUARD_REGISTRY", "registry"))
+    registry.add_argument(
+        "--registry", default=os.environ.get("ROLLGUARD_REGISTRY", "registry"), help=registry_help
+    )
     rsub = registry.add_subparsers(dest="registry_command", required=True)
-    rsub.add_parser("list", help="every version and whether it verifies")
-    rsub.add_parser("verify", help="check manifests and sha256; non-zero exit on any failure")
+    listing = rsub.add_parser("list", help="every version and whether it verifies")
+    verify = rsub.add_parser(
+        "verify", help="check manifests and sha256; non-zero exit on any failure"
+    )
     show = rsub.add_parser("show", help="one version's manifest and verification")
-    show.add_argument("model")
-    show.add_argument("version")
-    add = rsub.add_parser("add", help="copy an artifact in and write its manifest")
-    add.add_argument("artifact")
-    add.add_argument("--model", required=True)
-    add.add_argument("--version", required=True)
-    add.add_argument("--framework", choices=["onnx", "torch", "sklearn", "http"])
-    add.add_argument("--stage", default="development")
-    add.add_argument("--parent")
-    add.add_argument("--created-by")
+    show.add_argument("model", help="model name")
+    show.add_argument("version", help="version")
+    add = rsub.add_parser(
+        "add", help="copy an artifact in (or name an http --endpoint) and write its manifest"
+    )
+    for each in (listing, verify, show, add):
+        each.add_argument("--registry", default=argparse.SUPPRESS, help=registry_help)
+    add.add_argument("artifact", nargs="?", help="the model file; none for an http --endpoint")
+    add.add_argument("--model", required=True, help="model name")
+    add.add_argument("--version", required=True, help="version to register")
+    add.add_argument(
+        "--framework",
+        choices=["onnx", "torch", "sklearn", "http"],
+        help="default: from the artifact's suffix",
+    )
+    add.add_argument("--stage", default="development", help="lifecycle stage (development)")
+    add.add_argument("--parent", help="the version this one derives from")
+    add.add_argument("--created-by", help="who registered it (default $USER)")
     add.add_argument("--endpoint", help="framework http: the upstream's V2 model URL")
     for flag in ("input", "output"):
         add.add_argument(
@@ -328,19 +431,30 @@ def build_parser() -> argparse.ArgumentParser:
     registry.set_defaults(func=_registry)
 
     status = sub.add_parser("status", help="rollouts of a running gateway")
-    status.add_argument("--url", default=os.environ.get("ROLLGUARD_URL", DEFAULT_URL))
+    _url_flag(status)
+    status.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="an aligned table with a header (default) or the admin API's JSON",
+    )
     status.set_defaults(func=_status)
 
     for action in ("rollback", "promote", "pause", "resume", "approve"):
         cmd = sub.add_parser(action, help=f"{action} the rollout of MODEL")
         cmd.add_argument("model", help="model or rollout name")
-        cmd.add_argument("--url", default=os.environ.get("ROLLGUARD_URL", DEFAULT_URL))
+        _url_flag(cmd)
         cmd.add_argument("--actor", help="who acts (default $USER)")
-        cmd.add_argument("--reason")
+        cmd.add_argument("--reason", help="why, recorded in the audit log")
         cmd.set_defaults(func=_action)
 
+    # --state is taken before the subcommand and after it (`audit verify --state DIR`).
+    state_help = "state directory holding audit.jsonl (default $ROLLGUARD_STATE or .rollguard)"
     audit = sub.add_parser("audit", help="the hash-chained audit log")
-    audit.add_argument("--state", default=os.environ.get("ROLLGUARD_STATE", ".rollguard"))
+    audit.add_argument(
+        "--state", default=os.environ.get("ROLLGUARD_STATE", ".rollguard"), help=state_help
+    )
     asub = audit.add_subparsers(dest="audit_command", required=True)
     key_help = "audit key file (default $ROLLGUARD_AUDIT_KEY_FILE; or $ROLLGUARD_AUDIT_KEY)"
     for name, text in (
@@ -348,15 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("adopt-key", "seal an intact unkeyed log with the audit key from here on"),
     ):
         keyed = asub.add_parser(name, help=text)
-        keyed.add_argument("--state", default=argparse.SUPPRESS, help="state directory")
+        keyed.add_argument("--state", default=argparse.SUPPRESS, help=state_help)
         keyed.add_argument(
             "--key-file", default=os.environ.get("ROLLGUARD_AUDIT_KEY_FILE"), help=key_help
         )
-    exp = asub.add_parser("export", help="entries in a date range as JSON or CSV")
-    exp.add_argument("--since")
-    exp.add_argument("--until")
-    exp.add_argument("--format", choices=["json", "csv"], default="json")
-    exp.add_argument("--output")
+    exp = asub.add_parser("export", help="entries in a time range as JSON or CSV")
+    exp.add_argument("--state", default=argparse.SUPPRESS, help=state_help)
+    exp.add_argument("--since", type=_when, metavar="WHEN", help=f"from (inclusive): {ACCEPTED}")
+    exp.add_argument("--until", type=_when, metavar="WHEN", help="to (exclusive); as --since")
+    exp.add_argument("--format", choices=["json", "csv"], default="json", help="default json")
+    exp.add_argument("--output", help="write to this file instead of stdout")
     audit.set_defaults(func=_audit)
     return parser
 

@@ -36,23 +36,28 @@ from rollguard.proxy.limits import RateLimiter
 from rollguard.proxy.routing import stickiness_key
 from rollguard.proxy.urls import Params, Route, Urls
 from rollguard.proxy.wire import JSON, Request, Response
+from rollguard.serving.availability import Availability
 from rollguard.serving.codec import (
     BINARY_HEADER,
     encode_infer_response,
     encode_items_response,
     parse_json,
+    relay_response,
     select_items,
     select_outputs,
 )
-from rollguard.serving.errors import InvalidInput, NotReady, ServingError
+from rollguard.serving.errors import InvalidInput, NotReady, ServingError, UpstreamRejected
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest
 from rollguard.serving.predictcodec import decode_predict_request, encode_predictions
+from rollguard.serving.prediction import Predicted
 
 log = logging.getLogger("rollguard")
+_ns = time.perf_counter_ns
 
 SERVER_NAME = "rollguard"
-EXTENSIONS = ["binary_tensor_data", "model_repository", "rollouts", "feedback"]
+# Only extensions with routes here: the rollouts API is on the admin port.
+EXTENSIONS = ["binary_tensor_data", "statistics", "feedback"]
 REQUEST_ID = "x-request-id"
 VARIANT = "x-rollguard-variant"
 _BINARY_KEY = BINARY_HEADER.lower()
@@ -111,6 +116,8 @@ def error_response(exc: BaseException, request_id: str | None, what: str) -> Res
         headers.append(("WWW-Authenticate", exc.challenge))
     elif isinstance(exc, MethodNotAllowed):
         headers.append(("Allow", ", ".join(exc.allowed)))
+    elif isinstance(exc, UpstreamRejected):  # the upstream's own answer, as it came
+        return Response(status, exc.body, exc.content_type, headers)
     return Response(status, orjson.dumps({"error": message}), JSON, headers)
 
 
@@ -135,8 +142,13 @@ class DataPlane:
         max_inflight: int,
         auth: Authenticator | None = None,
         limiter: RateLimiter | None = None,
+        forward_headers: tuple[str, ...] = (),
     ) -> None:
+        """`forward_headers`: the lower-case names of client headers an http upstream
+        gets with the request (x-request-id: the request's id, given or made here)."""
         self.inference = inference
+        self._forward = tuple(n for n in forward_headers if n != REQUEST_ID)
+        self._forward_id = REQUEST_ID in forward_headers
         self.max_inflight = max_inflight
         self.inflight = 0
         self.draining = False  # readiness says no while a shutdown drains connections
@@ -157,7 +169,14 @@ class DataPlane:
                 Route("GET", "/v2", self.server_metadata),
                 Route("GET", "/v2/health/live", self.live),
                 Route("GET", "/v2/health/ready", self.ready),
+                Route("GET", "/v2/models/stats", self.all_stats),  # before {model}, as Triton
                 Route("GET", "/v2/models/{model}", gate(None, self.model_metadata)),
+                Route("GET", "/v2/models/{model}/stats", gate(None, self.model_stats)),
+                Route(
+                    "GET",
+                    "/v2/models/{model}/versions/{version}/stats",
+                    gate(None, self.model_stats),
+                ),
                 Route("GET", "/v2/models/{model}/ready", gate(None, self.model_ready)),
                 Route(
                     "GET",
@@ -267,12 +286,18 @@ class DataPlane:
         headers = request.headers
         model, pinned = params["model"], params.get("version")
         request_id = headers.get(REQUEST_ID)
+        start = _ns()
         try:
             parsed = InferRequest.decode(request.body, headers.get(_BINARY_KEY))
             if parsed.id is not None:
                 request_id = _checked_id(parsed.id)
             request_id = request_id or self.inference.new_request_id()
             key = None if pinned else stickiness_key(self.inference.router, model, headers)
+            if self._forward or self._forward_id:
+                parsed.forward = [(n, headers[n]) for n in self._forward if n in headers]
+                if self._forward_id:
+                    parsed.forward.append((REQUEST_ID, request_id))
+            decoded = _ns()
             answer = await self.inference.infer(
                 model,
                 parsed,
@@ -281,15 +306,29 @@ class DataPlane:
                 version=pinned,
                 client=caller.name if caller is not None else None,
             )
-            return _encoded(answer, parsed, model)
+            answered = _ns()
+            response = _encoded(answer, parsed, model)
+            self.inference.stats.succeeded(
+                model, answer.version, parsed.rows(), decoded - start, answered - decoded,
+                _ns() - answered,
+            )  # fmt: skip
+            return response
         except Exception as exc:
+            self._count_failure(model, exc, start)
             return error_response(exc, request_id or self.inference.new_request_id(),
                                   f"POST {request.path}")  # fmt: skip
+
+    def _count_failure(self, model: str, exc: Exception, start: int) -> None:
+        """A version's own failure in its statistics; bad input is no one's."""
+        version = exc.version if isinstance(exc, ServingError) else None
+        if version is not None and not isinstance(exc, InvalidInput | UpstreamRejected):
+            self.inference.stats.failed(model, version, _ns() - start)
 
     async def predict(self, request: Request, params: Params, caller: Principal | None) -> Response:
         """POST /predict/{model}: {"features": ...} or {"instances": [...]} for non-V2 callers."""
         inference = self.inference
         model = params["model"]
+        start = _ns()
         manifest = inference.registry.get(model, inference.primary_version(model)).manifest
         schemas = {t.name: t.features for t in manifest.inputs if t.features}
         arrays, body_id, single = decode_predict_request(
@@ -297,13 +336,20 @@ class DataPlane:
         )
         request_id = _checked_id(body_id) if body_id else request.headers.get(REQUEST_ID)
         request_id = request_id or inference.new_request_id()
-        answer = await inference.infer(
-            model,
-            InferRequest.of_arrays(arrays, id=body_id),
-            request_id=request_id,
-            key=stickiness_key(inference.router, model, request.headers),
-            client=caller.name if caller is not None else None,
-        )
+        parsed = InferRequest.of_arrays(arrays, id=body_id)
+        decoded = _ns()
+        try:
+            answer = await inference.infer(
+                model,
+                parsed,
+                request_id=request_id,
+                key=stickiness_key(inference.router, model, request.headers),
+                client=caller.name if caller is not None else None,
+            )
+        except Exception as exc:
+            self._count_failure(model, exc, start)
+            raise
+        answered = _ns()
         doc = {
             "model": model,
             "version": answer.version,
@@ -311,12 +357,21 @@ class DataPlane:
             "predictions": encode_predictions(answer.response.arrays(), single),
         }
         body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        inference.stats.succeeded(
+            model, answer.version, parsed.rows(), decoded - start, answered - decoded,
+            _ns() - answered,
+        )  # fmt: skip
         return Response(200, body, JSON, [(REQUEST_ID, request_id), (VARIANT, answer.version)])
 
     async def feedback(
         self, request: Request, params: Params, caller: Principal | None
     ) -> Response:
-        """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list."""
+        """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list.
+
+        A label reaches a request of this model made by the same caller (proxy/feedback.py);
+        the answer lists the ids accepted and the ids unknown, and never which version
+        served a request or whether its answer was right: a labeller learns nothing it
+        could steer a rollout with."""
         inference = self.inference
         model = params["model"]
         inference.registry.versions(model)  # 404 for an unknown model
@@ -324,21 +379,16 @@ class DataPlane:
         items = doc if isinstance(doc, list) else [doc]
         if not items:
             raise InvalidInput("feedback list is empty")
-        labels: list[tuple[str, float]] = []
+        labels: list[tuple[str, Predicted]] = []
         for i, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                 raise InvalidInput(f"feedback[{i}]: needs a string 'id'")
-            label = item.get("label")
-            if isinstance(label, list) and len(label) == 1:
-                label = label[0]
-            if isinstance(label, bool) or not isinstance(label, int | float):
-                raise InvalidInput(f"feedback[{i}]: 'label' must be a number")
-            labels.append((item["id"], float(label)))
-        accepted, unknown = [], []
+            labels.append((item["id"], _label(item.get("label"), i)))
+        client = caller.name if caller is not None else None
+        accepted: list[str] = []
+        unknown: list[str] = []
         for request_id, label in labels:
-            result = inference.feedback(
-                request_id, label, client=caller.name if caller is not None else None
-            )
+            result = inference.feedback(model, request_id, label, client=client)
             if result is None:
                 unknown.append(request_id)
                 continue
@@ -346,9 +396,12 @@ class DataPlane:
             inference.metrics.feedback.labels(
                 model, version, "correct" if correct else "wrong"
             ).inc()
-            accepted.append({"id": request_id, "version": version, "correct": correct})
+            accepted.append(request_id)
         if not accepted and not isinstance(doc, list):
-            raise FeedbackUnknown(f"request id {labels[0][0]!r} is unknown or already labelled")
+            raise FeedbackUnknown(
+                f"request id {labels[0][0]!r} names no request of model {model!r} from this "
+                "caller that can take a label (unknown, already labelled or forgotten)"
+            )
         return json_response({"accepted": accepted, "unknown": unknown})
 
     # --- health and metadata -------------------------------------------------------------
@@ -364,8 +417,17 @@ class DataPlane:
     async def ready(self, request: Request, params: Params) -> Response:
         if self.draining:
             raise NotReady("shutting down")
-        if not self.inference.registry.models():
+        registry = self.inference.registry
+        models = registry.models()
+        if not models:
             raise NotReady("no model is loaded yet")
+        for model in models:  # an upstream found failing after load: as Triton's strict readiness
+            try:
+                version = self.inference.primary_version(model)
+            except ServingError:
+                continue  # nothing loaded to serve yet: said per model, not here
+            if registry.availability(model, version) is Availability.UNREADY:
+                raise NotReady(f"{model} {version}: its upstream is not ready")
         return json_response({"ready": True})
 
     async def model_metadata(
@@ -378,6 +440,31 @@ class DataPlane:
         version = params.get("version") or inference.primary_version(model)
         manifest = inference.registry.get(model, version).manifest
         return json_response(_version_metadata(manifest, versions))
+
+    async def model_stats(
+        self, request: Request, params: Params, caller: Principal | None
+    ) -> Response:
+        """GET /v2/models/{model}[/versions/{version}]/stats: Triton's statistics extension."""
+        registry = self.inference.registry
+        model, version = params["model"], params.get("version")
+        versions = registry.versions(model)  # 404 for an unknown model
+        if version is not None:
+            registry.get(model, version)  # 404 for an unknown version
+            versions = [version]
+        return json_response(self.inference.stats.report((model, v) for v in versions))
+
+    async def all_stats(self, request: Request, params: Params) -> Response:
+        """GET /v2/models/stats: the versions of every model the caller may see."""
+        registry = self.inference.registry
+        pairs: list[tuple[str, str]] = []
+        for model in registry.models():
+            if self.auth is not None:
+                try:
+                    self.auth.check(request.headers, None, model)
+                except (Unauthorized, Forbidden):
+                    continue
+            pairs += [(model, v) for v in registry.versions(model)]
+        return json_response(self.inference.stats.report(pairs))
 
     async def model_ready(
         self, request: Request, params: Params, caller: Principal | None
@@ -392,11 +479,45 @@ class DataPlane:
         return json_response({"name": model, "ready": True})
 
 
+MAX_LABEL_CHARS = 256
+
+
+def _label(label: Any, i: int) -> Predicted:
+    """A feedback label: a number or a class name (a list of one is that one)."""
+    if isinstance(label, list) and len(label) == 1:
+        label = label[0]
+    if isinstance(label, str):
+        if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+            raise InvalidInput(
+                f"feedback[{i}]: a text 'label' is 1 to {MAX_LABEL_CHARS} printable characters"
+            )
+        return label
+    if isinstance(label, bool) or not isinstance(label, int | float):
+        raise InvalidInput(f"feedback[{i}]: 'label' must be a number or a class name (string)")
+    return float(label)
+
+
 def _encoded(answer: Answer, parsed: InferRequest, model: str) -> Response:
     """The V2 answer: JSON output objects as the version gave them (selected and ordered),
     or with binary tensors when the client asked for any."""
     declared = answer.manifest.output_specs
     headers = [(REQUEST_ID, answer.request_id), (VARIANT, answer.version)]
+    response = answer.response
+    if response.upstream is not None:  # an upstream's answer, relayed as it came
+        body, header_len = relay_response(
+            response.items(),
+            response.upstream,
+            response.binary,
+            requested=parsed.outputs,
+            binary_outputs=parsed.binary_outputs,
+            model_name=model,
+            model_version=answer.version,
+            request_id=parsed.id,
+        )
+        if header_len is not None:
+            headers.append((BINARY_HEADER, str(header_len)))
+            return Response(200, body, "application/octet-stream", headers)
+        return Response(200, body, JSON, headers)
     if parsed.binary_outputs:
         outputs = select_outputs(answer.response.arrays(), parsed.outputs, declared)
         body, header_len = encode_infer_response(

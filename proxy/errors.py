@@ -36,6 +36,7 @@ from rollguard.serving.errors import (
     Overloaded,
     ServingError,
     UpstreamError,
+    UpstreamRejected,
     UpstreamTimeout,
 )
 
@@ -145,6 +146,8 @@ RETRY_AFTER_S = "1"  # said with every 503
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status an exception answers with; 500 for anything unforeseen."""
+    if isinstance(exc, UpstreamRejected):
+        return exc.status  # the upstream's own 4xx, passed through
     for cls, status in _STATUS:
         if isinstance(exc, cls):
             return status

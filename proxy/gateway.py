@@ -28,9 +28,11 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
 from rollguard.proxy.admin import Admin
+from rollguard.proxy.auth import Authenticator
 from rollguard.proxy.capacity import Capacity
 from rollguard.proxy.endpoints import REQUEST_ID, DataPlane, error_response
 from rollguard.proxy.inference import Inference, RequestIds
+from rollguard.proxy.limits import RateLimiter
 from rollguard.proxy.load import LoadGauge
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.protocol import Server
@@ -88,7 +90,18 @@ class Gateway:
             request_ids=RequestIds(),
         )
         self.rollouts = Rollouts(self.inference, settings)
-        self.data_plane = DataPlane(self.inference, max_inflight=settings.max_inflight)
+        self.data_plane = DataPlane(
+            self.inference,
+            max_inflight=settings.max_inflight,
+            auth=Authenticator(
+                settings.data_auth,
+                jwt_secret=settings.jwt_secret,
+                tiers=settings.rate_limits.tiers if settings.rate_limits.enabled else None,
+            ),
+            limiter=RateLimiter(settings.rate_limits),
+            forward_headers=settings.forward_headers
+            + (("authorization",) if settings.forward_authorization else ()),
+        )
         self.admin = Admin(self.rollouts, self.metrics, settings)
         plane = self.data_plane
         self.capacity = Capacity(

@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rollguard.proxy.agreement import answers_agree
+from rollguard.proxy.feedback import FeedbackIndex
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.routing import Router, SplitTable
 from rollguard.proxy.shadow import ShadowMirror
-from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow, Windows
+from rollguard.proxy.stats import Statistics
+from rollguard.proxy.windows import Outcome, VariantWindow, Windows
 from rollguard.serving.availability import Availability
 from rollguard.serving.bulkhead import in_shadow_lane
 from rollguard.serving.errors import (
@@ -24,12 +25,14 @@ from rollguard.serving.errors import (
     InvalidInput,
     ModelExecutionError,
     NotReady,
+    Overloaded,
     ServingError,
     UpstreamError,
     UpstreamTimeout,
 )
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.prediction import Predicted, agree, rows_of
 from rollguard.serving.registry import LoadedVersion, Registry
 from rollguard.serving.tensors import check_inputs
 
@@ -106,6 +109,7 @@ class Inference:
         self.tolerance = agreement_tolerance
         self._clock = clock
         self.new_request_id = request_ids
+        self.stats = Statistics()  # Triton's statistics extension (proxy/stats.py)
 
     def primary_version(self, model: str) -> str:
         """The version that answers for the model as a whole: rollout stable, else default."""
@@ -166,7 +170,7 @@ class Inference:
         unloaded = False
         try:
             response = await loaded.runner.predict(request)
-            prediction = response.prediction()
+            prediction = response.prediction(loaded.manifest.prediction_rule)
         except NotReady as exc:
             _of_version(exc, version)
             if role != "candidate" or self._still_loaded(model, version, loaded):
@@ -175,10 +179,17 @@ class Inference:
         except Exception as exc:
             failure = _of_version(exc, version)
             if isinstance(failure, DeadlineExceeded | UpstreamTimeout):
-                self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504")
+                self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504",
+                                     request.rows())  # fmt: skip
+            elif isinstance(failure, Overloaded):
+                # The version's own bulkhead is full (or its threads all stuck in calls
+                # past their deadline): it did not answer in time, as far as a client sees.
+                self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "503",
+                                     request.rows())  # fmt: skip
             elif isinstance(failure, ModelExecutionError | UpstreamError):
                 code = "502" if isinstance(failure, UpstreamError) else "500"
-                self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR, code)
+                self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR,
+                                     code, request.rows())  # fmt: skip
             if failure is exc:
                 raise
             raise failure from exc
@@ -192,11 +203,11 @@ class Inference:
         latency = self._clock() - start
         width = window.input_width
         row = None if width is None else request.first_row(width)
-        seq = window.record(latency, Outcome.OK, prediction, row)
-        self.feedback_index.put(request_id, window, seq)
+        seq = window.record(latency, Outcome.OK, prediction, row, request.rows())
+        self.feedback_index.put(model, client, request_id, window, seq)
         variant.answered(latency)
         for shadow_version in mirrored:
-            self._mirror(model, shadow_version, request, response)
+            self._mirror(model, shadow_version, request, response, loaded.manifest)
         return Answer(response, model, version, role, request_id, loaded.manifest)
 
     def _still_loaded(self, model: str, version: str, loaded: LoadedVersion) -> bool:
@@ -218,10 +229,12 @@ class Inference:
         return self.registry.get(model, table.stable), reason
 
     def feedback(
-        self, request_id: str, label: float, *, client: str | None = None
+        self, model: str, request_id: str, label: Predicted, *, client: str | None = None
     ) -> tuple[str, bool] | None:
-        """Attach a ground-truth label; (version, correct) or None if the id is unknown."""
-        found = self.feedback_index.pop(request_id)
+        """Attach a ground-truth label to request `request_id` of `model` made by `client`
+        (None: a request without a credential); (version, correct), or None when no such
+        request can take a label (unknown, another model's or client's, already labelled)."""
+        found = self.feedback_index.pop(model, client, request_id)
         if found is None:
             return None
         window, seq = found
@@ -239,13 +252,19 @@ class Inference:
         start: float,
         outcome: Outcome,
         code: str,
+        rows: int,
     ) -> None:
         latency = self._clock() - start
-        window.record(latency, outcome, float("nan"))
+        window.record(latency, outcome, float("nan"), rows=rows)
         self.metrics.variant(model, version, role).failed(code, latency)
 
     def _mirror(
-        self, model: str, version: str, request: InferRequest, primary: InferResponse
+        self,
+        model: str,
+        version: str,
+        request: InferRequest,
+        primary: InferResponse,
+        primary_manifest: Manifest,
     ) -> None:
         """Start an admitted shadow call of `version` with the same request."""
         try:
@@ -255,6 +274,7 @@ class Inference:
             return
         window = self.windows.get(model, version)
         shadow = self.shadow
+        size = request.rows()
 
         async def run() -> None:
             in_shadow_lane()  # this task's calls take the version's shadow slots and threads
@@ -262,23 +282,25 @@ class Inference:
             try:
                 async with shadow.deadline():
                     response = await loaded.runner.predict(request)
-                outputs = response.arrays()
+                rows = rows_of(loaded.manifest.prediction_rule, response.arrays())
             except (DeadlineExceeded, UpstreamTimeout, TimeoutError):
-                window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"))
+                window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"), rows=size)
                 shadow.count(model, version, "timeout")
                 return
             except Exception:  # the shadow's own failure, whatever raised it
-                window.record(self._clock() - start, Outcome.MODEL_ERROR, float("nan"))
+                window.record(self._clock() - start, Outcome.MODEL_ERROR, float("nan"), rows=size)
                 shadow.count(model, version, "error")
                 return
             latency = self._clock() - start
             width = window.input_width
             row = None if width is None else request.first_row(width)
-            window.record(latency, Outcome.OK, response.prediction(), row)
+            prediction = response.prediction(loaded.manifest.prediction_rule)
+            window.record(latency, Outcome.OK, prediction, row, size)
             try:
-                agreed = answers_agree(primary.arrays(), outputs, self.tolerance)
+                primary_rows = rows_of(primary_manifest.prediction_rule, primary.arrays())
             except ServingError:  # the primary's own answer does not convert
-                agreed = False
+                primary_rows = []
+            agreed = agree(primary_rows, rows, self.tolerance)
             window.record_comparison(agreed)
             shadow.count(model, version, "ok")
 

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from rollguard.proxy.capacity import Capacity
+from rollguard.serving.availability import Availability
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -128,6 +129,41 @@ class RefusalCollector(Collector):
         )
         for model, version in sorted(self._registry.refused()):
             family.add_metric([model, version], 1.0)
+        yield family
+
+
+class Versions(Refusals, Protocol):
+    """What the availability gauge reads of serving/registry.py's `Registry`."""
+
+    def models(self) -> list[str]: ...
+
+    def versions(self, model: str) -> list[str]: ...
+
+    def availability(self, model: str, version: str) -> Availability: ...
+
+
+class AvailabilityCollector(Collector):
+    """`rollguard_version_available`: 1 per loaded version that can take routed traffic,
+    0 while it is stale-refused or unready (an upstream failing its ready probes, or
+    ejected for failing calls), with the state as a label."""
+
+    def __init__(self, registry: Versions) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "rollguard_version_available",
+            "1 while a loaded version can take routed traffic; state: ready, stale, unready.",
+            labels=["model", "version", "state"],
+        )
+        registry = self._registry
+        for model in registry.models():
+            for version in registry.versions(model):
+                state = registry.availability(model, version)
+                family.add_metric([model, version, state.value], float(state is Availability.READY))
         yield family
 
 
@@ -258,10 +294,12 @@ class Metrics:
         self._failovers: dict[tuple[str, str, str], Counter] = {}
         r.register(VariantCollector(self._variants))
 
-    def watch_registry(self, registry: Refusals) -> None:
-        """Export `rollguard_registry_refused`: 1 per version the registry refuses, read
-        at scrape time from the registry itself, so it cannot drift from it."""
+    def watch_registry(self, registry: Versions) -> None:
+        """Export `rollguard_registry_refused` (1 per version the registry refuses) and
+        `rollguard_version_available`, read at scrape time from the registry itself, so
+        they cannot drift from it."""
         self.registry.register(RefusalCollector(registry))
+        self.registry.register(AvailabilityCollector(registry))
 
     def failover(self, model: str, version: str, reason: str) -> Counter:
         """The failover counter's child for a candidate and a reason (cached: per request)."""

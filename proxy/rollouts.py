@@ -269,7 +269,7 @@ class Rollouts:
                     window.reset()
             elif isinstance(effect, SetLatencyThreshold):
                 for window in windows:
-                    window.set_latency_threshold(effect.seconds)
+                    window.set_latency_threshold(effect.seconds, effect.rows)
         managed.rollout, managed.state = rollout, transition.state
 
     def _publish(self, table: SplitTable, gauges: RolloutState | None = None) -> None:
@@ -354,8 +354,10 @@ class Rollouts:
         if detail:
             spec = managed.rollout.spec
             doc["state"] = managed.state.to_json()
+            registry = self.inference.registry
             doc["variants"] = {
                 role: self.inference.windows.get(spec.model, version).summary()
+                | {"availability": registry.availability(spec.model, version).value}
                 for role, version in (("stable", spec.stable), ("candidate", spec.candidate))
             }
             doc["last_decision"] = managed.last

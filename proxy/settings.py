@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from rollguard.proxy.auth import AuthConfig
 from rollguard.proxy.limits import RateLimitConfig
@@ -19,6 +20,25 @@ ENV_PREFIX = "ROLLGUARD_"
 
 class SettingsError(Exception):
     """The configuration is invalid; the message names the key and the value."""
+
+
+_NOT_FORWARDED = frozenset(
+    {"host", "content-length", "content-type", "content-encoding", "transfer-encoding",
+     "connection", "keep-alive", "upgrade", "expect", "te", "trailer",
+     "inference-header-content-length"}
+)  # fmt: skip
+
+
+def _forwardable(names: tuple[str, ...]) -> tuple[str, ...]:
+    lowered = tuple(n.lower() for n in names)
+    for name in lowered:
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+            raise ValueError(f"{name!r} is not a header name")
+        if name == "authorization":
+            raise ValueError("authorization is forwarded by forward_authorization: true")
+        if name in _NOT_FORWARDED:
+            raise ValueError(f"{name!r} belongs to the connection, not the client's request")
+    return tuple(dict.fromkeys(lowered))
 
 
 class Settings(BaseModel):
@@ -69,6 +89,14 @@ class Settings(BaseModel):
     shadow_timeout_s: float = Field(default=5.0, gt=0)
     shadow_budget: float = Field(default=0.01, ge=0, le=1)  # copies per primary while busy
     agreement_tolerance: float = Field(default=1e-6, ge=0)
+    # Client headers an http upstream gets with a forwarded request (x-request-id: the
+    # request's id, the client's or rollguard's); Authorization only when opted in.
+    forward_headers: Annotated[tuple[str, ...], AfterValidator(_forwardable)] = (
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+    )
+    forward_authorization: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
 
@@ -110,8 +138,9 @@ def load_settings(
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if isinstance(merged.get("log_level"), str):
         merged["log_level"] = merged["log_level"].upper()
-    if isinstance(hosts := merged.get("webhook_allowed_hosts"), str):  # from the environment
-        merged["webhook_allowed_hosts"] = [h.strip() for h in hosts.split(",") if h.strip()]
+    for listed in ("webhook_allowed_hosts", "forward_headers"):  # comma lists from the environment
+        if isinstance(value := merged.get(listed), str):
+            merged[listed] = [h.strip() for h in value.split(",") if h.strip()]
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

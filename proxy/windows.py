@@ -1,4 +1,4 @@
-"""Per-variant ring-buffer windows and counters, and the request-id index for feedback.
+"""Per-variant ring-buffer windows and counters (the feedback index is proxy/feedback.py).
 
 Owned by the event loop: `record` and friends run on the request path without locks;
 `evidence()` is the one allocating call, made by the policy loop every few seconds.
@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 
 from rollguard.policy.evidence import VariantEvidence
+from rollguard.serving.prediction import Predicted, is_missing, matches
+
+_ANY_SIZE = 2**32 - 1  # the largest row count kept (uint32); "no size limit"
 
 
 class Outcome(IntEnum):
@@ -46,13 +49,16 @@ class VariantWindow:
         self.tol = tol
         self._latency = np.zeros(size, dtype=np.float64)
         self._outcome = np.zeros(size, dtype=np.uint8)
-        self._prediction = np.full(size, np.nan, dtype=np.float64)
+        self._rows = np.ones(size, dtype=np.uint32)  # each request's batch size
+        # A number or a class name per record (NaN: none); a list, since names are str.
+        self._prediction: list[Predicted] = [math.nan] * size
         self._seqs = np.full(size, -1, dtype=np.int64)  # -1: empty, or its label consumed
         self._inputs = None if input_width is None else np.zeros((size, input_width), np.float32)
         self._has_row = None if input_width is None else np.zeros(size, dtype=np.bool_)
         self._next = 0  # the seq the next record gets; never reset
         self._epoch = 0  # first seq counted since the last reset()
         self._threshold: float | None = None
+        self._threshold_rows: int = _ANY_SIZE  # larger requests are not counted against it
         self.reset()
         self.reset_routed()
 
@@ -68,23 +74,39 @@ class VariantWindow:
         """Zero the routed count: the split weights just changed (sample-ratio checks)."""
         self._routed = 0
 
-    def set_latency_threshold(self, seconds: float | None) -> None:
-        """Count requests slower than `seconds` from now on (None stops counting)."""
+    def set_latency_threshold(self, seconds: float | None, rows: int | None = None) -> None:
+        """Count requests slower than `seconds` from now on (None stops counting), among
+        requests of at most `rows` rows (None: of any size).
+
+        The threshold was frozen from the stable's requests of at most `rows` rows (the
+        stable's median batch size, policy/checks.py `latency_rows`): a larger request
+        is neither slow nor fast by it, so a client sending huge batches to one variant
+        can neither make it look slow nor hide that it is."""
         self._threshold = seconds
+        self._threshold_rows = _ANY_SIZE if rows is None else rows
         self._since_threshold = self._over_threshold = 0
 
     def count_routed(self) -> None:
         self._routed += 1
 
     def record(
-        self, latency_s: float, outcome: int, prediction: float, row: np.ndarray | None = None
+        self,
+        latency_s: float,
+        outcome: int,
+        prediction: Predicted,
+        row: np.ndarray | None = None,
+        rows: int = 1,
     ) -> int:
-        """Store one completed request; returns its sequence number for feedback."""
+        """Store one completed request of `rows` rows; returns its sequence number for
+        feedback."""
         seq = self._next
         self._next = seq + 1
         i = seq % self.size
         self._latency[i] = latency_s
         self._outcome[i] = outcome
+        if not 1 <= rows < _ANY_SIZE:  # an empty batch is one request's worth of rows
+            rows = 1 if rows < 1 else _ANY_SIZE
+        self._rows[i] = rows
         self._prediction[i] = prediction
         self._seqs[i] = seq
         if self._inputs is not None and self._has_row is not None:
@@ -95,13 +117,17 @@ class VariantWindow:
         if outcome:
             self._errors += 1
         threshold = self._threshold
-        if threshold is not None:
+        if threshold is not None and rows <= self._threshold_rows:
             self._since_threshold += 1
             if latency_s > threshold:
                 self._over_threshold += 1
         return seq
 
-    def feedback(self, seq: int, label: float) -> bool | None:
+    def holds(self, seq: int) -> bool:
+        """Whether record `seq` can still take a label (in the window, not labelled yet)."""
+        return seq >= 0 and bool(self._seqs[seq % self.size] == seq)
+
+    def feedback(self, seq: int, label: Predicted) -> bool | None:
         """Whether the prediction of record `seq` matched `label`; None if it is gone.
 
         A record is gone once its slot is overwritten or it already took a label, so a
@@ -115,10 +141,10 @@ class VariantWindow:
         if self._seqs[i] != seq:
             return None
         self._seqs[i] = -1
-        prediction = float(self._prediction[i])
-        if math.isnan(prediction):
+        prediction = self._prediction[i]
+        if is_missing(prediction):
             return False
-        correct = abs(label - prediction) <= self.tol
+        correct = matches(prediction, label, self.tol)
         if seq >= self._epoch:
             self._labelled += 1
             self._correct += correct
@@ -165,6 +191,7 @@ class VariantWindow:
             errors=self._errors,
             routed=self._routed,
             latency_threshold=self._threshold,
+            latency_rows=None if self._threshold_rows == _ANY_SIZE else self._threshold_rows,
             since_threshold=self._since_threshold,
             over_threshold=self._over_threshold,
             labelled=self._labelled,
@@ -172,6 +199,7 @@ class VariantWindow:
             compared=self._compared,
             agreed=self._agreed,
             latencies=self._chronological(self._latency),
+            rows=self._chronological(self._rows),
             inputs=inputs,
         )
 
@@ -183,6 +211,10 @@ class VariantWindow:
             if ev.latencies.size
             else (None, None, None)
         )
+        per_row = ev.latencies / ev.rows
+        row_p50, row_p99 = (
+            (float(q) for q in np.percentile(per_row, (50, 99))) if per_row.size else (None, None)
+        )
         return {
             "version": self.version,
             "requests": ev.requests,
@@ -193,59 +225,14 @@ class VariantWindow:
             "latency_p50": p50,
             "latency_p95": p95,
             "latency_p99": p99,
+            "latency_per_row_p50": row_p50,
+            "latency_per_row_p99": row_p99,
+            "rows_p50": float(np.median(ev.rows)) if ev.rows.size else None,
             "labelled": ev.labelled,
             "accuracy": ev.accuracy,
             "compared": ev.compared,
             "agreement": ev.agreement,
         }
-
-
-class FeedbackIndex:
-    """Request id → (window, seq) for the last `capacity` recorded requests.
-
-    A preallocated ring remembers insertion order; when it wraps, the oldest id is
-    dropped, so feedback for it finds nothing. A repeated id points at its newest
-    request (ids come from clients and need not be unique).
-    """
-
-    __slots__ = ("_ids", "_pos", "_seqs", "_slot_of", "_windows", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity {capacity!r}: expected at least 1")
-        self.capacity = capacity
-        self._ids: list[str | None] = [None] * capacity
-        self._windows: list[VariantWindow | None] = [None] * capacity
-        self._seqs: list[int] = [0] * capacity
-        self._slot_of: dict[str, int] = {}
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def put(self, request_id: str, window: VariantWindow, seq: int) -> None:
-        pos = self._pos
-        self._pos = pos + 1 if pos + 1 < self.capacity else 0
-        slot_of = self._slot_of
-        old = self._ids[pos]
-        # The old id may have been popped, or re-put since into a newer slot.
-        if old is not None and slot_of.get(old) == pos:
-            del slot_of[old]
-        self._ids[pos] = request_id
-        self._windows[pos] = window
-        self._seqs[pos] = seq
-        slot_of[request_id] = pos
-
-    def pop(self, request_id: str) -> tuple[VariantWindow, int] | None:
-        """Take the id's (window, seq); None if unknown or already evicted."""
-        pos = self._slot_of.pop(request_id, None)
-        if pos is None:
-            return None
-        window = self._windows[pos]
-        self._windows[pos] = None
-        self._ids[pos] = None
-        assert window is not None  # every indexed slot holds a window
-        return window, self._seqs[pos]
 
 
 class Windows:

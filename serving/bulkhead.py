@@ -256,12 +256,15 @@ class _Call(Generic[A, T]):
         self.abandoned = False
 
     def execute(self) -> None:
-        """On a worker thread: compute, then hand the outcome to the loop's thread."""
-        try:
-            result: Any = self.fn(self.arg)
-            error: BaseException | None = None
-        except BaseException as exc:  # handed to the caller, whatever it is
-            result, error = None, exc
+        """On a worker thread: compute, then hand the outcome to the loop's thread. A
+        call whose caller gave up while it waited for a thread is not computed at all."""
+        result: Any = None
+        error: BaseException | None = None
+        if not self.abandoned:  # read without a lock: one abandoned this instant still runs
+            try:
+                result = self.fn(self.arg)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                error = exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(self._settle, result, error)
 

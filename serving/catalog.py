@@ -32,6 +32,7 @@ from rollguard.serving.manifest import (
     dump_manifest,
     manifest_from_bytes,
 )
+from rollguard.serving.remote_metadata import upstream_signature
 from rollguard.serving.signatures import onnx_external_files, read_signature
 
 Status = Literal["ok", "refused"]
@@ -238,7 +239,8 @@ def add(
     else left empty with a warning. `trusted_types` are skops types the caller vouches
     for (never guessed). An ONNX model's external data files (found with the `onnx`
     package) and `reference` (a .npy/.npz drift sample) are copied too and pinned by
-    their sha256 in `files`. For `framework="http"` pass `endpoint`, no artifact.
+    their sha256 in `files`. For `framework="http"` pass `endpoint`, no artifact: the
+    inputs and outputs not given are read from the upstream's V2 model metadata.
     The version is assembled under a hidden name in root and renamed into place, so a
     watching registry never sees it half-copied; an existing version is never
     overwritten (FileExistsError).
@@ -289,6 +291,10 @@ def add(
                 )
                 inputs = found[0] if inputs is None else inputs
                 outputs = found[1] if outputs is None else outputs
+        if framework == "http" and endpoint and (inputs is None or outputs is None):
+            declared = upstream_signature(endpoint)  # what the upstream says it takes
+            inputs = declared[0] if inputs is None else inputs
+            outputs = declared[1] if outputs is None else outputs
         fields["inputs"], fields["outputs"] = inputs or [], outputs or []
         if reference is not None:
             name = "reference" + reference.suffix

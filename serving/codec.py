@@ -56,7 +56,7 @@ def tensor_from_item(
         chunk = binary[offset : offset + size]
         offset += size
         if datatype == "BYTES":
-            array = _bytes_from_binary(chunk, count, name)
+            array = _bytes_from_binary(chunk, count, name).reshape(shape)
         else:
             if size != count * dtype.itemsize:
                 raise InvalidInput(
@@ -102,7 +102,9 @@ def _bytes_from_binary(chunk: memoryview, count: int, name: str) -> np.ndarray:
         pos += 4 + n
     if len(out) != count:
         raise InvalidInput(f"input '{name}': {len(out)} BYTES elements, shape needs {count}")
-    return np.array(out, dtype=object)
+    array = np.empty(count, dtype=object)  # filled, not np.array(out): that may nest
+    array[:] = out
+    return array
 
 
 def select_outputs(
@@ -196,14 +198,60 @@ def encode_infer_request(
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def response_outputs(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """An upstream's V2 JSON response as its output tensors (JSON objects) and other fields.
+def json_document(doc: Mapping[str, Any], arrays: Tensors) -> bytes:
+    """A V2 request document with its binary tensors written as JSON `data` (for an
+    upstream that takes no binary extension): everything else as it was, each tensor's
+    other parameters included. InvalidInput for BYTES that are not UTF-8 text, which
+    JSON cannot carry."""
+    inputs = []
+    for item in doc["inputs"]:
+        params = item.get("parameters")
+        if isinstance(params, dict) and "binary_data_size" in params:
+            item = {k: v for k, v in item.items() if k != "parameters"}
+            rest = {k: v for k, v in params.items() if k != "binary_data_size"}
+            if rest:
+                item["parameters"] = rest
+            array = arrays[item["name"]]
+            if array.dtype.kind == "O":
+                try:
+                    item["data"] = [
+                        v.decode("utf-8") if isinstance(v, bytes) else v for v in array.ravel()
+                    ]
+                except UnicodeDecodeError:
+                    raise InvalidInput(
+                        f"input '{item['name']}': BYTES that are not UTF-8 text cannot go "
+                        "to an upstream that takes JSON only"
+                    ) from None
+            else:
+                item["data"] = array.ravel()
+        inputs.append(item)
+    return orjson.dumps({**doc, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
 
-    Checks the structure only (names, datatypes, shapes, data present); the values stay
-    JSON until `tensors_from_outputs` converts the ones a caller needs.
+
+def response_outputs(
+    body: bytes, binary_header: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An upstream's V2 response as its output tensors (JSON objects) and other fields.
+
+    Checks the structure only (names, datatypes, shapes, data or a binary size present);
+    the values stay as they came until `tensors_from_outputs` converts the ones a caller
+    needs. With `binary_header` (the answer's Inference-Header-Content-Length), the JSON
+    is that long and binary tensors follow it, `binary_data_size` bytes each in order.
     """
+    head: bytes | memoryview = body
+    tail_size = 0
+    if binary_header is not None:
+        try:
+            n = int(binary_header)
+        except ValueError:
+            n = -1
+        if not 0 < n <= len(body):
+            raise UpstreamError(
+                f"upstream answered {BINARY_HEADER} {binary_header!r} for {len(body)} bytes"
+            )
+        head, tail_size = memoryview(body)[:n], len(body) - n
     try:
-        doc = orjson.loads(body)
+        doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(f"upstream answered with invalid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -211,26 +259,50 @@ def response_outputs(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]
     items = doc.pop("outputs", None)
     if not isinstance(items, list):
         raise UpstreamError("upstream response has no 'outputs' list")
+    binary = 0
     for i, item in enumerate(items):
         if not (
             isinstance(item, dict)
             and isinstance(item.get("name"), str)
             and item.get("datatype") in V2_TO_NUMPY
             and isinstance(item.get("shape"), list)
-            and "data" in item
         ):
             raise UpstreamError(
                 f"upstream response: outputs[{i}] needs a name, a V2 datatype, a shape and data"
             )
+        size = binary_size(item)
+        if size is None:
+            if "data" not in item:
+                raise UpstreamError(
+                    f"upstream response: outputs[{i}] needs a name, a V2 datatype, a shape and data"
+                )
+        elif type(size) is not int or size < 0:
+            raise UpstreamError(f"upstream response: outputs[{i}] has a bad binary_data_size")
+        else:
+            binary += size
+    if binary > tail_size:
+        raise UpstreamError(
+            f"upstream response: binary outputs of {binary} bytes, {tail_size} bytes follow"
+        )
     return items, doc
 
 
-def tensors_from_outputs(items: Sequence[dict[str, Any]]) -> Tensors:
-    """Numpy arrays for V2 JSON output tensors; UpstreamError when one does not hold."""
+def binary_size(item: Mapping[str, Any]) -> Any:
+    """An output or input object's `binary_data_size` parameter (None: its data is JSON)."""
+    params = item.get("parameters")
+    return params.get("binary_data_size") if type(params) is dict else None
+
+
+def tensors_from_outputs(
+    items: Sequence[dict[str, Any]], binary: memoryview | None = None
+) -> Tensors:
+    """Numpy arrays for V2 output tensors (JSON, or sized parts of `binary` in order);
+    UpstreamError when one does not hold."""
     tensors: Tensors = {}
+    offset = 0
     try:
         for i, item in enumerate(items):
-            name, array, _ = tensor_from_item(item, f"outputs[{i}]", None, 0)
+            name, array, offset = tensor_from_item(item, f"outputs[{i}]", binary, offset)
             tensors[name] = array
     except InvalidInput as exc:
         raise UpstreamError(f"upstream response: {exc}") from None
@@ -277,3 +349,67 @@ def encode_items_response(
         doc["id"] = request_id
     doc["outputs"] = items
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def relay_response(
+    items: Sequence[dict[str, Any]],
+    rest: Mapping[str, Any],
+    binary: memoryview | None,
+    *,
+    requested: Sequence[str] | None,
+    binary_outputs: frozenset[str],
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+) -> tuple[bytes, int | None]:
+    """An upstream's answer relayed to the client as it came: its other fields (e.g.
+    `parameters`) and each output's parameters kept, each output's binary part passed on
+    unread, under this gateway's model name, version and the client's request id. An
+    output goes as binary when the client asked for it so, as JSON otherwise, converted
+    only when the upstream answered it the other way (one that takes no binary
+    requests answers JSON). The second value is the JSON length when binary follows."""
+    offsets: dict[str, int] = {}
+    offset = 0
+    for item in items:
+        size = binary_size(item)
+        if size is not None:
+            offsets[item["name"]] = offset
+            offset += size
+    out: list[dict[str, Any]] = []
+    chunks: list[bytes | memoryview] = []
+    try:
+        for item in select_items(items, requested):
+            name = item["name"]
+            wanted = bool(binary_outputs) and ("*" in binary_outputs or name in binary_outputs)
+            size = binary_size(item)
+            if size is not None and wanted:
+                assert binary is not None  # response_outputs checked the sizes against it
+                out.append(item)
+                chunks.append(binary[offsets[name] : offsets[name] + size])
+            elif size is not None:
+                _, array, _ = tensor_from_item(item, name, binary, offsets[name])
+                params = {k: v for k, v in item["parameters"].items() if k != "binary_data_size"}
+                json_item = {**item, "data": output_item(name, array)["data"]}
+                json_item.pop("parameters")
+                if params:
+                    json_item["parameters"] = params
+                out.append(json_item)
+            elif wanted:
+                _, array, _ = tensor_from_item(item, name, None, 0)
+                raw = _binary_bytes(array)
+                params = {**(item.get("parameters") or {}), "binary_data_size": len(raw)}
+                out.append({k: v for k, v in item.items() if k != "data"} | {"parameters": params})
+                chunks.append(raw)
+            else:
+                out.append(item)
+    except InvalidInput as exc:
+        raise UpstreamError(f"upstream response: {exc}") from None
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    doc.update((k, v) for k, v in rest.items() if k not in ("model_name", "model_version", "id"))
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = out
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return head, None
+    return b"".join([head, *chunks]), len(head)

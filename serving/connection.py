@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
+
+
+class Reply(NamedTuple):
+    """An upstream's answer: status, body, and the two headers a V2 answer's reader needs."""
+
+    status: int
+    body: bytes
+    binary_header: str | None  # Inference-Header-Content-Length: binary tensors follow
+    content_type: str
 
 
 class Failed(Exception):
@@ -44,7 +53,7 @@ class Connection(asyncio.Protocol):
         self._loop = loop
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._waiter: asyncio.Future[Reply] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._chunks: list[bytes] = []
         self._size = 0
@@ -52,17 +61,21 @@ class Connection(asyncio.Protocol):
         self._headers_done = False
         self._delimited = False  # Content-Length or chunked: the body does not end at EOF
         self._failure = ""
+        self._binary_header: str | None = None
+        self._content_type = ""
         self.reused = False
         self.reusable = False
         self.idle = False
         self.lost: asyncio.Future[None] = loop.create_future()
 
-    def exchange(self, payload: bytes, deadline: float) -> asyncio.Future[tuple[int, bytes]]:
-        """Send one request; the Future gives (status, body) or fails with Failed/Expired."""
+    def exchange(self, payload: bytes, deadline: float) -> asyncio.Future[Reply]:
+        """Send one request; the Future gives its Reply or fails with Failed/Expired."""
         waiter = self._loop.create_future()
         self._waiter = waiter
         self._chunks = []
         self._size = 0
+        self._binary_header = None
+        self._content_type = ""
         self._got_bytes = self._headers_done = self._delimited = self.reusable = False
         self._timer = self._loop.call_at(deadline, self._expire)
         assert self._transport is not None
@@ -136,6 +149,10 @@ class Connection(asyncio.Protocol):
                 self._too_large()
         elif size == 17 and name.lower() == b"transfer-encoding":
             self._delimited = value.rstrip().lower().endswith(b"chunked")
+        elif size == 12 and name.lower() == b"content-type":
+            self._content_type = value.decode("latin-1").strip()
+        elif size == 31 and name.lower() == b"inference-header-content-length":
+            self._binary_header = value.decode("latin-1").strip()
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -154,6 +171,8 @@ class Connection(asyncio.Protocol):
             self._chunks = []
             self._size = 0
             self._headers_done = self._delimited = False
+            self._binary_header = None
+            self._content_type = ""
             return
         self._finish()
 
@@ -170,6 +189,7 @@ class Connection(asyncio.Protocol):
         self.reused = True
         self.reusable = self._parser.should_keep_alive() and not self._transport.is_closing()
         if waiter is not None and not waiter.done():
-            waiter.set_result((self._parser.get_status_code(), body))
+            status = self._parser.get_status_code()
+            waiter.set_result(Reply(status, body, self._binary_header, self._content_type))
         if not self.reusable:
             self._transport.close()

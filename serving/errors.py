@@ -12,6 +12,8 @@ ServingError
 ├── DeadlineExceeded       a local version did not answer within its time limit
 ├── UpstreamError          an HTTP upstream answered with an error or not at all
 │   └── UpstreamTimeout    the upstream did not answer in time
+├── UpstreamRejected       an HTTP upstream refused the client's request as the client's
+│                          fault (a 4xx passed through as it came, counted against no one)
 └── Overloaded             a bounded queue is full
 """
 
@@ -70,6 +72,17 @@ class UpstreamError(ServingError):
 
 class UpstreamTimeout(UpstreamError):
     """An HTTP upstream did not answer within its timeout."""
+
+
+class UpstreamRejected(ServingError):
+    """An upstream refused the request as the client's fault (its 400, 422, ...): the
+    answer goes back to the client as it came, and counts against no version."""
+
+    def __init__(self, message: str, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.content_type = content_type
 
 
 class Overloaded(ServingError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rollguard.serving.errors import ManifestError
 from rollguard.serving.features import Feature, check_declaration
+from rollguard.serving.prediction import DEFAULT_RULE, Read, Rule
 from rollguard.serving.tensors import V2_TO_NUMPY, TensorSpec
 
 MANIFEST_NAME = "model.yaml"
@@ -88,6 +90,60 @@ class Batching(_Frozen):
     max_concurrent_batches: int | None = Field(default=None, ge=1, le=256)
 
 
+class PredictionField(_Frozen):
+    """Which output holds the prediction and how to read it (serving/prediction.py)."""
+
+    output: str = Field(min_length=1)
+    read: Read = "label"
+    threshold: float | None = None
+    classes: list[str | int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _fits_read(self) -> PredictionField:
+        if (self.threshold is None) == (self.read == "threshold"):
+            raise ValueError("'threshold' is given with read: threshold, and only then")
+        if self.classes is not None:
+            if self.read not in ("argmax", "threshold"):
+                raise ValueError(f"'classes' names argmax or threshold indexes, not {self.read}")
+            if self.read == "threshold" and len(self.classes) != 2:
+                raise ValueError("read: threshold takes two 'classes' (below, at or above)")
+        return self
+
+    def rule(self) -> Rule:
+        return Rule(self.output, self.read, self.threshold, self.classes)
+
+
+class UpstreamOptions(_Frozen):
+    """How an `http` version's upstream is spoken to (serving/runners/http.py)."""
+
+    # false: binary tensor requests are sent as JSON (MLServer 1.7.1 takes no binary)
+    binary_tensors: bool = True
+    # header -> environment variable holding its value (a token for the upstream, ...)
+    headers_from_env: dict[str, str] = Field(default_factory=dict)
+    # Followed after load (serving/health.py): ready probes, and outlier ejection.
+    probe_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    unready_after: int = Field(default=2, ge=1, le=100)  # failed probes in a row
+    eject_after: int = Field(default=5, ge=1, le=10_000)  # failed calls in a row
+    eject_base_s: float = Field(default=30.0, gt=0, le=3600)  # doubled per ejection in a row
+    eject_max_s: float = Field(default=300.0, gt=0, le=86_400)
+
+    @field_validator("headers_from_env")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, variable in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]+", name) or name.lower() in _OWN_HEADERS:
+                raise ValueError(f"header {name!r} cannot be set here")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+                raise ValueError(f"{variable!r} is not an environment variable name")
+        return value
+
+
+_OWN_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection",
+     "inference-header-content-length"}
+)  # fmt: skip
+
+
 class Manifest(_Frozen):
     """Everything model.yaml may say about one version."""
 
@@ -112,8 +168,45 @@ class Manifest(_Frozen):
     trusted_types: list[str] = Field(default_factory=list)
     # http: seconds before an upstream call is abandoned.
     timeout_s: float = Field(default=10.0, gt=0, le=600)
-    # Parameters the runner passes to its framework (e.g. intra_op_threads for onnx).
+    upstream: UpstreamOptions | None = None  # http only
+    # Parameters the runner passes to its framework (e.g. intra_op_threads for onnx);
+    # `isolation: process` (and `workers: N`) runs a local model in worker processes.
     runtime: dict[str, Any] = Field(default_factory=dict)
+    # The output holding the prediction the windows keep, and how to read it.
+    prediction: PredictionField | None = None
+
+    @model_validator(mode="after")
+    def _prediction_declared(self) -> Manifest:
+        wanted = self.prediction.output if self.prediction is not None else None
+        if wanted is not None and self.outputs and wanted not in {t.name for t in self.outputs}:
+            raise ValueError(
+                f"prediction: output {wanted!r} is not among the declared outputs "
+                f"{[t.name for t in self.outputs]}"
+            )
+        return self
+
+    @field_validator("runtime")
+    @classmethod
+    def _isolation_known(cls, runtime: dict[str, Any]) -> dict[str, Any]:
+        # Where a local model runs (serving/isolation.py), read by the registry; the
+        # other keys are the frameworks' own.
+        isolation = runtime.get("isolation", "thread")
+        if isolation not in ("thread", "process"):
+            raise ValueError(f"isolation {isolation!r}: expected 'thread' or 'process'")
+        workers = runtime.get("workers")
+        if workers is None:
+            return runtime
+        if isolation != "process":
+            raise ValueError("workers counts the worker processes of isolation: process")
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ValueError(f"workers {workers!r}: expected a whole number from 1 to 64")
+        return runtime
+
+    @model_validator(mode="after")
+    def _isolation_local(self) -> Manifest:
+        if self.framework == "http" and self.runtime.get("isolation") == "process":
+            raise ValueError("runtime: isolation 'process' is for local models, not framework http")
+        return self
 
     @model_validator(mode="after")
     def _files_pinned(self) -> Manifest:
@@ -161,6 +254,11 @@ class Manifest(_Frozen):
     @cached_property
     def output_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(t.spec() for t in self.outputs)
+
+    @cached_property
+    def prediction_rule(self) -> Rule:
+        """How the windows read this version's prediction."""
+        return self.prediction.rule() if self.prediction is not None else DEFAULT_RULE
 
     @cached_property
     def pinned(self) -> dict[str, str]:

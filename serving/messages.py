@@ -20,6 +20,7 @@ import numpy as np
 from rollguard.serving.codec import (
     BINARY_HEADER,
     encode_infer_request,
+    json_document,
     output_item,
     parse_json,
     response_outputs,
@@ -27,16 +28,26 @@ from rollguard.serving.codec import (
     tensors_from_outputs,
 )
 from rollguard.serving.errors import InvalidInput
-from rollguard.serving.jsontensors import deferred_meta, flat_count, numeric_data_fits
-from rollguard.serving.tensors import V2_TO_NUMPY, Shaped, Tensors
-
-_NAN = float("nan")
+from rollguard.serving.jsontensors import deferred_meta
+from rollguard.serving.prediction import DEFAULT_RULE, Predicted, Rule, read_arrays, read_items
+from rollguard.serving.tensors import Shaped, Tensors
 
 
 class InferRequest:
     """One V2 inference request: id, requested outputs, and its inputs in three views."""
 
-    __slots__ = ("_arrays", "_body", "_items", "_meta", "binary_outputs", "id", "outputs")
+    __slots__ = (
+        "_arrays",
+        "_body",
+        "_doc",
+        "_header_length",
+        "_items",
+        "_meta",
+        "binary_outputs",
+        "forward",
+        "id",
+        "outputs",
+    )
 
     def __init__(
         self,
@@ -45,24 +56,31 @@ class InferRequest:
         items: Sequence[dict[str, Any]] | None = None,
         meta: Mapping[str, Shaped] | None = None,
         body: bytes | None = None,
+        doc: dict[str, Any] | None = None,
+        header_length: int | None = None,
         id: str | None = None,
         outputs: list[str] | None = None,
         binary_outputs: frozenset[str] = frozenset(),
     ) -> None:
-        """Use `decode` or `of_arrays`; `body` only when it is plain JSON that asks for
-        every output in JSON, so that forwarding it is the same as re-encoding it."""
+        """Use `decode` or `of_arrays`. `body` is the client's own bytes (its JSON part
+        `header_length` long when binary tensors follow) and `doc` their JSON document."""
         self._arrays = arrays
         self._items = items
         self._meta: Mapping[str, Shaped] = meta if meta is not None else (arrays or {})
         self._body = body
+        self._doc = doc
+        self._header_length = header_length
         self.id = id
         self.outputs = outputs
         self.binary_outputs = binary_outputs
+        # Client headers an upstream gets (the gateway's allow-list), as (name, value).
+        self.forward: list[tuple[str, str]] = []
 
     @classmethod
     def decode(cls, body: bytes, binary_header: str | None = None) -> InferRequest:
         """A V2 infer body (JSON, or JSON and binary tensors); InvalidInput when malformed."""
         binary: memoryview | None = None
+        n: int | None = None
         if binary_header is not None:
             try:
                 n = int(binary_header)
@@ -89,11 +107,11 @@ class InferRequest:
         if binary is None:
             meta = deferred_meta(raw_inputs)  # checked without numpy when it surely converts
             if meta is not None:
-                plain = outputs is None and not binary_outputs
                 return cls(
                     items=raw_inputs,
                     meta=meta,
-                    body=body if plain else None,
+                    body=body,
+                    doc=doc,
                     id=request_id,
                     outputs=outputs,
                     binary_outputs=binary_outputs,
@@ -105,7 +123,15 @@ class InferRequest:
             if name in arrays:
                 raise InvalidInput(f"input '{name}' given twice")
             arrays[name] = array
-        return cls(arrays=arrays, id=request_id, outputs=outputs, binary_outputs=binary_outputs)
+        return cls(
+            arrays=arrays,
+            body=body,
+            doc=doc,
+            header_length=n,
+            id=request_id,
+            outputs=outputs,
+            binary_outputs=binary_outputs,
+        )
 
     @classmethod
     def of_arrays(cls, arrays: Tensors, *, id: str | None = None) -> InferRequest:
@@ -128,13 +154,18 @@ class InferRequest:
             }
         return self._arrays
 
-    def upstream_body(self) -> bytes:
-        """The V2 JSON body an upstream gets: the client's own bytes when they ask for
-        every output as JSON, else the inputs encoded again (every output asked for; the
-        gateway picks the requested ones from the answer)."""
-        if self._body is not None:
-            return self._body
-        return encode_infer_request(self.arrays(), request_id=self.id)
+    def upstream_body(self, binary: bool = True) -> tuple[bytes, int | None]:
+        """The body an upstream gets, and its JSON part's length when binary tensors
+        follow: the client's own bytes as they came (id, parameters, requested outputs
+        and all), unless they carry binary tensors and the upstream takes none
+        (`binary` False): then the same document with those tensors as JSON `data`.
+        A request made here (`of_arrays`) is encoded as V2 JSON."""
+        body, doc = self._body, self._doc
+        if body is None or doc is None:
+            return encode_infer_request(self.arrays(), request_id=self.id), None
+        if self._header_length is None or binary:
+            return body, self._header_length
+        return json_document(doc, self.arrays()), None
 
     def rows(self) -> int:
         """The batch size: the first input's first dimension (1 for a scalar input)."""
@@ -153,51 +184,66 @@ class InferRequest:
 
 
 class InferResponse:
-    """One version's answer: V2 output objects or arrays, each made from the other lazily."""
+    """One version's answer: V2 output objects or arrays, each made from the other lazily.
 
-    __slots__ = ("_arrays", "_items", "_prediction")
+    An upstream's answer also keeps what came with its outputs (`upstream`: its other
+    fields, e.g. `parameters`, and the binary tensors that followed its JSON), so that
+    the gateway can relay it as it came.
+    """
+
+    __slots__ = ("_arrays", "_items", "_prediction", "binary", "upstream")
 
     def __init__(
-        self, *, arrays: Tensors | None = None, items: list[dict[str, Any]] | None = None
+        self,
+        *,
+        arrays: Tensors | None = None,
+        items: list[dict[str, Any]] | None = None,
+        upstream: dict[str, Any] | None = None,
+        binary: memoryview | None = None,
     ) -> None:
         assert arrays is not None or items is not None
         self._arrays = arrays
         self._items = items
-        self._prediction: float | None = None
+        self._prediction: Predicted | None = None
+        self.upstream = upstream
+        self.binary = binary
 
     @classmethod
     def of_arrays(cls, arrays: Tensors) -> InferResponse:
         return cls(arrays=arrays)
 
     @classmethod
-    def of_upstream(cls, body: bytes) -> InferResponse:
-        """An upstream's V2 JSON answer, checked for structure; UpstreamError otherwise."""
-        items, _ = response_outputs(body)
-        return cls(items=items)
+    def of_upstream(cls, body: bytes, binary_header: str | None = None) -> InferResponse:
+        """An upstream's V2 answer (JSON, or JSON and binary tensors when it sent
+        `binary_header`), checked for structure; UpstreamError otherwise."""
+        items, rest = response_outputs(body, binary_header)
+        binary = memoryview(body)[int(binary_header) :] if binary_header is not None else None
+        return cls(items=items, upstream=rest, binary=binary)
 
     def arrays(self) -> Tensors:
         """Every output as a numpy array; UpstreamError when an upstream's does not hold."""
         if self._arrays is None:
             assert self._items is not None
-            self._arrays = tensors_from_outputs(self._items)
+            self._arrays = tensors_from_outputs(self._items, self.binary)
         return self._arrays
 
     def items(self) -> list[dict[str, Any]]:
-        """Every output as a V2 JSON object (numpy data until serialised)."""
+        """Every output as a V2 object: a local model's as JSON (numpy data until
+        serialised), an upstream's as they came (binary ones sized, without `data`)."""
         if self._items is None:
             assert self._arrays is not None
             self._items = [output_item(name, array) for name, array in self._arrays.items()]
         return self._items
 
-    def prediction(self) -> float:
-        """Row 0's prediction as one number: the `label` output, else `prediction`, else
-        the first output (its argmax when 2-D or more); NaN when there is no number."""
+    def prediction(self, rule: Rule = DEFAULT_RULE) -> Predicted:
+        """Row 0's prediction read by `rule` (serving/prediction.py): a number or a class
+        name, NaN when the answer holds none. Read once; a response is read by one rule."""
         if self._prediction is None:
             if self._arrays is not None:
-                self._prediction = _prediction_of_arrays(self._arrays)
+                self._prediction = read_arrays(rule, self._arrays)
             else:
                 assert self._items is not None
-                self._prediction = _prediction_of_items(self._items)
+                self._prediction = read_items(rule, self._items, self.binary)
         return self._prediction
 
 
@@ -217,52 +263,3 @@ def _requested_outputs(raw: Any, params: dict[str, Any]) -> tuple[list[str] | No
         if type(oparams) is dict and oparams.get("binary_data") is True:
             binary.add(item["name"])
     return names, frozenset(binary)
-
-
-# -- the prediction, once per backing ---------------------------------------------------
-
-
-def _prediction_of_arrays(outputs: Mapping[str, np.ndarray]) -> float:
-    array = outputs.get("label")
-    if array is None:
-        array = outputs.get("prediction")
-    if array is None:
-        if not outputs:
-            return _NAN
-        array = next(iter(outputs.values()))
-        if array.size == 0 or array.dtype.kind in "OUS":
-            return _NAN  # no number to read (strings, or no rows)
-        if array.ndim >= 2:
-            return float(np.argmax(array[0]))
-    if array.size == 0 or array.dtype.kind in "OUS":
-        return _NAN
-    return float(array.item(0))
-
-
-def _deciding_item(items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    for wanted in ("label", "prediction"):
-        for item in items:
-            if item["name"] == wanted:
-                return item
-    return items[0] if items else None
-
-
-def _prediction_of_items(items: Sequence[dict[str, Any]]) -> float:
-    """As `_prediction_of_arrays` reads it, off the JSON: a flat numeric first value is
-    read as numpy would have converted it; anything else converts the one output."""
-    item = _deciding_item(items)
-    if item is None:
-        return _NAN
-    datatype, shape = item["datatype"], item["shape"]
-    data: Any = item.get("data")
-    count = flat_count(shape, data)
-    if count and numeric_data_fits(datatype, data):
-        if item["name"] in ("label", "prediction") or len(shape) < 2:
-            value = data[0]
-            return float(np.float32(value)) if datatype == "FP32" else float(value)
-        row = np.asarray(data[: count // shape[0]], dtype=V2_TO_NUMPY[datatype])
-        return float(np.argmax(row))
-    try:
-        return _prediction_of_arrays(tensors_from_outputs([item]))
-    except Exception:  # an output that does not hold has no prediction to keep
-        return _NAN

@@ -46,7 +46,9 @@ from rollguard.serving.catalog import (
 )
 from rollguard.serving.deadlines import Deadline
 from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
+from rollguard.serving.isolation import ProcessIsolated
 from rollguard.serving.manifest import Manifest
+from rollguard.serving.outputs import CheckedOutputs
 from rollguard.serving.runners import LocalRunner, Runner, create_runner
 from rollguard.serving.scheduling import Scheduled
 
@@ -253,9 +255,20 @@ class Registry:
         """The framework runner wrapped as the manifest asks, then put behind its own
         bulkhead: a local one scheduled on its own threads with its time limit (inline
         when cheap, never when batched: a batched version is one whose calls are worth
-        queueing for), then batched."""
+        queueing for), or in worker processes of its own with `runtime: {isolation:
+        process}`, then batched, then its answers checked against its declared
+        outputs (serving/outputs.py)."""
         manifest = runner.manifest
-        if isinstance(runner, LocalRunner):
+        local = isinstance(runner, LocalRunner)
+        if isinstance(runner, LocalRunner) and manifest.runtime.get("isolation") == "process":
+            # Worker processes of its own, killed at the deadline (serving/isolation.py).
+            runner = ProcessIsolated(
+                runner,
+                int(manifest.runtime.get("workers", self.threads)),
+                self.timeout_s,
+                shadow_workers=self.isolation.shadow_threads,
+            )
+        elif isinstance(runner, LocalRunner):
             inline = 0.0 if manifest.batching else self.inline_below_us
             runner = Scheduled(
                 runner,
@@ -274,6 +287,8 @@ class Registry:
             # A remote runner's pool times its calls out (the manifest's timeout_s), a
             # scheduled one its thread calls; a queued caller is bounded here.
             runner = Deadline(batched, self.timeout_s)
+        if manifest.outputs:  # each caller's own answer, checked after a batch is split
+            runner = CheckedOutputs(runner, local=local)
         isolation = self.isolation
         return Bulkhead(
             runner,

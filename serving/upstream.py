@@ -8,16 +8,18 @@ headers, cookies, tracing and stream readers it does not need (load_tests/bench_
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from rollguard.serving.connection import Connection, Expired, Failed, Stale
+from rollguard.serving.connection import Connection, Expired, Failed, Reply, Stale
 from rollguard.serving.errors import UpstreamError, UpstreamTimeout
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,8 @@ class UpstreamPool:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """(status, body) of one request; UpstreamError / UpstreamTimeout name the URL."""
-        return await self.send(self.prepare(method, path, headers), body)
+        reply = await self.send(self.prepare(method, path, headers), body)
+        return reply.status, reply.body
 
     def prepare(self, method: str, path: str, headers: Mapping[str, str] | None = None) -> Prepared:
         """A request head checked and encoded once, for any number of this pool's `send`s."""
@@ -107,15 +110,18 @@ class UpstreamPool:
             raise ValueError(f"{method!r} {path!r} {headers!r}: no CR/LF in fields, no HEAD")
         return Prepared(head.encode("latin-1"), path)
 
-    async def send(self, prepared: Prepared, body: bytes | None = None) -> tuple[int, bytes]:
-        """(status, body) of a prepared request with `body` (None: no Content-Length)."""
+    async def send(
+        self, prepared: Prepared, body: bytes | None = None, extra: bytes = b""
+    ) -> Reply:
+        """The Reply to a prepared request with `body` (None: no Content-Length) and
+        `extra` header lines (from `header_lines`)."""
         path = prepared.path
         if self._closed:
             raise UpstreamError(f"{self.url}{path}: the connection pool is closed")
         if body is None:
-            payload = prepared.head + b"\r\n"
+            payload = prepared.head + extra + b"\r\n"
         else:
-            payload = b"%sContent-Length: %d\r\n\r\n%s" % (prepared.head, len(body), body)
+            payload = b"%s%sContent-Length: %d\r\n\r\n%s" % (prepared.head, extra, len(body), body)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         conn = self._idle.pop() if self._idle else None
@@ -145,6 +151,20 @@ class UpstreamPool:
         finally:
             if conn is not None:
                 self._release(conn)
+
+    @staticmethod
+    def header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+        """Header lines for `send`'s `extra`; ValueError for a name or value that could
+        split the request (CR, LF) or is not a token / not latin-1."""
+        lines = []
+        for name, value in headers:
+            if not name or not _TOKEN.fullmatch(name) or "\r" in value or "\n" in value:
+                raise ValueError(f"header {name!r} cannot be forwarded as it is")
+            lines.append(f"{name}: {value}\r\n")
+        try:
+            return "".join(lines).encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("a forwarded header value is not latin-1 text") from None
 
     async def close(self) -> None:
         """Close every connection; requests in flight, waiting or later raise UpstreamError."""

@@ -1,18 +1,50 @@
-"""Remote runner: forwards V2 infer requests to an upstream server's model URL."""
+"""Remote runner: forwards V2 infer requests to an upstream server's model URL, losslessly.
+
+The client's body goes as it came: its `id`, `parameters`, each input's `parameters`
+and requested `outputs` intact, binary tensors (Inference-Header-Content-Length) as
+binary, unless the manifest says the upstream takes none (`upstream: {binary_tensors:
+false}`, MLServer 1.7.1): then the same document with those tensors as JSON. The
+client headers the gateway lets through (`request.forward`) and the manifest's own
+(`upstream.headers_from_env`, values from the environment) go with it.
+
+An upstream's answer: 2xx is the version's answer (JSON or binary, relayed as it came);
+a 4xx that says the client's request was wrong (`CLIENT_FAULTS`) is `UpstreamRejected`,
+passed back as it came and counted against no one; any other status, a reset or an
+unreadable answer is `UpstreamError` (502) and a timeout `UpstreamTimeout` (504), both
+the version's failures.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 from pathlib import Path
 
 import orjson
 
-from rollguard.serving.errors import ArtifactError, ManifestError, NotReady, UpstreamError
-from rollguard.serving.manifest import Manifest
+from rollguard.serving.codec import BINARY_HEADER
+from rollguard.serving.errors import (
+    ArtifactError,
+    InvalidInput,
+    ManifestError,
+    NotReady,
+    UpstreamError,
+    UpstreamRejected,
+)
+from rollguard.serving.health import UpstreamHealth
+from rollguard.serving.manifest import Manifest, UpstreamOptions
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import Runner
 from rollguard.serving.upstream import UpstreamPool
 
+log = logging.getLogger("rollguard")
 _JSON = {"Content-Type": "application/json"}
+_BINARY = {"Content-Type": "application/octet-stream"}
+# An upstream's 4xx that blames the request itself: relayed, not the version's failure.
+# Others (404, 405, 408, 429, ...) say the upstream is misconfigured or unwell: 502.
+CLIENT_FAULTS = frozenset({400, 401, 403, 409, 413, 415, 422})
 
 
 def _error_text(body: bytes) -> str:
@@ -39,15 +71,40 @@ class HttpRunner(Runner):
         assert manifest.endpoint is not None  # the manifest validator requires it for http
         self.endpoint = manifest.endpoint.rstrip("/")
         self._infer_url = f"{self.endpoint}/infer"
+        options = self._options = manifest.upstream or UpstreamOptions()
+        self.health = UpstreamHealth(
+            unready_after=options.unready_after,
+            eject_after=options.eject_after,
+            eject_base_s=options.eject_base_s,
+            eject_max_s=options.eject_max_s,
+        )
+        self._what = f"{manifest.name} {manifest.version}"
+        self._watcher: asyncio.Task[None] | None = None
         self._pool: UpstreamPool | None = None
         self._open()
 
+    @property
+    def ready(self) -> bool:
+        """Loaded, its ready probes passing and not ejected for failing calls."""
+        return self._ready and self.health.ok
+
     def _open(self) -> None:
+        own = {}
+        for header, variable in self._options.headers_from_env.items():
+            value = os.environ.get(variable)
+            if value is None:
+                raise ManifestError(
+                    f"upstream.headers_from_env: {header} needs environment variable "
+                    f"{variable}, which is not set"
+                )
+            own[header] = value
         try:
             pool = UpstreamPool(self.endpoint, timeout_s=self.manifest.timeout_s)
+            # Encoded once per pool: JSON bodies, and bodies with binary tensors.
+            self._infer = pool.prepare("POST", "/infer", _JSON | own)
+            self._infer_binary = pool.prepare("POST", "/infer", _BINARY | own)
         except ValueError as exc:
-            raise ManifestError(f"endpoint: {exc}") from None
-        self._infer = pool.prepare("POST", "/infer", _JSON)  # encoded once per pool
+            raise ManifestError(f"endpoint or upstream headers: {exc}") from None
         self._pool = pool
 
     def _client(self) -> UpstreamPool:
@@ -64,6 +121,23 @@ class HttpRunner(Runner):
             await self.unload()
             raise
         self._ready = True
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name=f"rollguard-probe-{self._what}"
+        )
+
+    async def _watch(self) -> None:
+        """Probe `<endpoint>/ready` every `probe_interval_s` while loaded."""
+        while True:
+            await asyncio.sleep(self._options.probe_interval_s)
+            try:
+                await self._probe_ready()
+            except ArtifactError as exc:
+                if self.health.probed(False):
+                    log.warning("%s: upstream unready, no traffic until it recovers: %s",
+                                self._what, exc)  # fmt: skip
+            else:
+                if self.health.probed(True):
+                    log.info("%s: upstream ready again", self._what)
 
     async def _probe_ready(self) -> None:
         url = f"{self.endpoint}/ready"
@@ -75,16 +149,46 @@ class HttpRunner(Runner):
             raise ArtifactError(f"{url}: upstream not ready ({status}: {_error_text(body)})")
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        """POST the request's V2 JSON body (the client's own bytes when they need no
-        re-encoding); the upstream's 2xx answer, unconverted until someone reads it. The
-        pool's UpstreamError / UpstreamTimeout name the URL and the reason."""
-        status, payload = await self._client().send(self._infer, request.upstream_body())
-        if not 200 <= status < 300:
-            raise UpstreamError(f"{self._infer_url} answered {status}: {_error_text(payload)}")
-        return InferResponse.of_upstream(payload)
+        """POST the request as it came (see the module's docstring); the upstream's 2xx
+        answer, unconverted until someone reads it. The pool's UpstreamError /
+        UpstreamTimeout name the URL and the reason."""
+        pool = self._client()
+        body, header_length = request.upstream_body(self._options.binary_tensors)
+        try:
+            extra = pool.header_lines(request.forward) if request.forward else b""
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        prepared = self._infer
+        if header_length is not None:
+            prepared = self._infer_binary
+            extra += b"%s: %d\r\n" % (BINARY_HEADER.encode(), header_length)
+        try:
+            reply = await pool.send(prepared, body, extra)
+            status = reply.status
+            if 200 <= status < 300:
+                response = InferResponse.of_upstream(reply.body, reply.binary_header)
+                self.health.answered()
+                return response
+            message = f"{self._infer_url} answered {status}: {_error_text(reply.body)}"
+            if status in CLIENT_FAULTS:
+                self.health.answered()
+                content_type = reply.content_type or "application/json"
+                raise UpstreamRejected(message, status, reply.body, content_type)
+            raise UpstreamError(message)
+        except UpstreamError:  # 5xx, reset, timeout, unreadable: the upstream's failure
+            ejected = self.health.failed()
+            if ejected is not None:
+                log.warning("%s: %d upstream failures in a row, ejected for %g s",
+                            self._what, self.health.eject_after, ejected)  # fmt: skip
+            raise
 
     async def unload(self) -> None:
         self._ready = False
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

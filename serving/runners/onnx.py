@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rollguard.serving.errors import (
     ArtifactError,
     FrameworkUnavailable,
@@ -49,6 +51,29 @@ def _session_from_private_copy(
         shutil.rmtree(private, ignore_errors=True)
 
 
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES input as the str elements an ONNX string tensor takes (ONNX Runtime would
+    turn a Python bytes object into its repr, b'0' into "b'0'"); InvalidInput when an
+    element is not UTF-8."""
+    if array.dtype.kind == "U":
+        return array
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, value in enumerate(flat_in):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"input '{name}': element {i} is not UTF-8 text, which an ONNX string "
+                    "tensor needs"
+                ) from None
+        elif not isinstance(value, str):
+            value = str(value)
+        flat_out[i] = value
+    return out
+
+
 class OnnxRunner(LocalRunner):
     """Serves a `model.onnx` with ONNX Runtime's CPU provider."""
 
@@ -59,6 +84,7 @@ class OnnxRunner(LocalRunner):
         self._session: Any = None
         self._input_names: list[str] = []
         self._output_names: list[str] = []
+        self._string_inputs: frozenset[str] = frozenset()
 
     def _load_sync(self) -> None:
         path = self.artifact_path
@@ -99,6 +125,9 @@ class OnnxRunner(LocalRunner):
         self._session = session
         self._input_names = input_names
         self._output_names = output_names
+        self._string_inputs = frozenset(
+            i.name for i in session.get_inputs() if i.type == "tensor(string)"
+        )
 
     def _check_declared(self, path: Path, inputs: list[str], outputs: list[str]) -> None:
         # A manifest that disagrees with its artifact is refused at load, not per request.
@@ -122,6 +151,8 @@ class OnnxRunner(LocalRunner):
             feed = {name: inputs[name] for name in self._input_names}
         except KeyError as exc:
             raise InvalidInput(f"missing input {exc.args[0]!r}") from None
+        for name in self._string_inputs:
+            feed[name] = _as_text(name, feed[name])
         try:
             results = session.run(self._output_names, feed)
         except Exception as exc:  # onnxruntime's errors share no public base class

@@ -18,6 +18,7 @@ import numpy as np
 from rollguard.serving.errors import ArtifactError, InvalidInput, ModelExecutionError, NotReady
 from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
+from rollguard.serving.outputs import cast_output
 from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
 from rollguard.serving.tensors import Tensors
 
@@ -141,7 +142,12 @@ class SklearnRunner(LocalRunner):
                     if predicted is None:
                         predicted = np.asarray(model.predict(features))
                     value = predicted
-                outputs[name] = value if dtype is None else value.astype(dtype, copy=False)
+                # NaN never becomes an arbitrary integer: the model's failure (serving/outputs.py).
+                outputs[name] = (
+                    value if dtype is None else cast_output(value, dtype, self.manifest, name)
+                )
+        except ModelExecutionError:
+            raise
         except Exception as exc:  # the estimator's own error, whatever its type
             raise ModelExecutionError(_first_line(exc)) from None
         return outputs

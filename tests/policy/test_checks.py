@@ -15,6 +15,7 @@ from rollguard.policy.checks import (
     check_alpha,
     evaluate,
     evaluate_checks,
+    latency_rows,
     latency_threshold,
 )
 from rollguard.policy.evidence import Evidence, VariantEvidence
@@ -118,6 +119,30 @@ def test_latency_threshold_waits_for_a_trustworthy_stable_pnn() -> None:
     assert latency_threshold(absolute, VariantEvidence("1")) == 0.25
     with pytest.raises(ValueError):
         latency_threshold(INCREASE, stable)
+
+
+def test_latency_rows_is_the_stables_median_request_size() -> None:
+    assert latency_rows(VariantEvidence("1")) == 1  # no traffic yet: single rows
+    rows = np.array([1, 1, 2, 8, 2000], dtype=np.uint32)
+    assert latency_rows(VariantEvidence("1", latencies=np.ones(5), rows=rows)) == 2
+
+
+@given(
+    big=st.integers(0, 900),
+    size=st.integers(2, 100_000),
+    slow=st.floats(1.0, 1000.0),
+)
+def test_requests_above_the_median_size_never_move_the_threshold(
+    big: int, size: int, slow: float
+) -> None:
+    """A client sending up to 900 huge, slow batches into the stable's window of 2000 (a
+    minority: the median stays 1 row) leaves T where the single-row requests put it."""
+    small = _lat(2000 - big)
+    latencies = np.concatenate((small, np.full(big, slow)))
+    rows = np.concatenate((np.ones(2000 - big), np.full(big, size))).astype(np.uint32)
+    stable = VariantEvidence("1", requests=5000, latencies=latencies, rows=rows)
+    assert latency_rows(stable) == 1
+    assert latency_threshold(P99, stable) == pytest.approx(1.5 * np.percentile(small, 99))
 
 
 def _lat_ev(over: int, since: int = 3000, threshold: float | None = 0.2) -> Evidence:

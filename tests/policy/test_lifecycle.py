@@ -258,7 +258,13 @@ def test_a_ratio_threshold_is_frozen_from_stables_window() -> None:
     assert env.state.latency_threshold == pytest.approx(expected)
     assert env.traffic.thresholds[-1] == pytest.approx(expected)
     (frozen,) = env.entries("threshold")
-    assert frozen.data == {"metric": "latency_p99", "threshold": expected, "stable": "1.0.0"}
+    assert frozen.data == {
+        "metric": "latency_p99",
+        "threshold": expected,
+        "rows": 1,  # the stable's median request size, frozen with it
+        "stable": "1.0.0",
+    }
+    assert env.state.latency_rows == 1
 
 
 def test_a_step_weight_edited_while_down_applies_on_restart() -> None:

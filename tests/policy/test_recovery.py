@@ -96,12 +96,60 @@ def test_a_state_saved_just_before_a_crash_is_applied_and_audited(d: Dir) -> Non
     assert stored is not None and stored.audit_seq == 3
 
 
-def test_a_state_the_log_does_not_hold_is_refused(d: Dir) -> None:
+TORN = b'{"actor":"engine","data":{"action":"rollback","reas'  # a crash mid-append
+
+
+def interrupted_restart(d: Dir, appended: str) -> Dir:
+    """A start that appends entries, then is killed before it recovers "fraud"."""
+    d = d.restart()  # a torn tail is repaired here: its `repair` entry comes first
+    if appended == "policy_applied":  # the watcher's entry just before recover()
+        d.audit.append("policy_applied", "fraud", "policy-watcher", {})
+    elif appended == "another rollout":  # rollouts recovered before this one
+        d.audit.append("policy_applied", "other", "policy-watcher", {})
+        d.audit.append("start", "other", "engine", {"state": {**BASE, "phase": "progressing"}})
+    return d.restart()
+
+
+@pytest.mark.parametrize("appended", ["repair", "policy_applied", "another rollout"])
+def test_a_crash_saved_state_survives_a_start_killed_before_recovering_it(
+    d: Dir, appended: str
+) -> None:
+    """Saved as entry 3, the append of entry 3 torn by a kill; the next start appends
+    (a repair, a policy entry, another rollout's records) and is killed too: the start
+    after it still applies the decision, not refuses to start."""
+    seq = d.audit.record_seq("fraud", "decision")
+    d.store.save("fraud", state("rolled_back", 1), audit_seq=seq)
+    if appended == "repair":
+        with (d.root / "audit.jsonl").open("ab") as f:
+            f.write(TORN)
+    d = interrupted_restart(d, appended)
+    assert d.kinds()[2] != "decision"  # entry 3 is about something else now
+    found = recover("fraud", d.store, d.audit)
+    assert found.state == state("rolled_back", 1)
+    assert found.note is not None and "never audited" in found.note
+    assert d.kinds()[-1] == "state_recovered"
+    stored = d.store.read("fraud")
+    assert stored is not None and stored.audit_seq == len(d.kinds())
+    assert recover("fraud", d.store, d.restart().audit).note is None  # agreeing from now on
+
+
+def test_a_state_ahead_of_the_log_is_refused(d: Dir) -> None:
     d.audit.append("policy_applied", "other", "watcher", {})
-    d.store.save("fraud", state("promoted", 2), audit_seq=3)  # entry 3 is not about fraud
+    d.store.save("fraud", state("promoted", 2), audit_seq=5)  # the log ends at entry 3
     d = d.restart()
     with pytest.raises(StateError, match="does not hold for this rollout"):
         recover("fraud", d.store, d.audit)
+
+
+def test_a_state_behind_a_later_record_is_stale_not_a_crash(d: Dir) -> None:
+    """Entry 3 is another rollout's, but fraud has a record after it: the log is newer."""
+    d.audit.append("policy_applied", "other", "watcher", {})
+    d.store.save("fraud", state("promoted", 2), audit_seq=3)
+    d.record("decision", state("rolled_back", 1), save=False)
+    d = d.restart()
+    found = recover("fraud", d.store, d.audit)
+    assert found.state == state("rolled_back", 1)
+    assert found.note is not None and "stale" in found.note
 
 
 def test_an_outcome_the_log_does_not_say_is_refused(d: Dir) -> None:
@@ -118,6 +166,20 @@ def test_a_log_with_no_record_refuses_a_state_that_claims_one(tmp_path: Path) ->
     with pytest.raises(StateError, match="holds no record of this rollout"):
         recover("fraud", d.store, d.audit)
     assert recover("new", d.store, d.audit).state is None  # a new rollout begins
+
+
+def test_a_first_state_saved_before_a_crash_survives_an_interrupted_start(
+    tmp_path: Path,
+) -> None:
+    """The rollout's very first save (its `start` entry never written), then a start
+    killed after appending its policy entry: the state still applies."""
+    d = Dir(tmp_path)
+    d.audit.append("policy_applied", "fraud", "policy-watcher", {})
+    d.store.save("fraud", state("progressing"), audit_seq=d.audit.record_seq("fraud", "start"))
+    d = interrupted_restart(d, "policy_applied")
+    found = recover("fraud", d.store, d.audit)
+    assert found.state == state("progressing")
+    assert found.note is not None and "never audited" in found.note
 
 
 def test_a_missing_state_and_a_log_broken_where_it_records_it_is_refused(d: Dir) -> None:

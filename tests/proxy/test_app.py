@@ -312,10 +312,11 @@ async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path:
             window = server.gateway.windows.get("remote", "1")
             assert (window.requests, window.errors) == (2, 0)
             # The recorded prediction (row 0's label) takes a feedback label; a reused id
-            # points at its newest request.
+            # keeps pointing at its first request.
             feedback = {"id": "p-1", "label": 1}
             async with http.post(f"{server.url}/v2/models/remote/feedback", json=feedback) as resp:
-                assert (await resp.json())["accepted"][0]["correct"] is True
+                assert await resp.json() == {"accepted": ["p-1"], "unknown": []}
+            assert (window.evidence().labelled, window.evidence().correct) == (1, 1)
     finally:
         await upstream.cleanup()
 

@@ -108,7 +108,7 @@ async def test_v2_routes_answer_the_specs_json(tmp_path: Path, make_registry: Ma
         metadata = {
             "name": "rollguard",
             "version": "0.1.0",
-            "extensions": ["binary_tensor_data", "model_repository", "rollouts", "feedback"],
+            "extensions": ["binary_tensor_data", "statistics", "feedback"],
         }
         for path in ("/v2", "/v2/"):
             answer = await exchange(url, get(path))

@@ -1,4 +1,4 @@
-"""Variant windows: wrap-around, counters, feedback safety, evidence; the feedback index."""
+"""Variant windows: wrap-around, counters, feedback safety, request sizes, evidence."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollguard.proxy.windows import FeedbackIndex, Outcome, VariantWindow
+from rollguard.proxy.windows import Outcome, VariantWindow
 
 
 @given(size=st.integers(1, 50), k=st.integers(0, 200))
@@ -170,44 +170,24 @@ def test_bad_window_arguments(args: tuple[int], kwargs: dict[str, float]) -> Non
         VariantWindow("v1", *args, **kwargs)  # type: ignore[arg-type]
 
 
-def test_feedback_index_round_trip_and_eviction() -> None:
+def test_latency_threshold_counts_only_requests_up_to_its_size() -> None:
     window = VariantWindow("v1", 100)
-    index = FeedbackIndex(3)
-    for i in range(5):
-        index.put(f"r{i}", window, window.record(0.01, Outcome.OK, 1.0))
-    assert len(index) == 3
-    assert index.pop("r0") is None  # evicted, oldest first
-    assert index.pop("r1") is None
-    assert index.pop("r2") == (window, 2)
-    assert index.pop("r2") is None  # taken once
-    assert index.pop("nope") is None
+    window.set_latency_threshold(0.1, rows=4)
+    for latency, rows in ((0.05, 1), (0.2, 4), (5.0, 2000), (0.01, 5000), (0.3, 0)):
+        window.record(latency, Outcome.OK, 0.0, rows=rows)
+    ev = window.evidence()
+    assert (ev.since_threshold, ev.over_threshold, ev.latency_rows) == (3, 2, 4)
+    assert ev.rows.tolist() == [1, 4, 2000, 5000, 1]  # an empty batch counts as one row
+    assert ev.percentile(100, rows=4) == 0.3  # the 2000-row request is left out
+    window.set_latency_threshold(0.1)  # no size given: every request counts
+    window.record(5.0, Outcome.OK, 0.0, rows=2000)
+    assert (window.evidence().since_threshold, window.evidence().latency_rows) == (1, None)
 
 
-@given(capacity=st.integers(1, 10), ids=st.lists(st.integers(0, 15), max_size=60))
-def test_feedback_index_matches_a_model_of_the_last_puts(capacity: int, ids: list[int]) -> None:
-    window = VariantWindow("v1", 1000)
-    index = FeedbackIndex(capacity)
-    for seq, rid in enumerate(ids):
-        index.put(str(rid), window, seq)
-    # An id is findable iff it was put among the last `capacity` puts; it maps to its newest.
-    recent = ids[-capacity:] if ids else []
-    expected = {str(rid): len(ids) - 1 - ids[::-1].index(rid) for rid in recent}
-    assert len(index) == len(expected)
-    for rid in range(16):
-        got = index.pop(str(rid))
-        assert got == ((window, expected[str(rid)]) if str(rid) in expected else None)
-
-
-def test_feedback_index_repeated_id_survives_eviction_of_its_older_slot() -> None:
+def test_summary_reports_latency_per_row() -> None:
     window = VariantWindow("v1", 10)
-    index = FeedbackIndex(2)
-    index.put("a", window, 0)
-    index.put("a", window, 1)
-    index.put("b", window, 2)  # evicts the slot of the first "a", not the newer one
-    assert index.pop("a") == (window, 1)
-    assert index.pop("b") == (window, 2)
-
-
-def test_feedback_index_rejects_zero_capacity() -> None:
-    with pytest.raises(ValueError, match="capacity"):
-        FeedbackIndex(0)
+    window.record(0.002, Outcome.OK, 0.0, rows=1)
+    window.record(0.2, Outcome.OK, 0.0, rows=1000)
+    summary = window.summary()
+    assert summary["latency_per_row_p50"] == pytest.approx((0.002 + 0.0002) / 2)
+    assert summary["rows_p50"] == 500.5

@@ -21,6 +21,7 @@ from rollguard.serving.codec import (
 )
 from rollguard.serving.errors import InvalidInput, UpstreamError
 from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.prediction import Predicted, is_missing
 from rollguard.serving.tensors import TensorSpec, check_inputs
 from tests.serving.support import tensor_docs
 
@@ -108,7 +109,7 @@ def _binary_request(x: np.ndarray, **extra: Any) -> tuple[bytes, str]:
     return head + x.tobytes(), str(len(head))
 
 
-def test_binary_request_is_decoded_and_forwarded_as_json() -> None:
+def test_binary_request_is_forwarded_as_it_came_or_as_the_same_json() -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     body, header = _binary_request(
         x, id="b", outputs=[{"name": "y", "parameters": {"binary_data": True}}]
@@ -117,9 +118,14 @@ def test_binary_request_is_decoded_and_forwarded_as_json() -> None:
     np.testing.assert_array_equal(request.arrays()["x"], x)
     assert request.outputs == ["y"] and request.binary_outputs == {"y"}
     assert request.rows() == 2
-    forwarded = InferRequest.decode(request.upstream_body())  # plain JSON, every output
-    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("b", None, frozenset())
+    assert request.upstream_body() == (body, int(header))  # to an upstream taking binary
+    sent, length = request.upstream_body(binary=False)  # to one taking JSON only
+    assert length is None
+    forwarded = InferRequest.decode(sent)
+    assert (forwarded.id, forwarded.outputs) == ("b", ["y"])
+    assert forwarded.binary_outputs == frozenset({"y"})
     np.testing.assert_array_equal(forwarded.arrays()["x"], x)
+    assert "binary_data_size" not in sent.decode()
 
 
 @pytest.mark.parametrize(
@@ -142,7 +148,7 @@ def test_binary_data_output_asks_for_every_output_in_binary() -> None:
     body = _body(inputs=[_X], parameters={"binary_data_output": True})
     request = InferRequest.decode(body)
     assert request.outputs is None and request.binary_outputs == {"*"}
-    assert request.upstream_body() != body
+    assert request.upstream_body() == (body, None)  # forwarded as it came
 
 
 def test_request_encoding_is_decodable() -> None:
@@ -160,14 +166,14 @@ def test_a_plain_request_keeps_its_bytes_and_converts_once() -> None:
         id="p", inputs=[{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2.5, 3, 4]}]
     )
     request = InferRequest.decode(body)
-    assert request.upstream_body() is body  # forwarded byte for byte
+    assert request.upstream_body()[0] is body  # forwarded byte for byte
     assert dict(request.meta.items()).keys() == {"x"}
     assert request.meta["x"].shape == (2, 2) and request.meta["x"].dtype == np.float32
     assert request.rows() == 2
     first = request.arrays()
     assert request.arrays() is first  # converted once
     np.testing.assert_array_equal(first["x"], np.array([[1, 2.5], [3, 4]], dtype=np.float32))
-    assert request.upstream_body() is body  # converting does not change what is forwarded
+    assert request.upstream_body()[0] is body  # converting does not change what is sent
 
 
 @pytest.mark.parametrize(
@@ -178,26 +184,19 @@ def test_a_plain_request_keeps_its_bytes_and_converts_once() -> None:
         {"parameters": {"binary_data_output": True}},
     ],
 )
-def test_a_request_choosing_outputs_is_encoded_again_for_every_output(
-    extra: dict[str, Any],
-) -> None:
+def test_a_request_choosing_outputs_is_forwarded_as_it_came(extra: dict[str, Any]) -> None:
     x = np.arange(4, dtype=np.float32).reshape(2, 2)
     body = _body(id="c", inputs=[_tensor("x", x)], **extra)
     request = InferRequest.decode(body)
-    sent = request.upstream_body()
-    assert sent != body
-    forwarded = InferRequest.decode(sent)
-    assert (forwarded.id, forwarded.outputs, forwarded.binary_outputs) == ("c", None, frozenset())
-    np.testing.assert_array_equal(forwarded.arrays()["x"], x)
+    for binary in (True, False):  # JSON bodies are the same to either kind of upstream
+        assert request.upstream_body(binary) == (body, None)
 
 
 def test_nested_data_is_converted_at_once_and_forwarded_flat() -> None:
     body = _body(inputs=[{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [[1, 2]]}])
     request = InferRequest.decode(body)
     assert request.meta["x"] is request.arrays()["x"]  # the numpy path: arrays are the meta
-    forwarded = InferRequest.decode(request.upstream_body())
-    assert forwarded.upstream_body() is not body
-    np.testing.assert_array_equal(forwarded.arrays()["x"], [[1, 2]])
+    assert request.upstream_body()[0] is body
 
 
 def test_rows_and_first_row() -> None:
@@ -245,7 +244,7 @@ def test_decoding_agrees_with_the_numpy_path(doc: dict[str, Any]) -> None:
         forwardable = reference.dtype.kind != "f" or bool(np.isfinite(reference).all())
     if forwardable:
         with np.errstate(over="ignore"):
-            again = InferRequest.decode(request.upstream_body()).arrays()["x"]
+            again = InferRequest.decode(request.upstream_body()[0]).arrays()["x"]
         assert again.dtype == reference.dtype
         np.testing.assert_array_equal(again, reference)
 
@@ -293,8 +292,7 @@ def test_response_round_trips_through_json(array: np.ndarray) -> None:
     local = InferResponse.of_arrays({"out": array})
     assert local.items()[0]["datatype"] == answer.items()[0]["datatype"]
     assert local.items()[0]["shape"] == answer.items()[0]["shape"] == list(array.shape)
-    same = answer.prediction() == local.prediction()
-    assert same or (np.isnan(answer.prediction()) and np.isnan(local.prediction()))
+    assert _same(answer.prediction(), local.prediction())
 
 
 def test_upstream_answer_is_kept_as_it_came_until_arrays_are_asked_for() -> None:
@@ -328,7 +326,7 @@ def test_malformed_upstream_answers_are_upstream_errors(body: bytes, fragment: s
 def test_an_output_that_does_not_hold_fails_arrays_but_not_the_prediction() -> None:
     bad = {"name": "label", "datatype": "INT64", "shape": [3], "data": [1, 2]}
     answer = InferResponse.of_upstream(orjson.dumps({"outputs": [bad]}))
-    assert np.isnan(answer.prediction())  # nothing to keep, and no error for the windows
+    assert is_missing(answer.prediction())  # nothing to keep, and no error for the windows
     with pytest.raises(UpstreamError, match="needs 3 values"):
         answer.arrays()
 
@@ -339,16 +337,18 @@ def test_prediction_reads_label_then_prediction_then_argmax() -> None:
     probs = {"name": "probabilities", "datatype": "FP32", "shape": [2, 3], "data": [0.1, 0.7,
              0.2, 0.9, 0.05, 0.05]}  # fmt: skip
 
-    def read(*items: dict[str, Any]) -> tuple[float, float]:
+    def read(*items: dict[str, Any]) -> tuple[Predicted, Predicted]:
         answer = InferResponse.of_upstream(orjson.dumps({"outputs": list(items)}))
         return answer.prediction(), InferResponse.of_arrays(answer.arrays()).prediction()
 
     assert read(probs, score, label) == (3.0, 3.0)
     assert read(probs, score) == (float(np.float32(0.1)),) * 2
     assert read(probs) == (1.0, 1.0)  # row 0's argmax
-    assert all(np.isnan(p) for p in read())  # no outputs: no prediction
+    assert all(is_missing(p) for p in read())  # no outputs: no prediction
     text = {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["cat"]}
-    assert all(np.isnan(p) for p in read(text))  # no number to read
+    assert read(text) == ("cat", "cat")  # a class name
+    column = {"name": "predict", "datatype": "INT64", "shape": [2, 1], "data": [1, 0]}
+    assert read(column) == (1.0, 1.0)  # an [N, 1] column is its value, not argmax 0
 
 
 _OUTPUT_NAMES = st.sampled_from(["label", "prediction", "probabilities", "score"])
@@ -395,8 +395,8 @@ def _deciding(items: list[dict[str, Any]]) -> dict[str, Any] | None:
     return items[0] if items else None
 
 
-def _same(a: float, b: float) -> bool:
-    return a == b or (np.isnan(a) and np.isnan(b))
+def _same(a: Predicted, b: Predicted) -> bool:
+    return a == b or (is_missing(a) and is_missing(b))
 
 
 @settings(max_examples=500, deadline=None)
@@ -416,7 +416,7 @@ def test_prediction_from_items_is_the_prediction_from_arrays(
         whole = InferResponse.of_upstream(body).prediction()
         deciding = _deciding(items)
         if deciding is None or not _converts(deciding):
-            assert np.isnan(whole)
+            assert is_missing(whole)
         else:
             reference = InferResponse.of_arrays(tensors_from_outputs([deciding])).prediction()
             assert _same(whole, reference), (whole, reference)

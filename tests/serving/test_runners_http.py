@@ -223,20 +223,15 @@ async def test_a_plain_request_is_forwarded_byte_for_byte(
     await runner.unload()
 
 
-async def test_a_request_choosing_outputs_is_sent_for_every_output(
+async def test_a_request_choosing_outputs_is_sent_as_it_came(
     upstream: Upstream, tmp_path: Path
 ) -> None:
     runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
     await runner.load()
     x, _ = load_eval_data()
     body = _infer_body(x[:2], id="r8", outputs=[{"name": "label"}])
-    answer = await runner.predict(InferRequest.decode(body))
-    (sent,) = upstream.bodies
-    assert sent != body
-    forwarded = InferRequest.decode(sent)
-    assert (forwarded.id, forwarded.outputs) == ("r8", None)  # the gateway picks the outputs
-    np.testing.assert_array_equal(forwarded.arrays()["input"], x[:2])
-    assert sorted(answer.arrays()) == ["label", "probabilities"]
+    await runner.predict(InferRequest.decode(body))
+    assert upstream.bodies == [body]  # id and requested outputs as the client wrote them
     await runner.unload()
 
 

@@ -1,0 +1,80 @@
+"""An upstream's health after load: ready probes and outlier ejection (pure state)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rollguard.serving.health import Health, UpstreamHealth
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _health(clock: Clock, **kwargs: float) -> UpstreamHealth:
+    settings = {"unready_after": 2, "eject_after": 3, "eject_base_s": 10.0, "eject_max_s": 35.0}
+    settings.update(kwargs)
+    return UpstreamHealth(clock=clock, **settings)  # type: ignore[arg-type]
+
+
+def test_failed_probes_in_a_row_make_it_unready_and_one_good_probe_ready() -> None:
+    health = _health(Clock())
+    assert health.ok and not health.failed_probes
+    assert health.probed(False) is False  # one failure is not enough
+    assert health.probed(True) is False and health.failed_probes == 0
+    assert health.probed(False) is False
+    assert health.probed(False) is True  # the second in a row
+    assert health.state is Health.UNREADY and not health.ok
+    assert health.probed(False) is False  # already unready: no new transition
+    assert health.probed(True) is True and health.ok
+
+
+def test_failed_calls_eject_for_a_doubling_back_off_up_to_its_cap() -> None:
+    clock = Clock()
+    health = _health(clock)
+    lengths = []
+    for _ in range(4):
+        assert health.failed() is None and health.failed() is None
+        length = health.failed()
+        assert length is not None and health.state is Health.EJECTED
+        lengths.append(length)
+        clock.now += length - 0.001
+        assert not health.ok  # still ejected just before the back-off ends
+        clock.now += 0.001
+        assert health.ok
+    assert lengths == [10.0, 20.0, 35.0, 35.0]
+    health.answered()  # a good answer after the back-off: the next ejection starts over
+    for _ in range(3):
+        length = health.failed()
+    assert length == 10.0
+
+
+def test_a_good_answer_between_failures_restarts_the_count() -> None:
+    health = _health(Clock())
+    for _ in range(10):
+        assert health.failed() is None and health.failed() is None
+        health.answered()
+    assert health.ok
+
+
+@given(st.lists(st.sampled_from(["ok", "fail", "tick"]), max_size=60))
+def test_it_is_ejected_exactly_while_a_back_off_runs(events: list[str]) -> None:
+    clock = Clock()
+    health = _health(clock)
+    until = 0.0
+    for event in events:
+        if event == "ok":
+            health.answered()
+        elif event == "fail":
+            length = health.failed()
+            if length is not None:
+                assert 10.0 <= length <= 35.0
+                until = clock.now + length
+        else:
+            clock.now += 7.0
+        assert health.ok == (clock.now >= until)
