@@ -239,14 +239,14 @@ def _screen(sc: Scenario, spec: Spec, ch: Chunk) -> tuple[Bools, Bools]:
     for check in spec.checks:
         alpha = check_alpha(spec, check)
         if check.metric == "error_rate":
-            m = check.max_increase_vs_stable or 0.0
+            m = check.fail_margin or 0.0  # FAIL is tested at fail_margin, not the margin
             _, lo, _, _ = difference_bounds(
                 n["s_err"], n["s_req"], n["c_err"], n["c_req"], alpha, side="lower", null=m
             )
             enough = np.minimum(n["s_req"], n["c_req"]) >= check.min_samples
             flag = (lo > m - 1e-12) & enough & (n["c_err"] >= MIN_EVENTS)
         elif check.metric == "accuracy":
-            m = check.max_drop_vs_stable or 0.0
+            m = check.fail_margin or 0.0
             _, lo, _, _ = difference_bounds(
                 n["c_cor"], n["c_lab"], n["s_cor"], n["s_lab"], alpha, side="lower", null=m
             )

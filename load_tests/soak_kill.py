@@ -323,7 +323,11 @@ def inject(state: Path, killed: Killed, key: AuditKey, rng: random.Random) -> No
         write_atomic(log, b"".join(lines[:-1]) + killed.torn)
     elif killed.fault == "torn record":
         killed.fault = "torn tail"  # the last entry is not a state's record: tear it anyway
-    if killed.fault == "torn tail" and lines:
+    if killed.fault == "torn tail" and last is not None:
+        # The next append had begun, so the last one had recorded its head (the kill may
+        # have fallen between an append and its head: the process finished that first).
+        head = canonical({"seq": last["seq"], "hash": last["hash"]}) + b"\n"
+        write_atomic(state / "audit.jsonl.head", head)
         killed.torn = lines[-1][: rng.randrange(1, len(lines[-1]) - 2)]
         with log.open("ab") as f:
             f.write(killed.torn)

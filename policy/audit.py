@@ -103,10 +103,14 @@ class AuditLog:
         head = _read_head(self.path)
         torn, problem = walk.torn, walk.open_problem(head)
         if torn is not None and problem is None and not walk.tail_matches(head):
+            # Only a head one entry behind gets here (any other mismatch is a problem
+            # already). An append begins once the previous one's head is written, so one
+            # crash leaves a lagging head or a torn line, never both.
             problem = (
                 walk.lines + 1,
-                "the last line is incomplete but the head records it as written: "
-                "the log was cut, not torn by a crash",
+                "the last line is incomplete and the head is one entry behind the last whole "
+                "line: two interrupted appends, which one crash cannot leave (the log was "
+                "cut, or written by two processes at once)",
             )
         if problem is not None and refuse_broken:
             line, reason = problem
@@ -130,7 +134,7 @@ class AuditLog:
         if torn is not None and problem is None:
             log.warning("%s: dropped an incomplete last line (%d bytes)", self.path, len(torn))
             why = "incomplete last line (crash mid-append)"
-            self.append(REPAIR, None, ACTOR, _dropped(torn, why))
+            self.append(REPAIR, None, ACTOR, {"reason": why, **_dropped(torn)})
         if problem is not None:
             line, reason = problem
             log.error("%s: the audit chain is broken at line %d: %s", self.path, line, reason)
@@ -140,7 +144,7 @@ class AuditLog:
                 "head": None if head is None else list(head),
             }
             if torn is not None:
-                data |= _dropped(torn, "incomplete last line")
+                data |= _dropped(torn)  # beside the break's own reason, not over it
             self.append(BREAK, None, ACTOR, data)
         found = walk.result(head, torn_is_bad=False)
         #: whether the chain verified at open (a torn tail, once repaired, does not count)
@@ -310,9 +314,8 @@ def export(
     return out.getvalue()
 
 
-def _dropped(torn: bytes, why: str) -> dict[str, Any]:
+def _dropped(torn: bytes) -> dict[str, Any]:
     return {
-        "reason": why,
         "dropped_bytes": len(torn),
         "dropped_sha256": hashlib.sha256(torn).hexdigest(),
         "dropped": torn[:2048].decode("utf-8", "replace"),

@@ -4,19 +4,26 @@ Pure functions of (check, evidence); the statistics live in policy/sequential.py
 policy/srm.py and policy/drift.py. Semantics, per metric:
 
 - Alpha. evaluate_checks splits spec.alpha over the sequential checks (error_rate,
-  latency_pNN, accuracy, agreement) by Bonferroni; a check whose `confidence` asks for
-  more gets 1 − confidence instead. Each sequential check is an always-valid one-sided
-  test in the direction of harm, so the chance that any of them ever FAILs a candidate
-  that meets every bound stays ≤ spec.alpha however often the checks run.
+  latency_pNN, accuracy, agreement) by Bonferroni; a check that sets a `confidence`
+  asking for more gets 1 − confidence instead (an unset one caps nothing). Each
+  sequential check is an always-valid one-sided test in the direction of harm, so the
+  chance that any of them ever FAILs a candidate that meets every bound stays ≤
+  spec.alpha however often the checks run.
 - INCONCLUSIVE while an arm has fewer than `min_samples` observations (requests, labelled
   requests, compared requests or requests since the latency threshold; both arms for
   comparisons), and whenever the evidence does not decide yet.
 - FAIL only when the whole confidence sequence lies beyond the bound *and* the candidate
-  shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers):
+  shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers).
+- PASS is never a point estimate. With pass_when bound (the default) the other one-sided
+  sequence, at the same alpha, must lie within the bound: the candidate's upper bound
+  ≤ max, lower bound ≥ min, the harm's upper bound ≤ the practical margin. With
+  pass_when no_fail, PASS once min_samples are in and the check does not FAIL (size
+  min_samples from the FAIL test's power). Comparisons with stable FAIL at fail_margin
+  (default 0) and PASS at the practical margin: a candidate is rolled back on any harm
+  shown and promoted only when harm beyond the margin is ruled out.
   error_rate  max: candidate's lower bound > max; max_increase_vs_stable: lower bound of
-              candidate − stable > the margin. A margin of 0 is allowed; 0.005 (half a
-              point) is the practical default: it ignores differences nobody would roll
-              back for and needs far fewer requests to decide.
+              candidate − stable > fail_margin. 0.005 (half a point) is a usual
+              practical margin: it ignores differences nobody would hold a rollout for.
   latency_pNN the engine freezes a threshold T (latency_threshold below: T = ratio ×
               stable's window pNN, or T = max) on both variants and counts requests
               slower than T since then. FAIL when the lower bound of the candidate's
@@ -29,7 +36,7 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               a client sending huge batches to one variant can neither make it look
               slow nor hide that it is.
   accuracy    max_drop_vs_stable: lower bound of stable − candidate (correct/labelled) >
-              margin; min: candidate's upper bound < min. Label rates per variant are
+              fail_margin; min: candidate's upper bound < min. Label rates per variant are
               reported and flagged when their ratio leaves [0.8, 1.25] (with delayed
               labels a variant whose share just grew is legitimately behind).
   agreement   (shadow) min: upper bound of agreed/compared < min.
@@ -41,9 +48,10 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
   srm         anytime-valid Dirichlet-multinomial test (Lindon & Malek 2022) of routed
               counts against candidate_weight: FAIL at p < 0.001 with ≥ 8 expected per
               arm (or min_samples, when set); Pearson's p is reported beside it. Not
-              applicable at weight 0 or 100 or to shadows. On SRM hold: every
-              comparison between the variants is suspect.
-- PASS when there are enough samples and the point estimate is within the bound.
+              applicable at weight 0 or 100 or to shadows. The p-value is the
+              running minimum over the looks at this split (Evidence.srm_pvalue_before,
+              persisted in the rollout's state), so a mismatch once shown stays shown.
+              On SRM hold: every comparison between the variants is suspect.
 
 Every result carries `detail`, the numbers that decided it, for the audit log: n per
 arm, rates, ci_lower / ci_upper (the sequence's bounds, one of them trivial for a
@@ -58,7 +66,7 @@ import numpy as np
 
 from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from rollguard.policy.evidence import Evidence, VariantEvidence
-from rollguard.policy.schema import Check, Spec
+from rollguard.policy.schema import LATENCY_TAIL_ROWS, Check, Spec
 from rollguard.policy.sequential import Bounds, Side, difference_sequence, rate_sequence
 from rollguard.policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
 from rollguard.policy.verdict import CheckResult, Verdict
@@ -74,7 +82,6 @@ __all__ = [
 
 MIN_EVENTS = 5
 KS_MIN_STATISTIC = 0.1
-_TAIL_ROWS = 10  # stable's window must hold this many requests above its pNN to set T
 _LABEL_RATE_RATIO = 1.25
 Detail = dict[str, float | int | str | None]
 
@@ -84,9 +91,14 @@ def _sequential(check: Check) -> bool:
 
 
 def check_alpha(spec: Spec, check: Check) -> float:
-    """The alpha one check runs at: spec.alpha / (number of sequential checks), or less."""
+    """The alpha one check runs at: spec.alpha / (number of sequential checks), or less
+    when the check sets a `confidence` of its own (the default 0.95 caps nothing: a
+    spec.alpha above 0.05 is the policy's word)."""
     k = max(1, sum(_sequential(c) for c in spec.checks))
-    return min(spec.alpha / k, 1.0 - check.confidence)
+    share = spec.alpha / k
+    if "confidence" not in check.model_fields_set:
+        return share
+    return min(share, 1.0 - check.confidence)
 
 
 def evaluate_checks(spec: Spec, evidence: Evidence) -> list[CheckResult]:
@@ -138,7 +150,7 @@ def latency_threshold(check: Check, stable: VariantEvidence) -> float | None:
     if check.max is not None:
         return check.max
     assert check.max_ratio_to_stable is not None  # the schema requires one of the two
-    needed = max(check.min_samples, math.ceil(_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9))
+    needed = max(check.min_samples, math.ceil(LATENCY_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9))
     latencies = stable.latencies_up_to(latency_rows(stable))
     if stable.requests < check.min_samples or latencies.size < needed:
         return None
@@ -158,22 +170,27 @@ def latency_rows(stable: VariantEvidence) -> int:
     return max(1, math.ceil(float(np.median(stable.rows))))
 
 
-def _verdict(enough: bool, crossed: bool, events: int, within: bool) -> Verdict:
+def _verdict(check: Check, enough: bool, crossed: bool, events: int, within: bool) -> Verdict:
+    """`within`: the always-valid bound of the harm is inside the bound (pass_when bound)."""
     if not enough:
         return Verdict.INCONCLUSIVE
     if crossed and events >= MIN_EVENTS:
         return Verdict.FAIL
-    return Verdict.PASS if within else Verdict.INCONCLUSIVE
+    if check.pass_when == "no_fail" or within:
+        return Verdict.PASS
+    return Verdict.INCONCLUSIVE
 
 
-def _reason(verdict: Verdict, enough: bool, need: str) -> str:
+def _reason(check: Check, verdict: Verdict, enough: bool, need: str) -> str:
     if not enough:
         return f"too few samples: {need}"
     if verdict is Verdict.FAIL:
         return "the confidence sequence lies beyond the bound"
+    if verdict is Verdict.PASS and check.pass_when == "no_fail":
+        return "enough samples and no failure (pass_when: no_fail)"
     if verdict is Verdict.PASS:
-        return "the estimate is within the bound"
-    return "the estimate is beyond the bound but the evidence does not decide yet"
+        return "the confidence sequence lies within the bound"
+    return "the confidence sequence still reaches beyond the bound: not decided yet"
 
 
 def _bounds_detail(b: Bounds, alpha: float) -> Detail:
@@ -185,16 +202,21 @@ def _one_sample(
 ) -> CheckResult:
     """The candidate's rate events/n held to `limit`: at least it if the events are
     `good` (correct, agreed), at most it otherwise (errors, slow requests)."""
-    side: Side = "upper" if good else "lower"
-    b = rate_sequence(events, n, alpha, side=side, null=limit)
+    # Two one-sided sequences at alpha each: one shows harm (FAIL), the other its absence.
+    fail_side: Side = "upper" if good else "lower"
+    pass_side: Side = "lower" if good else "upper"
+    b = rate_sequence(events, n, alpha, side=fail_side, null=limit)
+    shown = rate_sequence(events, n, alpha, side=pass_side, null=limit)
     harmful = n - events if good else events
     crossed = b.upper < limit if good else b.lower > limit
-    within = b.estimate >= limit if good else b.estimate <= limit
+    within = shown.lower >= limit if good else shown.upper <= limit
     enough = n >= check.min_samples
-    verdict = _verdict(enough, crossed, harmful, within)
+    verdict = _verdict(check, enough, crossed, harmful, within)
     need = f"candidate has {n} {unit}, needs {check.min_samples}"
     detail: Detail = {"n_candidate": n, "events_candidate": events, "harmful_events": harmful}
-    detail |= _bounds_detail(b, alpha) | {"reason": _reason(verdict, enough, need)}
+    detail |= _bounds_detail(b, alpha)
+    detail |= {"ci_lower": shown.lower} if good else {"ci_upper": shown.upper}
+    detail |= {"pass_pvalue": shown.pvalue, "reason": _reason(check, verdict, enough, need)}
     return CheckResult(check, verdict, b.estimate if n else None, limit, detail)
 
 
@@ -208,16 +230,22 @@ def _two_sample(
     good: bool,
     unit: str,
 ) -> CheckResult:
-    """Candidate's rate worse than stable's by more than `margin` (events/n pairs)."""
+    """Candidate's rate worse than stable's by more than `margin` (events/n pairs).
+
+    FAIL when the lower bound of the harm exceeds fail_margin (default 0: any harm shown
+    is harm); PASS when its upper bound is within `margin`, the practical margin (or,
+    with pass_when no_fail, once min_samples are in without a FAIL). Each bound is a
+    one-sided sequence at `alpha`, so a harm above `margin` is promoted with chance ≤ alpha
+    however often it is looked at, and a candidate no worse is rolled back with ≤ alpha."""
     (xs, ns), (xc, nc) = stable, candidate
-    if good:  # harm = stable − candidate
-        b = difference_sequence(xc, nc, xs, ns, alpha, side="lower", null=margin)
-        harmful = nc - xc
-    else:  # harm = candidate − stable
-        b = difference_sequence(xs, ns, xc, nc, alpha, side="lower", null=margin)
-        harmful = xc
+    fail_at = check.fail_margin if check.fail_margin is not None else 0.0
+    # harm = stable − candidate for good events (correct), candidate − stable otherwise
+    a, b_ = ((xc, nc), (xs, ns)) if good else ((xs, ns), (xc, nc))
+    b = difference_sequence(*a, *b_, alpha, side="lower", null=fail_at)
+    shown = difference_sequence(*a, *b_, alpha, side="upper", null=margin)
+    harmful = nc - xc if good else xc
     enough = min(ns, nc) >= check.min_samples
-    verdict = _verdict(enough, b.lower > margin, harmful, b.estimate <= margin)
+    verdict = _verdict(check, enough, b.lower > fail_at, harmful, shown.upper <= margin)
     need = f"stable has {ns} and candidate {nc} {unit}, each needs {check.min_samples}"
     detail: Detail = {
         "n_stable": ns,
@@ -226,8 +254,10 @@ def _two_sample(
         "rate_candidate": xc / nc if nc else None,
         "harm": b.estimate,
         "harmful_events": harmful,
+        "fail_margin": fail_at,
     }
-    detail |= _bounds_detail(b, alpha) | {"reason": _reason(verdict, enough, need)}
+    detail |= _bounds_detail(b, alpha) | {"ci_upper": shown.upper, "pass_pvalue": shown.pvalue}
+    detail["reason"] = _reason(check, verdict, enough, need)
     return CheckResult(check, verdict, b.estimate if ns and nc else None, margin, detail)
 
 
@@ -349,13 +379,20 @@ def _srm(check: Check, ev: Evidence) -> CheckResult:
     per_arm = check.min_samples if "min_samples" in check.model_fields_set else SRM_MIN_PER_ARM
     total = sum(counts)
     detail["observed_share"] = counts[1] / total if total else None
-    if total * min(w, 100 - w) / 100 < per_arm:
+    before = ev.srm_pvalue_before
+    enough = total * min(w, 100 - w) / 100 >= per_arm
+    # The always-valid p-value is the running minimum over every look at this split: a
+    # mismatch once shown stays shown when the counts even out (or a restart zeroed them).
+    now = sequential_srm_pvalue(counts, [100 - w, w]) if enough else 1.0
+    p = min(now, before)
+    if not enough and p >= SRM_PVALUE:
         detail["reason"] = f"too few samples: needs {per_arm} expected per arm"
+        detail["pvalue"] = p
         return CheckResult(check, Verdict.INCONCLUSIVE, None, SRM_PVALUE, detail)
-    p = sequential_srm_pvalue(counts, [100 - w, w])
     failed = p < SRM_PVALUE
     detail |= {
         "pvalue": p,
+        "pvalue_now": now,
         "pearson_pvalue": srm_pvalue(counts, [100 - w, w]),
         "reason": "split mismatch" if failed else "split as configured",
     }

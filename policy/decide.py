@@ -35,6 +35,8 @@ policy/strategies.py. The rules:
   checks still protect; an operator promotes or rolls back) or alert (once, then on).
   Not while paused (pausing stops a step's clock) nor failing over (its own deadline).
 - A sample-ratio check gates nothing at weight 0 or 100: one arm gets every request.
+  Its p-value's running minimum at the current weight is kept in the state
+  (srm_pvalue, srm_weight), so a restart does not forget a mismatch already shown.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def decide(
         new = replace(base, reason=f"waiting for candidate {state.candidate}: {state.unavailable}")
         return _deadline_passed(rollout, state, new, now) or _decision(rollout, state, new)
     results = [r for r in results if not _moot(r, state)]
+    base = _srm_seen(base, results)
     failed = [r for r in results if r.verdict is Verdict.FAIL]
     rollback = [r for r in failed if r.check.on_fail == "rollback"]
     if rollback:
@@ -318,6 +321,21 @@ def _deadline_passed(
 def _moot(result: CheckResult, state: RolloutState) -> bool:
     """A sample-ratio check has nothing to test while one arm gets every routed request."""
     return result.check.metric == "srm" and state.weight in (0.0, 100.0)
+
+
+def _srm_seen(state: RolloutState, results: Sequence[CheckResult]) -> RolloutState:
+    """Keep the running minimum of the sequential SRM p-value at the current weight (a
+    new weight is a new split, tested afresh: the router zeroes its routed counts)."""
+    seen = [
+        p
+        for r in results
+        if r.check.metric == "srm" and isinstance(p := r.detail.get("pvalue"), float)
+    ]
+    before = state.srm_pvalue if state.srm_weight == state.weight else None
+    lowest = min([*seen, *([] if before is None else [before])], default=None)
+    if lowest is None or lowest >= 1.0 or lowest == before:
+        return state
+    return replace(state, srm_pvalue=lowest, srm_weight=state.weight)
 
 
 def _metrics(results: Sequence[CheckResult]) -> tuple[str, ...]:

@@ -71,3 +71,6 @@ class Evidence:
     candidate: VariantEvidence
     candidate_weight: float  # configured percent of traffic to the candidate
     reference: np.ndarray | None = None  # training-input sample for drift, 2-D
+    # The smallest sequential SRM p-value seen before at this split (RolloutState.srm_pvalue):
+    # the always-valid p-value is the running minimum, not the latest look.
+    srm_pvalue_before: float = 1.0

@@ -63,7 +63,10 @@ def begin(
     """A rollout with no saved state (or a saved one for another candidate) starts, or
     waits (phase waiting, weight 0) while its candidate cannot take traffic yet."""
     state = _initial(rollout, now, generation, candidate)
-    return Transition(state, (*_started(state), SetLatencyThreshold(None), _route(rollout, state)))
+    # Counts are "since the rollout began": a policy added to a running gateway must not
+    # count the stable's earlier traffic (nor a previous candidate's).
+    effects = (*_started(state), ResetWindows(), SetLatencyThreshold(None), _route(rollout, state))
+    return Transition(state, effects)
 
 
 def restore(
@@ -117,6 +120,8 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
                 Audit("threshold", ENGINE, data),
                 SetLatencyThreshold(threshold, rows),
             ]
+    if state.srm_pvalue is not None and state.srm_weight == evidence.candidate_weight:
+        evidence = replace(evidence, srm_pvalue_before=state.srm_pvalue)
     results = evaluate_checks(rollout.spec, evidence)
     decision = decide(rollout, state, results, Counts.of(evidence), now)
     if decision.changed:

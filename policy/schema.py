@@ -8,6 +8,7 @@ cannot drift apart; a test checks the shipped file is current.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Literal
 
@@ -56,7 +57,9 @@ Strategy = Literal["canary", "ab", "blue_green", "shadow"]
 OnFail = Literal["rollback", "hold", "alert"]
 OnDeadline = Literal["rollback", "hold", "alert"]
 OnUnavailable = Literal["hold", "rollback"]
+PassWhen = Literal["bound", "no_fail"]
 _LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")
+LATENCY_TAIL_ROWS = 10  # stable's window must hold this many requests above its pNN to set T
 
 
 class _Frozen(BaseModel):
@@ -96,6 +99,12 @@ class Check(_Frozen):
       max_increase_vs_stable  error_rate: candidate minus stable, absolute
       max_drop_vs_stable   accuracy: stable minus candidate, absolute
       threshold            drift: PSI above which a feature has drifted (default 0.25)
+    For the sequential checks (error_rate, latency_pNN, accuracy, agreement):
+      fail_margin          comparisons with stable: FAIL once the harm is shown above this
+                           (default 0); the practical margin above is what PASS needs
+      pass_when            bound (default): PASS once the always-valid bound of the harm is
+                           within the bound; no_fail: PASS once min_samples are in and no
+                           FAIL (size min_samples from the FAIL test's power, see README)
     """
 
     metric: str
@@ -109,6 +118,8 @@ class Check(_Frozen):
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
     min_samples: int = Field(default=200, ge=1)
     on_fail: OnFail = "rollback"
+    fail_margin: float | None = Field(default=None, ge=0)
+    pass_when: PassWhen = "bound"
 
     @property
     def percentile(self) -> float | None:
@@ -158,6 +169,19 @@ class Check(_Frozen):
             raise ValueError(f"metric {metric!r} needs one of {sorted(allowed)}")
         if self.method is not None and metric != "drift":
             raise ValueError("'method' applies to the drift metric only")
+        margin = self.max_increase_vs_stable
+        margin = self.max_drop_vs_stable if margin is None else margin
+        if self.fail_margin is not None:
+            if margin is None:
+                raise ValueError(
+                    f"metric {metric!r}: 'fail_margin' applies to max_increase_vs_stable and "
+                    "max_drop_vs_stable only"
+                )
+            if self.fail_margin > margin:
+                raise ValueError(
+                    f"metric {metric!r}: fail_margin {self.fail_margin:g} must not exceed the "
+                    f"practical margin {margin:g} (FAIL would need more harm than PASS allows)"
+                )
         return self
 
 
@@ -239,6 +263,21 @@ class Spec(_Frozen):
             raise ValueError("strategy 'ab' needs 'sample_size' or 'duration'")
         if self.interval <= 0:
             raise ValueError("interval must be positive")
+        for i, check in enumerate(self.checks):
+            q = check.percentile
+            if q is None or check.max_ratio_to_stable is None:
+                continue
+            # T = ratio × stable's window pNN is frozen only once the window holds ten
+            # requests above its pNN (policy/checks.py latency_threshold): a smaller window
+            # never freezes it, and the rollout would wait forever.
+            needed = math.ceil(LATENCY_TAIL_ROWS / (1.0 - q / 100.0) - 1e-9)
+            if self.window < needed:
+                raise ValueError(
+                    f"window {self.window} can never decide checks[{i}] ({check.metric}, "
+                    f"max_ratio_to_stable): its threshold needs a window of at least "
+                    f"{needed} requests ({LATENCY_TAIL_ROWS} above the p{q:g}); raise "
+                    f"'window' or give the check an absolute 'max'"
+                )
         if self.deadline is not None:
             holds = sum(s.hold for s in self.steps) if self.strategy == "canary" else 0.0
             if self.deadline <= holds:

@@ -72,6 +72,11 @@ class RolloutState:
     unavailable_since: float | None = None
     inconclusive: str | None = None  # the deadline that passed undecided, once it has
     ci: tuple[float, float] | None = None  # ab: candidate minus stable on the primary metric
+    # The smallest sequential SRM p-value seen at candidate weight `srm_weight` (its running
+    # minimum is the always-valid p-value): kept across restarts so that a router bug's
+    # evidence does not vanish once the counts even out or the process restarts.
+    srm_pvalue: float | None = None
+    srm_weight: float | None = None
     reason: str = ""  # the last decision, one line
 
     @classmethod

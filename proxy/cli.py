@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -94,7 +96,34 @@ def _serve(args: argparse.Namespace) -> int:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
+    stuck = _model_threads_still_running(within_s=1.0)
+    if stuck:
+        # A call that outlived its deadline still runs in native code on a daemon thread;
+        # finalising the interpreter under it can abort the process (ONNX Runtime:
+        # "terminate called without an active exception"). Everything is closed and
+        # written by now, so leave without finalising.
+        log.warning(
+            "exiting with %d model call(s) still running past their deadline: %s",
+            len(stuck), ", ".join(stuck),
+        )  # fmt: skip
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _model_threads_still_running(within_s: float) -> list[str]:
+    """Names of the model threads (serving/bulkhead.py `Threads`) still alive after
+    giving the idle ones, told to end at unload, up to `within_s` to do so."""
+    deadline = time.monotonic() + within_s
+    alive = []
+    for thread in threading.enumerate():
+        if thread.name.startswith("model ") and thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():
+                alive.append(thread.name)
+    return alive
 
 
 def _check_port_free(what: str, host: str, port: int) -> None:
@@ -146,17 +175,18 @@ def _registry(args: argparse.Namespace) -> int:
     if args.registry_command != "add" and not root.is_dir():
         raise CliError(f"registry directory {root} does not exist or is not a directory")
     if args.registry_command in ("list", "verify"):
-        infos = (
-            catalog.verify(root)
-            if args.registry_command == "verify"
-            else catalog.list_versions(root)
-        )
+        checks = catalog.version_checks(root)
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
         bad = 0
-        for info in infos:
+        for done, check in enumerate(checks, 1):
+            info = check()  # reads and hashes the artifact: seconds for a large model
+            if progress:
+                print(f"[{done}/{len(checks)}] {info.model}/{info.version}", file=sys.stderr)
             status = info.status if info.reason is None else f"{info.status}: {info.reason}"
             bad += info.reason is not None
             print(f"{info.model}/{info.version}\t{info.framework}\t{info.stage}\t{status}")
-        if not infos:
+            sys.stdout.flush()
+        if not checks:
             print(f"no versions under {root}")
         return 1 if bad and args.registry_command == "verify" else 0
     if args.registry_command == "show":
@@ -402,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for each in (listing, verify, show, add):
         each.add_argument("--registry", default=argparse.SUPPRESS, help=registry_help)
+    for each in (listing, verify):
+        each.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="[n/total] on stderr as each version is hashed (default: when a terminal)",
+        )
     add.add_argument("artifact", nargs="?", help="the model file; none for an http --endpoint")
     add.add_argument("--model", required=True, help="model name")
     add.add_argument("--version", required=True, help="version to register")

@@ -143,10 +143,14 @@ class DataPlane:
         auth: Authenticator | None = None,
         limiter: RateLimiter | None = None,
         forward_headers: tuple[str, ...] = (),
+        strict_readiness: bool = False,
     ) -> None:
         """`forward_headers`: the lower-case names of client headers an http upstream
-        gets with the request (x-request-id: the request's id, given or made here)."""
+        gets with the request (x-request-id: the request's id, given or made here).
+        `strict_readiness`: the gateway is ready only while every model's primary
+        version can serve (Triton's strict readiness); else while any can."""
         self.inference = inference
+        self.strict_readiness = strict_readiness
         self._forward = tuple(n for n in forward_headers if n != REQUEST_ID)
         self._forward_id = REQUEST_ID in forward_headers
         self.max_inflight = max_inflight
@@ -421,13 +425,18 @@ class DataPlane:
         models = registry.models()
         if not models:
             raise NotReady("no model is loaded yet")
-        for model in models:  # an upstream found failing after load: as Triton's strict readiness
+        # One model's upstream failing must not take the others out of service: by
+        # default the gateway is ready while any model's primary version can serve.
+        unready: list[str] = []
+        for model in models:
             try:
                 version = self.inference.primary_version(model)
             except ServingError:
                 continue  # nothing loaded to serve yet: said per model, not here
             if registry.availability(model, version) is Availability.UNREADY:
-                raise NotReady(f"{model} {version}: its upstream is not ready")
+                unready.append(f"{model} {version}")
+        if unready and (self.strict_readiness or len(unready) == len(models)):
+            raise NotReady(f"upstream not ready: {', '.join(unready)}")
         return json_response({"ready": True})
 
     async def model_metadata(

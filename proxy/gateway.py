@@ -101,6 +101,7 @@ class Gateway:
             limiter=RateLimiter(settings.rate_limits),
             forward_headers=settings.forward_headers
             + (("authorization",) if settings.forward_authorization else ()),
+            strict_readiness=settings.strict_readiness,
         )
         self.admin = Admin(self.rollouts, self.metrics, settings)
         plane = self.data_plane

@@ -73,6 +73,7 @@ class Settings(BaseModel):
     keepalive_s: float = Field(default=75.0, gt=0)  # idle kept-alive connections close
     drain_delay_s: float = Field(default=5.0, ge=0)  # SIGTERM: not ready, still serving
     shutdown_grace_s: float = Field(default=5.0, ge=0)  # requests in flight at shutdown
+    strict_readiness: bool = False  # ready only while every model's primary can serve
     request_timeout_s: float = Field(default=10.0, gt=0)
     executor_threads: int = Field(default=2, ge=1, le=256)  # per local version, its own
     version_concurrency: int = Field(default=64, ge=1)  # calls running in one version

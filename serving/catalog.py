@@ -6,10 +6,12 @@ Registry uses the same walk and the same verification before it loads anything.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,9 +183,15 @@ def _inspect(model: str, version: str, directory: Path) -> VersionInfo:
 
 def list_versions(root: Path) -> list[VersionInfo]:
     """Every version under root, verified (manifest and sha256) but not loaded."""
+    return [check() for check in version_checks(root)]
+
+
+def version_checks(root: Path) -> list[Callable[[], VersionInfo]]:
+    """One call per version under root, in order, each verifying it when called: what a
+    caller showing progress runs one at a time (hashing large artifacts takes a while)."""
     found = version_directories(root)
     found.sort(key=lambda item: (item[0], version_key(item[1])))
-    return [_inspect(model, version, directory) for model, version, directory in found]
+    return [functools.partial(_inspect, model, version, d) for model, version, d in found]
 
 
 def verify(root: Path) -> list[VersionInfo]:

@@ -93,7 +93,8 @@ class OnnxRunner(LocalRunner):
                 import onnxruntime as ort
         except ImportError:
             raise FrameworkUnavailable(
-                f"{path.name}: framework 'onnx' needs onnxruntime, which is not installed"
+                f"{path.name}: framework 'onnx' needs onnxruntime, which is not installed "
+                "(pip install 'rollguard[onnx]')"
             ) from None
         options = ort.SessionOptions()
         # Parallelism comes from the executor's threads serving many requests at once;

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from rollguard.serving.errors import ArtifactError, InvalidInput, ModelExecutionError, NotReady
+from rollguard.serving.errors import (
+    ArtifactError,
+    FrameworkUnavailable,
+    InvalidInput,
+    ModelExecutionError,
+    NotReady,
+)
 from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.outputs import cast_output
@@ -67,6 +73,16 @@ class SklearnRunner(LocalRunner):
     def _load_sync(self) -> None:
         path = self.artifact_path
         data = self.take_pinned().artifact
+        try:
+            with IMPORT_LOCK:
+                import joblib  # noqa: F401 - the [sklearn] extra: a missing one is named, not a 500
+                import sklearn  # noqa: F401
+                import skops.io  # noqa: F401
+        except ImportError as exc:
+            raise FrameworkUnavailable(
+                f"{path.name}: framework 'sklearn' needs scikit-learn and skops, which are not "
+                f"installed ({exc.name} missing; pip install 'rollguard[sklearn]')"
+            ) from None
         try:
             with IMPORT_LOCK:  # unpickling imports the estimator's modules
                 if path.suffix == ".skops":

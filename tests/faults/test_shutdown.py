@@ -166,3 +166,39 @@ async def test_past_the_grace_running_requests_get_503_and_queued_ones_too(
         assert answer.status == 503 and answer.headers["connection"] == "close"
         assert await closed(r)
         assert server.running.data_plane.inflight == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_with_a_model_call_stuck_past_its_deadline_exits_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A call past `request_timeout_s` is answered 504 while its thread computes on in
+    ONNX Runtime; stopping the gateway then must exit 0, not abort under that thread."""
+    from tests.faults import models
+
+    registry = tmp_path / "registry"
+    loop_model = models.with_loop(models.onnx_model(models.logistic()))
+    data = models.onnx_bytes(loop_model)
+    models.write_version(registry, "loop", "1", "model.onnx", data)
+    row = models.rows()[:1].copy()
+    row[0, 0] = 30.0 / models.seconds_per_trip(data)  # about 30 s of Loop
+    (tmp_path / "policies").mkdir()
+    env = {**os.environ, "ROLLGUARD_REQUEST_TIMEOUT_S": "1", "ROLLGUARD_ADMIN_AUTH": "none"}
+    gateway = GatewayProcess(
+        registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
+        log=tmp_path / "gateway.log", env=env,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+            await gateway.wait_ready(http)
+            tensor = {"name": "input", "datatype": "FP32", "shape": list(row.shape)}
+            body = {"inputs": [{**tensor, "data": row.ravel().tolist()}]}
+            async with http.post(f"{gateway.url}/v2/models/loop/infer", json=body) as r:
+                assert r.status == 504, await r.text()
+        gateway.terminate()
+        assert await gateway.wait_exit(30.0) == 0
+    finally:
+        gateway.kill()
+    text = (tmp_path / "gateway.log").read_text()
+    assert "model call(s) still running past their deadline: model loop/1" in text, text[-2000:]
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]

@@ -431,3 +431,25 @@ def test_any_changed_byte_fails_keyed_verification(
     raw[i] = byte
     path.write_bytes(bytes(raw))
     assert not verify(path, KEY).ok
+
+
+def test_a_torn_line_after_an_unrecorded_entry_is_a_break_that_says_so(tmp_path: Path) -> None:
+    """The head one entry behind AND a torn line after: two interrupted appends, which one
+    crash cannot leave (an append begins only once the previous one's head is written).
+    Recorded as a break whose entry keeps its own reason beside the bytes dropped."""
+    path = make_log(tmp_path / "audit.jsonl", 4)
+    third = json.loads(lines_of(path)[2])
+    (tmp_path / "audit.jsonl.head").write_text(json.dumps({"seq": 3, "hash": third["hash"]}))
+    torn = b'{"actor":"engine","data":{"action":"rollb'
+    with path.open("ab") as f:
+        f.write(torn)
+    with pytest.raises(AuditError, match="head is one entry behind"):
+        AuditLog(path, refuse_broken=True)
+    with AuditLog(path) as log:
+        assert not log.chain_ok and log.problem and "head is one entry behind" in log.problem
+    brk = json.loads(lines_of(path)[-1])
+    assert brk["kind"] == "chain_break" and brk["data"]["line"] == 5
+    assert "head is one entry behind" in brk["data"]["reason"]
+    assert brk["data"]["dropped_bytes"] == len(torn)
+    assert brk["data"]["dropped"] == torn.decode()
+    assert "head is one entry behind" in str(verify(path).reason)

@@ -58,8 +58,15 @@ def test_error_rate_increase_fails_on_a_clear_regression() -> None:
 
 
 def test_error_rate_increase_passes_a_healthy_candidate() -> None:
-    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 2000, "errors": 21})
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 20_000, "errors": 180})
     assert _verdict(INCREASE, ev) is PASS
+
+
+def test_a_point_estimate_within_the_margin_is_not_a_pass() -> None:
+    # The estimate (+0.05 points) is within the 0.5-point margin, the bound (+0.73) is not.
+    ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 2000, "errors": 21})
+    result = evaluate(INCREASE, ev, alpha=ALPHA)
+    assert result.verdict is INCONCLUSIVE and float(result.detail["ci_upper"] or 0) > 0.005
 
 
 def test_too_few_samples_is_inconclusive_however_bad() -> None:
@@ -90,7 +97,8 @@ def test_fewer_than_five_harmful_events_never_fail() -> None:
 def test_error_rate_max_is_one_sample() -> None:
     cap = Check(metric="error_rate", max=0.01)
     assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 150})) is FAIL
-    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 40})) is PASS
+    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 20})) is PASS
+    assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 40})) is INCONCLUSIVE  # 0.8 %
     assert _verdict(cap, _ev({}, {"requests": 5000, "errors": 60})) is INCONCLUSIVE
     assert _verdict(cap, _ev({}, {"requests": 100, "errors": 100})) is INCONCLUSIVE
 
@@ -175,7 +183,8 @@ def test_latency_fails_when_the_candidate_pnn_is_above_t_with_confidence() -> No
 
 
 def test_latency_pass_inconclusive_and_unfrozen() -> None:
-    assert _verdict(P99, _lat_ev(over=20)) is PASS
+    assert _verdict(P99, _lat_ev(over=10)) is PASS
+    assert _verdict(P99, _lat_ev(over=20)) is INCONCLUSIVE  # 0.67 %, its upper bound 1.09 %
     assert _verdict(P99, _lat_ev(over=40)) is INCONCLUSIVE
     assert _verdict(P99, _lat_ev(over=100, since=150)) is INCONCLUSIVE
     unfrozen = evaluate(P99, _lat_ev(over=0, threshold=None), alpha=ALPHA)
@@ -198,7 +207,9 @@ def test_accuracy_drop_two_sample_and_label_rates() -> None:
     good = evaluate(
         DROP, _ev(stable, {"requests": 4000, "labelled": 800, "correct": 725}), alpha=ALPHA
     )
-    assert good.verdict is PASS and good.detail["label_rates_differ"] == "yes"
+    assert good.verdict is INCONCLUSIVE and good.detail["label_rates_differ"] == "yes"
+    more = {"requests": 4000, "labelled": 2000, "correct": 1830}
+    assert evaluate(DROP, _ev(stable, more), alpha=ALPHA).verdict is PASS
 
 
 def test_accuracy_min_and_agreement_min_are_one_sample_from_below() -> None:
@@ -289,9 +300,10 @@ def test_verdicts_follow_the_documented_rule(
         check, _ev({"requests": ns, "errors": xs}, {"requests": nc, "errors": xc}), alpha=ALPHA
     )
     enough = min(ns, nc) >= check.min_samples
-    if result.verdict is FAIL:
-        assert enough and xc >= MIN_EVENTS and float(result.detail["ci_lower"] or 0) > margin
-    elif result.verdict is PASS:
-        assert enough and result.value is not None and result.value <= margin
+    lower, upper = float(result.detail["ci_lower"] or 0), float(result.detail["ci_upper"] or 0)
+    if result.verdict is FAIL:  # harm shown above fail_margin (0 by default)
+        assert enough and xc >= MIN_EVENTS and lower > 0.0
+    elif result.verdict is PASS:  # harm beyond the practical margin ruled out
+        assert enough and upper <= margin
     else:
-        assert not enough or result.value is None or result.value > margin
+        assert not enough or (upper > margin and not (lower > 0.0 and xc >= MIN_EVENTS))

@@ -24,6 +24,7 @@ def test_begin_saves_then_announces_then_routes() -> None:
     assert transition.effects == (
         Save(state),
         Audit("start", "engine", {"reason": state.reason, "state": state.to_json()}, True),
+        ResetWindows(),  # a policy added to a running gateway: no pre-rollout history
         SetLatencyThreshold(None),
         Route(state, mirroring=False),
     )
@@ -182,8 +183,8 @@ def test_decisions_are_saved_and_audited_before_they_are_routed() -> None:
     env = Env(make_rollout(), Traffic(candidate_error_rate=0.3))
     env.run_until({Phase.ROLLED_BACK})
     kinds = [type(e) for e in env.effects if not isinstance(e, SetLatencyThreshold)]
-    # start, then the threshold (no routing), then the rollback decision
-    assert kinds == [Save, Audit, Route, Save, Audit, Save, Audit, Route]
+    # start (windows reset), then the threshold (no routing), then the rollback decision
+    assert kinds == [Save, Audit, ResetWindows, Route, Save, Audit, Save, Audit, Route]
     last_save, last_route = env.effects[-3], env.effects[-1]
     assert isinstance(last_save, Save) and isinstance(last_route, Route)
     assert last_save.state == last_route.state and last_route.weight == 0
@@ -204,7 +205,7 @@ def test_a_thresholds_only_edit_keeps_the_state() -> None:
     after = env.state
     assert (after.generation, after.step, after.phase) == (before.generation, 1, before.phase)
     assert after.latency_threshold == 0.5 and after.reason == "policy updated"
-    assert env.traffic.resets == 0 and env.traffic.weights == [10, 50]
+    assert env.traffic.resets == 1 and env.traffic.weights == [10, 50]  # the begin's only
     assert env.audits[-1].kind == "policy" and not env.audits[-1].announce
     # A changed latency bound unfreezes the threshold; the next tick freezes the new one.
     env.edit(make_rollout(checks=[{"metric": "latency_p99", "max": 0.25, "on_fail": "rollback"}]))
@@ -228,7 +229,7 @@ def test_a_new_candidate_starts_a_new_rollout() -> None:
     state = env.state
     assert (state.generation, state.candidate, state.step, state.weight) == (2, "1.2.0", 0, 10)
     assert state.latency_threshold is None and env.traffic.thresholds[-1] is None
-    assert env.traffic.resets == 1 and env.traffic.weights == [10, 50, 10]
+    assert env.traffic.resets == 2 and env.traffic.weights == [10, 50, 10]  # each begin
     start = env.entries("start")[-1]
     assert start.data["state"]["generation"] == 2 and start.announce
     assert isinstance(env.effects[-3], ResetWindows)  # after the start is recorded
@@ -244,7 +245,7 @@ def test_a_changed_policy_found_at_start_up_is_a_new_generation() -> None:
     state = env.state
     assert (state.generation, state.phase, state.candidate) == (2, Phase.PROGRESSING, "1.2.0")
     assert env.traffic.weights[-1] == 10 and env.audits[-1].kind == "start"
-    assert env.traffic.resets == 0  # a new process's windows are new already
+    assert env.traffic.resets == 2  # every begin resets (a new process's windows are new)
 
 
 def test_a_ratio_threshold_is_frozen_from_stables_window() -> None:

@@ -36,7 +36,13 @@ def test_a_missing_candidate_waits_at_weight_zero_then_begins_when_it_appears() 
     state = transition.state
     assert (state.phase, state.weight, state.unavailable) == (Phase.WAITING, 0, "missing")
     assert "waiting for candidate 1.1.0: missing" in state.reason
-    assert [type(e) for e in transition.effects] == [Save, Audit, SetLatencyThreshold, Route]
+    assert [type(e) for e in transition.effects] == [
+        Save,
+        Audit,
+        ResetWindows,
+        SetLatencyThreshold,
+        Route,
+    ]
     route = transition.effects[-1]
     assert isinstance(route, Route) and route.weight == 0 and route.failover == "missing"
 

@@ -75,9 +75,11 @@ def test_since_until_refuse_an_unreadable_time_naming_the_forms(tmp_path: Path) 
 def test_registry_options_after_the_subcommand(tmp_path: Path, demo_registry: Path) -> None:
     root = tmp_path / "registry"
     shutil.copytree(demo_registry / "fraud-onnx", root / "fraud-onnx")
-    done = cli("registry", "verify", "--registry", str(root))
+    done = cli("registry", "verify", "--registry", str(root), "--progress")
     assert done.returncode == 0, done.stderr
     assert "fraud-onnx/1.1.0" in done.stdout
+    assert done.stderr.splitlines() == ["[1/2] fraud-onnx/1.0.0", "[2/2] fraud-onnx/1.1.0"]
+    assert cli("registry", "verify", "--registry", str(root)).stderr == ""  # not a terminal
     assert cli("registry", "list", "--registry", str(root)).returncode == 0
     shown = cli("registry", "show", "fraud-onnx", "1.0.0", "--registry", str(root))
     assert json.loads(shown.stdout)["manifest"]["version"] == "1.0.0"

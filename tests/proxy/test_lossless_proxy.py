@@ -119,11 +119,15 @@ async def test_json_requests_go_byte_for_byte_with_input_parameters(
         {"id": "j-1", "parameters": {"content_type": "np"}, "inputs": [tensor],
          "outputs": [{"name": "predict"}, {"name": "predict_proba"}]}
     )  # fmt: skip
-    async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http, http.post(
-        f"{server.url}/v2/models/bc/infer",
-        data=body,
-        headers={"Content-Type": "application/json", "Authorization": "Bearer client"},
-    ) as resp:
+    async with (
+        serve(tmp_path, registry) as server,
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{server.url}/v2/models/bc/infer",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": "Bearer client"},
+        ) as resp,
+    ):
         assert resp.status == 200
         answer = await resp.json()
     (seen,) = upstream.seen

@@ -249,3 +249,26 @@ async def test_a_missing_candidate_waits_fails_over_and_begins(
     finally:
         await shell.stop()
         shell.executor.shutdown()
+
+
+async def test_a_policy_added_to_a_running_gateway_counts_no_earlier_traffic(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """Issue 16 item 7: the stable's history before the rollout is not its evidence."""
+    shell = Shell(tmp_path, make_registry("fraud/1.0.0", "fraud/1.1.0"))
+    rollouts = await shell.start()  # no policy yet: the stable serves everything
+    try:
+        stable = shell.plane.windows.get("fraud", "1.0.0")
+        for i in range(300):  # a bad morning before anyone wrote a policy
+            stable.record(0.01, Outcome.MODEL_ERROR if i % 3 == 0 else Outcome.OK, 1.0)
+        assert stable.evidence().requests == 300
+        shell.write()
+        rollouts.reload()
+        assert rollouts.describe("fraud")["phase"] == "progressing"
+        evidence = shell.plane.windows.get("fraud", "1.0.0").evidence()
+        assert (evidence.requests, evidence.errors) == (0, 0)
+        stable.record(0.01, Outcome.OK, 1.0)  # counted from the rollout's start on
+        assert shell.plane.windows.get("fraud", "1.0.0").evidence().requests == 1
+    finally:
+        await shell.stop()
+        shell.executor.shutdown()

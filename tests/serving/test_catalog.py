@@ -151,7 +151,11 @@ def test_add_torch_export_reads_the_exported_program(registry_root: Path, source
 
 def test_add_http_and_refusals(registry_root: Path, source: Path, onnx_bytes: bytes) -> None:
     endpoint = "http://10.0.0.5:8080/v2/models/fraud/versions/2"
-    remote = add(registry_root, None, model="fraud", version="2", endpoint=endpoint)
+    declared = [{"name": "input", "datatype": "FP32", "shape": [-1, 30]}]
+    remote = add(  # signatures given: the upstream is not asked
+        registry_root, None, model="fraud", version="2", endpoint=endpoint,
+        inputs=declared, outputs=[],
+    )  # fmt: skip
     assert load_manifest(remote / MANIFEST_NAME).endpoint == endpoint
     (source / "lr.onnx").write_bytes(onnx_bytes)
     with pytest.raises(FileExistsError, match="never overwritten"):

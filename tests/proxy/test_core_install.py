@@ -1,0 +1,160 @@
+"""A proxy-only install: the core serves `framework: http` with no model runtime importable.
+
+The core distribution (`pip install rollguard`, no extras) has no onnxruntime,
+scikit-learn, skops, joblib or torch. Here they are made unimportable in a child process
+(a finder first on sys.meta_path answers ModuleNotFoundError, as when not installed) and the real
+`rollguard serve` is started on a registry holding an http version and an ONNX and a
+scikit-learn one: the http version serves, the local ones are refused with the extra to
+install, and the gateway runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.proxy.support import write_remote_version
+from tests.serving.support import eventually
+
+REPO = Path(__file__).resolve().parents[2]
+RUNTIMES = ("onnxruntime", "sklearn", "skops", "joblib", "torch", "onnx", "skl2onnx")
+_CHILD = f"""
+import sys
+
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {RUNTIMES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NotInstalled())
+from rollguard.proxy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_core_requires_no_model_runtime() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    for runtime in ("onnxruntime", "scikit-learn", "skops", "torch"):
+        assert runtime not in core
+    extras = project["optional-dependencies"]
+    assert extras["all"] == ["rollguard[onnx,sklearn,torch]"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            status: int = answer.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class _Upstream(BaseHTTPRequestHandler):
+    """A V2 model server: ready, and every row's answer is the sum of its two features."""
+
+    def do_GET(self) -> None:
+        self._answer(200, {"ready": True})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        (x,) = body["inputs"]
+        sums = [a + b for a, b in zip(x["data"][::2], x["data"][1::2], strict=True)]
+        out = {"name": "y", "datatype": "FP32", "shape": [len(sums), 1], "data": sums}
+        self._answer(200, {"model_name": "remote", "outputs": [out]})
+
+    def _answer(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/remote"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstream: str) -> None:
+    registry = tmp_path / "registry"
+    for model in ("fraud-onnx", "fraud"):  # ONNX and scikit-learn (skops) versions
+        shutil.copytree(demo_registry / model / "1.0.0", registry / model / "1.0.0")
+    write_remote_version(registry, "1", upstream)
+    port, admin_port = _free_port(), _free_port()
+    (tmp_path / "policies").mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "serve", "--registry", str(registry),
+         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
+         "--port", str(port), "--admin-port", str(admin_port)],
+        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v2/models"
+    try:
+
+        def settled() -> bool:
+            assert process.poll() is None, process.communicate()[0]
+            return _status(f"{base}/remote/versions/1") == 200 and all(
+                _status(f"{base}/{m}/versions/1.0.0/ready") not in (0, 200)
+                for m in ("fraud-onnx", "fraud")
+            )
+
+        asyncio.run(eventually(settled, timeout_s=25))
+        request = urllib.request.Request(
+            f"{base}/remote/infer",
+            data=json.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
+                    ]
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            (output,) = json.loads(answer.read())["outputs"]
+        assert output["data"] == [3, 7]  # proxied to the upstream and back
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "needs onnxruntime, which is not installed (pip install 'rollguard[onnx]')" in output
+    assert "framework 'sklearn' needs scikit-learn and skops" in output
+    assert "rollguard[sklearn]" in output
