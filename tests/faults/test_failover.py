@@ -319,3 +319,40 @@ async def test_a_step_deadline_ends_the_rollout_inconclusive(
         last = [e for e in entries if e["kind"] == "decision"][-1]
         assert last["data"]["action"] == "inconclusive"
         assert last["data"]["state"]["phase"] == phase
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["bad bytes", "deleted artifact"])
+async def test_a_stable_whose_files_turn_bad_keeps_serving_its_last_verified_load(
+    tmp_path: Path, demo_registry: Path, fault: str
+) -> None:
+    """The stable's artifact is overwritten with garbage (sha256 no longer matches) or
+    deleted mid-rollout: it is refused and logged, its last verified load keeps serving,
+    and no client sees an error."""
+    registry = tmp_path / "registry"
+    (registry / "fraud").mkdir(parents=True)
+    stable = copy_version(demo_registry, registry, "1.0.0")
+    copy_version(demo_registry, registry, "1.1.0")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(policy())
+    async with (
+        serve(tmp_path, registry, policies=policies, **FAST) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        clients = Clients(server, http)
+        async with clients.running():
+            await eventually(lambda: clients.served_by("1.0.0") >= 20)
+            if fault == "bad bytes":
+                _artifact(stable).write_bytes(b"\x80\x04 not the reviewed model" * 64)
+            else:
+                delete_artifact(stable)
+            registry_state = server.running.registry
+            await eventually(
+                lambda: registry_state.availability("fraud", "1.0.0").value == "stale"
+            )
+            before = clients.served_by("1.0.0")
+            await eventually(lambda: clients.served_by("1.0.0") >= before + 40)
+        assert clients.errors == [] and set(clients.statuses) == {200}, clients.statuses
+        status = await admin(server, http, "rollouts/fraud")
+        assert status["phase"] not in ("rolled_back", "promoted"), status
