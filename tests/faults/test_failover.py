@@ -348,9 +348,7 @@ async def test_a_stable_whose_files_turn_bad_keeps_serving_its_last_verified_loa
             else:
                 delete_artifact(stable)
             registry_state = server.running.registry
-            await eventually(
-                lambda: registry_state.availability("fraud", "1.0.0").value == "stale"
-            )
+            await eventually(lambda: registry_state.availability("fraud", "1.0.0").value == "stale")
             before = clients.served_by("1.0.0")
             await eventually(lambda: clients.served_by("1.0.0") >= before + 40)
         assert clients.errors == [] and set(clients.statuses) == {200}, clients.statuses
