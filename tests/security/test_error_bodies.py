@@ -68,7 +68,7 @@ async def test_refused_versions_and_failing_upstreams_say_no_paths_hashes_or_url
         await runner.cleanup()
     assert [status for status, _ in answers][:3] == [503, 503, 502], answers
     for status, text in answers:
-        assert text.startswith("{") and '"error"' in text or status == 200, text
+        assert (text.startswith("{") and '"error"' in text) or status == 200, text
         leaked = [s for s in secrets if s in text]
         assert leaked == [], (status, text, leaked)
     leaked = [s for s in secrets if s in metrics]
