@@ -192,8 +192,10 @@ async def test_a_slow_candidate_leaves_the_stables_latency_alone(tmp_path: Path)
     assert tally.statuses == {200: tally.total}, tally.errors
     stable, candidate = variants["stable"], variants["candidate"]
     assert stable["errors"] == candidate["errors"] == 0
-    # The stable's slowest requests are far faster than the candidate's typical one.
-    assert stable["latency_p99"] < candidate["latency_p50"] / 10, (stable, candidate)
+    # The stable's slowest requests are far faster than the candidate's typical one
+    # (sharing its threads, the stable queued behind 0.2 s calls; a factor of 3 leaves
+    # room for a loaded CI machine's own stalls, seen at 44 ms).
+    assert stable["latency_p99"] < candidate["latency_p50"] / 3, (stable, candidate)
 
 
 @pytest.mark.slow
