@@ -52,7 +52,8 @@ def run_once(quick: bool, timeout_s: float) -> tuple[int, float, str]:
         output = f"timed out after {timeout_s:.0f} s\n{partial}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    tail = " / ".join(line.strip() for line in str(output).strip().splitlines()[-3:])
+    printed = [line.strip() for line in str(output).splitlines() if line.strip()]
+    tail = " / ".join(printed[-3:])
     return status, time.perf_counter() - started, tail
 
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo's shorter holds")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the table to write")
+    parser.add_argument(
+        "--commit", default=None, help="the commit to name (default: git rev-parse HEAD here)"
+    )
     args = parser.parse_args(argv)
     rows: list[tuple[int, int, float, str]] = []
     for run in range(1, args.runs + 1):
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# `rollguard demo`, run repeatedly",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_commit()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {args.commit or _commit()}, "
         f"{'--quick' if args.quick else 'full demo'}: **{passed} of {len(rows)} passed** "
         f"in a row, {total / 60:.1f} min in all.",
         "",

@@ -128,11 +128,13 @@ class Inference:
     ) -> Answer:
         """Run one request. `version` pins it: pinned requests never count in windows."""
         if version is not None:
-            loaded = self.registry.get(model, version)
+            loaded = self._get(model, version, "pinned")
             _validate(loaded.manifest, request)
             try:
                 response = await loaded.runner.predict(request)
             except Exception as exc:
+                if isinstance(exc, NotReady):
+                    self._count_unavailable(model, version, "pinned")
                 failure = _of_version(exc, version)
                 if failure is exc:
                     raise
@@ -141,14 +143,19 @@ class Inference:
         table = self.router.table(model)
         failover: str | None = None
         if table is None:
-            version, role = self.registry.default_version(model), "stable"
-            loaded = self.registry.get(model, version)
+            try:
+                version = self.registry.default_version(model)
+            except NotReady:
+                self._count_unavailable(model, "", "stable")
+                raise
+            role = "stable"
+            loaded = self._get(model, version, role)
         else:
             version, role = table.choose(key)
             if role == "candidate":
                 loaded, failover = self._candidate(table, version)
             else:
-                loaded = self.registry.get(model, version)
+                loaded = self._get(model, version, role)
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
         if failover is not None and table is not None:
             # The split chose the candidate (sample-ratio checks count that); stable answers.
@@ -174,6 +181,7 @@ class Inference:
         except NotReady as exc:
             _of_version(exc, version)
             if role != "candidate" or self._still_loaded(model, version, loaded):
+                self._count_unavailable(model, version, role)
                 raise
             unloaded = True
         except Exception as exc:
@@ -210,6 +218,26 @@ class Inference:
             self._mirror(model, shadow_version, request, response, loaded.manifest)
         return Answer(response, model, version, role, request_id, loaded.manifest)
 
+    def _get(self, model: str, version: str, role: str) -> LoadedVersion:
+        """The registry's load of a version that must answer; a NotReady (refused, loading)
+        is counted before it becomes the client's 503."""
+        try:
+            return self.registry.get(model, version)
+        except NotReady:
+            self._count_unavailable(model, version, role)
+            raise
+
+    def _count_unavailable(self, model: str, version: str, role: str) -> None:
+        """One 503 because `version` could not answer, by the registry's word on why
+        (`version` "": the model has no default version)."""
+        if not version:
+            reason = "no_production"
+        else:
+            found = self.registry.availability(model, version)
+            # Loaded and ready, yet its runner said not ready: an upstream between probes.
+            reason = "unready" if found is Availability.READY else found.value
+        self.metrics.unavailable_requests.labels(model, version, role, reason).inc()
+
     def _still_loaded(self, model: str, version: str, loaded: LoadedVersion) -> bool:
         try:
             return self.registry.get(model, version) is loaded
@@ -226,7 +254,7 @@ class Inference:
             if found is Availability.READY:  # a stale candidate fails over; a stale stable serves
                 return self.registry.get(model, version), None
             reason = found.value
-        return self.registry.get(model, table.stable), reason
+        return self._get(model, table.stable, "stable"), reason
 
     def feedback(
         self, model: str, request_id: str, label: Predicted, *, client: str | None = None

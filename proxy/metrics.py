@@ -7,7 +7,14 @@ from collections.abc import Iterator
 from itertools import accumulate
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from rollguard.proxy.capacity import Capacity
+from rollguard.proxy.rollout_metrics import RolloutGauges
 from rollguard.serving.availability import Availability
 
 LATENCY_BUCKETS = (
@@ -217,12 +225,6 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
-        self.weight = Gauge(
-            "rollguard_candidate_weight_percent",
-            "Share of traffic routed to the candidate.",
-            ["model", "rollout", "stable", "candidate"],
-            registry=r,
-        )
         self.shadow = Counter(
             "rollguard_shadow_requests",
             "Shadow copies by result (ok, error, timeout, unavailable, dropped, shed).",
@@ -247,12 +249,6 @@ class Metrics:
             ["rollout", "action"],
             registry=r,
         )
-        self.phase = Gauge(
-            "rollguard_rollout_phase",
-            "1 for the rollout's current phase.",
-            ["rollout", "phase"],
-            registry=r,
-        )
         self.failovers = Counter(
             "rollguard_failover_requests",
             "Requests the split gave a candidate that could not take them, served by the "
@@ -260,18 +256,17 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
-        self.unavailable = Gauge(
-            "rollguard_rollout_candidate_unavailable",
-            "1 while a rollout's candidate cannot take traffic (failing over, or waiting).",
-            ["rollout"],
+        self.unavailable_requests = Counter(
+            "rollguard_unavailable_requests",
+            "Requests answered 503 because the version that had to answer could not: "
+            "refused (its files failed verification), loading, unready (an upstream failing "
+            "its probes or ejected), or no_production (no default version); the version is "
+            '"" for a model with no default. Routed candidates fail over instead '
+            "(rollguard_failover_requests_total).",
+            ["model", "version", "role", "reason"],
             registry=r,
         )
-        self.inconclusive = Gauge(
-            "rollguard_rollout_inconclusive",
-            "1 once a rollout's deadline (or a step's) passed undecided.",
-            ["rollout"],
-            registry=r,
-        )
+        self.rollouts = RolloutGauges(r)
         self.audit_chain_ok = Gauge(
             "rollguard_audit_chain_ok",
             "1 when the audit chain verified at start (a repaired torn tail counts as intact).",
@@ -290,6 +285,11 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # The process's own CPU, memory, file descriptors and collector, on this registry
+        # (the default registry has them; a custom one has only what is put in it).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self._variants: dict[tuple[str, str, str], VariantMetrics] = {}
         self._failovers: dict[tuple[str, str, str], Counter] = {}
         r.register(VariantCollector(self._variants))

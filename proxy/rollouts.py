@@ -236,6 +236,7 @@ class Rollouts:
         # A finished rollout leaves its outcome in place; an unfinished one falls back to stable.
         version = state.candidate if state.phase is Phase.PROMOTED else state.stable
         self._publish(SplitTable.single(state.model, version))
+        self.inference.metrics.rollouts.forget(event.name)
         data = {"file": str(event.path), "phase": state.phase.value, "serving": version}
         self.audit.append("policy_removed", event.name, ADMIN_ACTOR, data)
         log.info("rollout %s removed; %s now serves %s", event.name, state.model, version)
@@ -290,13 +291,8 @@ class Rollouts:
                 for version in (table.stable, table.candidate):
                     self.inference.windows.get(table.model, version).reset_routed()
         if gauges is not None:
-            name, phase = gauges.name, gauges.phase
-            labels = (table.model, name, table.stable, table.candidate or "")
-            metrics.weight.labels(*labels).set(table.weight)
-            for each in Phase:
-                metrics.phase.labels(name, each.value).set(1 if each is phase else 0)
-            metrics.unavailable.labels(name).set(0 if gauges.unavailable is None else 1)
-            metrics.inconclusive.labels(name).set(0 if gauges.inconclusive is None else 1)
+            candidate = table.candidate or ""
+            metrics.rollouts.publish(table.model, table.stable, candidate, table.weight, gauges)
 
     # -- one rollout's evidence --
 
@@ -334,6 +330,7 @@ class Rollouts:
         self._run(managed, rollout, transition)
         decision = transition.decision
         managed.last = decision.to_json()
+        self.inference.metrics.rollouts.checks(name, decision.evidence)
         if (agreement := evidence.candidate.agreement) is not None:
             self.inference.metrics.agreement.labels(spec.model, spec.candidate).set(agreement)
         if decision.changed:

@@ -126,12 +126,12 @@ async def test_the_table_is_published_once_per_change(shell: Shell) -> None:
     second = shell.table()
     assert second is not first and second is not None and second.weight == 50
     assert shell.gauge(
-        "rollguard_candidate_weight_percent",
+        "rollguard_candidate_weight_ratio",
         model="fraud",
         rollout="fraud",
         stable="1.0.0",
         candidate="1.1.0",
-    ) == pytest.approx(50)
+    ) == pytest.approx(0.5)
     shell.rollouts.tick("fraud")
     assert shell.table() is second
     # A pause changes the phase, not the split: the gauge moves, the table stays.
