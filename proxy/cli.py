@@ -116,10 +116,12 @@ def _serve(args: argparse.Namespace) -> int:
 def _model_threads_still_running(within_s: float) -> list[str]:
     """Names of the model threads (serving/bulkhead.py `Threads`) still alive after
     giving the idle ones, told to end at unload, up to `within_s` to do so."""
+    from rollguard.serving.bulkhead import THREAD_PREFIX
+
     deadline = time.monotonic() + within_s
     alive = []
     for thread in threading.enumerate():
-        if thread.name.startswith("model ") and thread.daemon:
+        if thread.name.startswith(THREAD_PREFIX) and thread.daemon:
             thread.join(max(deadline - time.monotonic(), 0.0))
             if thread.is_alive():
                 alive.append(thread.name)

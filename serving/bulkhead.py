@@ -38,6 +38,9 @@ T = TypeVar("T")
 A = TypeVar("A")
 
 
+THREAD_PREFIX = "model "  # every model thread's name starts so (proxy/cli.py looks for them)
+
+
 class Lane(Enum):
     """Which slots a call takes: a client's request, or a shadow copy of one."""
 
@@ -218,7 +221,7 @@ class Threads:
 
     def _spawn(self) -> None:
         thread = threading.Thread(
-            target=self._serve, name=f"model {self.name} {len(self._threads)}", daemon=True
+            target=self._serve, name=f"{THREAD_PREFIX}{self.name} {len(self._threads)}", daemon=True
         )
         self._threads.append(thread)
         thread.start()

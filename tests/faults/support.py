@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -117,3 +119,33 @@ async def get(http: aiohttp.ClientSession, url: str, tally: Tally) -> int:
         text = await r.text()
         tally.add(r.status, "-", time.perf_counter() - start, text)
         return r.status
+
+
+# --- registry files broken the ways operators break them ---------------------------
+
+
+def copy_version(demo: Path, registry: Path, version: str) -> Path:
+    """A real copy (not a link: the test breaks its files) of a demo fraud version,
+    moved into place in one rename as a careful operator would."""
+    target = registry / "fraud" / version
+    staging = registry / f".staging-{version}"
+    shutil.copytree(demo / "fraud" / version, staging, symlinks=False)
+    staging.rename(target)
+    return target
+
+
+def artifact_of(directory: Path) -> Path:
+    return next(p for p in directory.iterdir() if p.suffix in (".skops", ".joblib"))
+
+
+def change_bytes(directory: Path) -> None:
+    artifact = artifact_of(directory)
+    artifact.write_bytes(artifact.read_bytes() + b"\0")  # sha256 no longer matches
+
+
+def delete_artifact(directory: Path) -> None:
+    artifact_of(directory).unlink()
+
+
+def corrupt_manifest(directory: Path) -> None:
+    (directory / "model.yaml").write_text("name: [unclosed\n")

@@ -11,24 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rollguard.policy.audit import verify
 from rollguard.serving.demo.build import load_eval_data
+from tests.faults.support import (
+    admin,
+    artifact_of,
+    change_bytes,
+    copy_version,
+    corrupt_manifest,
+    delete_artifact,
+    metric,
+    until,
+)
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve
 from tests.serving.support import eventually
 
 X, _ = load_eval_data()
 TOKEN = "failover-test-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FAST = {"registry_poll_s": 0.1, "failover_poll_s": 0.05, "admin_token": TOKEN}
 
 POLICY = """\
@@ -93,59 +100,6 @@ class Clients:
 
     def served_by(self, version: str) -> int:
         return self.variants.get(version, 0)
-
-
-async def admin(server: Server, http: aiohttp.ClientSession, path: str) -> Any:
-    async with http.get(f"{server.admin_url}/admin/{path}", headers=AUTH) as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
-
-
-async def metric(server: Server, http: aiohttp.ClientSession, name: str) -> dict[str, float]:
-    """Every sample of a metric family, by its labels rendered `k=v,...` (sorted)."""
-    async with http.get(f"{server.admin_url}/metrics") as r:
-        text = await r.text()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                out[",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))] = sample.value
-    return out
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    """Await `check()` (a coroutine) until it returns something truthy; that value."""
-    async with asyncio.timeout(timeout_s):
-        while not (found := await check()):  # noqa: ASYNC110 - polling the admin API
-            await asyncio.sleep(0.02)
-        return found
-
-
-def copy_version(demo: Path, registry: Path, version: str) -> Path:
-    """A real copy (not a link: the test breaks its files) of a demo fraud version,
-    moved into place in one rename as a careful operator would."""
-    target = registry / "fraud" / version
-    staging = registry / f".staging-{version}"
-    shutil.copytree(demo / "fraud" / version, staging, symlinks=False)
-    staging.rename(target)
-    return target
-
-
-def _artifact(directory: Path) -> Path:
-    return next(p for p in directory.iterdir() if p.suffix in (".skops", ".joblib"))
-
-
-def change_bytes(directory: Path) -> None:
-    artifact = _artifact(directory)
-    artifact.write_bytes(artifact.read_bytes() + b"\0")  # sha256 no longer matches
-
-
-def delete_artifact(directory: Path) -> None:
-    _artifact(directory).unlink()
-
-
-def corrupt_manifest(directory: Path) -> None:
-    (directory / "model.yaml").write_text("name: [unclosed\n")
 
 
 FAULTS = {"sha mismatch": change_bytes, "deleted artifact": delete_artifact}
@@ -344,7 +298,7 @@ async def test_a_stable_whose_files_turn_bad_keeps_serving_its_last_verified_loa
         async with clients.running():
             await eventually(lambda: clients.served_by("1.0.0") >= 20)
             if fault == "bad bytes":
-                _artifact(stable).write_bytes(b"\x80\x04 not the reviewed model" * 64)
+                artifact_of(stable).write_bytes(b"\x80\x04 not the reviewed model" * 64)
             else:
                 delete_artifact(stable)
             registry_state = server.running.registry

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from rollguard.serving.demo.build import load_eval_data
 from rollguard.serving.hashing import sha256_file
-from tests.faults.test_failover import change_bytes, copy_version
+from tests.faults.support import artifact_of, change_bytes, copy_version
 from tests.proxy.support import serve, start_upstream, write_remote_version
 from tests.serving.support import eventually
 
@@ -40,8 +40,7 @@ async def test_refused_versions_and_failing_upstreams_say_no_paths_hashes_or_url
     (registry / "fraud").mkdir(parents=True)
     broken = copy_version(demo_registry, registry, "1.0.0")
     change_bytes(broken)  # refused: its reason names the file and both sha256s
-    artifact = next(p for p in broken.iterdir() if p.suffix in (".skops", ".joblib"))
-    digest = sha256_file(artifact)
+    digest = sha256_file(artifact_of(broken))
     write_remote_version(registry, "1", endpoint)
     secrets = [str(tmp_path), digest, endpoint, base, UPSTREAM_SECRET]
     try:

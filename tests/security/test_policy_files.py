@@ -14,13 +14,14 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.faults.support import until
 from tests.policy.test_loader import ALIAS_BOMB
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve
@@ -42,12 +43,6 @@ spec:
 """
 DEEP = "apiVersion: rollguard/v1\nspec: " + "[" * 50_000 + "]" * 50_000 + "\n"
 VERSIONS = ("fraud/1.0.0", "fraud/1.1.0", "fraud-onnx/1.0.0", "fraud-onnx/1.1.0")
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():  # noqa: ASYNC110 - state over HTTP, polled
-            await asyncio.sleep(0.02)
 
 
 async def _overview(server: Server, http: aiohttp.ClientSession) -> dict[str, Any]:

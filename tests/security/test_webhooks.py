@@ -10,9 +10,8 @@ send time and redirects are never followed, with `admin_auth: none` and with a t
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.faults.support import until
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve, start_upstream
 
@@ -46,12 +46,6 @@ AUTH_MODES = [
     pytest.param({}, id="admin_auth-none"),
     pytest.param({"admin_token": TOKEN}, id="token"),
 ]
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():  # noqa: ASYNC110 - state over HTTP, polled
-            await asyncio.sleep(0.05)
 
 
 async def _rollout(server: Server, http: aiohttp.ClientSession) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from rollguard.serving.batching import BatchingRunner
-from rollguard.serving.bulkhead import in_shadow_lane
+from rollguard.serving.bulkhead import Lane, in_shadow_lane
 from rollguard.serving.errors import (
     ArtifactError,
     DeadlineExceeded,
@@ -248,7 +248,8 @@ async def test_unload_kills_workers_even_in_a_hung_call(versions: Versions) -> N
     runner = await versions.start(hanging_onnx(), workers=2, timeout_s=60.0)
     pids = versions.seen(runner)
     hung = asyncio.create_task(predict_arrays(runner, {"x": HANG}))
-    await asyncio.sleep(0.2)  # lets the call reach its worker
+    primary = runner.pools[Lane.PRIMARY]
+    await eventually(lambda: len(primary.idle) == 1)  # the call has taken one of the two
     await runner.unload()
     assert all(gone(pid) for pid in pids)
     assert runner.worker_pids() == []
