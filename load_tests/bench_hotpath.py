@@ -41,7 +41,7 @@ def bench(split: str, loops: int, repeat: int) -> dict[str, float]:
     )
     router = Router([table])
     windows = {v: VariantWindow(v, 2000) for v in ("1.0.0", "1.1.0")}
-    index = FeedbackIndex(100_000)
+    index = FeedbackIndex(100_000, 86_400.0)
     # The data port's parser hands over headers keyed by lower-case name (proxy/protocol.py).
     headers = [{"x-user-id": f"user-{rng.getrandbits(48):x}"} for _ in range(N_KEYS)]
     ids = [f"{rng.getrandbits(128):032x}" for _ in range(N_KEYS)]
@@ -56,7 +56,8 @@ def bench(split: str, loops: int, repeat: int) -> dict[str, float]:
             version, _role = choose(stickiness_key(router, "fraud", headers[j]))
             window = windows[version]
             window.count_routed()
-            put("fraud", None, ids[j], window, window.record(0.0012, ok, 1.0))
+            window.record(0.0012, ok)
+            put("fraud", None, ids[j], window, (1.0,))
 
     def extract_only() -> None:
         for i in range(loops):
@@ -70,12 +71,12 @@ def bench(split: str, loops: int, repeat: int) -> dict[str, float]:
     def record_only() -> None:
         record = windows["1.0.0"].record
         for _ in range(loops):
-            record(0.0012, ok, 1.0)
+            record(0.0012, ok)
 
     def put_only() -> None:
         put, window = index.put, windows["1.0.0"]
         for i in range(loops):
-            put("fraud", None, ids[i & mask], window, i)
+            put("fraud", None, ids[i & mask], window, (1.0,))
 
     def empty_loop() -> None:
         for i in range(loops):

@@ -43,9 +43,10 @@ class Workload:
 
     url: str
     bodies: Sequence[bytes]
-    labels: Sequence[float] | None = None  # the true label of bodies[i], for feedback
+    labels: Sequence[float | int | str] | None = None  # the true label of bodies[i], for feedback
     users: int = 0  # a pool of sticky keys user-0 … user-(users-1); 0: no key header
     user_header: str = "x-user-id"
+    user_cookie: str | None = None  # the key goes in this cookie instead of user_header
     feedback_url: str | None = None  # None: no feedback
     feedback_delay_s: float = 1.0
     feedback_fraction: float = 1.0
@@ -171,7 +172,10 @@ class _Sender:
         w = self.w
         headers = {"Content-Type": "application/json"}
         if user is not None:
-            headers[w.user_header] = user
+            if w.user_cookie is not None:
+                headers["Cookie"] = f"{w.user_cookie}={user}"
+            else:
+                headers[w.user_header] = user
         self.inflight += 1
         self.result.peak_inflight = max(self.result.peak_inflight, self.inflight)
         request_id = None
@@ -205,7 +209,7 @@ class _Sender:
         self.feedback.add(task)
         task.add_done_callback(self.feedback.discard)
 
-    async def label(self, request_id: str, label: float) -> None:
+    async def label(self, request_id: str, label: float | int | str) -> None:
         """Post the true label after the delay, as delayed ground truth arrives."""
         await asyncio.sleep(self.w.feedback_delay_s)
         body = orjson.dumps({"id": request_id, "label": label})

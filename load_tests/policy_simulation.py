@@ -1,366 +1,325 @@
-"""A/A false-rollback rate and power of rollguard's checks when they are looked at often.
+"""A/A false rollbacks, power, promoted regressions and healthy canaries of rollguard's rollouts.
 
-Run `python load_tests/policy_simulation.py [--replicates N] [--quick] [--scenario NAME]
-[--out FILE.json]`. Each replicate streams `horizon` requests through a split (a
-5 % → 25 % → 50 % canary, or a fixed 10 %): Bernoulli errors, lognormal latencies
-(median 50 ms, σ 0.5), labels for 60 % of requests that come back in batches after an
-exponential delay (mean 1000 requests).
-At every 10th, 100th and 1000th request the evidence the gateway would hold is built and
-the policy's checks decide. A/A scenarios count replicates that ever roll back (or, for
-SRM, ever hold): the rate's upper 95 % Wilson bound must be ≤ alpha. Power scenarios
-inject a regression and report the share detected and the candidate requests until FAIL.
+Run `python load_tests/policy_simulation.py [--quick] [--workers N] [--scenario NAME]
+[--reps N] [--out FILE.json] [--markdown FILE.md]`. Every replicate is one rollout run
+through the gateway's own decision code (load_tests/sim_gateway.py: the rollout shell,
+its state directory and audit log, the real VariantWindows, split tables and feedback
+index) on a simulated clock, request by request, until the rollout ends or the horizon:
 
-Vectorised with numpy: per-replicate cumulative counts at every look, and each check's
-FAIL condition computed with the same policy.sequential / policy.srm functions the checks
-use. That screen only chooses where to look: every FAIL counted is a verdict of the real
-policy.checks.evaluate_checks on the real evidence of that look, and a random sample of
-looks the screen passed over is also run through evaluate_checks (`misses` must be 0).
+- A/A (both versions alike): the share of rollouts ever rolled back, with its upper 95 %
+  Wilson bound, which must be ≤ the policy's alpha. Today's configurations (canary
+  5 → 25 → 50 % and a fixed 10 %; error rates 0.1, 1, 5 %; the default checks, margin 0,
+  a tight latency ratio; looks every 100 and 1,000 requests, and every 10 for one) plus
+  base rates drifting in both arms while the weights ramp, sticky Zipf users with
+  per-user error rates, delayed labels, and a restart halfway.
+- Power: candidate requests until rollback (median, p90) for injected regressions.
+- Regressions promoted: 1 % → 2 % errors under the default policy, the README's example
+  and the shipped config/policies/fraud-canary.yaml, at 100 req/s and at 50 req/min.
+- Healthy canaries: how each policy's rollouts end (promoted within its schedule,
+  rolled back, inconclusive, or still undecided at the horizon: stalled).
+
+`--quick` runs every scenario once on a short horizon (a smoke test: the tables have
+every row; no statistical claim). The full size runs on `--workers`
+processes (default 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import math
+import multiprocessing
+import re
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-from scipy.special import gammaln
-from scipy.stats import norm
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from rollguard.policy.checks import MIN_EVENTS, check_alpha, evaluate_checks, latency_threshold
-from rollguard.policy.evidence import Evidence, VariantEvidence
-from rollguard.policy.schema import Check, Spec
-from rollguard.policy.sequential import difference_bounds, rate_bounds
-from rollguard.policy.srm import SRM_CONCENTRATION, SRM_MIN_PER_ARM, SRM_PVALUE
-from rollguard.policy.verdict import Verdict
+from load_tests.sim_gateway import Traffic, run_replicate  # noqa: E402
 
-CADENCES = (10, 100, 1000)
-WINDOW = 2000  # per-variant ring buffer (the Rollout default)
-LATENCY_MU, LATENCY_SIGMA = math.log(0.05), 0.5  # 50 ms median
-LABEL_RATE, LABEL_DELAY, ACCURACY = 0.6, 1000.0, 0.90
-AUDIT_LOOKS = 60  # unflagged looks per chunk re-run through evaluate_checks
-Bools = npt.NDArray[np.bool_]
-Ints = npt.NDArray[np.int64]
+RATE = 100.0  # requests per second, unless a scenario says otherwise
+SLOW_RATE = 50 / 60  # 50 requests a minute
 
-DEFAULT_CHECKS = (
-    Check(metric="error_rate", max_increase_vs_stable=0.005),
-    Check(metric="latency_p99", max_ratio_to_stable=1.2),
-    Check(metric="accuracy", max_drop_vs_stable=0.01),
-    Check(metric="srm", on_fail="hold"),
-)
-STRICT_CHECKS = (  # margin 0: the test itself, right at its null
-    Check(metric="error_rate", max_increase_vs_stable=0.0),
-    Check(metric="accuracy", max_drop_vs_stable=0.0),
-)
-TIGHT_LATENCY = (Check(metric="latency_p99", max_ratio_to_stable=1.1),)
+DEFAULT_CHECKS: list[dict[str, Any]] = [
+    {"metric": "error_rate", "max_increase_vs_stable": 0.005},
+    {"metric": "latency_p99", "max_ratio_to_stable": 1.2},
+    {"metric": "accuracy", "max_drop_vs_stable": 0.01},
+    {"metric": "srm", "on_fail": "hold"},
+]
+STRICT_CHECKS: list[dict[str, Any]] = [  # margin 0: the test itself, right at its null
+    {"metric": "error_rate", "max_increase_vs_stable": 0.0},
+    {"metric": "accuracy", "max_drop_vs_stable": 0.0},
+]
+TIGHT_LATENCY: list[dict[str, Any]] = [{"metric": "latency_p99", "max_ratio_to_stable": 1.1}]
+# Steps that ramp on schedule whatever the evidence (no_fail): for drift under ramping weights.
+RAMP_CHECKS: list[dict[str, Any]] = [
+    {"metric": "error_rate", "max_increase_vs_stable": 0.005, "pass_when": "no_fail"},
+    {"metric": "latency_p99", "max_ratio_to_stable": 1.2, "pass_when": "no_fail"},
+]
+CANARY: list[dict[str, Any]] = [
+    {"weight": 5, "hold": "40s"},
+    {"weight": 25, "hold": "60s"},
+    {"weight": 50},
+]
+FIXED10: list[dict[str, Any]] = [{"weight": 10}]
+RAMP: list[dict[str, Any]] = [
+    {"weight": 5, "hold": "100s"},
+    {"weight": 25, "hold": "100s"},
+    {"weight": 50, "hold": "250s"},
+    {"weight": 100},
+]
+# "The shipped defaults": every field at its default but the checks and steps a policy
+# must name (the default checks above, a canary that ends at 100 %).
+DEFAULTS_STEPS: list[dict[str, Any]] = [
+    {"weight": 5, "hold": "60s"},
+    {"weight": 25, "hold": "60s"},
+    {"weight": 50, "hold": "60s"},
+    {"weight": 100},
+]
+
+
+def policy(
+    steps: list[dict[str, Any]],
+    checks: list[dict[str, Any]],
+    *,
+    interval: float = 5.0,
+    sticky: bool = False,
+    name: str = "sim",
+) -> str:
+    spec: dict[str, Any] = {
+        "model": "sim",
+        "stable": "1",
+        "candidate": "2",
+        "split": "hash" if sticky else "random",
+        "steps": steps,
+        "interval": interval,
+        "checks": checks,
+    }
+    if sticky:
+        spec["key"] = "header:x-user"
+    doc = {"apiVersion": "rollguard/v1", "kind": "Rollout", "metadata": {"name": name}}
+    return yaml.safe_dump(doc | {"spec": spec}, sort_keys=False)
+
+
+def readme_policy() -> str:
+    """The example policy of README.md's "Rollout policies" section, as written there."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Rollout policies") :]
+    match = re.search(r"```yaml\n(.*?)```", section, re.S)
+    if match is None:
+        raise ValueError("README.md: no yaml example in the Rollout policies section")
+    return match.group(1)
+
+
+def shipped_policy() -> str:
+    return (ROOT / "config" / "policies" / "fraud-canary.yaml").read_text()
+
+
+def defaults_policy() -> str:
+    return policy(DEFAULTS_STEPS, DEFAULT_CHECKS, sticky=True)
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    schedule: str  # "canary" | "fixed10"
-    error: tuple[float, float]  # stable, candidate
-    checks: tuple[Check, ...] = DEFAULT_CHECKS
-    latency_scale: float = 1.0  # candidate latencies multiplied by this
-    accuracy: tuple[float, float] = (ACCURACY, ACCURACY)
-    horizon: int = 20_000
+    kind: str  # aa | power | promoted | healthy
+    policy: str  # Rollout YAML
+    traffic: Traffic
+    horizon: int  # requests
+    reps: int  # at full size
+    restart_at: float | None = None  # share of the horizon
+    looks_every: float = 0.0  # requests per tick, for the tables
+    alpha: float = 0.05
+    schedule_s: float = 0.0  # the policy's shortest way to promotion (sum of holds)
+    label: str = ""  # the policy's name in tables
 
-    @cached_property
-    def weights(self) -> tuple[npt.NDArray[np.float64], Ints]:
-        """Candidate percent per request, and the request index at which its step began."""
-        return _weights(self)
-
-    @property
-    def aa(self) -> bool:
-        regressed = self.latency_scale != 1.0 or self.accuracy[0] != self.accuracy[1]
-        return self.error[0] == self.error[1] and not regressed
+    def quick(self) -> Scenario:
+        """One replicate of at most 1,000 requests (60 at 50 req/min): a smoke test."""
+        most = max(60, round(1000 * min(1.0, self.traffic.rate / RATE)))
+        return replace(self, reps=1, horizon=min(self.horizon, most))
 
 
-def _scenarios() -> list[Scenario]:
-    out = [
-        Scenario(f"aa_{sched}_err{p:g}", sched, (p, p))
-        for sched in ("canary", "fixed10")
-        for p in (0.001, 0.01, 0.05)
-    ]
-    out += [
-        Scenario(f"aa_strict_canary_err{p:g}", "canary", (p, p), STRICT_CHECKS)
-        for p in (0.001, 0.01, 0.05)
-    ]
-    out.append(Scenario("aa_tight_latency_canary", "canary", (0.01, 0.01), TIGHT_LATENCY))
-    long = 50_000
-    out += [
-        Scenario("power_err_1to2", "canary", (0.01, 0.02), horizon=long),
-        Scenario("power_latency_+50%", "canary", (0.01, 0.01), latency_scale=1.5, horizon=long),
-        Scenario("power_latency_+20%", "canary", (0.01, 0.01), latency_scale=1.2, horizon=long),
-        Scenario(
-            "power_latency_+20%_tight", "canary", (0.01, 0.01), TIGHT_LATENCY, 1.2, horizon=long
-        ),
-        Scenario(
-            "power_accuracy_-3pt", "canary", (0.01, 0.01), accuracy=(0.90, 0.87), horizon=long
-        ),
-    ]
+def _policy_meta(text: str) -> tuple[float, float, float]:
+    """(interval, alpha, sum of step holds) of a policy, through the real schema."""
+    from rollguard.policy.schema import Rollout
+
+    spec = Rollout.model_validate(yaml.safe_load(text)).spec
+    return spec.interval, spec.alpha, sum(s.hold for s in spec.steps)
+
+
+def scenarios() -> list[Scenario]:
+    out: list[Scenario] = []
+
+    def add(
+        name: str,
+        kind: str,
+        text: str,
+        traffic: Traffic,
+        horizon: int,
+        reps: int,
+        label: str = "",
+        restart_at: float | None = None,
+    ) -> None:
+        interval, alpha, holds = _policy_meta(text)
+        out.append(
+            Scenario(
+                name,
+                kind,
+                text,
+                traffic,
+                horizon,
+                reps,
+                restart_at,
+                interval * traffic.rate,
+                alpha,
+                holds,
+                label,
+            )
+        )
+
+    # -- A/A: today's configurations, looks every 1,000 requests; the three that came
+    # closest to alpha in today's table also every 100 (a look costs milliseconds)
+    closest = ("aa_canary_err0.01", "aa_strict_canary_err0.01", "aa_tight_latency_canary")
+    for looks in (1000, 100):
+        interval = looks / RATE
+        configs = [
+            (f"aa_{sched}_err{p:g}", policy(steps, DEFAULT_CHECKS, interval=interval), p)
+            for sched, steps in (("canary", CANARY), ("fixed10", FIXED10))
+            for p in (0.001, 0.01, 0.05)
+        ]
+        configs += [
+            (f"aa_strict_canary_err{p:g}", policy(CANARY, STRICT_CHECKS, interval=interval), p)
+            for p in (0.001, 0.01, 0.05)
+        ]
+        configs.append(
+            ("aa_tight_latency_canary", policy(CANARY, TIGHT_LATENCY, interval=interval), 0.01)
+        )
+        for name, text, p in configs:
+            if looks == 1000 or name in closest:
+                add(f"{name}@{looks}", "aa", text, Traffic(error=(p, p)), 20_000, 75)
+    # -- A/A: the new conditions
+    drift = Traffic(error=(0.005, 0.005), error_end=(0.02, 0.02), latency_end=1.3)
+    add("aa_drift_ramp", "aa", policy(RAMP, RAMP_CHECKS), drift, 50_000, 75)
+    sticky = Traffic(users=20_000, heterogeneity=0.5)
+    add(
+        "aa_sticky_zipf_users",
+        "aa",
+        policy(CANARY, DEFAULT_CHECKS, sticky=True),
+        sticky,
+        40_000,
+        75,
+    )
+    for delay in (5000, 30_000):
+        add(
+            f"aa_labels_delay{delay}",
+            "aa",
+            policy(CANARY, DEFAULT_CHECKS),
+            Traffic(label_delay=float(delay)),
+            60_000,
+            40,
+        )
+    add(
+        "aa_restart_midway",
+        "aa",
+        policy(CANARY, DEFAULT_CHECKS),
+        Traffic(),
+        20_000,
+        75,
+        restart_at=0.5,
+    )
+    # -- Power: candidate requests to rollback (default checks, canary 5 → 25 → 50 %)
+    power = policy(CANARY, DEFAULT_CHECKS, interval=1.0)
+    for name, traffic in (
+        ("power_err_1to2", Traffic(error=(0.01, 0.02))),
+        ("power_latency_+20%", Traffic(latency=(1.0, 1.2))),
+        ("power_accuracy_-3pt", Traffic(accuracy=(0.90, 0.87))),
+        ("power_hard_failure_0to5", Traffic(error=(0.0, 0.05))),
+    ):
+        add(name, "power", power, traffic, 50_000, 25)
+    # -- The same with the two-sample mSPRT, where checks offer a choice of test
+    if _offers_test_choice():
+        add("aa_drift_ramp[msprt]", "aa", policy(RAMP, _msprt(RAMP_CHECKS)), drift, 50_000, 75)
+        msprt = policy(CANARY, _msprt(DEFAULT_CHECKS), interval=1.0)
+        add("power_err_1to2[msprt]", "power", msprt, Traffic(error=(0.01, 0.02)), 50_000, 25)
+        add("power_latency_+20%[msprt]", "power", msprt, Traffic(latency=(1.0, 1.2)), 50_000, 25)
+    # -- Regressions promoted and healthy canaries, per policy
+    named = (
+        ("defaults", defaults_policy()),
+        ("readme", readme_policy()),
+        ("shipped", shipped_policy()),
+    )
+    regression = Traffic(error=(0.01, 0.02))
+    for label, text in named:
+        add(f"promoted_err_1to2_{label}@100rps", "promoted", text, regression, 100_000, 40, label)
+        slow = replace(regression, rate=SLOW_RATE)
+        add(f"promoted_err_1to2_{label}@50rpm", "promoted", text, slow, 6_000, 10, label)
+        # 35 minutes: past the shipped policy's 30-minute deadline
+        add(f"healthy_{label}", "healthy", text, Traffic(), 210_000, 12, label)
     return out
 
 
-def _spec(sc: Scenario) -> Spec:
-    steps = [{"weight": 5}, {"weight": 25}, {"weight": 50}]
-    return Spec.model_validate(
-        {
-            "model": "sim",
-            "stable": "1",
-            "candidate": "2",
-            "key": "header:x-user",
-            "steps": steps if sc.schedule == "canary" else [{"weight": 10}],
-            "checks": [c.model_dump(exclude_unset=True) for c in sc.checks],
-        }
+def _offers_test_choice() -> bool:
+    from rollguard.policy.schema import Check
+
+    return "test" in Check.model_fields
+
+
+def _msprt(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checks with error and latency comparisons on the two-sample mSPRT."""
+    compared = ("max_increase_vs_stable", "max_ratio_to_stable")
+    return [c | {"test": "msprt"} if any(k in c for k in compared) else c for c in checks]
+
+
+# -- running
+
+
+def _seed(name: str, rep: int, base: int) -> int:
+    digest = hashlib.blake2b(f"{base}/{name}/{rep}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _one(task: tuple[Scenario, int, int]) -> tuple[str, dict[str, Any]]:
+    sc, rep, base = task
+    logging.getLogger("rollguard").setLevel(logging.ERROR)  # "no drift reference": expected
+    restart = None if sc.restart_at is None else int(sc.horizon * sc.restart_at)
+    started = time.perf_counter()
+    result = run_replicate(
+        sc.policy, sc.traffic, sc.horizon, _seed(sc.name, rep, base), restart_at=restart
     )
+    return sc.name, asdict(result) | {"wall_s": time.perf_counter() - started}
 
 
-def _weights(sc: Scenario) -> tuple[npt.NDArray[np.float64], Ints]:
-    h = sc.horizon
-    if sc.schedule == "fixed10":
-        return np.full(h, 10.0), np.zeros(h, np.int64)
-    starts = np.array([0, h // 5, h // 2])
-    step = np.searchsorted(starts, np.arange(h), side="right") - 1
-    return np.array([5.0, 25.0, 50.0])[step], starts[step]
+def run(chosen: list[Scenario], workers: int, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """Every replicate of every scenario; results per scenario name."""
+    tasks = [(sc, rep, seed) for sc in chosen for rep in range(sc.reps)]
+    # Long replicates first, so the pool does not end on one straggler.
+    tasks.sort(key=lambda t: -t[0].horizon / t[0].looks_every if t[0].looks_every else 0)
+    results: dict[str, list[dict[str, Any]]] = {sc.name: [] for sc in chosen}
+    if workers <= 1:
+        for task in tasks:
+            name, res = _one(task)
+            results[name].append(res)
+        return results
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for done, (name, res) in enumerate(pool.imap_unordered(_one, tasks, chunksize=1), 1):
+            results[name].append(res)
+            if done % max(1, len(tasks) // 20) == 0:
+                print(f"{done}/{len(tasks)} rollouts", file=sys.stderr, flush=True)
+    return results
 
 
-@dataclass
-class Chunk:
-    """One batch of replicates: cumulative counts at every look (one look per block)."""
-
-    looks: Ints
-    counts: dict[str, Ints]  # name -> (replicates, looks)
-    threshold: npt.NDArray[np.float64]  # T per replicate
-    freeze: Ints  # request index from which exceedances count (horizon: never)
-
-
-def _stable_rows_needed(check: Check) -> int:
-    """The fewest stable requests at which the real latency_threshold freezes T."""
-    for k in range(1, WINDOW + 1):
-        ev = VariantEvidence("s", requests=k, latencies=np.ones(min(k, WINDOW)))
-        if latency_threshold(check, ev) is not None:
-            return k
-    raise ValueError(f"{check.metric} never freezes a threshold with a {WINDOW}-row window")
-
-
-def _latencies(rng: np.random.Generator, size: int, scale: float) -> npt.NDArray[np.float64]:
-    return scale * np.exp(LATENCY_MU + LATENCY_SIGMA * rng.standard_normal(size))
-
-
-def _slow_share(threshold: npt.NDArray[np.float64], scale: float) -> npt.NDArray[np.float64]:
-    """P(latency > T) for lognormal latencies multiplied by `scale`."""
-    z = (np.log(threshold / scale) - LATENCY_MU) / LATENCY_SIGMA
-    return np.asarray(norm.sf(z), dtype=np.float64)
-
-
-def _before(per_block: Ints) -> Ints:
-    """Cumulative counts before each block boundary: column b = blocks [0, b)."""
-    zero = np.zeros((per_block.shape[0], 1), np.int64)
-    return np.concatenate([zero, np.cumsum(per_block, axis=1, dtype=np.int64)], axis=1)
-
-
-def _arrived(per_block: Ints, arrival: Ints) -> Ints:
-    """Labels arrived by the end of each block, when block b's labels arrive at arrival[b]."""
-    r, b = per_block.shape
-    rows = np.broadcast_to(np.arange(r)[:, None], per_block.shape)
-    keep = arrival < b
-    hist = np.bincount(rows[keep] * b + arrival[keep], per_block[keep], minlength=r * b)
-    return np.cumsum(hist.reshape(r, b), axis=1).astype(np.int64)
-
-
-def _simulate(sc: Scenario, reps: int, rng: np.random.Generator) -> Chunk:
-    """Counts per block of 10 requests (one look each), drawn as binomials.
-
-    Exact in distribution for errors, routing and exceedances of the frozen T. A block's
-    labels come back together after one exponential delay (batch labelling); latency
-    windows are drawn afresh when a look is evaluated, since requests are independent.
-    """
-    h, size = sc.horizon, CADENCES[0]
-    weight, step_start = sc.weights
-    looks = np.arange(size, h + 1, size)
-    blocks = looks.size
-    w = weight[looks - 1][None, :] / 100
-    c_n = rng.binomial(size, np.broadcast_to(w, (reps, blocks)))
-    s_n = size - c_n
-    c_lab, s_lab = rng.binomial(c_n, LABEL_RATE), rng.binomial(s_n, LABEL_RATE)
-    arrival = np.arange(blocks) + np.ceil(rng.exponential(LABEL_DELAY / size, (reps, blocks)))
-    arrival = arrival.astype(np.int64)
-    c_before = _before(c_n)
-    start_block = step_start[looks - 1] // size
-    counts = {
-        "c_req": c_before[:, 1:],
-        "c_routed": c_before[:, 1:] - c_before[:, start_block],
-        "c_err": np.cumsum(rng.binomial(c_n, sc.error[1]), axis=1),
-        "s_err": np.cumsum(rng.binomial(s_n, sc.error[0]), axis=1),
-        "c_lab": _arrived(c_lab, arrival),
-        "s_lab": _arrived(s_lab, arrival),
-        "c_cor": _arrived(rng.binomial(c_lab, sc.accuracy[1]), arrival),
-        "s_cor": _arrived(rng.binomial(s_lab, sc.accuracy[0]), arrival),
-    }
-    counts["s_req"] = looks[None, :] - counts["c_req"]
-    counts["s_routed"] = (looks - step_start[looks - 1])[None, :] - counts["c_routed"]
-    threshold, freeze = np.full(reps, np.inf), np.full(reps, h, np.int64)
-    lat_check = next((c for c in sc.checks if c.percentile is not None), None)
-    if lat_check is not None:
-        need = _stable_rows_needed(lat_check)
-        for r in range(reps):
-            j = int(np.argmax(counts["s_req"][r] >= need))
-            n_s = int(counts["s_req"][r, j])
-            window = _latencies(rng, min(n_s, WINDOW), 1.0)
-            t = latency_threshold(lat_check, VariantEvidence("1", requests=n_s, latencies=window))
-            assert t is not None, "the screen and latency_threshold disagree"
-            threshold[r], freeze[r] = t, looks[j]
-    after = looks[None, :] > freeze[:, None]  # block ends after the freeze: counted
-    c_since, s_since = np.where(after, c_n, 0), np.where(after, s_n, 0)
-    counts["c_since"] = np.cumsum(c_since, axis=1)
-    counts["s_since"] = np.cumsum(s_since, axis=1)
-    c_slow = _slow_share(threshold, sc.latency_scale)[:, None]
-    s_slow = _slow_share(threshold, 1.0)[:, None]
-    counts["c_over"] = np.cumsum(rng.binomial(c_since, np.broadcast_to(c_slow, c_n.shape)), axis=1)
-    counts["s_over"] = np.cumsum(rng.binomial(s_since, np.broadcast_to(s_slow, s_n.shape)), axis=1)
-    return Chunk(looks, counts, threshold, freeze)
-
-
-def _screen(sc: Scenario, spec: Spec, ch: Chunk) -> tuple[Bools, Bools]:
-    """Looks where a rollback (resp. hold) check's FAIL condition holds, vectorised."""
-    n = ch.counts
-    rollback, hold = (np.zeros_like(n["c_req"], dtype=bool) for _ in range(2))
-    weight, _ = sc.weights
-    for check in spec.checks:
-        alpha = check_alpha(spec, check)
-        if check.metric == "error_rate":
-            m = check.fail_margin or 0.0  # FAIL is tested at fail_margin, not the margin
-            _, lo, _, _ = difference_bounds(
-                n["s_err"], n["s_req"], n["c_err"], n["c_req"], alpha, side="lower", null=m
-            )
-            enough = np.minimum(n["s_req"], n["c_req"]) >= check.min_samples
-            flag = (lo > m - 1e-12) & enough & (n["c_err"] >= MIN_EVENTS)
-        elif check.metric == "accuracy":
-            m = check.fail_margin or 0.0
-            _, lo, _, _ = difference_bounds(
-                n["c_cor"], n["c_lab"], n["s_cor"], n["s_lab"], alpha, side="lower", null=m
-            )
-            enough = np.minimum(n["s_lab"], n["c_lab"]) >= check.min_samples
-            flag = (lo > m - 1e-12) & enough & (n["c_lab"] - n["c_cor"] >= MIN_EVENTS)
-        elif check.percentile is not None:
-            allowed = 1 - check.percentile / 100
-            _, lo, _, _ = rate_bounds(n["c_over"], n["c_since"], alpha, side="lower")
-            enough = n["c_since"] >= check.min_samples
-            flag = (lo > allowed - 1e-12) & enough & (n["c_over"] >= MIN_EVENTS)
-        elif check.metric == "srm":
-            # Weights 0 and 100 are never tested (too few expected); clipped to stay finite.
-            w = np.clip(weight[ch.looks - 1][None, :] / 100, 1e-9, 1 - 1e-9)
-            c, s = n["c_routed"], n["s_routed"]
-            total = c + s
-            k = SRM_CONCENTRATION  # policy.srm.sequential_srm_pvalue, two arms, vectorised
-            log_bf = (
-                gammaln(k)
-                - gammaln(k * w)
-                - gammaln(k * (1 - w))
-                + gammaln(k * w + c)
-                + gammaln(k * (1 - w) + s)
-                - gammaln(k + total)
-                - c * np.log(w)
-                - s * np.log1p(-w)
-            )
-            flag = (log_bf > -np.log(SRM_PVALUE) * (1 + 1e-9)) & (
-                total * np.minimum(w, 1 - w) >= SRM_MIN_PER_ARM
-            )
-        else:
-            raise ValueError(f"the simulation does not model {check.metric!r}")
-        (rollback if check.on_fail == "rollback" else hold)[...] |= flag
-    return rollback, hold
-
-
-def _evidence(sc: Scenario, ch: Chunk, r: int, j: int, rng: np.random.Generator) -> Evidence:
-    n = {k: int(v[r, j]) for k, v in ch.counts.items()}
-    end = int(ch.looks[j])
-    frozen = end > ch.freeze[r]
-    t = float(ch.threshold[r]) if frozen else None
-
-    def side(v: str, p: str, scale: float) -> VariantEvidence:
-        window = _latencies(rng, min(n[f"{p}_req"], WINDOW), scale)
-        return VariantEvidence(
-            v,
-            requests=n[f"{p}_req"],
-            errors=n[f"{p}_err"],
-            routed=n[f"{p}_routed"],
-            latency_threshold=t,
-            since_threshold=n[f"{p}_since"] if frozen else 0,
-            over_threshold=n[f"{p}_over"] if frozen else 0,
-            labelled=n[f"{p}_lab"],
-            correct=n[f"{p}_cor"],
-            latencies=window,
-        )
-
-    stable, candidate = side("1", "s", 1.0), side("2", "c", sc.latency_scale)
-    return Evidence(stable, candidate, float(sc.weights[0][end - 1]))
-
-
-def _kinds(spec: Spec, ev: Evidence) -> tuple[bool, bool]:
-    """(some rollback check FAILs, some hold check FAILs) per the real evaluate_checks."""
-    failed = [r.check.on_fail for r in evaluate_checks(spec, ev) if r.verdict is Verdict.FAIL]
-    return "rollback" in failed, "hold" in failed
-
-
-@dataclass
-class Tally:
-    replicates: int = 0
-    # "rollback@100" -> candidate requests at each replicate's first FAIL on that cadence
-    first: dict[str, list[int]] = field(default_factory=dict)
-    naive: dict[int, int] = field(default_factory=dict)  # cadence -> replicates ever rejected
-    audited: int = 0
-    misses: int = 0
-
-
-def _confirm(sc: Scenario, spec: Spec, ch: Chunk, tally: Tally, rng: np.random.Generator) -> None:
-    """Run evaluate_checks at flagged looks, in order, until each cadence's first FAIL."""
-    rollback, hold = _screen(sc, spec, ch)
-    for kind, flags in (("rollback", rollback), ("hold", hold)):
-        for r in np.flatnonzero(flags.any(axis=1)):
-            open_cadences = list(CADENCES)
-            for j in np.flatnonzero(flags[r]):
-                due = [c for c in open_cadences if ch.looks[j] % c == 0]
-                if not due:
-                    continue
-                if _kinds(spec, _evidence(sc, ch, int(r), int(j), rng))[kind == "hold"]:
-                    for c in due:
-                        first = tally.first.setdefault(f"{kind}@{c}", [])
-                        first.append(int(ch.counts["c_req"][r, j]))
-                        open_cadences.remove(c)
-                if not open_cadences:
-                    break
-    quiet = np.argwhere(~rollback & ~hold)
-    for r, j in quiet[rng.choice(len(quiet), min(AUDIT_LOOKS, len(quiet)), replace=False)]:
-        tally.audited += 1
-        tally.misses += any(_kinds(spec, _evidence(sc, ch, int(r), int(j), rng)))
-    _naive(ch, tally)
-
-
-def _naive(ch: Chunk, tally: Tally) -> None:
-    """The contrast: a fixed-horizon one-sided z-test (α = 0.05) on error rates, peeked at."""
-    n = ch.counts
-    pooled = (n["s_err"] + n["c_err"]) / ch.looks[None, :]
-    se = np.sqrt(
-        pooled * (1 - pooled) * (1 / np.maximum(n["s_req"], 1) + 1 / np.maximum(n["c_req"], 1))
-    )
-    diff = n["c_err"] / np.maximum(n["c_req"], 1) - n["s_err"] / np.maximum(n["s_req"], 1)
-    z = np.divide(diff, se, out=np.zeros_like(diff), where=se > 0)
-    rejects = (z > norm.isf(0.05)) & (np.minimum(n["s_req"], n["c_req"]) >= 200)
-    for c in CADENCES:
-        tally.naive[c] = tally.naive.get(c, 0) + int(
-            rejects[:, ch.looks % c == 0].any(axis=1).sum()
-        )
+# -- tables
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -373,118 +332,227 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def run_scenario(sc: Scenario, replicates: int, seed: int = 0) -> dict[str, Any]:
-    """Simulate `replicates` rollouts of one scenario; counts per kind and cadence."""
-    spec = _spec(sc)
-    rng = np.random.default_rng([seed, sum(map(ord, sc.name))])
-    chunk = max(1, 20_000_000 // sc.horizon)  # about 2 M blocks of 10 requests at once
-    tally, started = Tally(), time.perf_counter()
-    for begin in range(0, replicates, chunk):
-        size = min(chunk, replicates - begin)
-        _confirm(sc, spec, _simulate(sc, size, rng), tally, rng)
-        tally.replicates += size
-    rows = []
-    for kind in ("rollback", "hold"):
-        for c in CADENCES:
-            cand = tally.first.get(f"{kind}@{c}", [])
-            k = len(cand)
-            lo, hi = wilson(k, tally.replicates)
-            rows.append(
-                {
-                    "kind": kind,
-                    "cadence": c,
-                    "replicates": tally.replicates,
-                    "fails": k,
-                    "rate": k / tally.replicates,
-                    "wilson_low": lo,
-                    "wilson_high": hi,
-                    "median_candidate_requests": float(np.median(cand)) if cand else None,
-                    "naive_z_fails": tally.naive.get(c) if kind == "rollback" else None,
-                }
-            )
-    return {
-        "scenario": sc.name,
-        "aa": sc.aa,
-        "schedule": sc.schedule,
-        "error": list(sc.error),
-        "latency_scale": sc.latency_scale,
-        "accuracy": list(sc.accuracy),
-        "horizon": sc.horizon,
-        "alpha": spec.alpha,
-        "checks": [c.model_dump(exclude_unset=True) for c in sc.checks],
-        "audited_looks": tally.audited,
-        "misses": tally.misses,
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
-    }
+@dataclass
+class Summary:
+    """One scenario's replicates, counted."""
+
+    sc: Scenario
+    reps: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, end: str) -> int:
+        return sum(r["end"] == end for r in self.reps)
+
+    @property
+    def n(self) -> int:
+        return len(self.reps)
+
+    def failed_by(self) -> str:
+        metrics: dict[str, int] = {}
+        for r in self.reps:
+            if r["end"] == "rolled_back":
+                for m in r["failed"] or ["other"]:
+                    metrics[m] = metrics.get(m, 0) + 1
+        return ", ".join(f"{m} {k}" for m, k in sorted(metrics.items())) or "-"
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The A/A and power tables."""
-    out = [
-        "### A/A: replicates that ever FAIL (both arms identical)\n",
-        "| scenario | looks every | reps | rollbacks | rate | Wilson 95% | ≤ α | SRM holds"
-        " | naive z-test |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for res in (r for r in results if r["aa"]):
-        holds = {row["cadence"]: row for row in res["rows"] if row["kind"] == "hold"}
-        for row in (r for r in res["rows"] if r["kind"] == "rollback"):
-            h = holds[row["cadence"]]
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _bound(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"[{_pct(lo)}, {_pct(hi)}]"
+
+
+def markdown(sums: list[Summary]) -> str:
+    out: list[str] = []
+    aa = [s for s in sums if s.sc.kind == "aa"]
+    if aa:
+        out += [
+            "### A/A: rollouts ever rolled back (both versions alike)\n",
+            "| scenario | looks every (requests) | reps | rolled back | rate | Wilson 95 % | ≤ α"
+            " | by check | ever held (by) | promoted | undecided at horizon |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in aa:
+            k, n = s.count("rolled_back"), s.n
+            held: dict[str, int] = {}
+            for r in s.reps:
+                for m in r["holds"]:
+                    held[m] = held.get(m, 0) + 1
+            held_s = ", ".join(f"{m} {c}" for m, c in sorted(held.items())) or "0"
+            ok = _shown(k, n, s.sc.alpha)
             out.append(
-                f"| {res['scenario']} | {row['cadence']} | {row['replicates']} | {row['fails']}"
-                f" | {row['rate']:.4f} | [{row['wilson_low']:.4f}, {row['wilson_high']:.4f}]"
-                f" | {'yes' if row['wilson_high'] <= res['alpha'] else 'NO'} | {h['fails']}"
-                f" | {row['naive_z_fails'] / row['replicates']:.3f} |"
+                f"| {s.sc.name} | {s.sc.looks_every:g} | {n} | {k} | {_pct(k / n if n else 0)}"
+                f" | {_bound(k, n)} | {ok} | {s.failed_by()} | {held_s} | {s.count('promoted')}"
+                f" | {s.count('running')} |"
             )
-    out += [
-        "\n### Power: injected regressions (canary 5 → 25 → 50 %)\n",
-        "| scenario | horizon | looks every | reps | detected | share | median candidate"
-        " requests to FAIL |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for res in (r for r in results if not r["aa"]):
-        for row in (r for r in res["rows"] if r["kind"] == "rollback"):
-            med = row["median_candidate_requests"]
+        labelled = [s for s in aa if s.sc.name.startswith("aa_labels")]
+        if labelled:
+            out += [
+                "\nLabels per rollout (mean): posted for each arm's requests, and counted by"
+                " the arm's window at the end.\n",
+                "| scenario | stable posted | stable counted | candidate posted |"
+                " candidate counted |",
+                "|---|---|---|---|---|",
+            ]
+            for s in labelled:
+                sent = np.mean([r["labels_sent"] for r in s.reps], axis=0)
+                got = np.mean([r["labels_counted"] for r in s.reps], axis=0)
+                out.append(
+                    f"| {s.sc.name} | {sent[0]:.0f} | {got[0]:.0f} | {sent[1]:.0f} | {got[1]:.0f} |"
+                )
+    power = [s for s in sums if s.sc.kind == "power"]
+    if power:
+        out += [
+            "\n### Power: candidate requests until rollback (looks every 100 requests)\n",
+            "| scenario | horizon | reps | rolled back | share | median | p90 | target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        targets = {"err": 3000, "latency": 2000, "accuracy": 3000, "hard": 150}
+        for s in power:
+            caught = [r["candidate_requests"] for r in s.reps if r["end"] == "rolled_back"]
+            # Undetected runs count as never (infinite) for the quantiles.
+            values = sorted(caught) + [math.inf] * (s.n - len(caught))
+            med, p90 = (_quantile(values, q) for q in (0.5, 0.9))
+            target = next(v for k, v in targets.items() if k in s.sc.name)
+            met = "met" if p90 <= target else "median met" if med <= target else "NOT met"
             out.append(
-                f"| {res['scenario']} | {res['horizon']} | {row['cadence']} | {row['replicates']}"
-                f" | {row['fails']} | {row['rate']:.3f} | {'-' if med is None else f'{med:.0f}'} |"
+                f"| {s.sc.name} | {s.sc.horizon} | {s.n} | {len(caught)}"
+                f" | {_pct(len(caught) / s.n if s.n else 0)} | {_num(med)} | {_num(p90)}"
+                f" | ≤ {target}: {met} |"
             )
-    audited = sum(r["audited_looks"] for r in results)
-    misses = sum(r["misses"] for r in results)
-    out.append(
-        f"\nScreen audit: {audited} unflagged looks re-run through evaluate_checks,"
-        f" {misses} FAILs missed."
-    )
+    promoted = [s for s in sums if s.sc.kind == "promoted"]
+    if promoted:
+        out += [
+            "\n### Regressions promoted: 1 % → 2 % errors\n",
+            "| policy | traffic | horizon | reps | promoted | Wilson 95 % | ≤ 1 % | rolled back"
+            " | inconclusive | undecided at horizon | median candidate requests to rollback |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in promoted:
+            k, n = s.count("promoted"), s.n
+            caught = [r["candidate_requests"] for r in s.reps if r["end"] == "rolled_back"]
+            rate = "100 req/s" if s.sc.traffic.rate == RATE else "50 req/min"
+            hours = s.sc.horizon / s.sc.traffic.rate / 3600
+            out.append(
+                f"| {s.sc.label} | {rate} | {hours:.2g} h | {n} | {k} ({_pct(k / n if n else 0)})"
+                f" | {_bound(k, n)} | {_shown(k, n, 0.01)}"
+                f" | {s.count('rolled_back')} | {s.count('inconclusive')} | {s.count('running')}"
+                f" | {_num(float(np.median(caught))) if caught else '-'} |"
+            )
+    healthy = [s for s in sums if s.sc.kind == "healthy"]
+    if healthy:
+        out += [
+            "\n### Healthy canaries (both versions alike, 100 req/s)\n",
+            "| policy | reps | schedule (holds) | promoted within 2× schedule | promoted |"
+            " median time to promote | rolled back (by) | inconclusive | stalled at horizon |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in healthy:
+            budget = max(2 * s.sc.schedule_s, 60.0)
+            times = [r["seconds"] for r in s.reps if r["end"] == "promoted"]
+            within = sum(t <= budget for t in times)
+            hours = s.sc.horizon / s.sc.traffic.rate / 3600
+            out.append(
+                f"| {s.sc.label} | {s.n} | {s.sc.schedule_s:g} s | {within}"
+                f" ({_pct(within / s.n if s.n else 0)}) | {len(times)}"
+                f" | {f'{np.median(times):.0f} s' if times else '-'}"
+                f" | {s.count('rolled_back')} ({s.failed_by()}) | {s.count('inconclusive')}"
+                f" | {s.count('running')} (of {hours:.2g} h) |"
+            )
     return "\n".join(out)
+
+
+def _shown(k: int, n: int, limit: float) -> str:
+    """yes: the upper Wilson bound is within the limit; NO: the rate itself is above it;
+    otherwise too few replicates to show it either way."""
+    if wilson(k, n)[1] <= limit:
+        return "yes"
+    return "NO" if n and k / n > limit else f"not shown (n = {n})"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return math.inf
+    i = min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))
+    return values[i]
+
+
+def _num(x: float) -> str:
+    return "never" if math.isinf(x) else f"{x:.0f}"
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "policy", "proxy"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip() + (" + uncommitted policy/proxy changes" if dirty.stdout else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--replicates", type=int, default=None, help="per scenario (default 2000 A/A, 1000 power)"
-    )
-    parser.add_argument("--quick", action="store_true", help="300 replicates, < 30 s")
-    parser.add_argument("--scenario", action="append", default=[], help="name (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="1 replicate, short horizons")
+    parser.add_argument("--reps", type=int, default=None, help="replicates per scenario")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply full-size reps")
+    parser.add_argument("--scenario", action="append", default=[], help="name prefix (repeatable)")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON")
     args = parser.parse_args(argv)
-    scenarios = _scenarios()
+    chosen = scenarios()
     if args.scenario:
-        known = {s.name for s in scenarios}
-        if unknown := set(args.scenario) - known:
-            parser.error(f"unknown scenario {sorted(unknown)}; known: {sorted(known)}")
-        scenarios = [s for s in scenarios if s.name in args.scenario]
-    elif args.quick:
-        scenarios = [s for s in scenarios if s.name in ("aa_canary_err0.01", "power_err_1to2")]
-    results = []
-    for sc in scenarios:
-        replicates = args.replicates or (300 if args.quick else 2000 if sc.aa else 1000)
-        results.append(run_scenario(sc, replicates, args.seed))
-        print(f"{sc.name}: {results[-1]['seconds']:.1f} s", file=sys.stderr)
-    print(markdown(results))
+        chosen = [s for s in chosen if any(s.name.startswith(p) for p in args.scenario)]
+        if not chosen:
+            parser.error(f"no scenario starts with {args.scenario}")
+    if args.quick:
+        chosen = [s.quick() for s in chosen]
+    if args.reps is not None:
+        chosen = [replace(s, reps=args.reps) for s in chosen]
+    elif args.scale != 1.0:
+        chosen = [replace(s, reps=max(2, round(s.reps * args.scale))) for s in chosen]
+    started = time.perf_counter()
+    results = run(chosen, args.workers, args.seed)
+    seconds = time.perf_counter() - started
+    sums = [Summary(sc, results[sc.name]) for sc in chosen]
+    for s in sums:
+        wall = sum(r["wall_s"] for r in s.reps)
+        print(f"{s.sc.name}: {s.n} rollouts, {wall:.1f} s of work", file=sys.stderr)
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    print(
+        f"{when}, commit {_commit()}, {sum(s.n for s in sums)} rollouts in {seconds:.0f} s"
+        f" on {args.workers} worker(s){' (--quick)' if args.quick else ''}\n"
+    )
+    print(markdown(sums))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2))
+        doc = {
+            "when": when,
+            "commit": _commit(),
+            "seconds": seconds,
+            "quick": args.quick,
+            "scenarios": [
+                {
+                    "scenario": s.sc.name,
+                    "kind": s.sc.kind,
+                    "alpha": s.sc.alpha,
+                    "replicates": s.reps,
+                }
+                for s in sums
+            ],
+        }
+        args.out.write_text(json.dumps(doc, indent=1))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Run one load scenario against a real gateway process; write its JSON report and PNG plot.
 
     python -m load_tests.run_scenario load_tests/scenarios/canary-bad-candidate.yaml \
-        [--quick] [--registry DIR] [--out DIR]
+        [--quick] [--registry DIR] [--out DIR] \
+        [--model NAME] [--inputs FILE] [--input-name NAME] [--key header:NAME|cookie:NAME|none]
 
 Builds the demo registry (once, cached in the temp directory) unless --registry names
 one, links the scenario's versions into a scratch registry, starts `rollguard serve` on
@@ -28,10 +29,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from load_tests.inputs import ENV, Inputs, InputsError, Target, parse_key, read_inputs
 from load_tests.loadgen import LoadResult, Workload, run_closed, run_open, v2_bodies
 from load_tests.report import Poll, build_report, plot, write_json
 from load_tests.scenario import Scenario, ScenarioError, check_expectations, load_scenario
 from rollguard.proxy.process import GatewayExited, GatewayProcess
+from rollguard.proxy.routing import KeySource
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "load_tests" / "results"
@@ -86,27 +89,52 @@ async def _get(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -
 
 
 def _workload(scenario: Scenario, url: str) -> Workload:
-    model = scenario.target.model
-    if model == "digits":
+    t = scenario.target
+    if t.inputs is not None:
+        inputs = read_inputs(t.inputs, t.input_name)
+    elif t.model == "digits":
         from sklearn.datasets import load_digits
 
         x, y = load_digits(return_X_y=True)
+        rows = np.asarray(x, dtype=np.float32)
+        inputs = Inputs(v2_bodies(rows, t.input_name), [int(v) for v in y])
     else:
-        from rollguard.serving.demo.build import load_eval_data
-
-        x, y = load_eval_data()
+        inputs = Target(input_name=t.input_name).read()  # the demo's evaluation rows
+    key = parse_key(t.key) if t.key is not None else KeySource("header", t.user_header)
     feedback = scenario.feedback
     return Workload(
-        url=f"{url}/v2/models/{model}/infer",
-        bodies=v2_bodies(np.asarray(x, dtype=np.float32)),
-        labels=[int(v) for v in y],
-        users=scenario.target.users,
-        user_header=scenario.target.user_header,
-        feedback_url=f"{url}/v2/models/{model}/feedback" if feedback.enabled else None,
+        url=f"{url}/v2/models/{t.model}/infer",
+        bodies=inputs.bodies,
+        labels=inputs.labels,
+        users=t.users if key is not None else 0,
+        user_header=key.name if key is not None else t.user_header,
+        user_cookie=key.name if key is not None and key.kind == "cookie" else None,
+        feedback_url=(
+            f"{url}/v2/models/{t.model}/feedback"
+            if feedback.enabled and inputs.labels is not None
+            else None
+        ),
         feedback_delay_s=feedback.delay,
         feedback_fraction=feedback.fraction,
         timeout_s=scenario.load.timeout,
     )
+
+
+def with_target(scenario: Scenario, options: dict[str, Any], environ: dict[str, str]) -> Scenario:
+    """The scenario with its target's model, inputs, input name and key taken from options,
+    else from ROLLGUARD_LOAD_* in the environment, else kept as the scenario file has them."""
+    update: dict[str, Any] = {}
+    for name in ("model", "inputs", "input_name", "key"):
+        value = options.get(name) or environ.get(ENV[name]) or None
+        if value is not None:
+            update[name] = Path(value) if name == "inputs" else value
+    if "key" in update:
+        parse_key(update["key"])
+    if options.get("users") is not None:
+        update["users"] = options["users"]
+    if not update:
+        return scenario
+    return scenario.model_copy(update={"target": scenario.target.model_copy(update=update)})
 
 
 async def drive(scenario: Scenario, gateway: GatewayProcess) -> dict[str, Any]:
@@ -225,14 +253,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the short version, stopped once met")
     parser.add_argument("--registry", type=Path, help="a registry holding the demo versions")
     parser.add_argument("--out", type=Path, help="output directory (default results/<name>/)")
+    target = parser.add_argument_group(
+        "target", "override the scenario's target (each also from ROLLGUARD_LOAD_<NAME>)"
+    )
+    target.add_argument("--model", help="the model to infer on")
+    target.add_argument(
+        "--inputs", type=Path, help="your requests: .jsonl/.json V2 bodies, .npy, .npz, .csv"
+    )
+    target.add_argument("--input-name", help="tensor name for .npy/.npz/.csv rows")
+    target.add_argument("--key", help="stickiness key: header:NAME, cookie:NAME or none")
+    target.add_argument("--users", type=int, help="distinct sticky keys to send")
     args = parser.parse_args(argv)
     try:
-        scenario = load_scenario(args.scenario)
+        scenario = with_target(load_scenario(args.scenario), vars(args), dict(os.environ))
         if args.quick:
             scenario = scenario.quick_version()
         out = args.out or RESULTS / scenario.name
         report = run(scenario, registry=args.registry, out=out, quick=args.quick)
-    except (ScenarioError, RunError, OSError) as exc:
+    except (ScenarioError, RunError, InputsError, OSError) as exc:
         print(f"run_scenario: {exc}", file=sys.stderr)
         return 2
     print(_summary(report))

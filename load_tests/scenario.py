@@ -7,6 +7,8 @@ gateway: {max_inflight: 512}             # ROLLGUARD_* settings for the gateway 
 policy: |                                # one inline Rollout document (optional)
   apiVersion: rollguard/v1 ...
 target: {model: fraud, users: 5000}      # V2 infer on the model, sticky x-user-id pool
+#   also: key: header:NAME | cookie:NAME | none, inputs: FILE (.jsonl/.json/.npy/.npz/.csv,
+#   relative to this file), input_name: NAME; run_scenario's --model/--inputs/--key override
 load: {mode: open, phases: [{rate: 200, duration: 30s}], max_inflight: 256}
 feedback: {enabled: true, delay: 1s}     # post each answer's true label after a delay
 expect: {phase: rolled_back, within: 30s, never_phase: [promoted]}
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from load_tests.inputs import parse_key
 from load_tests.loadgen import RatePhase
 from load_tests.report import NO_VARIANT
 from rollguard.policy.errors import PolicyInvalid
@@ -66,6 +69,19 @@ class Target(_Frozen):
     model: str
     users: int = Field(default=1000, ge=0)  # 0: no sticky key header
     user_header: str = "x-user-id"
+    # The stickiness key, header:NAME or cookie:NAME (or none); overrides user_header.
+    key: str | None = None
+    # The user's own requests (load_tests/inputs.py formats), relative to the scenario
+    # file; None: the demo's evaluation rows.
+    inputs: Path | None = None
+    input_name: str = "input"  # tensor name for .npy/.npz/.csv rows
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_key(value)  # InputsError, a ValueError: reported with the key's path
+        return value
 
 
 class Feedback(_Frozen):
@@ -132,6 +148,11 @@ def load_scenario(path: Path) -> Scenario:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         raise ScenarioError(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})") from None
+    if scenario.target.inputs is not None and not scenario.target.inputs.is_absolute():
+        inputs = path.parent / scenario.target.inputs
+        scenario = scenario.model_copy(
+            update={"target": scenario.target.model_copy(update={"inputs": inputs})}
+        )
     if scenario.load.mode == "open" and not scenario.load.phases:
         raise ScenarioError(f"{path}: load.phases: an open-loop load needs at least one phase")
     if scenario.load.mode == "closed" and scenario.load.duration <= 0:

@@ -300,7 +300,11 @@ def export(
     fmt: Literal["json", "csv"] = "json",
 ) -> str:
     """The entries in [since, until) as a JSON array or as CSV (data as a JSON column)."""
-    entries = read_entries(path, since=since, until=until)
+    return format_entries(read_entries(path, since=since, until=until), fmt)
+
+
+def format_entries(entries: list[dict[str, Any]], fmt: Literal["json", "csv"] = "json") -> str:
+    """Entries as `export` writes them (the fleet's audit stream exports the same way)."""
     if fmt == "json":
         return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
     if fmt != "csv":

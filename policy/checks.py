@@ -21,24 +21,45 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
   min_samples from the FAIL test's power). Comparisons with stable FAIL at fail_margin
   (default 0) and PASS at the practical margin: a candidate is rolled back on any harm
   shown and promoted only when harm beyond the margin is ruled out.
-  error_rate  max: candidate's lower bound > max; max_increase_vs_stable: lower bound of
-              candidate − stable > fail_margin. 0.005 (half a point) is a usual
-              practical margin: it ignores differences nobody would hold a rollout for.
-  latency_pNN the engine freezes a threshold T (latency_threshold below: T = ratio ×
-              stable's window pNN, or T = max) on both variants and counts requests
-              slower than T since then. FAIL when the lower bound of the candidate's
-              P(latency > T) exceeds 1 − NN/100, i.e. its pNN is above T with
-              always-valid confidence. The windows' percentiles and their ratio are
-              reported, not tested: a windowed percentile looked at repeatedly is not.
+  error_rate  max: candidate's lower bound > max (one-sample). max_increase_vs_stable,
+              test conditional (the default): FAIL when the conditional e-process
+              (policy/conditional.py) shows the candidate's error rate above the stable's
+              (rate ratio > 1), from which arm each error landed on given the candidate's
+              share of the requests at its weight: exact under weights that change and
+              base rates that drift in both arms, and at any sample size (min_samples
+              gates PASS only). PASS when, at alpha/4 each, the stable's rate is below its
+              upper bound u and the ratio below 1 + margin / u, or at alpha/2 the
+              candidate's own upper bound is within the margin. ci_lower / ci_upper are
+              the rate ratio's bounds. test msprt: the two-sample mixture SPRT on
+              cumulative counts, lower bound of candidate − stable > fail_margin (an
+              absolute fail_margin above 0 picks it by default). 0.005 (half a point) is
+              a usual practical margin: it ignores differences nobody would hold a
+              rollout for.
+  latency_pNN the engine freezes a threshold T (latency_threshold below) on both variants
+              and counts requests slower than T since then. max_ratio_to_stable, test
+              conditional (the default): T = stable's window pNN, and "slower than T" is
+              a bad event tested like errors: FAIL when the candidate is shown slower
+              than T more often than the stable (more than 1 + fail_margin times as
+              often), PASS when it is shown less than max_ratio_to_stable times as often.
+              Valid whatever T is. test msprt (and max): T = ratio × stable's pNN (or
+              max), FAIL when the lower bound of the candidate's P(latency > T) exceeds
+              1 − NN/100 (one-sample; valid only when T ≥ the true pNN). The windows'
+              percentiles and their ratio are reported, not tested: a windowed percentile
+              looked at repeatedly is not.
               Like for like: with T the engine freezes R, the stable's median request
               size in rows (latency_rows below); T comes from the stable's requests of
               at most R rows and only such requests are counted on either variant, so
               a client sending huge batches to one variant can neither make it look
               slow nor hide that it is.
   accuracy    max_drop_vs_stable: lower bound of stable − candidate (correct/labelled) >
-              fail_margin; min: candidate's upper bound < min. Label rates per variant are
-              reported and flagged when their ratio leaves [0.8, 1.25] (with delayed
-              labels a variant whose share just grew is legitimately behind).
+              fail_margin; min: candidate's upper bound < min. Labels are counted per
+              row. Label rates (labelled / answered requests) per variant are reported;
+              when the always-valid two-sided interval of their difference lies beyond
+              ±20 % of the larger rate, labels reach one arm more than the other and
+              accuracy on them could be biased: the comparison with stable then holds
+              (INCONCLUSIVE, label_rates_differ yes, with the reason) instead of passing
+              or failing, until the rates even out (delayed labels catching up after a
+              weight step). A `min` check, on the candidate's labels alone, is not held.
   agreement   (shadow) min: upper bound of agreed/compared < min.
   drift       not sequential: PSI (default) of the worst feature > threshold (0.25), or
               with method ks a Bonferroni-adjusted KS p < alpha and statistic >
@@ -46,7 +67,10 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               Use on_fail hold or alert, not rollback: drift says the inputs moved, not
               that the candidate is worse.
   srm         anytime-valid Dirichlet-multinomial test (Lindon & Malek 2022) of routed
-              counts against candidate_weight: FAIL at p < 0.001 with ≥ 8 expected per
+              units against candidate_weight (units: keys the first time each is routed
+              since the split changed, and requests without a key, as the gateway's
+              windows count them; requests when evidence has no units): FAIL at
+              p < 0.001 with ≥ 8 expected per
               arm (or min_samples, when set); Pearson's p is reported beside it. Not
               applicable at weight 0 or 100 or to shadows. The p-value is the
               running minimum over the looks at this split (Evidence.srm_pvalue_before,
@@ -64,6 +88,7 @@ import math
 
 import numpy as np
 
+from rollguard.policy.conditional import Stratum, landing_test, log_evalue
 from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from rollguard.policy.evidence import Evidence, VariantEvidence
 from rollguard.policy.schema import LATENCY_TAIL_ROWS, Check, Spec
@@ -82,7 +107,7 @@ __all__ = [
 
 MIN_EVENTS = 5
 KS_MIN_STATISTIC = 0.1
-_LABEL_RATE_RATIO = 1.25
+_LABEL_RATE_TOLERANCE = 0.2  # label rates within 20 % of each other are "the same"
 Detail = dict[str, float | int | str | None]
 
 
@@ -133,8 +158,10 @@ def evaluate(check: Check, evidence: Evidence, *, alpha: float) -> CheckResult:
 def latency_threshold(check: Check, stable: VariantEvidence) -> float | None:
     """The threshold T (seconds) to freeze for a latency check, or None if not yet known.
 
-    T = max for an absolute bound. For max_ratio_to_stable, T = ratio × stable's window
-    pNN once stable has min_samples requests and its window holds enough rows for the
+    T = max for an absolute bound. For max_ratio_to_stable, T = stable's window pNN with
+    the conditional test (the default; any T gives a valid two-sample test, the
+    stable's own pNN gives it the most events), T = ratio × that pNN with test msprt,
+    once stable has min_samples requests and its window holds enough rows for the
     pNN to rest on at least 10 slower requests (1000 for p99; a p99.9 needs a window of
     10000): a p99 from 200 rows is so noisy that a healthy candidate would be judged
     against a threshold set too low.
@@ -154,7 +181,8 @@ def latency_threshold(check: Check, stable: VariantEvidence) -> float | None:
     latencies = stable.latencies_up_to(latency_rows(stable))
     if stable.requests < check.min_samples or latencies.size < needed:
         return None
-    return check.max_ratio_to_stable * float(np.percentile(latencies, q))
+    ratio = check.max_ratio_to_stable if check.comparison_test == "msprt" else 1.0
+    return ratio * float(np.percentile(latencies, q))
 
 
 def latency_rows(stable: VariantEvidence) -> int:
@@ -261,8 +289,131 @@ def _two_sample(
     return CheckResult(check, verdict, b.estimate if ns and nc else None, margin, detail)
 
 
+def _strata(ev: Evidence, *, latency: bool) -> list[Stratum]:
+    """Both arms' (events, exposures) per configured weight: errors per request, or slow
+    requests per request counted against the latency threshold. Evidence without strata
+    (built by hand) is one stratum of its totals."""
+    s, c = ev.stable, ev.candidate
+    if not s.strata or not c.strata:
+        if latency:
+            return [Stratum(s.over_threshold, s.since_threshold, c.over_threshold,
+                            c.since_threshold)]  # fmt: skip
+        return [Stratum(s.errors, s.requests, c.errors, c.requests)]
+    x, n = (4, 3) if latency else (2, 1)
+    rows: dict[float, list[int]] = {}
+    for w, *counts in s.strata:
+        rows.setdefault(w, [0, 0, 0, 0])[:2] = (counts[x - 1], counts[n - 1])
+    for w, *counts in c.strata:
+        rows.setdefault(w, [0, 0, 0, 0])[2:] = (counts[x - 1], counts[n - 1])
+    return [Stratum(*r) for _, r in sorted(rows.items())]
+
+
+def _ratio_bounds(strata: list[Stratum], alpha: float) -> tuple[float, float]:
+    """The always-valid one-sided bounds (at alpha each) of the rate ratio: the ratios
+    r0 the conditional tests do not reject, found by bisection on log r0."""
+    target = math.log(1.0 / alpha)
+
+    def edge(harm: bool) -> float:
+        lo, hi = math.log(1e-3), math.log(1e4)
+        rejects_lo = log_evalue(strata, math.exp(lo), harm=harm) >= target
+        rejects_hi = log_evalue(strata, math.exp(hi), harm=harm) >= target
+        if harm and not rejects_lo:
+            return 0.0
+        if not harm and not rejects_hi:
+            return math.inf
+        if harm and rejects_hi:
+            return math.exp(hi)
+        if not harm and rejects_lo:
+            return math.exp(lo)
+        for _ in range(20):  # harm: rejects below the edge; not harm: above it (to 0.002 %)
+            mid = (lo + hi) / 2
+            if (log_evalue(strata, math.exp(mid), harm=harm) >= target) == harm:
+                lo = mid
+            else:
+                hi = mid
+        return math.exp(lo if harm else hi)
+
+    return edge(True), edge(False)
+
+
+def _conditional(
+    check: Check, ev: Evidence, alpha: float, *, latency: bool, unit: str
+) -> CheckResult:
+    """A comparison with stable by where the bad events landed (policy/conditional.py).
+
+    FAIL when the test of "candidate's bad-event rate ≤ r_fail × stable's" rejects at
+    alpha (r_fail = 1, or 1 + fail_margin for latency) and the candidate shows at least
+    MIN_EVENTS bad events, at any sample size. PASS (pass_when bound, after min_samples)
+    when harm beyond the tolerance is ruled out: latency, the ratio is shown below
+    max_ratio_to_stable; errors, at alpha/4 each the stable's rate is below its upper
+    bound u and the ratio below 1 + margin / u (so candidate − stable < margin), or at
+    alpha/2 the candidate's own rate is below the margin."""
+    strata = _strata(ev, latency=latency)
+    r_fail = 1.0 + (check.fail_margin or 0.0) if latency else 1.0
+    fail = landing_test(strata, r_fail, harm=True)
+    xs, ns, xc, nc = (
+        fail.events_stable,
+        fail.exposures_stable,
+        fail.events_candidate,
+        fail.exposures_candidate,
+    )
+    enough = min(ns, nc) >= check.min_samples
+    crossed = fail.rejects(alpha)
+    if latency:
+        assert check.max_ratio_to_stable is not None
+        r_pass: float | None = check.max_ratio_to_stable
+        safe = landing_test(strata, check.max_ratio_to_stable, harm=False)
+        within = safe.rejects(alpha)
+        tolerance = check.max_ratio_to_stable
+    else:
+        tolerance = check.max_increase_vs_stable or 0.0
+        stable_upper = rate_sequence(xs, ns, alpha / 4, side="upper").upper if ns else 1.0
+        r_pass = 1.0 + tolerance / stable_upper if stable_upper > 0 else None
+        safe = landing_test(strata, r_pass or 1.0, harm=False)
+        within = r_pass is not None and safe.rejects(alpha / 4)
+        if not within and nc:
+            own = rate_sequence(xc, nc, alpha / 2, side="upper")
+            within = own.upper <= tolerance
+    # The e-process is exact at every sample size: min_samples gates PASS, not FAIL.
+    failed = crossed and xc >= MIN_EVENTS
+    verdict = _verdict(check, enough or failed, crossed, xc, within)
+    enough = enough or failed
+    need = f"stable has {ns} and candidate {nc} {unit}, each needs {check.min_samples}"
+    lower, upper = _ratio_bounds(strata, alpha)
+    rate_s, rate_c = (xs / ns if ns else None), (xc / nc if nc else None)
+    detail: Detail = {
+        "test": "conditional",
+        "scale": "rate ratio (candidate / stable)",
+        "n_stable": ns,
+        "n_candidate": nc,
+        "events_stable": xs,
+        "events_candidate": xc,
+        "rate_stable": rate_s,
+        "rate_candidate": rate_c,
+        "ratio": fail.ratio,
+        "harmful_events": xc,
+        "strata": len(strata),
+        "fail_ratio": r_fail,
+        "pass_ratio": r_pass,
+        "log_evalue": fail.log_evalue,
+        "ci_lower": lower,
+        "ci_upper": upper,
+        "pvalue": fail.pvalue,
+        "pass_pvalue": safe.pvalue,
+        "alpha": alpha,
+        "reason": _reason(check, verdict, enough, need),
+    }
+    if latency:
+        return CheckResult(check, verdict, fail.ratio, tolerance, detail)
+    harm = rate_c - rate_s if rate_c is not None and rate_s is not None else None
+    detail["harm"] = harm
+    return CheckResult(check, verdict, harm, tolerance, detail)
+
+
 def _error_rate(check: Check, ev: Evidence, alpha: float) -> CheckResult:
     s, c = ev.stable, ev.candidate
+    if check.comparison_test == "conditional":
+        return _conditional(check, ev, alpha, latency=False, unit="requests")
     if check.max is not None:
         return _one_sample(
             check, c.errors, c.requests, check.max, alpha, good=False, unit="requests"
@@ -292,6 +443,11 @@ def _latency(check: Check, ev: Evidence, alpha: float) -> CheckResult:
         return CheckResult(check, Verdict.INCONCLUSIVE, None, 1.0 - q / 100.0, detail)
     allowed = 1.0 - q / 100.0
     unit = "requests since the latency threshold was set"
+    if check.comparison_test == "conditional":
+        result = _conditional(check, ev, alpha, latency=True, unit=unit)
+        return CheckResult(
+            check, result.verdict, result.value, result.bound, window | result.detail
+        )
     result = _one_sample(
         check, c.over_threshold, c.since_threshold, allowed, alpha, good=False, unit=unit
     )
@@ -309,16 +465,43 @@ def _accuracy(check: Check, ev: Evidence, alpha: float) -> CheckResult:
         assert margin is not None  # the schema requires min or max_drop_vs_stable
         pairs = (s.correct, s.labelled), (c.correct, c.labelled)
         result = _two_sample(check, *pairs, margin, alpha, good=True, unit="labels")
-    rate_s = s.labelled / s.requests if s.requests else None
-    rate_c = c.labelled / c.requests if c.requests else None
-    ratio = rate_c / rate_s if rate_s and rate_c is not None else None
-    differ = ratio is not None and not 1 / _LABEL_RATE_RATIO <= ratio <= _LABEL_RATE_RATIO
-    labels: Detail = {
+    labels, differ = _label_rates(s, c, alpha)
+    if differ and check.min is None and result.verdict is not Verdict.INCONCLUSIVE:
+        why = (
+            f"held: labels reach {_percent(labels['label_rate_stable'])} of the stable's "
+            f"answered requests and {_percent(labels['label_rate_candidate'])} of the "
+            "candidate's, beyond chance; accuracy on them could be biased, so the check "
+            f"waits for the label rates to even out (it would {result.verdict.value})"
+        )
+        detail = result.detail | labels | {"reason": why}
+        return CheckResult(check, Verdict.INCONCLUSIVE, result.value, result.bound, detail)
+    return CheckResult(check, result.verdict, result.value, result.bound, result.detail | labels)
+
+
+def _label_rates(s: VariantEvidence, c: VariantEvidence, alpha: float) -> tuple[Detail, bool]:
+    """Each arm's label rate (requests labelled / requests answered) and whether they
+    differ: the always-valid two-sided interval of candidate − stable lies beyond
+    ±_LABEL_RATE_TOLERANCE × the larger rate."""
+    answered_s, answered_c = s.requests - s.errors, c.requests - c.errors
+    labelled_s = min(s.labelled_requests, answered_s)
+    labelled_c = min(c.labelled_requests, answered_c)
+    rate_s = labelled_s / answered_s if answered_s > 0 else None
+    rate_c = labelled_c / answered_c if answered_c > 0 else None
+    differ = False
+    if rate_s is not None and rate_c is not None and labelled_s + labelled_c:
+        b = difference_sequence(labelled_s, answered_s, labelled_c, answered_c, alpha)
+        tolerance = _LABEL_RATE_TOLERANCE * max(rate_s, rate_c)
+        differ = b.lower > tolerance or b.upper < -tolerance
+    detail: Detail = {
         "label_rate_stable": rate_s,
         "label_rate_candidate": rate_c,
         "label_rates_differ": "yes" if differ else "no",
     }
-    return CheckResult(check, result.verdict, result.value, result.bound, result.detail | labels)
+    return detail, differ
+
+
+def _percent(rate: float | int | str | None) -> str:
+    return f"{float(rate):.1%}" if isinstance(rate, float | int) else "none"
 
 
 def _agreement(check: Check, ev: Evidence, alpha: float) -> CheckResult:
@@ -371,8 +554,20 @@ def _drift(check: Check, ev: Evidence, alpha: float) -> CheckResult:
 
 def _srm(check: Check, ev: Evidence) -> CheckResult:
     w = ev.candidate_weight
-    counts = [ev.stable.routed, ev.candidate.routed]
-    detail: Detail = {"routed_stable": counts[0], "routed_candidate": counts[1], "weight": w}
+    s, c = ev.stable, ev.candidate
+    detail: Detail = {"routed_stable": s.routed, "routed_candidate": c.routed, "weight": w}
+    # The randomisation unit: a sticky split assigns keys, not requests (heavy users
+    # would make healthy request counts "mismatch"); counted units when the windows have them.
+    if s.routed_units is not None and c.routed_units is not None:
+        counts = [s.routed_units, c.routed_units]
+        detail |= {
+            "unit": "first-seen keys",
+            "units_stable": counts[0],
+            "units_candidate": counts[1],
+        }
+    else:
+        counts = [s.routed, c.routed]
+        detail["unit"] = "requests"
     if not 0 < w < 100:
         detail["reason"] = f"no split to check at candidate weight {w}"
         return CheckResult(check, Verdict.INCONCLUSIVE, None, SRM_PVALUE, detail)

@@ -24,14 +24,22 @@ class VariantEvidence:
     requests: int = 0  # completed routed requests
     errors: int = 0  # of those, model errors and timeouts (never bad input)
     routed: int = 0  # requests routed here since the split weights last changed (for SRM)
+    # Randomisation units routed here since then: keys seen for the first time, and
+    # requests without a key (None: not counted, SRM counts requests).
+    routed_units: int | None = None
     latency_threshold: float | None = None  # seconds; frozen by the engine, see checks
     latency_rows: int | None = None  # requests above this many rows are not counted against it
     since_threshold: int = 0  # completed requests since the threshold was set
     over_threshold: int = 0  # of those, slower than the threshold
-    labelled: int = 0  # requests whose feedback label arrived
+    labelled: int = 0  # rows whose feedback label arrived (a batch's rows each count)
     correct: int = 0  # of those, predicted correctly
+    labelled_requests: int = 0  # requests that had labels (the label rate's numerator)
     compared: int = 0  # shadow: requests compared with the primary's answer
     agreed: int = 0  # of those, the same answer
+    # Per configured candidate weight at routing time (0: failed over or mirrored):
+    # (weight, requests, errors, since_threshold, over_threshold), for the conditional
+    # tests (policy/conditional.py). Empty: not known, the totals form one stratum.
+    strata: tuple[tuple[float, int, int, int, int], ...] = ()
     latencies: np.ndarray = field(default_factory=lambda: np.empty(0))  # seconds, recent
     # Each recent request's batch size (rows), aligned with `latencies`; empty: not known.
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint32))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from rollguard.policy.carry import Tally, carry_forward, merged
 from rollguard.policy.checks import evaluate_checks, latency_rows, latency_threshold
 from rollguard.policy.decide import Action, Counts, Decision, apply_action, decide
 from rollguard.policy.decide import observe as candidate_decision
@@ -84,9 +85,15 @@ def restore(
     if state.latency_threshold != saved.latency_threshold:
         reason += "; latency check changed, threshold to be frozen again"
     state = replace(state, weight=routing_weight(rollout, state))
+    # The tests continue: what the last process had counted is carried, and this
+    # process's windows count from zero.
+    if saved.seen is not None:
+        carried = (saved.carried or Tally()).plus(saved.seen)
+        state = replace(state, carried=carried, seen=None)
     effects: list[Effect] = [Save(state)] if state != saved else []
     effects += [
         Audit("restore", ENGINE, {"reason": reason, "state": saved.to_json()}),
+        ResetWindows(),
         SetLatencyThreshold(state.latency_threshold, state.latency_rows),
         _route(rollout, state),
     ]
@@ -100,12 +107,17 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
     the fresher reason, for status pages) is the one to hold.
     """
     effects: list[Effect] = []
+    before = state
+    if not state.phase.terminal:
+        carried, seen = carry_forward(state.carried, state.seen, Tally.of(evidence))
+        state = replace(state, carried=carried, seen=seen)
     check = latency_check(rollout)
     frozen = state.phase.terminal or state.phase is Phase.WAITING
     if state.latency_threshold is None and not frozen and check is not None:
         threshold = latency_threshold(check, evidence.stable)
         if threshold is not None:  # None: stable has too few samples yet
             rows = latency_rows(evidence.stable)
+            state = _without_latency_counts(state)
             state = replace(
                 state, latency_threshold=threshold, threshold_check=_key(check), latency_rows=rows
             )
@@ -122,10 +134,15 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
             ]
     if state.srm_pvalue is not None and state.srm_weight == evidence.candidate_weight:
         evidence = replace(evidence, srm_pvalue_before=state.srm_pvalue)
+    evidence = merged(evidence, state.carried)
     results = evaluate_checks(rollout.spec, evidence)
     decision = decide(rollout, state, results, Counts.of(evidence), now)
     if decision.changed:
         effects += _commit(rollout, decision, "decision", ENGINE)
+    elif (state.carried, state.seen) != (before.carried, before.seen) and not any(
+        isinstance(e, Save) for e in effects
+    ):
+        effects.append(Save(decision.state))  # the tests' counts, for a restart to continue
     return Decided(decision.state, tuple(effects), decision)
 
 
@@ -253,9 +270,20 @@ def _key(check: Check | None) -> str | None:
 
 def _unfreeze_if_stale(state: RolloutState, rollout: Rollout) -> RolloutState:
     """Drop a threshold frozen for a latency check the policy no longer has as it was, or
-    without the request size it counts up to (saved before sizes were frozen with it)."""
+    without the request size it counts up to (saved before sizes were frozen with it),
+    with the counts made against it."""
     if state.latency_threshold is None:
         return state
     if state.threshold_check == _key(latency_check(rollout)) and state.latency_rows is not None:
         return state
+    state = _without_latency_counts(state)
     return replace(state, latency_threshold=None, threshold_check=None, latency_rows=None)
+
+
+def _without_latency_counts(state: RolloutState) -> RolloutState:
+    """The tests' counts less those against a latency threshold (a new one is due)."""
+    return replace(
+        state,
+        carried=state.carried.without_latency() if state.carried is not None else None,
+        seen=state.seen.without_latency() if state.seen is not None else None,
+    )

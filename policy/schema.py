@@ -58,6 +58,7 @@ OnFail = Literal["rollback", "hold", "alert"]
 OnDeadline = Literal["rollback", "hold", "alert"]
 OnUnavailable = Literal["hold", "rollback"]
 PassWhen = Literal["bound", "no_fail"]
+ComparisonTest = Literal["conditional", "msprt"]
 _LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")
 LATENCY_TAIL_ROWS = 10  # stable's window must hold this many requests above its pNN to set T
 
@@ -95,16 +96,28 @@ class Check(_Frozen):
     Bounds (which apply depends on the metric):
       max                  candidate's value must stay at or below (error_rate, latency in s)
       min                  candidate's value must stay at or above (accuracy, agreement)
-      max_ratio_to_stable  latency: candidate pNN at most this times stable's pNN
+      max_ratio_to_stable  latency: with test conditional, the candidate may be slower than
+                           the stable's pNN at most this many times as often as the stable
+                           (PASS); with test msprt, its pNN at most this times stable's
       max_increase_vs_stable  error_rate: candidate minus stable, absolute
       max_drop_vs_stable   accuracy: stable minus candidate, absolute
       threshold            drift: PSI above which a feature has drifted (default 0.25)
     For the sequential checks (error_rate, latency_pNN, accuracy, agreement):
       fail_margin          comparisons with stable: FAIL once the harm is shown above this
-                           (default 0); the practical margin above is what PASS needs
+                           (default 0); the practical margin above is what PASS needs.
+                           Latency (conditional): FAIL once the candidate is shown slower
+                           than T more than 1 + fail_margin times as often as the stable
       pass_when            bound (default): PASS once the always-valid bound of the harm is
                            within the bound; no_fail: PASS once min_samples are in and no
                            FAIL (size min_samples from the FAIL test's power, see README)
+    For comparisons of errors (max_increase_vs_stable) and latency (max_ratio_to_stable):
+      test                 conditional (default): which arm each bad event landed on, given
+                           the candidate's share when it happened; exact under changing
+                           weights and rates drifting in both arms (policy/conditional.py).
+                           msprt: the two-sample mixture SPRT on cumulative counts (errors),
+                           the one-sample exceedance test at ratio x stable's pNN (latency),
+                           as before. An error check with a fail_margin above 0 uses msprt
+                           unless told otherwise (the conditional test FAILs at ratio 1).
     """
 
     metric: str
@@ -120,11 +133,23 @@ class Check(_Frozen):
     on_fail: OnFail = "rollback"
     fail_margin: float | None = Field(default=None, ge=0)
     pass_when: PassWhen = "bound"
+    test: ComparisonTest | None = None
 
     @property
     def percentile(self) -> float | None:
         m = _LATENCY.match(self.metric)
         return float(m.group(1)) if m else None
+
+    @property
+    def comparison_test(self) -> ComparisonTest | None:
+        """The test a comparison with stable runs (None: not such a check)."""
+        if self.metric == "error_rate" and self.max_increase_vs_stable is not None:
+            if self.test is None and self.fail_margin:
+                return "msprt"
+            return self.test or "conditional"
+        if self.percentile is not None and self.max_ratio_to_stable is not None:
+            return self.test or "conditional"
+        return None
 
     @model_validator(mode="after")
     def _bounds_fit_metric(self) -> Check:
@@ -169,13 +194,29 @@ class Check(_Frozen):
             raise ValueError(f"metric {metric!r} needs one of {sorted(allowed)}")
         if self.method is not None and metric != "drift":
             raise ValueError("'method' applies to the drift metric only")
+        if self.test is not None and self.comparison_test is None:
+            raise ValueError(
+                f"metric {metric!r}: 'test' applies to error_rate with max_increase_vs_stable "
+                "and latency_pNN with max_ratio_to_stable only"
+            )
+        if self.test == "conditional" and metric == "error_rate" and self.fail_margin:
+            raise ValueError(
+                f"metric {metric!r}: test 'conditional' FAILs at a rate ratio of 1, so it takes "
+                f"no fail_margin ({self.fail_margin:g}); use test 'msprt' for an absolute one"
+            )
         margin = self.max_increase_vs_stable
         margin = self.max_drop_vs_stable if margin is None else margin
+        if self.percentile is not None and self.max_ratio_to_stable is not None:
+            margin = self.max_ratio_to_stable - 1.0  # latency: excess of the exceedance ratio
+            if self.fail_margin is not None and self.comparison_test == "msprt":
+                raise ValueError(
+                    f"metric {metric!r}: 'fail_margin' applies to test 'conditional' only"
+                )
         if self.fail_margin is not None:
             if margin is None:
                 raise ValueError(
-                    f"metric {metric!r}: 'fail_margin' applies to max_increase_vs_stable and "
-                    "max_drop_vs_stable only"
+                    f"metric {metric!r}: 'fail_margin' applies to max_increase_vs_stable, "
+                    "max_drop_vs_stable and latency's max_ratio_to_stable only"
                 )
             if self.fail_margin > margin:
                 raise ValueError(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from rollguard.policy.carry import Tally
 from rollguard.policy.errors import StateError
 from rollguard.policy.schema import Rollout
 
@@ -77,6 +78,10 @@ class RolloutState:
     # evidence does not vanish once the counts even out or the process restarts.
     srm_pvalue: float | None = None
     srm_weight: float | None = None
+    # The sequential tests' counts (policy/carry.py): what earlier processes counted, and
+    # what this one's windows had counted at the last tick; a restart continues the tests.
+    carried: Tally | None = None
+    seen: Tally | None = None
     reason: str = ""  # the last decision, one line
 
     @classmethod
@@ -114,6 +119,8 @@ class RolloutState:
         data["holding"] = list(self.holding)
         data["alerting"] = list(self.alerting)
         data["ci"] = list(self.ci) if self.ci is not None else None
+        data["carried"] = self.carried.to_json() if self.carried is not None else None
+        data["seen"] = self.seen.to_json() if self.seen is not None else None
         data["format"] = FORMAT
         return data
 
@@ -133,6 +140,9 @@ class RolloutState:
             if fields.get("ci") is not None:
                 low, high = fields["ci"]
                 fields["ci"] = (float(low), float(high))
+            for key in ("carried", "seen"):
+                if fields.get(key) is not None:
+                    fields[key] = Tally.from_json(fields[key])
             return cls(**fields)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"rollout state {data.get('name')!r} is malformed: {exc}") from exc

@@ -1,4 +1,5 @@
-"""The admin port: an aiohttp application for /admin/ (rollouts, actions, audit) and /metrics.
+"""The admin port: an aiohttp application for /admin/ (rollouts, actions, audit), /metrics
+and the rollout dashboard /ui (proxy/dashboard.py), which reads /admin/ with the token.
 
 It binds to loopback by default, apart from the data port, as sidecars users know do
 (Envoy's admin port, Linkerd's 4191, MLServer's and Triton's metrics ports).
@@ -27,6 +28,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from rollguard.proxy import dashboard
 from rollguard.proxy.endpoints import error_response, json_response
 from rollguard.proxy.errors import (
     Forbidden,
@@ -111,6 +113,7 @@ class Admin:
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, _answering(handler), name=None)
+        dashboard.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", _answering(_unmatched))
         app.on_response_prepare.append(_server_header)
         return app

@@ -47,6 +47,9 @@ def _serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "admin_host": args.admin_host,
             "admin_port": args.admin_port,
+            "grpc_host": args.grpc_host,
+            "grpc_port": args.grpc_port,
+            "grpc_enabled": False if args.no_grpc else None,
         },
     )
     from rollguard.proxy.admin import admin_token
@@ -58,10 +61,11 @@ def _serve(args: argparse.Namespace) -> int:
             f"registry directory {settings.registry} does not exist or is not a directory "
             "(--registry, ROLLGUARD_REGISTRY or registry: in the settings file)"
         )
-    for what, host, port in (
-        ("data", settings.host, settings.port),
-        ("admin", settings.admin_host, settings.admin_port),
-    ):
+    ports = [("data", settings.host, settings.port), ("admin", settings.admin_host,
+             settings.admin_port)]  # fmt: skip
+    if settings.grpc_enabled:
+        ports.append(("gRPC", settings.grpc_host or settings.host, settings.grpc_port))
+    for what, host, port in ports:
         _check_port_free(what, host, port)
     logging.basicConfig(
         level=settings.log_level,
@@ -391,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="data port (default 8080; must be free)")
     serve.add_argument("--admin-host", help="admin port address (default 127.0.0.1)")
     serve.add_argument("--admin-port", type=int, help="admin port: /admin, /metrics (8081)")
+    serve.add_argument("--grpc-host", help="gRPC port address (default: the --host address)")
+    serve.add_argument("--grpc-port", type=int, help="V2 gRPC API port (default 8082)")
+    serve.add_argument(
+        "--no-grpc", action="store_true", help="serve no gRPC port (grpc_enabled: false)"
+    )
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser(

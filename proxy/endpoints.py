@@ -9,6 +9,7 @@ Handlers only do HTTP: decode with the codec, call the inference service, encode
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,7 @@ from rollguard import __version__
 from rollguard.proxy.auth import Authenticator, Principal, Scope
 from rollguard.proxy.errors import (
     RETRY_AFTER_S,
+    FeedbackExpired,
     FeedbackUnknown,
     Forbidden,
     MethodNotAllowed,
@@ -66,6 +68,7 @@ _PLATFORM = {
     "torch": "pytorch",
     "sklearn": "sklearn",
     "http": "remote_v2",
+    "grpc": "remote_v2_grpc",
 }
 
 
@@ -201,31 +204,33 @@ class DataPlane:
         """`handler` behind the model's gate: the caller it is given is the principal the
         request's credential proves (None when it brings none, or auth is off)."""
         if self.auth is None and self.limiter is None:
-
-            async def open_route(request: Request, params: Params) -> Response:
-                return await handler(request, params, None)
-
-            return open_route
+            # No gate: the handler itself, without a coroutine in between (a frame per
+            # request on the hot path).
+            return functools.partial(handler, caller=None)
 
         async def guarded(request: Request, params: Params) -> Response:
-            return await handler(request, params, self._admit(request, params["model"], scope))
+            admitted = self.admit(request.headers, request.peer, params["model"], scope)
+            return await handler(request, params, admitted)
 
         return guarded
 
-    def _admit(self, request: Request, model: str, scope: Scope | None) -> Principal | None:
+    def admit(
+        self, headers: Mapping[str, str], peer: str, model: str, scope: Scope | None
+    ) -> Principal | None:
         """Who calls, if anyone can tell, checked against the model's needs and the
-        caller's rate limit; Unauthorized, Forbidden or RateLimited otherwise."""
+        caller's rate limit; Unauthorized, Forbidden or RateLimited otherwise. `headers`
+        by lower-case name (a gRPC call's metadata alike), `peer` the client's address."""
         principal = None
         try:
             if self.auth is not None:
-                principal = self.auth.check(request.headers, scope, model)
+                principal = self.auth.check(headers, scope, model)
             limiter = self.limiter
             if limiter is not None:
                 if principal is not None:
                     limiter.check(principal.name, principal.tier)
                 else:
-                    given = request.headers.get(limiter.header) if limiter.header else None
-                    client = f"header:{given}" if given else f"address:{request.peer}"
+                    given = headers.get(limiter.header) if limiter.header else None
+                    client = f"header:{given}" if given else f"address:{peer}"
                     limiter.check(client, None)
         except (Unauthorized, Forbidden, RateLimited) as exc:
             reason = {Unauthorized: "unauthenticated", Forbidden: "forbidden"}.get(
@@ -293,36 +298,57 @@ class DataPlane:
         start = _ns()
         try:
             parsed = InferRequest.decode(request.body, headers.get(_BINARY_KEY))
-            if parsed.id is not None:
-                request_id = _checked_id(parsed.id)
-            request_id = request_id or self.inference.new_request_id()
-            key = None if pinned else stickiness_key(self.inference.router, model, headers)
-            if self._forward or self._forward_id:
-                parsed.forward = [(n, headers[n]) for n in self._forward if n in headers]
-                if self._forward_id:
-                    parsed.forward.append((REQUEST_ID, request_id))
+            request_id = self.request_id_of(parsed, request_id)
             decoded = _ns()
-            answer = await self.inference.infer(
-                model,
-                parsed,
-                request_id=request_id,
-                key=key,
-                version=pinned,
-                client=caller.name if caller is not None else None,
+            answer = await self.infer_decoded(
+                model, parsed, headers, request_id=request_id, pinned=pinned, caller=caller
             )
             answered = _ns()
             response = _encoded(answer, parsed, model)
             self.inference.stats.succeeded(
                 model, answer.version, parsed.rows(), decoded - start, answered - decoded,
-                _ns() - answered,
+                _ns() - answered, parsed.queue_ns,
             )  # fmt: skip
             return response
         except Exception as exc:
-            self._count_failure(model, exc, start)
+            self.count_failure(model, exc, start)
             return error_response(exc, request_id or self.inference.new_request_id(),
                                   f"POST {request.path}")  # fmt: skip
 
-    def _count_failure(self, model: str, exc: Exception, start: int) -> None:
+    def request_id_of(self, parsed: InferRequest, given: str | None) -> str:
+        """A request's id: its body's, else the one its caller gave, else a new one."""
+        if parsed.id is not None:
+            return _checked_id(parsed.id)
+        return given or self.inference.new_request_id()
+
+    async def infer_decoded(
+        self,
+        model: str,
+        parsed: InferRequest,
+        headers: Mapping[str, str],
+        *,
+        request_id: str,
+        pinned: str | None,
+        caller: Principal | None,
+    ) -> Answer:
+        """What REST and gRPC (proxy/grpc_endpoints.py) share for a decoded infer request:
+        the split's stickiness key and the client headers an upstream gets, both from
+        `headers` (lower-case names; a gRPC call's metadata), then the inference service."""
+        key = None if pinned else stickiness_key(self.inference.router, model, headers)
+        if self._forward or self._forward_id:
+            parsed.forward = [(n, headers[n]) for n in self._forward if n in headers]
+            if self._forward_id:
+                parsed.forward.append((REQUEST_ID, request_id))
+        return await self.inference.infer(
+            model,
+            parsed,
+            request_id=request_id,
+            key=key,
+            version=pinned,
+            client=caller.name if caller is not None else None,
+        )
+
+    def count_failure(self, model: str, exc: Exception, start: int) -> None:
         """A version's own failure in its statistics; bad input is no one's."""
         version = exc.version if isinstance(exc, ServingError) else None
         if version is not None and not isinstance(exc, InvalidInput | UpstreamRejected):
@@ -351,7 +377,7 @@ class DataPlane:
                 client=caller.name if caller is not None else None,
             )
         except Exception as exc:
-            self._count_failure(model, exc, start)
+            self.count_failure(model, exc, start)
             raise
         answered = _ns()
         doc = {
@@ -363,7 +389,7 @@ class DataPlane:
         body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         inference.stats.succeeded(
             model, answer.version, parsed.rows(), decoded - start, answered - decoded,
-            _ns() - answered,
+            _ns() - answered, parsed.queue_ns,
         )  # fmt: skip
         return Response(200, body, JSON, [(REQUEST_ID, request_id), (VARIANT, answer.version)])
 
@@ -372,10 +398,13 @@ class DataPlane:
     ) -> Response:
         """POST /v2/models/{model}/feedback: delayed ground truth, one object or a list.
 
-        A label reaches a request of this model made by the same caller (proxy/feedback.py);
-        the answer lists the ids accepted and the ids unknown, and never which version
-        served a request or whether its answer was right: a labeller learns nothing it
-        could steer a rollout with."""
+        Each object is `{"id": ..., "label": ...}`; `label` is a number or a class name for
+        a one-row request, a list of them (one per row, in order) for a batch. A label
+        reaches a request of this model made by the same caller (proxy/feedback.py); the
+        answer lists the ids accepted, unknown and expired, and never which version served
+        a request or whether its answer was right: a labeller learns nothing it could
+        steer a rollout with. A single object for an id that cannot take a label is a
+        404 (unknown) or 410 (expired)."""
         inference = self.inference
         model = params["model"]
         inference.registry.versions(model)  # 404 for an unknown model
@@ -383,30 +412,28 @@ class DataPlane:
         items = doc if isinstance(doc, list) else [doc]
         if not items:
             raise InvalidInput("feedback list is empty")
-        labels: list[tuple[str, Predicted]] = []
+        labels: list[tuple[str, tuple[Predicted, ...]]] = []
         for i, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("id"), str):
                 raise InvalidInput(f"feedback[{i}]: needs a string 'id'")
-            labels.append((item["id"], _label(item.get("label"), i)))
+            labels.append((item["id"], _labels(item.get("label"), i)))
         client = caller.name if caller is not None else None
-        accepted: list[str] = []
-        unknown: list[str] = []
-        for request_id, label in labels:
-            result = inference.feedback(model, request_id, label, client=client)
-            if result is None:
-                unknown.append(request_id)
-                continue
-            version, correct = result
-            inference.metrics.feedback.labels(
-                model, version, "correct" if correct else "wrong"
-            ).inc()
-            accepted.append(request_id)
-        if not accepted and not isinstance(doc, list):
+        result = inference.feedback(model, labels, client=client)
+        if not isinstance(doc, list) and not result.accepted:
+            request_id = labels[0][0]
+            if result.expired:
+                raise FeedbackExpired(
+                    f"request id {request_id!r} of model {model!r} was forgotten before its "
+                    "label came: the gateway keeps requests for labels within its "
+                    "feedback_capacity and feedback_max_age_s"
+                )
             raise FeedbackUnknown(
-                f"request id {labels[0][0]!r} names no request of model {model!r} from this "
-                "caller that can take a label (unknown, already labelled or forgotten)"
+                f"request id {request_id!r} names no request of model {model!r} from this "
+                "caller that can take a label (unknown or already labelled)"
             )
-        return json_response({"accepted": accepted, "unknown": unknown})
+        return json_response(
+            {"accepted": result.accepted, "unknown": result.unknown, "expired": result.expired}
+        )
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -419,6 +446,11 @@ class DataPlane:
         return json_response({"live": True})
 
     async def ready(self, request: Request, params: Params) -> Response:
+        self.check_ready()
+        return json_response({"ready": True})
+
+    def check_ready(self) -> None:
+        """NotReady saying why unless the gateway is ready to serve (both transports)."""
         if self.draining:
             raise NotReady("shutting down")
         registry = self.inference.registry
@@ -437,7 +469,6 @@ class DataPlane:
                 unready.append(f"{model} {version}")
         if unready and (self.strict_readiness or len(unready) == len(models)):
             raise NotReady(f"upstream not ready: {', '.join(unready)}")
-        return json_response({"ready": True})
 
     async def model_metadata(
         self, request: Request, params: Params, caller: Principal | None
@@ -448,7 +479,7 @@ class DataPlane:
         versions = inference.registry.versions(model)
         version = params.get("version") or inference.primary_version(model)
         manifest = inference.registry.get(model, version).manifest
-        return json_response(_version_metadata(manifest, versions))
+        return json_response(version_metadata(manifest, versions))
 
     async def model_stats(
         self, request: Request, params: Params, caller: Principal | None
@@ -491,10 +522,17 @@ class DataPlane:
 MAX_LABEL_CHARS = 256
 
 
+def _labels(given: Any, i: int) -> tuple[Predicted, ...]:
+    """A feedback item's labels: one label, or a non-empty list of one per row."""
+    if isinstance(given, list):
+        if not given:
+            raise InvalidInput(f"feedback[{i}]: 'label' is an empty list")
+        return tuple(_label(label, i) for label in given)
+    return (_label(given, i),)
+
+
 def _label(label: Any, i: int) -> Predicted:
-    """A feedback label: a number or a class name (a list of one is that one)."""
-    if isinstance(label, list) and len(label) == 1:
-        label = label[0]
+    """A feedback label: a number or a class name."""
     if isinstance(label, str):
         if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
             raise InvalidInput(
@@ -502,7 +540,10 @@ def _label(label: Any, i: int) -> Predicted:
             )
         return label
     if isinstance(label, bool) or not isinstance(label, int | float):
-        raise InvalidInput(f"feedback[{i}]: 'label' must be a number or a class name (string)")
+        raise InvalidInput(
+            f"feedback[{i}]: 'label' must be a number or a class name (string), or a list "
+            "of them, one per row"
+        )
     return float(label)
 
 
@@ -547,7 +588,7 @@ def _encoded(answer: Answer, parsed: InferRequest, model: str) -> Response:
     return Response(200, body, JSON, headers)
 
 
-def _version_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
+def version_metadata(manifest: Manifest, versions: list[str]) -> dict[str, Any]:
     return {
         "name": manifest.name,
         "versions": versions,

@@ -108,6 +108,10 @@ class FeedbackUnknown(ProxyError):
     """A feedback label names a request id the gateway no longer (or never) knew."""
 
 
+class FeedbackExpired(ProxyError):
+    """A feedback label names a request the gateway knew but has forgotten (its bounds)."""
+
+
 class InvalidResponse(ProxyError):
     """An answer with a header HTTP cannot carry; answered 500 instead."""
 
@@ -125,6 +129,7 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Forbidden, 403),
     (RateLimited, 429),
     (FeedbackUnknown, 404),
+    (FeedbackExpired, 410),
     (InvalidResponse, 500),
     (InvalidInput, 400),
     (ModelNotFound, 404),  # VersionNotFound included

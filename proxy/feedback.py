@@ -1,78 +1,158 @@
 """Which recorded request a ground-truth label may reach: the feedback index.
 
-A label names a request by its id, under the model in the feedback URL, from a caller.
-The index keys every recorded request by (model, client, request id), so a label only
-reaches a request of that model made by the same client (`client` is the authenticated
-principal's name, "" for a request that brought no credential): an id from another
-model, or another client's id, is simply unknown. Ids rollguard makes are unguessable
-(proxy/inference.py `RequestIds`); ids clients give may repeat, and a repeated one never
-takes over an entry that can still be labelled: the first request keeps it, and the
-later one is served as usual but cannot be labelled (labels must not land on a request
-their sender did not mean).
+Every answered routed request is remembered here, under (model, client, request id), with
+what a label needs: the version's window, the window's generation when the request was
+recorded, and the prediction of every row of the answer. A label is scored against
+those predictions whenever it arrives, however far the version's ring buffer has moved
+on: at a 5 % split the stable's 2,000-slot window spans seconds, and labels that come
+minutes later must still count for both arms alike.
 
-A preallocated ring remembers insertion order; when it wraps, the oldest entry is
-dropped, so a label for it finds nothing.
+Scope: a label only reaches a request of the model in the feedback URL made by the same
+client (`client` is the authenticated principal's name, "" for a request that brought
+no credential): an id from another model, or another client's id, is simply unknown.
+Ids rollguard makes are unguessable (proxy/inference.py `RequestIds`); ids clients give
+may repeat, and a repeated one never takes over an entry that can still be labelled:
+the first request keeps it, the later one is served as usual but cannot be labelled
+(labels must not land on a request their sender did not mean). Once labelled (or
+forgotten) an id is free again.
+
+Bounds, both settings (proxy/settings.py): the index holds the requests of the last
+`capacity` rows answered (`feedback_capacity`; labelled or not, so memory never depends
+on the label rate; a request of more rows than that is not remembered at all) and none
+older than `max_age_s` (`feedback_max_age_s`); the oldest go first. A request forgotten
+unlabelled leaves a tombstone (its key's hash, no data), at most `capacity` of them, so
+its late label is told "expired" rather than "unknown" while the gateway still remembers
+having forgotten it (a label for an id put again meanwhile reaches the new request).
+
+The hot path is `put`, once per answered request: a tuple, a dict entry and a deque
+entry, no Python object of its own (about 1 µs; the ring buffer it replaces took 0.6).
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from enum import Enum
+
 from rollguard.proxy.windows import VariantWindow
+from rollguard.serving.prediction import Predicted
 
 Key = tuple[str, str, str]  # (model, client or "", request id)
+Rows = tuple[Predicted, ...]  # a request's prediction per row
+# What the index keeps of one request: (window, its generation then, rows, when).
+_Kept = tuple[VariantWindow, int, Rows, float]
+
+
+class Missing(Enum):
+    """Why a key names no request that can take a label."""
+
+    UNKNOWN = "unknown"  # never indexed here, another scope's, or already labelled
+    EXPIRED = "expired"  # indexed, then forgotten unlabelled by the rows or age bound
 
 
 class FeedbackIndex:
-    """(model, client, request id) → (window, seq) for the last `capacity` recorded requests."""
+    """(model, client, request id) → the request's window and row predictions, bounded
+    in rows and age."""
 
-    __slots__ = ("_keys", "_pos", "_seqs", "_slot_of", "_windows", "capacity")
+    __slots__ = ("_clock", "_live", "_order", "_rows", "_tombs", "capacity", "max_age_s")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(
+        self, capacity: int, max_age_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity {capacity!r}: expected at least 1")
+        if not max_age_s > 0:
+            raise ValueError(f"max_age_s {max_age_s!r}: expected a positive number of seconds")
         self.capacity = capacity
-        self._keys: list[Key | None] = [None] * capacity
-        self._windows: list[VariantWindow | None] = [None] * capacity
-        self._seqs: list[int] = [0] * capacity
-        self._slot_of: dict[Key, int] = {}
-        self._pos = 0
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._live: dict[Key, _Kept] = {}  # the requests that can still take a label
+        self._order: deque[tuple[Key, _Kept]] = deque()  # every request held, oldest first
+        self._rows = 0  # rows of the requests in the order, labelled or not
+        self._tombs: OrderedDict[int, None] = OrderedDict()  # key hashes, oldest first
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        """Requests that can take a label now."""
+        return len(self._live)
+
+    @property
+    def held(self) -> int:
+        """Requests held in memory, labelled or not (their rows ≤ capacity)."""
+        return len(self._order)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the requests held (at most `capacity`)."""
+        return self._rows
+
+    @property
+    def tombstones(self) -> int:
+        """Tombstones held (at most `capacity`)."""
+        return len(self._tombs)
 
     def put(
-        self, model: str, client: str | None, request_id: str, window: VariantWindow, seq: int
+        self,
+        model: str,
+        client: str | None,
+        request_id: str,
+        window: VariantWindow,
+        predictions: Rows,
     ) -> bool:
-        """Remember record `seq` of `window` under the key; False (nothing remembered) when
-        the key already names a request that can still be labelled."""
+        """Remember a request's row predictions under the key; False (nothing remembered)
+        when the key already names a request that can still be labelled, or the request
+        has more rows than the index may hold."""
+        now = self._clock()
+        order = self._order
+        if order and order[0][1][3] <= now - self.max_age_s:
+            self._forget_old(now)
         key = (model, client or "", request_id)
-        slot_of = self._slot_of
-        held = slot_of.get(key)
-        if held is not None:
-            earlier = self._windows[held]
-            if earlier is not None and earlier.holds(self._seqs[held]):
-                return False
-            self._keys[held] = self._windows[held] = None  # its record is gone: free the key
-            del slot_of[key]
-        pos = self._pos
-        self._pos = pos + 1 if pos + 1 < self.capacity else 0
-        old = self._keys[pos]
-        if old is not None:  # the oldest entry still indexed: evicted
-            del slot_of[old]
-        self._keys[pos] = key
-        self._windows[pos] = window
-        self._seqs[pos] = seq
-        slot_of[key] = pos
+        live = self._live
+        rows = len(predictions)
+        if key in live or not 0 < rows <= self.capacity:
+            return False
+        kept = (window, window.generation, predictions, now)
+        live[key] = kept
+        order.append((key, kept))
+        self._rows += rows
+        if self._rows > self.capacity:
+            self._forget_old(now)
         return True
 
-    def pop(
+    def find(self, model: str, client: str | None, request_id: str) -> Rows | Missing:
+        """The row predictions of the key's request, left in place (see `take`)."""
+        self._forget_old(self._clock())
+        key = (model, client or "", request_id)
+        kept = self._live.get(key)
+        if kept is None:
+            return Missing.EXPIRED if hash(key) in self._tombs else Missing.UNKNOWN
+        return kept[2]
+
+    def take(
         self, model: str, client: str | None, request_id: str
-    ) -> tuple[VariantWindow, int] | None:
-        """Take the key's (window, seq): None when unknown, evicted or already taken."""
-        pos = self._slot_of.pop((model, client or "", request_id), None)
-        if pos is None:
-            return None
-        window = self._windows[pos]
-        self._windows[pos] = None
-        self._keys[pos] = None
-        assert window is not None  # every indexed slot holds a window
-        return window, self._seqs[pos]
+    ) -> tuple[VariantWindow, int, Rows] | Missing:
+        """Take the key's (window, generation, row predictions) once: a second take of the
+        same request finds it UNKNOWN (one label per request)."""
+        found = self.find(model, client, request_id)
+        if isinstance(found, Missing):
+            return found
+        key = (model, client or "", request_id)
+        window, generation, predictions, _ = self._live.pop(key)
+        self._tombs.pop(hash(key), None)  # an id put again after it was forgotten
+        return window, generation, predictions
+
+    def _forget_old(self, now: float) -> None:
+        """Drop the oldest requests while over the rows bound or past the age bound; one
+        that could still take a label leaves a tombstone."""
+        order, live, tombs = self._order, self._live, self._tombs
+        oldest_kept = now - self.max_age_s
+        while order and (self._rows > self.capacity or order[0][1][3] <= oldest_kept):
+            key, kept = order.popleft()
+            self._rows -= len(kept[2])
+            if live.get(key) is kept:  # not labelled (nor put again after a label)
+                del live[key]
+                buried = hash(key)
+                tombs[buried] = None
+                tombs.move_to_end(buried)  # buried again: the newest
+                if len(tombs) > self.capacity:
+                    tombs.popitem(last=False)

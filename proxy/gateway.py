@@ -31,6 +31,7 @@ from rollguard.proxy.admin import Admin
 from rollguard.proxy.auth import Authenticator
 from rollguard.proxy.capacity import Capacity
 from rollguard.proxy.endpoints import REQUEST_ID, DataPlane, error_response
+from rollguard.proxy.grpc_endpoints import GrpcServer
 from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.limits import RateLimiter
 from rollguard.proxy.load import LoadGauge
@@ -70,7 +71,7 @@ class Gateway:
             timeout_s=settings.request_timeout_s,
         )
         self.metrics.watch_registry(self.registry)
-        self.gauge = LoadGauge()
+        self.gauge = LoadGauge(threshold=settings.shadow_pressure)
         self.shadow = ShadowMirror(
             self.metrics,
             concurrency=settings.shadow_concurrency,
@@ -85,6 +86,7 @@ class Gateway:
             metrics=self.metrics,
             windows=Windows(settings.window, settings.agreement_tolerance),
             feedback_capacity=settings.feedback_capacity,
+            feedback_max_age_s=settings.feedback_max_age_s,
             shadow=self.shadow,
             agreement_tolerance=settings.agreement_tolerance,
             request_ids=RequestIds(),
@@ -122,6 +124,11 @@ class Gateway:
             keepalive_s=settings.keepalive_s,
             capacity=self.capacity,
         )
+        self._grpc = (
+            GrpcServer(plane, max_message_bytes=settings.max_body_bytes)
+            if settings.grpc_enabled
+            else None
+        )
         self._hurry = asyncio.Event()
         self._trimmer: asyncio.Task[None] | None = None
         self._listener: asyncio.Server | None = None
@@ -129,6 +136,7 @@ class Gateway:
         self._admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
+        self.grpc_port = 0  # 0 while gRPC is off
 
     async def start(self) -> None:
         """Load the registry and the policies, then listen on both ports."""
@@ -169,13 +177,21 @@ class Gateway:
             )
             self.admin_port = int(self._admin_listener.sockets[0].getsockname()[1])
             self.rollouts.own_ports.add(self.admin_port)
+            if self._grpc is not None:
+                self.grpc_port = await self._grpc.start(
+                    settings.grpc_host or settings.host, settings.grpc_port
+                )
+                self.rollouts.own_ports.add(self.grpc_port)
         except BaseException:
             await self.close()
             raise
+        grpc_at = (
+            f"{settings.grpc_host or settings.host}:{self.grpc_port}" if self.grpc_port else "off"
+        )
         log.info(
-            "serving %d model(s) from %s on %s:%d (admin %s:%d)",
+            "serving %d model(s) from %s on %s:%d (admin %s:%d, gRPC %s)",
             len(self.registry.models()), settings.registry, settings.host, self.port,
-            settings.admin_host, self.admin_port,
+            settings.admin_host, self.admin_port, grpc_at,
         )  # fmt: skip
 
     async def drain(self) -> None:
@@ -195,10 +211,13 @@ class Gateway:
 
     async def close(self) -> None:
         """Readiness off, stop accepting, let requests in flight finish within the grace
-        period (those still running then are answered 503), then stop the admin port and
-        the services."""
+        period (those still running then are answered 503; gRPC calls are cancelled),
+        then stop the admin port and the services."""
         self.data_plane.draining = self._server.draining = True
         grace = self.settings.shutdown_grace_s
+        grpc_stopped = (
+            asyncio.ensure_future(self._grpc.stop(grace)) if self._grpc is not None else None
+        )
         if self._listener is not None:
             self._listener.close()
             connections = list(self._server.connections)
@@ -220,6 +239,8 @@ class Gateway:
             with contextlib.suppress(TimeoutError):  # let closed connections say so
                 await asyncio.wait_for(self._listener.wait_closed(), 1.0)
             self._listener = None
+        if grpc_stopped is not None:
+            await grpc_stopped
         if self._admin_listener is not None:
             self._admin_listener.close()
             self._admin_listener = None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from rollguard.proxy.feedback import FeedbackIndex
+from rollguard.proxy.feedback import FeedbackIndex, Missing
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.routing import Router, SplitTable
 from rollguard.proxy.shadow import ShadowMirror
@@ -32,7 +32,7 @@ from rollguard.serving.errors import (
 )
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.prediction import Predicted, agree, rows_of
+from rollguard.serving.prediction import NAN, Predicted, Rule, agreeing, rows_of
 from rollguard.serving.registry import LoadedVersion, Registry
 from rollguard.serving.tensors import check_inputs
 
@@ -95,6 +95,7 @@ class Inference:
         metrics: Metrics,
         windows: Windows,
         feedback_capacity: int,
+        feedback_max_age_s: float,
         shadow: ShadowMirror,
         agreement_tolerance: float,
         request_ids: RequestIds,
@@ -104,7 +105,7 @@ class Inference:
         self.router = router
         self.metrics = metrics
         self.windows = windows
-        self.feedback_index = FeedbackIndex(feedback_capacity)
+        self.feedback_index = FeedbackIndex(feedback_capacity, feedback_max_age_s)
         self.shadow = shadow
         self.tolerance = agreement_tolerance
         self._clock = clock
@@ -157,14 +158,20 @@ class Inference:
             else:
                 loaded = self._get(model, version, role)
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
+        # Sample-ratio checks count the split's units: keys when it hashed one.
+        unit = key if table is not None and table.split == "hash" else None
         if failover is not None and table is not None:
             # The split chose the candidate (sample-ratio checks count that); stable answers.
-            self.windows.get(model, version).count_routed()
+            self.windows.get(model, version).count_routed(unit)
             self.metrics.failover(model, version, failover).inc()
             version, role = table.stable, "stable"
         window = self.windows.get(model, version)
         if failover is None:
-            window.count_routed()
+            window.count_routed(unit)
+        # The stratum the conditional tests count this request in (policy/conditional.py):
+        # the configured weight it was routed at, 0 while the candidate's share fails over.
+        routed = table is not None and failover is None and table.failover is None
+        share = table.weight if routed and table is not None else 0.0
         variant = self.metrics.variant(model, version, role)
         # Copies are admitted before the primary runs: a shed one then costs nothing more.
         mirrored = (
@@ -177,7 +184,6 @@ class Inference:
         unloaded = False
         try:
             response = await loaded.runner.predict(request)
-            prediction = response.prediction(loaded.manifest.prediction_rule)
         except NotReady as exc:
             _of_version(exc, version)
             if role != "candidate" or self._still_loaded(model, version, loaded):
@@ -188,16 +194,16 @@ class Inference:
             failure = _of_version(exc, version)
             if isinstance(failure, DeadlineExceeded | UpstreamTimeout):
                 self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504",
-                                     request.rows())  # fmt: skip
+                                     request.rows(), share)  # fmt: skip
             elif isinstance(failure, Overloaded):
                 # The version's own bulkhead is full (or its threads all stuck in calls
                 # past their deadline): it did not answer in time, as far as a client sees.
                 self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "503",
-                                     request.rows())  # fmt: skip
+                                     request.rows(), share)  # fmt: skip
             elif isinstance(failure, ModelExecutionError | UpstreamError):
                 code = "502" if isinstance(failure, UpstreamError) else "500"
                 self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR,
-                                     code, request.rows())  # fmt: skip
+                                     code, request.rows(), share)  # fmt: skip
             if failure is exc:
                 raise
             raise failure from exc
@@ -211,8 +217,10 @@ class Inference:
         latency = self._clock() - start
         width = window.input_width
         row = None if width is None else request.first_row(width)
-        seq = window.record(latency, Outcome.OK, prediction, row, request.rows())
-        self.feedback_index.put(model, client, request_id, window, seq)
+        rows = request.rows()
+        window.record(latency, Outcome.OK, row=row, rows=rows, share=share)
+        predictions = _row_predictions(loaded.manifest.prediction_rule, response, rows)
+        self.feedback_index.put(model, client, request_id, window, predictions)
         variant.answered(latency)
         for shadow_version in mirrored:
             self._mirror(model, shadow_version, request, response, loaded.manifest)
@@ -257,19 +265,49 @@ class Inference:
         return self._get(model, table.stable, "stable"), reason
 
     def feedback(
-        self, model: str, request_id: str, label: Predicted, *, client: str | None = None
-    ) -> tuple[str, bool] | None:
-        """Attach a ground-truth label to request `request_id` of `model` made by `client`
-        (None: a request without a credential); (version, correct), or None when no such
-        request can take a label (unknown, another model's or client's, already labelled)."""
-        found = self.feedback_index.pop(model, client, request_id)
-        if found is None:
-            return None
-        window, seq = found
-        correct = window.feedback(seq, label)
-        if correct is None:
-            return None
-        return window.version, correct
+        self,
+        model: str,
+        labels: Sequence[tuple[str, tuple[Predicted, ...]]],
+        *,
+        client: str | None = None,
+    ) -> Labelled:
+        """Attach ground-truth labels, a label per row, to requests of `model` made by
+        `client` (None: requests without a credential).
+
+        All or nothing for bad input: a label count that is not the request's row count
+        is an InvalidInput naming the count expected, and no label is applied. An id
+        that names no request that can take a label is unknown (never indexed, another
+        model's or client's, already labelled) or expired (forgotten by the index's
+        bounds; counted per model)."""
+        index = self.feedback_index
+        for i, (request_id, given) in enumerate(labels):
+            found = index.find(model, client, request_id)
+            if not isinstance(found, Missing) and len(found) != len(given):
+                rows = len(found)
+                expected = "1 label" if rows == 1 else f"a list of {rows} labels"
+                raise InvalidInput(
+                    f"feedback[{i}]: request {request_id!r} had {rows} row(s): "
+                    f"its label must be {expected}, one per row; got {len(given)}"
+                )
+        result = Labelled()
+        for request_id, given in labels:
+            taken = index.take(model, client, request_id)
+            if taken is Missing.EXPIRED:
+                result.expired.append(request_id)
+                self.metrics.feedback_expired.labels(model).inc()
+                continue
+            if isinstance(taken, Missing):
+                result.unknown.append(request_id)  # a repeat in this call: already taken
+                continue
+            window, generation, predictions = taken
+            counted, correct = window.label(generation, predictions, given)
+            counter = self.metrics.feedback
+            if correct:
+                counter.labels(model, window.version, "correct").inc(correct)
+            if counted > correct:
+                counter.labels(model, window.version, "wrong").inc(counted - correct)
+            result.accepted.append(request_id)
+        return result
 
     def _record_failure(
         self,
@@ -281,9 +319,10 @@ class Inference:
         outcome: Outcome,
         code: str,
         rows: int,
+        share: float = 0.0,
     ) -> None:
         latency = self._clock() - start
-        window.record(latency, outcome, float("nan"), rows=rows)
+        window.record(latency, outcome, rows=rows, share=share)
         self.metrics.variant(model, version, role).failed(code, latency)
 
     def _mirror(
@@ -312,27 +351,51 @@ class Inference:
                     response = await loaded.runner.predict(request)
                 rows = rows_of(loaded.manifest.prediction_rule, response.arrays())
             except (DeadlineExceeded, UpstreamTimeout, TimeoutError):
-                window.record(self._clock() - start, Outcome.TIMEOUT, float("nan"), rows=size)
+                window.record(self._clock() - start, Outcome.TIMEOUT, rows=size)
                 shadow.count(model, version, "timeout")
                 return
             except Exception:  # the shadow's own failure, whatever raised it
-                window.record(self._clock() - start, Outcome.MODEL_ERROR, float("nan"), rows=size)
+                window.record(self._clock() - start, Outcome.MODEL_ERROR, rows=size)
                 shadow.count(model, version, "error")
                 return
             latency = self._clock() - start
             width = window.input_width
             row = None if width is None else request.first_row(width)
-            prediction = response.prediction(loaded.manifest.prediction_rule)
-            window.record(latency, Outcome.OK, prediction, row, size)
+            window.record(latency, Outcome.OK, row=row, rows=size)
             try:
                 primary_rows = rows_of(primary_manifest.prediction_rule, primary.arrays())
             except ServingError:  # the primary's own answer does not convert
                 primary_rows = []
-            agreed = agree(primary_rows, rows, self.tolerance)
-            window.record_comparison(agreed)
+            # Every row is compared: a batch of 64 counts 64 comparisons, as it is 64 answers.
+            compared = max(len(primary_rows), len(rows), 1)
+            window.record_comparison(agreeing(primary_rows, rows, self.tolerance), compared)
             shadow.count(model, version, "ok")
 
         shadow.start(run)
+
+
+@dataclass(slots=True)
+class Labelled:
+    """Which request ids of one feedback call took their labels, and which could not."""
+
+    accepted: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+def _row_predictions(rule: Rule, response: InferResponse, rows: int) -> tuple[Predicted, ...]:
+    """The prediction of each of the request's `rows` rows (NaN where the answer holds
+    none): row 0 straight off the answer for a one-row request, every row read from its
+    arrays for a batch."""
+    if rows == 1:
+        return (response.prediction(rule),)
+    try:
+        found = rows_of(rule, response.arrays())
+    except ServingError:  # an answer that does not convert holds no prediction
+        found = []
+    if len(found) != rows:
+        found = (found + [NAN] * rows)[:rows]
+    return tuple(found)
 
 
 def _validate(manifest: Manifest, request: InferRequest) -> None:

@@ -1,11 +1,37 @@
-"""How busy the gateway is, from CPU time: what decides whether shadow copies are shed."""
+"""How busy the gateway itself is, from its own CPU time: what decides whether shadow copies
+are shed.
+
+Pressure is measured where the gateway can feel it, never host-wide: a sidecar shares its
+node with work that is none of its business, and a busy neighbour must not stop a shadow
+rollout from mirroring. Three signals, sampled every `period_s` on the event loop:
+
+- `event_loop`: the loop thread's CPU time, as a share of one core. The loop reads,
+  routes, encodes and runs inline models for every request; near a whole core, requests
+  queue behind each other and a copy would make them wait longer.
+- `process`: the whole process's CPU time (model threads included), as a share of the
+  cores it may run on (`sched_getaffinity`).
+- `cgroup`: the CPU quota of the gateway's own cgroup (cgroup v2 `cpu.max` and
+  `cpu.stat`; v1's `cpu.cfs_quota_us` and `cpuacct.usage` where only v1 is mounted):
+  usage as a share of the quota, or any throttled period. Without a quota there is no
+  such limit to run into, and the signal stays 0 (the root cgroup, where a plain VM's
+  processes live, is the whole host: not the gateway's own).
+
+The gateway is under pressure while any signal is at or above `threshold` (0.9). The hot
+path reads `busy` only; sampling costs a few clock reads and, with a quota, two small
+file reads per period.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+SIGNALS = ("event_loop", "process", "cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def usable_cores() -> int:
@@ -15,68 +41,121 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-PROC_STAT = Path("/proc/stat")
+@dataclass(frozen=True, slots=True)
+class CpuQuota:
+    """Where one cgroup's CPU usage, quota and throttling are read."""
+
+    usage: Path  # v2 cpu.stat (usage_usec) or v1 cpuacct.usage (ns)
+    throttling: Path | None  # v2 cpu.stat (nr_throttled) or v1 cpu.stat
+    limit: Path  # v2 cpu.max or v1 cpu.cfs_quota_us
+    period: Path | None  # v1 cpu.cfs_period_us (v2 keeps it in cpu.max)
+    v2: bool
+
+    def cores(self) -> float | None:
+        """The quota in cores, or None when there is none ("max", -1, unreadable)."""
+        try:
+            text = self.limit.read_text().split()
+            if self.v2:
+                if not text or text[0] == "max":
+                    return None
+                quota, period = float(text[0]), float(text[1]) if len(text) > 1 else 100_000.0
+            else:
+                quota = float(text[0])
+                period = float(self.period.read_text()) if self.period is not None else 100_000.0
+        except (OSError, ValueError, IndexError):
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+
+    def read(self) -> tuple[float, int] | None:
+        """(CPU seconds used, throttled periods) so far; None when unreadable."""
+        try:
+            if self.v2:
+                stat = _fields(self.usage.read_text())
+                return stat["usage_usec"] / 1e6, int(stat.get("nr_throttled", 0))
+            used = int(self.usage.read_text()) / 1e9
+            throttled = 0
+            if self.throttling is not None:
+                throttled = int(_fields(self.throttling.read_text()).get("nr_throttled", 0))
+            return used, throttled
+        except (OSError, ValueError, KeyError):
+            return None
 
 
-def host_cpu_times(path: Path = PROC_STAT) -> tuple[float, float] | None:
-    """(busy, total) jiffies of the whole host from /proc/stat; None where it is absent."""
+def _fields(text: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value:
+            found[key] = float(value)
+    return found
+
+
+def own_cgroup(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT
+) -> CpuQuota | None:
+    """This process's cgroup with a CPU controller, v2 first, then v1; None in the root
+    cgroup (the whole host) or where neither is mounted."""
     try:
-        with path.open("rb") as f:
-            fields = f.readline().split()
+        lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
-    if len(fields) < 5 or fields[0] != b"cpu":
+    v1: str | None = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and path not in ("", "/"):
+            directory = root / path.lstrip("/")
+            if (directory / "cpu.max").exists():
+                stat = directory / "cpu.stat"
+                return CpuQuota(stat, stat, directory / "cpu.max", None, v2=True)
+        if "cpu" in controllers.split(",") and path not in ("", "/"):
+            v1 = path
+    if v1 is None:
         return None
-    ticks = [float(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0.0)
-    return sum(ticks) - idle, sum(ticks)
-
-
-def host_busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
-    """Share of the host's CPU time that was busy between two `host_cpu_times` readings."""
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total if total > 0 else 0.0
+    for cpu_dir, acct_dir in (("cpu,cpuacct", "cpu,cpuacct"), ("cpu", "cpuacct")):
+        cpu = root / cpu_dir / v1.lstrip("/")
+        acct = root / acct_dir / v1.lstrip("/")
+        if (cpu / "cpu.cfs_quota_us").exists() and (acct / "cpuacct.usage").exists():
+            return CpuQuota(
+                acct / "cpuacct.usage",
+                cpu / "cpu.stat",
+                cpu / "cpu.cfs_quota_us",
+                cpu / "cpu.cfs_period_us",
+                v2=False,
+            )
+    return None
 
 
 class LoadGauge:
-    """Whether the gateway is busy, from CPU time sampled every `period_s` on the loop.
-
-    Busy means the event loop thread used at least `loop_busy` of one core over the last
-    period (inline models, codecs, HTTP), or the whole process at least `cpu_busy` of
-    every usable core (models on executor threads), or the host at least `host_busy` of
-    all its CPUs (a sidecar shares its machine with the model servers it fronts, and a
-    shadow copy sent to one of them takes CPU from the primary's). Sampling costs a few
-    clock reads and one read of /proc/stat per period; the hot path only reads `busy`.
-    """
+    """Whether the gateway is under CPU pressure, sampled every `period_s` on the loop."""
 
     def __init__(
         self,
         *,
         period_s: float = 0.1,
-        loop_busy: float = 0.6,
-        cpu_busy: float = 0.8,
-        host_busy: float = 0.9,
+        threshold: float = 0.9,
         cores: int | None = None,
-        proc_stat: Path = PROC_STAT,
+        cgroup: CpuQuota | Literal["own"] | None = "own",
     ) -> None:
+        """`cgroup`: where to read the quota ("own": this process's own cgroup; None: no
+        cgroup signal)."""
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"pressure threshold must be within (0, 1], got {threshold}")
         self.period_s = period_s
-        self.loop_busy = loop_busy
-        self.cpu_busy = cpu_busy
-        self.host_busy = host_busy
-        self.host_share = 0.0  # of the whole host's CPU, last period
-        self._proc_stat = proc_stat
-        self._host: tuple[float, float] | None = None
+        self.threshold = threshold
         self.cores = cores or usable_cores()
+        self.cgroup: CpuQuota | None = own_cgroup() if isinstance(cgroup, str) else cgroup
         self.busy = False
-        self.loop_share = 0.0  # of one core, last period
-        self.cpu_share = 0.0  # of all usable cores, last period
+        self.shares = dict.fromkeys(SIGNALS, 0.0)  # last period's, each of its own limit
+        self.busy_periods = 0  # periods sampled under pressure, since start
+        self.periods = 0
         self._handle: asyncio.TimerHandle | None = None
         self._last = (0.0, 0.0, 0.0)
+        self._last_cgroup: tuple[float, int] | None = None
 
     def start(self) -> None:
         """Begin sampling; call on the event loop thread (thread_time is per thread)."""
         self._last = (time.monotonic(), time.thread_time(), time.process_time())
-        self._host = host_cpu_times(self._proc_stat)
+        self._last_cgroup = self.cgroup.read() if self.cgroup is not None else None
         self._handle = asyncio.get_running_loop().call_later(self.period_s, self._sample)
 
     def stop(self) -> None:
@@ -89,16 +168,24 @@ class LoadGauge:
         now = (time.monotonic(), time.thread_time(), time.process_time())
         wall = now[0] - self._last[0]
         if wall > 0:
-            self.loop_share = (now[1] - self._last[1]) / wall
-            self.cpu_share = (now[2] - self._last[2]) / wall / self.cores
-        host = host_cpu_times(self._proc_stat) if self._host is not None else None
-        if host is not None and self._host is not None:
-            self.host_share = host_busy_share(self._host, host)
-        self._host = host
-        self.busy = (
-            self.loop_share >= self.loop_busy
-            or self.cpu_share >= self.cpu_busy
-            or self.host_share >= self.host_busy
-        )
+            self.shares["event_loop"] = (now[1] - self._last[1]) / wall
+            self.shares["process"] = (now[2] - self._last[2]) / wall / self.cores
+            self.shares["cgroup"] = self._cgroup_share(wall)
         self._last = now
+        self.busy = max(self.shares.values()) >= self.threshold
+        self.periods += 1
+        self.busy_periods += self.busy
         self._handle = asyncio.get_running_loop().call_later(self.period_s, self._sample)
+
+    def _cgroup_share(self, wall: float) -> float:
+        """Usage over the last period as a share of the quota; 1.0 when throttled."""
+        if self.cgroup is None:
+            return 0.0
+        reading, last = self.cgroup.read(), self._last_cgroup
+        self._last_cgroup = reading
+        quota = self.cgroup.cores()
+        if reading is None or last is None or quota is None:
+            return 0.0
+        if reading[1] > last[1]:
+            return 1.0  # the quota ran out within a period: the kernel stopped us
+        return (reading[0] - last[0]) / wall / quota

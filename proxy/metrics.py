@@ -239,8 +239,15 @@ class Metrics:
         )
         self.feedback = Counter(
             "rollguard_feedback_labels",
-            "Ground-truth labels received, by whether they matched.",
+            "Ground-truth labels received, a row each, by whether they matched.",
             ["model", "version", "result"],
+            registry=r,
+        )
+        self.feedback_expired = Counter(
+            "rollguard_feedback_expired_labels",
+            "Labels for requests the feedback index had forgotten (its feedback_capacity "
+            "or feedback_max_age_s bound), answered 410.",
+            ["model"],
             registry=r,
         )
         self.decisions = Counter(

@@ -43,6 +43,7 @@ class GatewayProcess:
         log: Path,
         port: int | None = None,
         admin_port: int | None = None,
+        grpc_port: int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         drain_delay_s: float = 0.0,
@@ -58,6 +59,7 @@ class GatewayProcess:
         self.admin_token = base.get("ROLLGUARD_ADMIN_TOKEN") or None
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
+        self.grpc_port = grpc_port or free_port()  # the V2 gRPC API
         self.url = f"http://127.0.0.1:{self.port}"  # the data port
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         self.log = log
@@ -65,7 +67,7 @@ class GatewayProcess:
             sys.executable, "-m", "rollguard.proxy.cli", "serve",
             "--registry", str(registry), "--policies", str(policies), "--state", str(state),
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--admin-port", str(self.admin_port),
+            "--admin-port", str(self.admin_port), "--grpc-port", str(self.grpc_port),
         ]  # fmt: skip
         with log.open("ab") as out:
             self.proc = subprocess.Popen(

@@ -20,7 +20,14 @@ from rollguard.policy.verdict import Verdict
 # that are exported, each as a `statistic` label: a fixed set, so cardinality is bounded.
 STATISTICS = ("value", "bound", "ci_lower", "ci_upper", "pvalue", "alpha")
 # Why a check is inconclusive, as a few fixed words (the full reason is in /admin).
-REASONS = ("too_few_samples", "no_split", "reference_mismatch", "not_frozen", "undecided")
+REASONS = (
+    "too_few_samples",
+    "no_split",
+    "reference_mismatch",
+    "not_frozen",
+    "label_rates_differ",
+    "undecided",
+)
 
 
 def inconclusive_reason(text: str) -> str:
@@ -33,6 +40,8 @@ def inconclusive_reason(text: str) -> str:
         return "reference_mismatch"
     if "not frozen" in text:
         return "not_frozen"
+    if text.startswith("held: labels reach"):  # policy/checks.py, accuracy
+        return "label_rates_differ"
     return "undecided"
 
 

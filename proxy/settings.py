@@ -50,6 +50,11 @@ class Settings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)  # the data port
     admin_host: str = "127.0.0.1"  # admin and /metrics: loopback unless opened on purpose
     admin_port: int = Field(default=8081, ge=0, le=65535)
+    # The V2 gRPC API (proxy/grpc_endpoints.py) on a port of its own; grpc_host unset:
+    # `host`. grpc_enabled false: no gRPC listener.
+    grpc_enabled: bool = True
+    grpc_host: str | None = None
+    grpc_port: int = Field(default=8082, ge=0, le=65535)
     registry: Path = Path("registry")
     policies: Path = Path("policies")
     state: Path = Path(".rollguard")
@@ -84,11 +89,18 @@ class Settings(BaseModel):
     policy_poll_s: float = Field(default=2.0, gt=0)
     failover_poll_s: float = Field(default=0.25, gt=0)  # rollouts re-read candidates' availability
     window: int = Field(default=2000, ge=10)  # per-variant ring buffer, when no policy says
+    # The feedback index (proxy/feedback.py): rows of predictions remembered for labels,
+    # about 0.4 KB a one-row request, and for how long; older labels are answered 410.
     feedback_capacity: int = Field(default=100_000, ge=100)
+    feedback_max_age_s: float = Field(default=86_400.0, gt=0)
     shadow_queue: int = Field(default=256, ge=0)
     shadow_concurrency: int = Field(default=8, ge=1)
     shadow_timeout_s: float = Field(default=5.0, gt=0)
-    shadow_budget: float = Field(default=0.01, ge=0, le=1)  # copies per primary while busy
+    # Shadow copies are shed only while the gateway's own event loop, process or cgroup
+    # CPU quota is at `shadow_pressure` or above (proxy/load.py); then `shadow_budget`
+    # copies per primary still go.
+    shadow_budget: float = Field(default=0.5, ge=0, le=1)
+    shadow_pressure: float = Field(default=0.9, gt=0, le=1)
     agreement_tolerance: float = Field(default=1e-6, ge=0)
     # Client headers an http upstream gets with a forwarded request (x-request-id: the
     # request's id, the client's or rollguard's); Authorization only when opted in.

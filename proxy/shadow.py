@@ -1,26 +1,50 @@
-"""Fire-and-forget shadow traffic: tracked tasks behind a bounded queue, shed under load.
+"""Fire-and-forget shadow traffic: tracked tasks behind a bounded queue, shed only under
+the gateway's own CPU pressure.
 
 Like Envoy's request mirroring, the client never waits for a shadow: `admit` and `start`
-return at once. Two things bound what shadows may cost the primaries:
+return at once. A shadow version configured at 100 % gets a copy of every request
+whenever there is room for it. Two things bound what shadows may cost the primaries:
 
-- a copy that does not fit the queue is dropped and counted (`dropped`), never queued
-  without bound;
-- while the gateway is busy (its event loop thread, its process or the host it shares
-  with its upstreams near CPU saturation: `LoadGauge`), at most `budget` shadow copies
-  per primary request are admitted and the rest are shed and counted (`shed`). An idle
-  or lightly loaded gateway mirrors everything; a saturated one spends at most that share
-  of its work on shadows, so the primary is never the one that slows down.
+- a copy that does not fit the queue (`concurrency` running, `queue` waiting) is dropped
+  and counted (`dropped`), never queued without bound;
+- while the gateway is under CPU pressure (`LoadGauge`, proxy/load.py: its event loop
+  thread, its process or its cgroup's CPU quota at `shadow_pressure` or above; never
+  the host's load), at most `budget` copies per primary request are admitted and the
+  rest are shed and counted (`shed`).
+
+What a copy costs: the request decoded once for the primary is the one the shadow
+version gets (an upstream gets the client's own bytes, never a second encode, over the
+pooled connections of its runner), and the call takes the version's shadow lane of its
+bulkhead (serving/bulkhead.py), never a slot or a thread a client's request could use.
+
+Exported per (model, shadow version), beside `rollguard_shadow_requests_total`:
+`rollguard_shadow_mirrored_ratio` (copies started over copies wanted, since start) and,
+for the gateway, `rollguard_shadow_pressure_ratio{signal}` (last sample),
+`rollguard_shadow_pressure_threshold_ratio`, `rollguard_shadow_shedding` (1 while under
+pressure) and `rollguard_shadow_budget_ratio`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from rollguard.proxy.load import LoadGauge
+from rollguard.proxy.load import SIGNALS, LoadGauge
 from rollguard.proxy.metrics import Metrics
+
+
+class _Copies:
+    """One (model, shadow version)'s copies: wanted, and started (admitted)."""
+
+    __slots__ = ("started", "wanted")
+
+    def __init__(self) -> None:
+        self.wanted = 0
+        self.started = 0
 
 
 class ShadowMirror:
@@ -36,8 +60,9 @@ class ShadowMirror:
         budget: float,
         gauge: LoadGauge | None,
     ) -> None:
-        """`budget`: shadow copies admitted per primary request while `gauge` says busy
-        (1.0: never shed for load). Without a gauge nothing is shed for load."""
+        """`budget`: shadow copies admitted per primary request while `gauge` says the
+        gateway is under pressure (1.0: never shed for load). Without a gauge nothing is
+        shed for load."""
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"shadow budget must be within [0, 1], got {budget}")
         self._metrics = metrics
@@ -47,14 +72,22 @@ class ShadowMirror:
         self.timeout_s = timeout_s
         self.budget = budget
         self.gauge = gauge
-        self._credit = 0.0  # copies that may still be admitted while busy
+        self._credit = 0.0  # copies that may still be admitted under pressure
         self._children: dict[tuple[str, str, str], Counter] = {}
+        self.copies: dict[tuple[str, str], _Copies] = {}
         self.dropped = 0
         self.shed = 0
+        metrics.registry.register(_ShadowCollector(self))
 
     @property
     def pending(self) -> int:
         return len(self._tasks)
+
+    def mirrored_share(self, model: str, version: str) -> float:
+        """Copies started over copies wanted for `version` of `model`, since start (1.0
+        before any was wanted)."""
+        found = self.copies.get((model, version))
+        return found.started / found.wanted if found is not None and found.wanted else 1.0
 
     def admit(self, model: str, version: str) -> bool:
         """Whether a copy of the next primary may go to `version`; False is counted.
@@ -62,6 +95,10 @@ class ShadowMirror:
         Asked before the primary runs, so that a shed copy costs nothing else: no
         conversion of the primary's outputs for comparison, no task.
         """
+        copies = self.copies.get((model, version))
+        if copies is None:
+            copies = self.copies[(model, version)] = _Copies()
+        copies.wanted += 1
         gauge = self.gauge
         if gauge is not None and gauge.busy and self.budget < 1.0:
             # Every primary earns `budget` of a copy; a whole one is spent per admission.
@@ -76,6 +113,7 @@ class ShadowMirror:
             self.dropped += 1
             self.count(model, version, "dropped")
             return False
+        copies.started += 1
         return True
 
     def start(self, run: Callable[[], Awaitable[None]]) -> None:
@@ -109,3 +147,53 @@ class ShadowMirror:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class _ShadowCollector(Collector):
+    """The mirror's shares and the shed decision's inputs, read at scrape time."""
+
+    def __init__(self, mirror: ShadowMirror) -> None:
+        self._mirror = mirror
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked: the families depend on what was mirrored
+
+    def collect(self) -> Iterator[Metric]:
+        mirror = self._mirror
+        share = GaugeMetricFamily(
+            "rollguard_shadow_mirrored_ratio",
+            "Shadow copies started over copies wanted (100 % shadows: every routed request), "
+            "since start; the rest were shed under pressure or dropped on a full queue.",
+            labels=["model", "version"],
+        )
+        for (model, version), copies in sorted(mirror.copies.items()):
+            share.add_metric([model, version], copies.started / copies.wanted)
+        yield share
+        gauge = mirror.gauge
+        if gauge is None:
+            return
+        pressure = GaugeMetricFamily(
+            "rollguard_shadow_pressure_ratio",
+            "CPU pressure the shed decision reads, last sample, each as a share of its own "
+            "limit: event_loop (one core), process (usable cores), cgroup (its CPU quota; "
+            "0 without one).",
+            labels=["signal"],
+        )
+        for signal in SIGNALS:
+            pressure.add_metric([signal], gauge.shares[signal])
+        yield pressure
+        yield GaugeMetricFamily(
+            "rollguard_shadow_pressure_threshold_ratio",
+            "Pressure at or above which shadow copies are shed to the budget (shadow_pressure).",
+            value=gauge.threshold,
+        )
+        yield GaugeMetricFamily(
+            "rollguard_shadow_shedding",
+            "1 while the gateway is under CPU pressure and sheds shadow copies, else 0.",
+            value=float(gauge.busy and mirror.budget < 1.0),
+        )
+        yield GaugeMetricFamily(
+            "rollguard_shadow_budget_ratio",
+            "Shadow copies admitted per primary request while shedding (shadow_budget).",
+            value=mirror.budget,
+        )

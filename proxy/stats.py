@@ -11,9 +11,11 @@ answer `{"model_stats": [...]}`, one object per version that has answered, as
 
 What rollguard measures for each phase of a request to a version:
 - `compute_input`: reading the request (decoding the body, checking it);
-- `compute_infer`: the version's call as routing makes it, including any wait for the
-  version's own bulkhead slot (rollguard has no scheduler queue in front of a version,
-  so `queue` counts requests with no time);
+- `queue`: waiting for a slot of the version's own bulkhead (serving/bulkhead.py: its
+  `version_concurrency` calls run at once, up to `version_queue` more wait), 0 when a
+  slot was free, plus, for a version with `batching`, waiting for its batch to start
+  (serving/batching.py, up to `max_delay_ms`);
+- `compute_infer`: the version's call as routing makes it, after its queue;
 - `compute_output`: encoding the answer;
 - `success`: all of it, for requests the version answered; `fail`: the same for those
   that failed in the version (its error, timeout or upstream failure). A request refused
@@ -116,19 +118,38 @@ class Statistics:
         return found
 
     def succeeded(
-        self, model: str, version: str, rows: int, input_ns: int, infer_ns: int, output_ns: int
+        self,
+        model: str,
+        version: str,
+        rows: int,
+        input_ns: int,
+        infer_ns: int,
+        output_ns: int,
+        queue_ns: int = 0,
     ) -> None:
-        stats = self._of(model, version)
-        stats.success.add(input_ns + infer_ns + output_ns)
-        stats.queue.add(0)
-        stats.phases.add(input_ns, infer_ns, output_ns)
+        """One answered request; `infer_ns` is the version's call as routing made it, of
+        which `queue_ns` waiting for a slot of the version (InferRequest.queue_ns)."""
+        # On every answered request: the counters are bumped inline, not a method call each.
+        stats = self._versions.get((model, version)) or self._of(model, version)
+        success = stats.success
+        success.count += 1
+        success.ns += input_ns + infer_ns + output_ns
+        stats.queue.count += 1
+        stats.queue.ns += queue_ns
+        infer_ns -= queue_ns  # Triton's compute_infer excludes the queue
         batches = stats.batches
         phases = batches.get(rows)
         if phases is None:
             if len(batches) >= MAX_BATCH_SIZES:
                 rows = max(batches)
             phases = batches.setdefault(rows, _Phases())
-        phases.add(input_ns, infer_ns, output_ns)
+        for p in (stats.phases, phases):
+            p.compute_input.count += 1
+            p.compute_input.ns += input_ns
+            p.compute_infer.count += 1
+            p.compute_infer.ns += infer_ns
+            p.compute_output.count += 1
+            p.compute_output.ns += output_ns
         stats.rows += rows
         stats.executions += 1
         stats.last_ms = self._wall_ms()

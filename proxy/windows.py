@@ -1,4 +1,5 @@
-"""Per-variant ring-buffer windows and counters (the feedback index is proxy/feedback.py).
+"""Per-variant ring-buffer windows and counters (labels reach them through the feedback
+index, proxy/feedback.py, which remembers each request's predictions).
 
 Owned by the event loop: `record` and friends run on the request path without locks;
 `evidence()` is the one allocating call, made by the policy loop every few seconds.
@@ -6,7 +7,8 @@ Owned by the event loop: `record` and friends run on the request path without lo
 
 from __future__ import annotations
 
-import math
+import itertools
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
 
@@ -16,6 +18,10 @@ from rollguard.policy.evidence import VariantEvidence
 from rollguard.serving.prediction import Predicted, is_missing, matches
 
 _ANY_SIZE = 2**32 - 1  # the largest row count kept (uint32); "no size limit"
+_KEY_BITS = 2**24  # first-seen keys for sample-ratio checks: a 2 MiB bit set per window
+# Every reset of every window gets its own generation, so a label for a request recorded
+# before a reset (or in a window since replaced) is told apart from a current one.
+_GENERATIONS = itertools.count(1)
 
 
 class Outcome(IntEnum):
@@ -29,9 +35,9 @@ class Outcome(IntEnum):
 class VariantWindow:
     """The last `size` requests of one version, plus counters since the last reset.
 
-    Slot `seq % size` holds record `seq`; a parallel array of the seq in each slot lets
-    late feedback tell whether its request is still there. Counters cover every
-    record since `reset()` even after the window has wrapped.
+    Slot `seq % size` holds record `seq`. Counters cover every record since `reset()`
+    even after the window has wrapped; labels are counted whenever they arrive, as long
+    as their request was recorded in the current generation (since the last reset).
     """
 
     def __init__(
@@ -50,13 +56,10 @@ class VariantWindow:
         self._latency = np.zeros(size, dtype=np.float64)
         self._outcome = np.zeros(size, dtype=np.uint8)
         self._rows = np.ones(size, dtype=np.uint32)  # each request's batch size
-        # A number or a class name per record (NaN: none); a list, since names are str.
-        self._prediction: list[Predicted] = [math.nan] * size
-        self._seqs = np.full(size, -1, dtype=np.int64)  # -1: empty, or its label consumed
         self._inputs = None if input_width is None else np.zeros((size, input_width), np.float32)
         self._has_row = None if input_width is None else np.zeros(size, dtype=np.bool_)
         self._next = 0  # the seq the next record gets; never reset
-        self._epoch = 0  # first seq counted since the last reset()
+        self.generation = 0  # set by reset(): labels of older requests are not counted
         self._threshold: float | None = None
         self._threshold_rows: int = _ANY_SIZE  # larger requests are not counted against it
         self.reset()
@@ -64,15 +67,19 @@ class VariantWindow:
 
     def reset(self) -> None:
         """Zero the counters (a rollout begins); the recent samples stay."""
-        self._epoch = self._next
+        self.generation = next(_GENERATIONS)
         self._requests = self._errors = 0
-        self._labelled = self._correct = 0
+        # Per configured candidate weight at routing time: [requests, errors, requests
+        # counted against the latency threshold, of those slower] (policy/conditional.py).
+        self._strata: dict[float, list[int]] = {}
+        self._labelled = self._correct = self._labelled_requests = 0
         self._compared = self._agreed = 0
         self._since_threshold = self._over_threshold = 0
 
     def reset_routed(self) -> None:
-        """Zero the routed count: the split weights just changed (sample-ratio checks)."""
-        self._routed = 0
+        """Zero the routed counts: the split weights just changed (sample-ratio checks)."""
+        self._routed = self._routed_units = 0
+        self._seen_keys: np.ndarray | None = None
 
     def set_latency_threshold(self, seconds: float | None, rows: int | None = None) -> None:
         """Count requests slower than `seconds` from now on (None stops counting), among
@@ -85,20 +92,43 @@ class VariantWindow:
         self._threshold = seconds
         self._threshold_rows = _ANY_SIZE if rows is None else rows
         self._since_threshold = self._over_threshold = 0
+        for counts in self._strata.values():
+            counts[2] = counts[3] = 0
 
-    def count_routed(self) -> None:
+    def count_routed(self, key: str | None = None) -> None:
+        """One request routed here; `key`: its stickiness key, when the split hashed one.
+
+        A sticky split randomises keys, not requests, so sample-ratio checks count units:
+        each key the first time it is routed here since the split changed, and each
+        request without a key. First sight is kept in a 2**24-bit set indexed by the
+        process's own string hash; a new key whose bit another key already set is not
+        counted, which thins both arms alike (the hash is independent of the split's)."""
         self._routed += 1
+        if key is None:
+            self._routed_units += 1
+            return
+        seen = self._seen_keys
+        if seen is None:
+            seen = self._seen_keys = np.zeros(_KEY_BITS // 8, dtype=np.uint8)
+        h = hash(key) & (_KEY_BITS - 1)
+        byte, bit = h >> 3, 1 << (h & 7)
+        if not seen[byte] & bit:
+            seen[byte] |= bit
+            self._routed_units += 1
 
     def record(
         self,
         latency_s: float,
         outcome: int,
-        prediction: Predicted,
+        *,
         row: np.ndarray | None = None,
         rows: int = 1,
+        share: float = 0.0,
     ) -> int:
-        """Store one completed request of `rows` rows; returns its sequence number for
-        feedback."""
+        """Store one completed request of `rows` rows (`row`: its first input row, for
+        drift); returns its sequence number. `share`: the candidate's configured percent
+        when the request was routed (0 when its share failed over to the stable, or for
+        a mirrored copy): the stratum the conditional tests count it in."""
         seq = self._next
         self._next = seq + 1
         i = seq % self.size
@@ -107,52 +137,53 @@ class VariantWindow:
         if not 1 <= rows < _ANY_SIZE:  # an empty batch is one request's worth of rows
             rows = 1 if rows < 1 else _ANY_SIZE
         self._rows[i] = rows
-        self._prediction[i] = prediction
-        self._seqs[i] = seq
         if self._inputs is not None and self._has_row is not None:
             self._has_row[i] = row is not None
             if row is not None:
                 self._inputs[i] = row
         self._requests += 1
+        stratum = self._strata.get(share)
+        if stratum is None:
+            stratum = self._strata[share] = [0, 0, 0, 0]
+        stratum[0] += 1
         if outcome:
             self._errors += 1
+            stratum[1] += 1
         threshold = self._threshold
         if threshold is not None and rows <= self._threshold_rows:
             self._since_threshold += 1
+            stratum[2] += 1
             if latency_s > threshold:
                 self._over_threshold += 1
+                stratum[3] += 1
         return seq
 
-    def holds(self, seq: int) -> bool:
-        """Whether record `seq` can still take a label (in the window, not labelled yet)."""
-        return seq >= 0 and bool(self._seqs[seq % self.size] == seq)
+    def label(
+        self, generation: int, predictions: Sequence[Predicted], labels: Sequence[Predicted]
+    ) -> tuple[int, int]:
+        """Count one request's labels, a label per row against the row's prediction as the
+        request was answered: (rows counted, rows correct).
 
-    def feedback(self, seq: int, label: Predicted) -> bool | None:
-        """Whether the prediction of record `seq` matched `label`; None if it is gone.
-
-        A record is gone once its slot is overwritten or it already took a label, so a
-        label never lands on the wrong request or twice. Records without a prediction
-        (errors) and records from before the last reset() answer but are not counted:
-        errors already weigh in the error rate, and old labels belong to an old rollout.
-        """
-        if seq < 0:
-            return None
-        i = seq % self.size
-        if self._seqs[i] != seq:
-            return None
-        self._seqs[i] = -1
-        prediction = self._prediction[i]
-        if is_missing(prediction):
-            return False
-        correct = matches(prediction, label, self.tol)
-        if seq >= self._epoch:
-            self._labelled += 1
+        Rows without a prediction count nothing (an answer holding no prediction there),
+        and neither does a request from an older generation (recorded before the last
+        reset: its labels belong to an earlier rollout)."""
+        counted = correct = 0
+        for prediction, label in zip(predictions, labels, strict=True):
+            if not is_missing(prediction):
+                counted += 1
+                correct += matches(prediction, label, self.tol)
+        if generation != self.generation:
+            return counted, correct
+        if counted:
+            self._labelled_requests += 1
+            self._labelled += counted
             self._correct += correct
-        return correct
+        return counted, correct
 
-    def record_comparison(self, agreed: bool) -> None:
-        """A shadow answer was compared with the primary's."""
-        self._compared += 1
+    def record_comparison(self, agreed: int, compared: int = 1) -> None:
+        """A shadow answer was compared with the primary's: `agreed` of `compared` rows
+        gave the same prediction."""
+        self._compared += compared
         self._agreed += agreed
 
     @property
@@ -190,14 +221,17 @@ class VariantWindow:
             requests=self._requests,
             errors=self._errors,
             routed=self._routed,
+            routed_units=self._routed_units,
             latency_threshold=self._threshold,
             latency_rows=None if self._threshold_rows == _ANY_SIZE else self._threshold_rows,
             since_threshold=self._since_threshold,
             over_threshold=self._over_threshold,
             labelled=self._labelled,
             correct=self._correct,
+            labelled_requests=self._labelled_requests,
             compared=self._compared,
             agreed=self._agreed,
+            strata=tuple((w, n[0], n[1], n[2], n[3]) for w, n in sorted(self._strata.items())),
             latencies=self._chronological(self._latency),
             rows=self._chronological(self._rows),
             inputs=inputs,
@@ -229,6 +263,7 @@ class VariantWindow:
             "latency_per_row_p99": row_p99,
             "rows_p50": float(np.median(ev.rows)) if ev.rows.size else None,
             "labelled": ev.labelled,
+            "labelled_requests": ev.labelled_requests,
             "accuracy": ev.accuracy,
             "compared": ev.compared,
             "agreement": ev.agreement,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rollguard.serving.bulkhead import Lane, current_lane
 from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import Runner, Wrapper
@@ -41,6 +42,7 @@ class _Request:
     key: _Key | None  # None: cannot be concatenated with anything (0-d inputs)
     arrived: float  # clock() when queued
     future: asyncio.Future[Tensors] = field(repr=False)
+    caller: InferRequest | None = field(default=None, repr=False)  # a client's: its queue_ns
 
 
 def _key(inputs: Tensors) -> _Key | None:
@@ -124,7 +126,10 @@ class BatchingRunner(Wrapper):
                 f"({self.max_queued} requests waiting)"
             )
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(inputs, rows, _key(inputs), self._clock(), future))
+        # A client's request learns how long it waited for its batch (the statistics'
+        # `queue`); a shadow copy shares the client's request object and must not.
+        caller = request if current_lane() is Lane.PRIMARY else None
+        self._queue.append(_Request(inputs, rows, _key(inputs), self._clock(), future, caller))
         self._waiting += 1
         self._arrived.set()
         return InferResponse.of_arrays(await future)
@@ -191,6 +196,10 @@ class BatchingRunner(Wrapper):
             await self._arrived.wait()
 
     async def _run(self, batch: list[_Request]) -> None:
+        started = self._clock()
+        for queued in batch:
+            if queued.caller is not None:
+                queued.caller.queue_ns += int((started - queued.arrived) * 1e9)
         try:
             if len(batch) == 1:
                 answer = await self.inner.predict(InferRequest.of_arrays(batch[0].inputs))

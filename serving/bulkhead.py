@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,7 +152,13 @@ class Bulkhead(Wrapper):
     async def predict(self, request: InferRequest) -> InferResponse:
         lane = _LANE.get()
         slots = self.lanes[lane]
-        await slots.acquire(self._what[lane])
+        if slots.running < slots.concurrency and not slots.waiters:
+            slots.running += 1  # a free slot: taken without a coroutine of its own
+        else:
+            waiting = time.perf_counter_ns()
+            await slots.acquire(self._what[lane])
+            if lane is Lane.PRIMARY:  # the statistics extension's `queue` (proxy/stats.py)
+                request.queue_ns += time.perf_counter_ns() - waiting
         try:
             return await self.inner.predict(request)
         finally:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rollguard.serving.errors import ArtifactError
-from rollguard.serving.manifest import Manifest
+from rollguard.serving.manifest import REMOTE, Manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -91,7 +91,7 @@ class PinnedBytes:
         """Read and check every file the manifest pins; ArtifactError naming the first
         that is missing, unreadable, outside the directory or not what was pinned.
         Blocking (reads whole files): call it off the event loop."""
-        if manifest.framework == "http":
+        if manifest.framework in REMOTE:  # nothing local: the upstream serves it
             return cls()
         assert manifest.artifact is not None and manifest.sha256 is not None
         artifact = read_pinned(directory, manifest.artifact, manifest.sha256)

@@ -17,7 +17,8 @@ from rollguard.serving.prediction import DEFAULT_RULE, Read, Rule
 from rollguard.serving.tensors import V2_TO_NUMPY, TensorSpec
 
 MANIFEST_NAME = "model.yaml"
-Framework = Literal["onnx", "torch", "sklearn", "http"]
+Framework = Literal["onnx", "torch", "sklearn", "http", "grpc"]
+REMOTE = frozenset({"http", "grpc"})  # frameworks answered by an upstream server
 Stage = Literal["development", "staging", "production", "archived"]
 ARTIFACT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "onnx": (".onnx",),
@@ -114,8 +115,12 @@ class PredictionField(_Frozen):
 
 
 class UpstreamOptions(_Frozen):
-    """How an `http` version's upstream is spoken to (serving/runners/http.py)."""
+    """How an `http` or `grpc` version's upstream is spoken to (serving/runners/)."""
 
+    # grpc: the upstream's name for the model (default: this manifest's `name`) and the
+    # version to ask for (default: none, the upstream picks).
+    model: str | None = Field(default=None, min_length=1)
+    version: str | None = Field(default=None, min_length=1)
     # false: binary tensor requests are sent as JSON (MLServer 1.7.1 takes no binary)
     binary_tensors: bool = True
     # header -> environment variable holding its value (a token for the upstream, ...)
@@ -204,8 +209,10 @@ class Manifest(_Frozen):
 
     @model_validator(mode="after")
     def _isolation_local(self) -> Manifest:
-        if self.framework == "http" and self.runtime.get("isolation") == "process":
-            raise ValueError("runtime: isolation 'process' is for local models, not framework http")
+        if self.framework in REMOTE and self.runtime.get("isolation") == "process":
+            raise ValueError(
+                f"runtime: isolation 'process' is for local models, not framework {self.framework}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -228,11 +235,25 @@ class Manifest(_Frozen):
 
     @model_validator(mode="after")
     def _artifact_or_endpoint(self) -> Manifest:
+        if (
+            self.framework != "grpc"
+            and self.upstream is not None
+            and (self.upstream.model or self.upstream.version)
+        ):
+            raise ValueError("upstream: model and version name a framework grpc upstream's model")
         if self.framework == "http":
             if not self.endpoint:
                 raise ValueError("framework 'http' needs 'endpoint' (the upstream's V2 model URL)")
             if not self.endpoint.startswith(("http://", "https://")):
                 raise ValueError(f"endpoint {self.endpoint!r} is not an http(s) URL")
+            return self
+        if self.framework == "grpc":
+            if not self.endpoint:
+                raise ValueError(
+                    "framework 'grpc' needs 'endpoint' (the upstream's gRPC address, "
+                    "grpc://host:port or host:port)"
+                )
+            grpc_target(self.endpoint)
             return self
         if not self.artifact:
             raise ValueError(f"framework {self.framework!r} needs 'artifact' (a file name)")
@@ -266,6 +287,26 @@ class Manifest(_Frozen):
         found = {self.artifact: self.sha256} if self.artifact and self.sha256 else {}
         found.update((f.path, f.sha256) for f in self.files)
         return found
+
+
+def grpc_target(endpoint: str) -> str:
+    """A `framework: grpc` endpoint as the host:port a gRPC channel takes; ValueError
+    unless it is `grpc://host:port` or `host:port` (an IPv6 host in brackets)."""
+    address = endpoint.removeprefix("grpc://").rstrip("/")
+    host, sep, port = address.rpartition(":")
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+        or "/" in host
+        or "://" in endpoint.removeprefix("grpc://")
+        or any(c.isspace() for c in address)
+    ):
+        raise ValueError(
+            f"endpoint {endpoint!r} is not a gRPC address (grpc://host:port or host:port)"
+        )
+    return address
 
 
 def parse_manifest(data: Any, source: str) -> Manifest:

@@ -43,10 +43,12 @@ class InferRequest:
         "_header_length",
         "_items",
         "_meta",
+        "_rows",
         "binary_outputs",
         "forward",
         "id",
         "outputs",
+        "queue_ns",
     )
 
     def __init__(
@@ -67,12 +69,14 @@ class InferRequest:
         self._arrays = arrays
         self._items = items
         self._meta: Mapping[str, Shaped] = meta if meta is not None else (arrays or {})
+        self._rows = -1  # rows(), once asked
         self._body = body
         self._doc = doc
         self._header_length = header_length
         self.id = id
         self.outputs = outputs
         self.binary_outputs = binary_outputs
+        self.queue_ns = 0  # waited for its version's slot and batch (bulkhead.py, batching.py)
         # Client headers an upstream gets (the gateway's allow-list), as (name, value).
         self.forward: list[tuple[str, str]] = []
 
@@ -139,6 +143,11 @@ class InferRequest:
         return cls(arrays=arrays, id=id)
 
     @property
+    def document(self) -> dict[str, Any] | None:
+        """The client's V2 JSON document as parsed; None for a request made here."""
+        return self._doc
+
+    @property
     def meta(self) -> Mapping[str, Shaped]:
         """Each input's shape and dtype, known without converting anything."""
         return self._meta
@@ -169,9 +178,14 @@ class InferRequest:
 
     def rows(self) -> int:
         """The batch size: the first input's first dimension (1 for a scalar input)."""
-        for meta in self._meta.values():
-            return int(meta.shape[0]) if meta.shape else 1
-        return 0
+        rows = self._rows
+        if rows < 0:  # asked several times a request: worked out once
+            rows = 0
+            for meta in self._meta.values():
+                rows = int(meta.shape[0]) if meta.shape else 1
+                break
+            self._rows = rows
+        return rows
 
     def first_row(self, width: int) -> np.ndarray | None:
         """The first input's first row as floats when it is 2-D and `width` wide (drift)."""

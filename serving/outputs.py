@@ -17,11 +17,18 @@ A mismatch raises `ModelExecutionError` for a local model and `UpstreamError` fo
 that version's failure (500 / 502). An upstream's JSON answer is checked by its
 metadata (name, datatype, shape) without converting its values.
 
-NaN and infinity fit a float output, so they pass there: a regressor may mean them.
-An integer or boolean output cannot carry them; a runner that converts its framework's
-floats to the declared integer datatype does it through `cast_output`, which refuses
-NaN, infinity, fractions and values out of the datatype's range instead of letting
-numpy turn them into arbitrary integers.
+- no float output (declared or not) holds NaN or infinity. JSON has neither and the V2
+  schema's `data` is numbers only (orjson would write them as `null`, which no V2
+  client reads as a number), and a model answering NaN has failed to compute (an
+  overflow, a division by zero, a log of a negative): its answer is that version's
+  failure, counted against it so that a rollout sees it, whatever encoding the client
+  asked for. An upstream's JSON answer holding `null` in a float output is refused the
+  same way.
+
+An integer or boolean output cannot carry NaN either; a runner that converts its
+framework's floats to the declared integer datatype does it through `cast_output`, which
+refuses NaN, infinity, fractions and values out of the datatype's range instead of
+letting numpy turn them into arbitrary integers.
 """
 
 from __future__ import annotations
@@ -125,6 +132,19 @@ def array_problems(
     return problems
 
 
+def non_finite(outputs: Mapping[str, np.ndarray]) -> list[str]:
+    """The float outputs holding NaN or infinity, one phrase each (none: an empty list)."""
+    problems: list[str] = []
+    for name, array in outputs.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            problems.append(
+                f"output '{name}': {bad} of {array.size} values are NaN or infinite, which "
+                "a V2 answer cannot carry"
+            )
+    return problems
+
+
 def item_problems(
     declared: Sequence[DeclaredOutput], items: Sequence[dict[str, Any]], rows: int
 ) -> list[str]:
@@ -148,7 +168,13 @@ def item_problems(
         shape_problem = _shape_problem(d, shape, rows)
         if shape_problem is not None:
             problems.append(f"output '{d.name}': {shape_problem}")
+        data = item.get("data")
+        if d.datatype in _FLOATS and type(data) is list and None in data:
+            problems.append(f"output '{d.name}': null in its data, where numbers belong")
     return problems
+
+
+_FLOATS = frozenset({"FP16", "FP32", "FP64"})
 
 
 def _answered_outside(manifest: Manifest) -> str:
@@ -170,20 +196,23 @@ class CheckedOutputs(Wrapper):
 
     async def predict(self, request: InferRequest) -> InferResponse:
         response = await self.inner.predict(request)
-        if self._declared:
+        if self.local:
+            outputs = response.arrays()
             rows = request.rows()
-            if self.local:
-                outputs = response.arrays()
-                if arrays_fit(self._declared, outputs, rows):
+            if not self._declared or arrays_fit(self._declared, outputs, rows):
+                problems = non_finite(outputs)
+                if not problems:
                     return response
-                problems = array_problems(self._declared, outputs, rows)
             else:
-                # An upstream answers the outputs asked for (those it gives by default
-                # when none are): a declared one it left out is missing only when named.
-                items = response.items()
-                named = set(request.outputs or ()) | {item["name"] for item in items}
-                declared = [d for d in self._declared if d.name in named]
-                problems = item_problems(declared, items, rows)
+                problems = array_problems(self._declared, outputs, rows) + non_finite(outputs)
+            raise self._failure(self._what + "; ".join(problems))
+        if self._declared:
+            # An upstream answers the outputs asked for (those it gives by default when
+            # none are): a declared one it left out is missing only when named.
+            items = response.items()
+            named = set(request.outputs or ()) | {item["name"] for item in items}
+            declared = [d for d in self._declared if d.name in named]
+            problems = item_problems(declared, items, request.rows())
             if problems:
                 raise self._failure(self._what + "; ".join(problems))
         return response

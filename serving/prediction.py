@@ -132,13 +132,38 @@ def read_arrays(rule: Rule, outputs: Mapping[str, np.ndarray], row: int = 0) -> 
 
 
 def rows_of(rule: Rule, outputs: Mapping[str, np.ndarray]) -> list[Predicted]:
-    """Every row's prediction (agreement compares them all)."""
-    name, _ = _chosen(rule, list(outputs))
+    """Every row's prediction, as `read_arrays` reads each row, in whole-array steps (a
+    batch's rows are remembered for feedback on the request path, and compared for
+    agreement)."""
+    name, read = _chosen(rule, list(outputs))
     array = outputs.get(name) if name is not None else None
     if array is None or array.size == 0:
         return []
-    rows = 1 if array.ndim == 0 else array.shape[0]
-    return [read_arrays(rule, outputs, i) for i in range(rows)]
+    if array.ndim == 0:
+        return [read_arrays(rule, outputs, 0)]
+    n = array.shape[0]
+    flat = array.reshape(n, -1)
+    width = flat.shape[1]
+    numeric = flat.dtype.kind not in "OUS"
+    how = read if read is not None else ("argmax" if width > 1 and numeric else "label")
+    if how == "label":
+        if width != 1 and not (rule.output is None and read == "label"):
+            return [NAN] * n
+        first = flat[:, 0]
+        if numeric:
+            return list(first.astype(np.float64).tolist())
+        return [_scalar(v) for v in first.tolist()]
+    if not numeric:
+        return [NAN] * n
+    if how == "value":
+        return list(flat[:, 0].astype(np.float64).tolist()) if width == 1 else [NAN] * n
+    if how == "argmax":
+        return [_classed(rule, i) for i in np.argmax(flat, axis=1).tolist()]
+    if width > 2:  # threshold: a score, or the positive class's probability of two
+        return [NAN] * n
+    assert rule.threshold is not None  # the manifest requires it for read: threshold
+    scores = flat[:, -1].astype(np.float64)
+    return [_classed(rule, int(hit)) for hit in (scores >= rule.threshold).tolist()]
 
 
 # --- reading V2 JSON output objects, as the arrays would read ----------------------------
@@ -210,9 +235,10 @@ def matches(prediction: Predicted, label: Predicted, tol: float) -> bool:
     return text_of(label) == text_of(prediction)
 
 
-def agree(a: Sequence[Predicted], b: Sequence[Predicted], tol: float) -> bool:
-    """Two answers' row predictions are the same: equal rows, each row matching (numbers
-    within `tol`, classes equal); a missing prediction agrees with nothing."""
-    if len(a) != len(b) or not a:
-        return False
-    return all(matches(x, y, tol) for x, y in zip(a, b, strict=True))
+def agreeing(a: Sequence[Predicted], b: Sequence[Predicted], tol: float) -> int:
+    """How many rows two answers agree on: each row's predictions matching (numbers
+    within `tol`, classes equal); none when they differ in rows, and a missing prediction
+    agrees with nothing."""
+    if len(a) != len(b):
+        return 0
+    return sum(matches(x, y, tol) for x, y in zip(a, b, strict=True))

@@ -287,8 +287,8 @@ class Registry:
             # A remote runner's pool times its calls out (the manifest's timeout_s), a
             # scheduled one its thread calls; a queued caller is bounded here.
             runner = Deadline(batched, self.timeout_s)
-        if manifest.outputs:  # each caller's own answer, checked after a batch is split
-            runner = CheckedOutputs(runner, local=local)
+        if manifest.outputs or local:  # each caller's own answer, after a batch is split
+            runner = CheckedOutputs(runner, local=local)  # local: no NaN, declared or not
         isolation = self.isolation
         return Bulkhead(
             runner,

@@ -113,3 +113,26 @@ def batch_size(inputs: Mapping[str, np.ndarray]) -> int:
     if len(sizes) != 1:
         raise InvalidInput(f"inputs disagree on the batch dimension: {sorted(sizes)}")
     return sizes.pop()
+
+
+def as_text(name: str, array: np.ndarray, taker: str) -> np.ndarray:
+    """A BYTES input as str elements, the way `taker` (a string tensor, a text model) needs
+    them: ONNX Runtime would turn a Python bytes object into its repr (b'0' into "b'0'")
+    and scikit-learn's text features refuse bytes. InvalidInput when an element is not
+    UTF-8."""
+    if array.dtype.kind == "U":
+        return array
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, value in enumerate(flat_in):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"input '{name}': element {i} is not UTF-8 text, which {taker} needs"
+                ) from None
+        elif not isinstance(value, str):
+            value = str(value)
+        flat_out[i] = value
+    return out

@@ -34,7 +34,8 @@ def test_a_fresh_install_has_only_rollguard_at_the_top_level(tmp_path: Path) -> 
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"rollguard"}
-    for module in ("proxy/gateway.py", "serving/registry.py", "policy/rollout.schema.json"):
+    for module in ("proxy/gateway.py", "serving/registry.py", "policy/rollout.schema.json",
+                   "proxy/ui/index.html", "proxy/ui/app.js", "proxy/ui/app.css"):  # fmt: skip
         assert f"rollguard/{module}" in names
 
     venv = tmp_path / "venv"

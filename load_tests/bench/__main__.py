@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
-from load_tests.bench import client, models, profile, report, targets, wrk
+from load_tests.bench import client, footprint, latency, models, profile, report, targets, wrk
 from load_tests.bench.procs import Processes, cpu_delta, cpu_seconds, process_tree
 from load_tests.bench.tools import Tool, locate
 
@@ -66,11 +67,15 @@ def measure(
     if args.warmup > 0:
         load(args.warmup)
     roots = [p.pid for p in target.processes]
+    copies = latency.shadow_counts(target)
     before = cpu_seconds(process_tree(roots))
     result = load(args.duration)
     after = cpu_seconds(set(process_tree(roots)) | set(before))
     cpu = cpu_delta(before, after)
-    return {
+    mirrored = latency.shadow_figures(
+        copies, latency.shadow_counts(target), result.requests, result.duration_s
+    )
+    return mirrored | {
         "rps": result.rps,
         "p50_ms": result.p50_ms,
         "p95_ms": result.p95_ms,
@@ -157,6 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite bench.md from --out's bench.json"
     )
+    parser.add_argument(
+        "--open-rounds",
+        type=int,
+        default=None,
+        help="open-loop rounds at 50 %% and 80 %% of bare's capacity (default: --rounds; 0: none)",
+    )
+    parser.add_argument("--open-duration", type=float, default=8.0, help="seconds per open run")
+    parser.add_argument(
+        "--footprint",
+        action="store_true",
+        help="also measure RSS, start-to-ready and installed size (load_tests/bench/footprint.py)",
+    )
+    parser.add_argument("--footprint-load", type=float, default=60.0, help="seconds of load")
     args = parser.parse_args(argv)
     if args.render:
         md, _ = report.rerender(args.out)
@@ -199,10 +217,27 @@ def main(argv: list[str] | None = None) -> int:
                         f"p50 {figures['p50_ms']:6.2f}  p99 {figures['p99_ms']:6.2f} ms  "
                         f"CPU {figures['cpu_s_per_1k']:.3f} s/1k  errors {figures['errors']:.0f}"
                     )
+            open_runs: list[latency.OpenRun] = []
+            open_rounds = args.rounds if args.open_rounds is None else args.open_rounds
+            if open_rounds and "bare" in rows and rows["bare"].runs:
+                open_runs = latency.open_rounds(
+                    started,
+                    rows["bare"].figure("rps"),
+                    rounds=open_rounds,
+                    duration_s=args.open_duration,
+                    log=log,
+                    alive=targets.still_up,
+                )
             for target in started:
                 rows[target.name].notes = rollguard_notes(target)
             if not args.no_profile:
                 profile_runs(started, rows, body, args, wrk_tool, work)
+            sizes: dict[str, object] = {}
+            if args.footprint:
+                a_base = lab.bare("a")[1]
+                sizes = footprint.measure(
+                    procs, work, demo, a_base, load_s=args.footprint_load, wrk=wrk_tool.path, log=log
+                )
         done = [r for r in rows.values() if r.runs]
         tools = {"wrk": wrk_tool.version(), "nginx": nginx_tool.version(), **lab.versions}
         settings = {
@@ -223,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report.goal_lines(report.goals(done))))
         for name, why in lab.skipped.items():
             print(f"skipped {name}: {why}")
-        md, js = report.write(args.out, done, settings, host, lab.skipped)
+        md, js = report.write(
+            args.out,
+            done,
+            settings | {"open_rounds": open_rounds, "open_duration_s": args.open_duration},
+            host,
+            lab.skipped,
+            open_loop=[asdict(r) for r in open_runs],
+            footprint=sizes,
+        )
         log(f"\nwrote {md} and {js}")
     return 0
 

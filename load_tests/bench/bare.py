@@ -33,6 +33,7 @@ def make_app(
     input_name = session.get_inputs()[0].name
     output_names = [o.name for o in session.get_outputs()]
     executor = ThreadPoolExecutor(threads) if threads else None
+    answered = [0]  # infer requests answered 200: what a mirror sent here (GET /count)
 
     async def infer(request: web.Request) -> web.Response:
         try:
@@ -64,16 +65,21 @@ def make_app(
         if "id" in doc:
             answer["id"] = doc["id"]
         body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+        answered[0] += 1
         return web.Response(body=body, content_type="application/json")
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response()
+
+    async def count(request: web.Request) -> web.Response:
+        return web.Response(text=str(answered[0]))
 
     app = web.Application()
     app.router.add_post(f"/v2/models/{name}/infer", infer)
     app.router.add_get(f"/v2/models/{name}/ready", ok)
     app.router.add_get("/v2/health/ready", ok)
     app.router.add_get("/v2/health/live", ok)
+    app.router.add_get("/count", count)
     return app
 
 

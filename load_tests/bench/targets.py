@@ -41,6 +41,7 @@ class Target:
     body: bytes | None = None  # None: the common body (models.request_body())
     connections: int | None = None  # None: --connections
     admin: str = ""  # http://host:port of rollguard's admin port (/admin, /metrics)
+    mirror_count: str = ""  # URL of the count of requests its mirror upstream answered
 
 
 ALL = (  # the two targets of each goal next to each other (see round_order)
@@ -205,7 +206,14 @@ class Lab:
                 ),
                 "mirror": (front.mirror_port, "bare A answers, mirror to bare B, 1 worker", (a, b)),
             }[kind]
-            return Target(name, about, f"http://127.0.0.1:{port}{INFER}", (front.process, *uppers))
+            mirror_count = self.bare("b")[1] + "/count" if kind == "mirror" else ""
+            return Target(
+                name,
+                about,
+                f"http://127.0.0.1:{port}{INFER}",
+                (front.process, *uppers),
+                mirror_count=mirror_count,
+            )
         if name == "mlserver":
             executable, reason = mlserver_setup.ensure_venv(install=self.install)
             if executable is None:

@@ -26,6 +26,10 @@ def create_runner(manifest: Manifest, directory: Path, pinned: PinnedBytes | Non
         from rollguard.serving.runners.sklearn import SklearnRunner
 
         return SklearnRunner(manifest, directory, pinned)
+    if manifest.framework == "grpc":
+        from rollguard.serving.runners.grpc import GrpcRunner
+
+        return GrpcRunner(manifest, directory)
     from rollguard.serving.runners.http import HttpRunner
 
     return HttpRunner(manifest, directory)

@@ -16,9 +16,6 @@ the version's failures.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import os
 from pathlib import Path
 
@@ -33,13 +30,11 @@ from rollguard.serving.errors import (
     UpstreamError,
     UpstreamRejected,
 )
-from rollguard.serving.health import UpstreamHealth
-from rollguard.serving.manifest import Manifest, UpstreamOptions
+from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.runners.base import Runner
+from rollguard.serving.runners.remote import RemoteRunner
 from rollguard.serving.upstream import UpstreamPool
 
-log = logging.getLogger("rollguard")
 _JSON = {"Content-Type": "application/json"}
 _BINARY = {"Content-Type": "application/octet-stream"}
 # An upstream's 4xx that blames the request itself: relayed, not the version's failure.
@@ -59,7 +54,7 @@ def _error_text(body: bytes) -> str:
     return text[:200] or "(empty body)"
 
 
-class HttpRunner(Runner):
+class HttpRunner(RemoteRunner):
     """A version served by another V2 server (Triton, MLServer, KServe, another rollguard).
 
     The runner owns a keep-alive connection pool to its endpoint (serving/upstream.py):
@@ -71,22 +66,11 @@ class HttpRunner(Runner):
         assert manifest.endpoint is not None  # the manifest validator requires it for http
         self.endpoint = manifest.endpoint.rstrip("/")
         self._infer_url = f"{self.endpoint}/infer"
-        options = self._options = manifest.upstream or UpstreamOptions()
-        self.health = UpstreamHealth(
-            unready_after=options.unready_after,
-            eject_after=options.eject_after,
-            eject_base_s=options.eject_base_s,
-            eject_max_s=options.eject_max_s,
-        )
-        self._what = f"{manifest.name} {manifest.version}"
-        self._watcher: asyncio.Task[None] | None = None
         self._pool: UpstreamPool | None = None
         self._open()
 
-    @property
-    def ready(self) -> bool:
-        """Loaded, its ready probes passing and not ejected for failing calls."""
-        return self._ready and self.health.ok
+    def _is_open(self) -> bool:
+        return self._pool is not None
 
     def _open(self) -> None:
         own = {}
@@ -111,33 +95,6 @@ class HttpRunner(Runner):
         if self._pool is None:
             raise NotReady(f"{self.manifest.name} {self.manifest.version} is not loaded")
         return self._pool
-
-    async def load(self) -> None:
-        if self._pool is None:
-            self._open()
-        try:
-            await self._probe_ready()
-        except BaseException:  # refused or cancelled: the caller may drop us without unload
-            await self.unload()
-            raise
-        self._ready = True
-        self._watcher = asyncio.get_running_loop().create_task(
-            self._watch(), name=f"rollguard-probe-{self._what}"
-        )
-
-    async def _watch(self) -> None:
-        """Probe `<endpoint>/ready` every `probe_interval_s` while loaded."""
-        while True:
-            await asyncio.sleep(self._options.probe_interval_s)
-            try:
-                await self._probe_ready()
-            except ArtifactError as exc:
-                if self.health.probed(False):
-                    log.warning("%s: upstream unready, no traffic until it recovers: %s",
-                                self._what, exc)  # fmt: skip
-            else:
-                if self.health.probed(True):
-                    log.info("%s: upstream ready again", self._what)
 
     async def _probe_ready(self) -> None:
         url = f"{self.endpoint}/ready"
@@ -167,28 +124,19 @@ class HttpRunner(Runner):
             status = reply.status
             if 200 <= status < 300:
                 response = InferResponse.of_upstream(reply.body, reply.binary_header)
-                self.health.answered()
+                self._answered()
                 return response
             message = f"{self._infer_url} answered {status}: {_error_text(reply.body)}"
             if status in CLIENT_FAULTS:
-                self.health.answered()
+                self._answered()
                 content_type = reply.content_type or "application/json"
                 raise UpstreamRejected(message, status, reply.body, content_type)
             raise UpstreamError(message)
         except UpstreamError:  # 5xx, reset, timeout, unreadable: the upstream's failure
-            ejected = self.health.failed()
-            if ejected is not None:
-                log.warning("%s: %d upstream failures in a row, ejected for %g s",
-                            self._what, self.health.eject_after, ejected)  # fmt: skip
+            self._failed()
             raise
 
-    async def unload(self) -> None:
-        self._ready = False
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+    async def _close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rollguard.serving.errors import (
     ArtifactError,
     FrameworkUnavailable,
@@ -26,7 +24,7 @@ from rollguard.serving.errors import (
 from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
-from rollguard.serving.tensors import Tensors
+from rollguard.serving.tensors import Tensors, as_text
 
 
 def _first_line(exc: BaseException) -> str:
@@ -49,29 +47,6 @@ def _session_from_private_copy(
         )
     finally:
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _as_text(name: str, array: np.ndarray) -> np.ndarray:
-    """A BYTES input as the str elements an ONNX string tensor takes (ONNX Runtime would
-    turn a Python bytes object into its repr, b'0' into "b'0'"); InvalidInput when an
-    element is not UTF-8."""
-    if array.dtype.kind == "U":
-        return array
-    out = np.empty(array.shape, dtype=object)
-    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
-    for i, value in enumerate(flat_in):
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(
-                    f"input '{name}': element {i} is not UTF-8 text, which an ONNX string "
-                    "tensor needs"
-                ) from None
-        elif not isinstance(value, str):
-            value = str(value)
-        flat_out[i] = value
-    return out
 
 
 class OnnxRunner(LocalRunner):
@@ -153,7 +128,7 @@ class OnnxRunner(LocalRunner):
         except KeyError as exc:
             raise InvalidInput(f"missing input {exc.args[0]!r}") from None
         for name in self._string_inputs:
-            feed[name] = _as_text(name, feed[name])
+            feed[name] = as_text(name, feed[name], "an ONNX string tensor")
         try:
             results = session.run(self._output_names, feed)
         except Exception as exc:  # onnxruntime's errors share no public base class

@@ -26,7 +26,7 @@ from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.outputs import cast_output
 from rollguard.serving.runners.base import IMPORT_LOCK, LocalRunner
-from rollguard.serving.tensors import Tensors
+from rollguard.serving.tensors import Tensors, as_text
 
 # Output names this runner knows how to compute, and the estimator method behind each.
 KNOWN_OUTPUTS = ("label", "probabilities", "prediction")
@@ -129,6 +129,8 @@ class SklearnRunner(LocalRunner):
         return {name: None if dtype.kind == "O" else dtype for name, dtype in declared.items()}
 
     def _features(self, inputs: Tensors) -> np.ndarray:
+        """The estimator's input: a 2-D batch, or for text (BYTES) a 1-D batch of documents
+        as str (a CountVectorizer/TfidfVectorizer pipeline) or a 2-D batch of str."""
         if self.manifest.inputs:
             name = self.manifest.inputs[0].name
             if name not in inputs:
@@ -138,6 +140,13 @@ class SklearnRunner(LocalRunner):
         else:
             raise InvalidInput(f"a scikit-learn model takes one input, got {sorted(inputs)}")
         features = inputs[name]
+        if features.dtype.kind in "OSU":
+            if features.ndim not in (1, 2):
+                raise InvalidInput(
+                    f"input '{name}': a scikit-learn model takes text as a 1-D batch of "
+                    "documents or a 2-D batch"
+                )
+            return as_text(name, features, "a scikit-learn model")
         if features.ndim != 2:
             raise InvalidInput(f"input '{name}': a scikit-learn model takes a 2-D batch")
         return features

@@ -1,7 +1,8 @@
 """Wrong answers are failures: outputs are checked against the manifest, over loopback.
 
 Real models built to answer wrongly (twice the rows asked for, a third probability
-column, NaN where an INT64 label is declared) and a stand-in upstream answering a shape
+column, NaN where an INT64 label is declared, NaN in a float output, which JSON cannot
+carry) and a stand-in upstream answering a shape
 its manifest does not declare: every such answer is a 500 (502 from an upstream) naming
 model, version and what was wrong, counted against that version, never a 200. A
 candidate that answers outside its manifest is rolled back and its errors never land
@@ -24,6 +25,9 @@ from tests.faults.support import Tally, admin, post, requests_by_code, until, v2
 from tests.proxy.support import serve, start_upstream, write_remote_version
 
 LABEL_ONLY = [{"name": "label", "datatype": "INT64", "shape": [-1]}]
+PREDICTION = [{"name": "prediction", "datatype": "FP64", "shape": [-1]}]
+# JSON has no NaN: a float output holding one is the model's failure, declared or not.
+FLOAT_NAN = "output 'prediction': 2 of 2 values are NaN or infinite, which a V2 answer cannot carry"
 
 
 def _nan_rows() -> tuple[np.ndarray, np.ndarray]:
@@ -36,9 +40,10 @@ def _nan_rows() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_wrong(registry: Path, fault: str) -> None:
-    if fault == "nan":
+    if fault.endswith("nan"):
         data = models.joblib_bytes(models.rounded_root())
-        models.write_version(registry, "m", "1", "model.joblib", data, outputs=LABEL_ONLY)
+        outputs = {"nan": LABEL_ONLY, "float-nan": PREDICTION, "undeclared-nan": []}[fault]
+        models.write_version(registry, "m", "1", "model.joblib", data, outputs=outputs)
         return
     edit: Callable[[Any], Any] = {"rows": models.wrong_rows, "width": models.wrong_width}[fault]
     data = models.onnx_bytes(edit(models.onnx_model(models.logistic())))
@@ -50,6 +55,8 @@ WRONG = {
     "width": "output 'probabilities': shape [2, 3] does not match declared [-1, 2]",
     "nan": "output 'label': 2 of 2 values are NaN or infinite, which its declared datatype "
     "INT64 cannot carry",
+    "float-nan": FLOAT_NAN,
+    "undeclared-nan": FLOAT_NAN,
 }
 
 
@@ -61,7 +68,7 @@ async def test_an_answer_outside_the_manifest_is_a_500_counted_against_its_versi
     _write_wrong(registry, fault)
     good = models.onnx_bytes(models.onnx_model(models.logistic()))
     models.write_version(registry, "good", "1", "model.onnx", good)
-    x = _nan_rows()[0] if fault == "nan" else models.rows()[:2]
+    x = _nan_rows()[0] if fault.endswith("nan") else models.rows()[:2]
     async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http:
         urls = {
             "routed": f"{server.url}/v2/models/m/infer",
@@ -154,6 +161,7 @@ async def test_an_upstream_answering_outside_the_manifest_is_a_502(tmp_path: Pat
         "rows": [{"name": "y", "datatype": "FP32", "shape": [3, 1], "data": [0.5, 0.25, 1.0]}],
         "dtype": [{"name": "y", "datatype": "FP64", "shape": [2, 1], "data": [0.5, 0.25]}],
         "missing": [{"name": "z", "datatype": "FP32", "shape": [2, 1], "data": [0.5, 0.25]}],
+        "null": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [0.5, None]}],
     }
 
     async def infer(request: web.Request) -> web.Response:
@@ -176,6 +184,7 @@ async def test_an_upstream_answering_outside_the_manifest_is_a_502(tmp_path: Pat
         "rows": "output 'y': 3 rows for a request of 2",
         "dtype": "output 'y': datatype FP64, declared FP32",
         "missing": "output 'y' is missing (it gives ['z'])",
+        "null": "output 'y': null in its data, where numbers belong",
     }
     try:
         async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http:

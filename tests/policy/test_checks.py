@@ -44,6 +44,9 @@ def _verdict(check: Check, ev: Evidence) -> Verdict:
 # --- error rate ---------------------------------------------------------------------------
 
 INCREASE = Check(metric="error_rate", max_increase_vs_stable=0.005)
+# The two-sample mixture SPRT on cumulative counts (the conditional test, the default, is
+# tested in tests/policy/test_conditional.py).
+INCREASE_MSPRT = Check(metric="error_rate", max_increase_vs_stable=0.005, test="msprt")
 
 
 def test_error_rate_increase_fails_on_a_clear_regression() -> None:
@@ -71,10 +74,12 @@ def test_a_point_estimate_within_the_margin_is_not_a_pass() -> None:
 
 def test_too_few_samples_is_inconclusive_however_bad() -> None:
     ev = _ev({"requests": 20_000, "errors": 200}, {"requests": 199, "errors": 199})
-    result = evaluate(INCREASE, ev, alpha=ALPHA)
+    result = evaluate(INCREASE_MSPRT, ev, alpha=ALPHA)
     assert result.verdict is INCONCLUSIVE
     assert "199" in str(result.detail["reason"])
     assert _verdict(INCREASE, _ev({"requests": 150}, {"requests": 5000})) is INCONCLUSIVE
+    # The conditional test is exact at any sample size: a clear harm FAILs before it.
+    assert _verdict(INCREASE, ev) is FAIL
 
 
 def test_beyond_the_margin_but_undecided_is_inconclusive() -> None:
@@ -105,7 +110,9 @@ def test_error_rate_max_is_one_sample() -> None:
 
 # --- latency ------------------------------------------------------------------------------
 
-P99 = Check(metric="latency_p99", max_ratio_to_stable=1.5)
+# The one-sample exceedance test at T = ratio × stable's pNN (test msprt); the two-sample
+# conditional test, the default, is tested in tests/policy/test_conditional.py.
+P99 = Check(metric="latency_p99", max_ratio_to_stable=1.5, test="msprt")
 
 
 def _lat(n: int, scale: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -196,20 +203,57 @@ def test_latency_pass_inconclusive_and_unfrozen() -> None:
 DROP = Check(metric="accuracy", max_drop_vs_stable=0.02)
 
 
+def _labels(requests: int, labelled: int, correct: int) -> dict[str, int]:
+    return {
+        "requests": requests,
+        "labelled": labelled,
+        "labelled_requests": labelled,
+        "correct": correct,
+    }
+
+
 def test_accuracy_drop_two_sample_and_label_rates() -> None:
-    stable = {"requests": 20_000, "labelled": 10_000, "correct": 9000}
-    bad = evaluate(
-        DROP, _ev(stable, {"requests": 4000, "labelled": 2000, "correct": 1600}), alpha=ALPHA
-    )
+    stable = _labels(20_000, 10_000, 9000)
+    bad = evaluate(DROP, _ev(stable, _labels(4000, 2000, 1600)), alpha=ALPHA)
     assert bad.verdict is FAIL and bad.value == pytest.approx(0.1)
     assert bad.detail["label_rates_differ"] == "no"
     assert bad.detail["label_rate_stable"] == pytest.approx(0.5)
-    good = evaluate(
-        DROP, _ev(stable, {"requests": 4000, "labelled": 800, "correct": 725}), alpha=ALPHA
-    )
-    assert good.verdict is INCONCLUSIVE and good.detail["label_rates_differ"] == "yes"
-    more = {"requests": 4000, "labelled": 2000, "correct": 1830}
+    more = _labels(4000, 2000, 1830)
     assert evaluate(DROP, _ev(stable, more), alpha=ALPHA).verdict is PASS
+
+
+@pytest.mark.parametrize(("correct", "would"), [(780, "pass"), (560, "fail")])
+def test_accuracy_holds_while_label_rates_differ(correct: int, would: str) -> None:
+    """50 % of the stable's requests labelled, 20 % of the candidate's: whatever the
+    labels say, the comparison holds, saying why (and what it would have said)."""
+    stable = _labels(20_000, 10_000, 9000)
+    held = evaluate(DROP, _ev(stable, _labels(4000, 800, correct)), alpha=ALPHA)
+    assert held.verdict is INCONCLUSIVE and held.detail["label_rates_differ"] == "yes"
+    reason = str(held.detail["reason"])
+    assert reason.startswith("held: labels reach 50.0% of the stable's") and would in reason
+    # Errors are not answers: the rate is of answered requests.
+    errors = _labels(5000, 1000, 900) | {"errors": 3000}
+    assert evaluate(DROP, _ev(stable, errors), alpha=ALPHA).detail["label_rates_differ"] == "no"
+    # A floor on the candidate's own accuracy does not compare arms: not held.
+    floor = Check(metric="accuracy", min=0.9, min_samples=100)
+    assert evaluate(floor, _ev(stable, _labels(4000, 800, 780)), alpha=ALPHA).verdict is PASS
+
+
+@given(
+    n_s=st.integers(100, 200_000),
+    n_c=st.integers(100, 200_000),
+    rate=st.floats(0.01, 1.0),
+    ratio=st.floats(0.85, 1.0),
+)
+def test_label_rates_within_a_fifth_of_each_other_never_differ(
+    n_s: int, n_c: int, rate: float, ratio: float
+) -> None:
+    """A difference within ±20 % of the larger rate is never called a mismatch, however
+    many requests show it (a sequential test of "equal" would hold forever on trifles)."""
+    stable = _labels(n_s, round(n_s * rate), 0)
+    candidate = _labels(n_c, round(n_c * rate * ratio), 0)
+    result = evaluate(DROP, _ev(stable, candidate), alpha=ALPHA)
+    assert result.detail["label_rates_differ"] == "no"
 
 
 def test_accuracy_min_and_agreement_min_are_one_sample_from_below() -> None:
@@ -294,7 +338,7 @@ def test_alpha_is_split_over_the_sequential_checks() -> None:
 def test_verdicts_follow_the_documented_rule(
     xs: int, extra_s: int, xc: int, extra_c: int, margin: float
 ) -> None:
-    check = Check(metric="error_rate", max_increase_vs_stable=margin)
+    check = Check(metric="error_rate", max_increase_vs_stable=margin, test="msprt")
     ns, nc = xs + extra_s, xc + extra_c
     result = evaluate(
         check, _ev({"requests": ns, "errors": xs}, {"requests": nc, "errors": xc}), alpha=ALPHA

@@ -224,7 +224,8 @@ def test_a_pass_always_rests_on_the_bound_of_the_harm(
         c = VariantEvidence("2", requests=nc, labelled=nc, correct=xc)
         harm = difference_sequence(xc, nc, xs, ns, 0.05, side="upper", null=margin)
     else:
-        check = Check(metric="error_rate", max_increase_vs_stable=margin)
+        # The mSPRT's bound (the conditional test's: tests/policy/test_conditional.py)
+        check = Check(metric="error_rate", max_increase_vs_stable=margin, test="msprt")
         s = VariantEvidence("1", requests=ns, errors=xs)
         c = VariantEvidence("2", requests=nc, errors=xc)
         harm = difference_sequence(xs, ns, xc, nc, 0.05, side="upper", null=margin)

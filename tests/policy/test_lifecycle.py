@@ -101,7 +101,9 @@ def test_a_restart_resumes_at_the_same_step() -> None:
     env.run_to_step(1)
     before = env.state
     env.restart(make_rollout(), Traffic())  # a new process: the gateway's counters are empty
-    assert env.state == before
+    # The tests' counts continue: the last process's are carried into this one's.
+    assert before.seen is not None and env.state.carried == before.seen
+    assert replace(env.state, carried=None, seen=None) == replace(before, seen=None)
     assert env.traffic.weights == [50]  # routed at once on start-up
     assert env.traffic.thresholds == [0.5]  # the frozen threshold survives too
     (restored,) = env.entries("restore")
@@ -116,7 +118,8 @@ def test_a_restore_that_changes_nothing_saves_nothing() -> None:
     assert env.saved is not None
     transition = lifecycle.restore(env.rollout, env.saved, T0 + 5)
     assert not any(isinstance(e, Save) for e in transition.effects)
-    assert [type(e) for e in transition.effects] == [Audit, SetLatencyThreshold, Route]
+    kinds = [Audit, ResetWindows, SetLatencyThreshold, Route]
+    assert [type(e) for e in transition.effects] == kinds
 
 
 def test_rolled_back_stays_rolled_back_after_a_restart() -> None:
@@ -255,7 +258,9 @@ def test_a_ratio_threshold_is_frozen_from_stables_window() -> None:
     env = Env(make_rollout())
     env.restart(rollout)  # same rollout: thresholds-only differences keep the state
     env.run_until({Phase.PROGRESSING}, max_ticks=1)
-    expected = 1.5 * float(np.percentile(env.traffic.stable_latencies, 99))
+    # The conditional test (the default) counts requests slower than the stable's p99
+    # itself; test msprt would freeze 1.5 × it.
+    expected = float(np.percentile(env.traffic.stable_latencies, 99))
     assert env.state.latency_threshold == pytest.approx(expected)
     assert env.traffic.thresholds[-1] == pytest.approx(expected)
     (frozen,) = env.entries("threshold")

@@ -30,6 +30,11 @@ class Server:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     @property
+    def grpc_target(self) -> str:
+        """host:port of the gRPC port, as gRPC clients take it."""
+        return f"127.0.0.1:{self.running.grpc_port}"
+
+    @property
     def gateway(self) -> Inference:
         return self.running.inference
 
@@ -53,6 +58,7 @@ async def serve(tmp_path: Path, registry: Path, **settings: Any) -> AsyncIterato
         state=settings.pop("state", tmp_path / "state"),
         port=0,
         admin_port=0,
+        grpc_port=settings.pop("grpc_port", 0),
         **settings,
     )
     gateway = Gateway(config)

@@ -311,12 +311,12 @@ async def test_proxy_mode_answers_as_rollguard_and_records_predictions(tmp_path:
                 assert [o["name"] for o in (await resp.json())["outputs"]] == ["score"]
             window = server.gateway.windows.get("remote", "1")
             assert (window.requests, window.errors) == (2, 0)
-            # The recorded prediction (row 0's label) takes a feedback label; a reused id
-            # keeps pointing at its first request.
-            feedback = {"id": "p-1", "label": 1}
+            # Each row's recorded prediction takes its label; a reused id keeps pointing at
+            # its first request.
+            feedback = {"id": "p-1", "label": [1, 1]}
             async with http.post(f"{server.url}/v2/models/remote/feedback", json=feedback) as resp:
-                assert await resp.json() == {"accepted": ["p-1"], "unknown": []}
-            assert (window.evidence().labelled, window.evidence().correct) == (1, 1)
+                assert await resp.json() == {"accepted": ["p-1"], "unknown": [], "expired": []}
+            assert (window.evidence().labelled, window.evidence().correct) == (2, 1)
     finally:
         await upstream.cleanup()
 

@@ -100,7 +100,7 @@ def test_serve_refuses_a_missing_registry_before_touching_state(tmp_path: Path) 
     assert not state.exists()
 
 
-@pytest.mark.parametrize("busy", ["--port", "--admin-port"])
+@pytest.mark.parametrize("busy", ["--port", "--admin-port", "--grpc-port"])
 def test_serve_refuses_a_busy_port_before_touching_state(tmp_path: Path, busy: str) -> None:
     (tmp_path / "registry").mkdir()
     state = tmp_path / "state"

@@ -1,79 +1,167 @@
-"""The feedback index: which recorded request a label may reach."""
+"""The feedback index: which recorded request a label may reach, and its bounds."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollguard.proxy.feedback import FeedbackIndex
-from rollguard.proxy.windows import Outcome, VariantWindow
+from rollguard.proxy.feedback import FeedbackIndex, Missing
+from rollguard.proxy.windows import VariantWindow
+
+HOUR = 3600.0
 
 
-def test_round_trip_and_eviction() -> None:
-    window = VariantWindow("v1", 100)
-    index = FeedbackIndex(3)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_round_trip_and_eviction_by_rows() -> None:
+    window = VariantWindow("v1", 10)
+    index = FeedbackIndex(3, HOUR)
     for i in range(5):
-        assert index.put("m", None, f"r{i}", window, window.record(0.01, Outcome.OK, 1.0))
-    assert len(index) == 3
-    assert index.pop("m", None, "r0") is None  # evicted, oldest first
-    assert index.pop("m", None, "r1") is None
-    assert index.pop("m", None, "r2") == (window, 2)
-    assert index.pop("m", None, "r2") is None  # taken once
-    assert index.pop("m", None, "nope") is None
+        assert index.put("m", None, f"r{i}", window, (1.0,))
+    assert (len(index), index.rows) == (3, 3)
+    assert index.take("m", None, "r0") is Missing.EXPIRED  # forgotten, oldest first
+    assert index.take("m", None, "r1") is Missing.EXPIRED
+    assert index.take("m", None, "r2") == (window, window.generation, (1.0,))
+    assert index.take("m", None, "r2") is Missing.UNKNOWN  # taken once
+    assert index.take("m", None, "nope") is Missing.UNKNOWN
+
+
+def test_a_batch_takes_its_rows_and_one_larger_than_the_index_is_not_kept() -> None:
+    window = VariantWindow("v1", 10)
+    index = FeedbackIndex(4, HOUR)
+    assert index.put("m", None, "one", window, (1.0,))
+    assert index.put("m", None, "three", window, (1.0, 0.0, "cat"))
+    assert index.rows == 4
+    assert index.put("m", None, "two", window, (0.0, 0.0))  # the two oldest entries go
+    assert index.take("m", None, "one") is Missing.EXPIRED
+    assert index.take("m", None, "three") is Missing.EXPIRED
+    assert not index.put("m", None, "five", window, (0.0,) * 5)
+    assert not index.put("m", None, "empty", window, ())
+    assert index.take("m", None, "two") == (window, window.generation, (0.0, 0.0))
+
+
+def test_entries_expire_by_age() -> None:
+    clock = Clock()
+    window = VariantWindow("v1", 10)
+    index = FeedbackIndex(100, 60.0, clock=clock)
+    index.put("m", None, "old", window, (1.0,))
+    clock.now = 30.0
+    index.put("m", None, "young", window, (1.0,))
+    clock.now = 60.0
+    assert index.take("m", None, "old") is Missing.EXPIRED  # exactly max_age: gone
+    assert index.take("m", None, "young") == (window, window.generation, (1.0,))
+    clock.now = 1000.0
+    index.put("m", None, "late", window, (1.0,))
+    assert (len(index), index.rows) == (1, 1)
 
 
 def test_a_label_reaches_only_its_model_and_its_client() -> None:
     window = VariantWindow("v1", 100)
-    index = FeedbackIndex(10)
-    index.put("fraud", "key:app", "r1", window, window.record(0.01, Outcome.OK, 1.0))
-    index.put("fraud", None, "r2", window, window.record(0.01, Outcome.OK, 1.0))
-    assert index.pop("digits", "key:app", "r1") is None  # another model's id
-    assert index.pop("fraud", "key:mallory", "r1") is None  # another client's
-    assert index.pop("fraud", None, "r1") is None  # no credential is not the client either
-    assert index.pop("fraud", "key:app", "r2") is None  # a request made without one
-    assert index.pop("fraud", "key:app", "r1") == (window, 0)
-    assert index.pop("fraud", None, "r2") == (window, 1)
+    index = FeedbackIndex(10, HOUR)
+    index.put("fraud", "key:app", "r1", window, (1.0,))
+    index.put("fraud", None, "r2", window, (1.0,))
+    assert index.take("digits", "key:app", "r1") is Missing.UNKNOWN  # another model's id
+    assert index.take("fraud", "key:mallory", "r1") is Missing.UNKNOWN  # another client's
+    assert index.take("fraud", None, "r1") is Missing.UNKNOWN  # no credential: not the client
+    assert index.take("fraud", "key:app", "r2") is Missing.UNKNOWN  # made without one
+    assert index.take("fraud", "key:app", "r1") == (window, window.generation, (1.0,))
+    assert index.take("fraud", None, "r2") == (window, window.generation, (1.0,))
 
 
 def test_a_repeated_id_never_takes_over_an_entry_that_can_still_be_labelled() -> None:
     window = VariantWindow("v1", 4)
-    index = FeedbackIndex(10)
-    first = window.record(0.01, Outcome.OK, 1.0)
-    assert index.put("m", None, "same", window, first)
-    assert not index.put("m", None, "same", window, window.record(0.01, Outcome.OK, 0.0))
-    assert index.pop("m", None, "same") == (window, first)
-    # Once the first is labelled, or has left its window, the id is free again.
-    later = window.record(0.01, Outcome.OK, 1.0)
-    assert index.put("m", None, "same", window, later)
-    for _ in range(4):
-        window.record(0.01, Outcome.OK, 1.0)  # `later` leaves the window of 4
-    newest = window.record(0.01, Outcome.OK, 1.0)
-    assert index.put("m", None, "same", window, newest)
-    assert index.pop("m", None, "same") == (window, newest)
+    index = FeedbackIndex(3, HOUR)
+    assert index.put("m", None, "same", window, (1.0,))
+    assert not index.put("m", None, "same", window, (0.0,))
+    assert index.take("m", None, "same") == (window, window.generation, (1.0,))
+    # Once the first is labelled, or has been forgotten, the id is free again.
+    assert index.put("m", None, "same", window, (2.0,))
+    for i in range(3):
+        index.put("m", None, f"other{i}", window, (1.0,))  # "same" is forgotten
+    assert index.find("m", None, "same") is Missing.EXPIRED
+    assert index.put("m", None, "same", window, (3.0,))
+    assert index.take("m", None, "same") == (window, window.generation, (3.0,))
 
 
-@given(capacity=st.integers(1, 10), ids=st.lists(st.integers(0, 15), max_size=60))
-def test_matches_a_model_of_first_puts_within_capacity(capacity: int, ids: list[int]) -> None:
-    """With every record still labellable, an id maps to the first of its puts, and is
-    known while that put is among the last `capacity` entries taken."""
-    window = VariantWindow("v1", 1000)
-    index = FeedbackIndex(capacity)
-    taken: list[tuple[str, int]] = []  # (id, seq) of each put that took an entry
-    for seq, rid in enumerate(ids):
-        window.record(0.01, Outcome.OK, 1.0)
-        live = {key for key, _ in taken[-capacity:]}
-        took = index.put("m", None, str(rid), window, seq)
-        assert took == (str(rid) not in live)
-        if took:
-            taken.append((str(rid), seq))
-    expected = dict(taken[-capacity:])
-    assert len(index) == len(expected)
-    for rid in range(16):
-        got = index.pop("m", None, str(rid))
-        assert got == ((window, expected[str(rid)]) if str(rid) in expected else None)
-
-
-def test_rejects_zero_capacity() -> None:
+def test_rejects_bad_bounds() -> None:
     with pytest.raises(ValueError, match="capacity"):
-        FeedbackIndex(0)
+        FeedbackIndex(0, HOUR)
+    with pytest.raises(ValueError, match="max_age_s"):
+        FeedbackIndex(10, 0.0)
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 11), st.integers(1, 4)),
+        st.tuples(st.just("take"), st.integers(0, 11), st.just(0)),
+        st.tuples(st.just("wait"), st.integers(0, 40), st.just(0)),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=400)
+@given(capacity=st.integers(1, 8), max_age=st.integers(1, 60), ops=_OPS)
+def test_matches_a_model_of_the_bounds(
+    capacity: int, max_age: int, ops: list[tuple[str, int, int]]
+) -> None:
+    """Against a plain list model: an id maps to its first live put; the index holds the
+    newest requests that fit `capacity` rows (labelled or not) and are younger than
+    `max_age`; a label for an id forgotten unlabelled is EXPIRED while it is among the
+    `capacity` latest forgotten, else (never put, already labelled) UNKNOWN; memory
+    stays bounded."""
+    clock = Clock()
+    window = VariantWindow("v1", 4)
+    index = FeedbackIndex(capacity, float(max_age), clock=clock)
+    held: list[tuple[str, int, float, bool]] = []  # (id, rows, put at, labelled), oldest first
+    buried: list[str] = []  # ids forgotten unlabelled, least recently forgotten first
+    value = 0.0
+
+    def live() -> dict[str, int]:
+        return {k: r for k, r, _, labelled in held if not labelled}
+
+    def expire() -> None:
+        while held and (
+            sum(r for _, r, _, _ in held) > capacity or held[0][2] <= clock.now - max_age
+        ):
+            key, _, _, labelled = held.pop(0)
+            if not labelled and key not in live():
+                if key in buried:
+                    buried.remove(key)
+                buried.append(key)
+                del buried[:-capacity]
+
+    for op, rid, rows in ops:
+        key = str(rid)
+        if op == "wait":
+            clock.now += rid
+            continue
+        expire()
+        if op == "put":
+            value += 1.0
+            took = index.put("m", None, key, window, (value,) * rows)
+            assert took == (rows <= capacity and key not in live())
+            if took:
+                held.append((key, rows, clock.now, False))
+                expire()
+        else:
+            got = index.take("m", None, key)
+            if key in live():
+                assert not isinstance(got, Missing) and len(got[2]) == live()[key]
+                held = [(k, r, t, labelled or k == key) for k, r, t, labelled in held]
+                if key in buried:
+                    buried.remove(key)
+            elif key in buried:
+                assert got is Missing.EXPIRED
+            else:
+                assert got is Missing.UNKNOWN
+        assert index.rows == sum(r for _, r, _, _ in held) <= capacity
+        assert len(index) == len(live()) and index.held == len(held)
+        assert index.tombstones <= capacity

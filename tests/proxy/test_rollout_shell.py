@@ -92,7 +92,7 @@ class Shell:
         spec_candidate = self.rollouts.describe("fraud")["candidate"]
         window = self.plane.windows.get("fraud", spec_candidate)
         for _ in range(n):
-            window.record(0.01, Outcome.OK, 1.0)
+            window.record(0.01, Outcome.OK)
 
     def kinds(self) -> list[str]:
         return [e["kind"] for e in read_entries(self.rollouts.audit_path)]
@@ -162,7 +162,7 @@ async def test_a_new_candidate_restarts_the_counts(shell: Shell) -> None:
     shell.serve_candidate()
     shell.rollouts.tick("fraud")
     stable = shell.plane.windows.get("fraud", "1.0.0")
-    stable.record(0.01, Outcome.OK, 1.0)
+    stable.record(0.01, Outcome.OK)
     assert shell.rollouts.describe("fraud")["variants"]["stable"]["requests"] == 1
     shell.write(candidate="1.2.0")
     shell.rollouts.reload()
@@ -260,14 +260,14 @@ async def test_a_policy_added_to_a_running_gateway_counts_no_earlier_traffic(
     try:
         stable = shell.plane.windows.get("fraud", "1.0.0")
         for i in range(300):  # a bad morning before anyone wrote a policy
-            stable.record(0.01, Outcome.MODEL_ERROR if i % 3 == 0 else Outcome.OK, 1.0)
+            stable.record(0.01, Outcome.MODEL_ERROR if i % 3 == 0 else Outcome.OK)
         assert stable.evidence().requests == 300
         shell.write()
         rollouts.reload()
         assert rollouts.describe("fraud")["phase"] == "progressing"
         evidence = shell.plane.windows.get("fraud", "1.0.0").evidence()
         assert (evidence.requests, evidence.errors) == (0, 0)
-        stable.record(0.01, Outcome.OK, 1.0)  # counted from the rollout's start on
+        stable.record(0.01, Outcome.OK)  # counted from the rollout's start on
         assert shell.plane.windows.get("fraud", "1.0.0").evidence().requests == 1
     finally:
         await shell.stop()

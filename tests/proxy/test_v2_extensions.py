@@ -3,13 +3,17 @@ and Triton's statistics extension as tritonclient reads it."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 import tritonclient.http.aio as triton_aio
+import yaml
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -17,6 +21,8 @@ from sklearn.preprocessing import StandardScaler
 from tritonclient.http import InferInput
 from tritonclient.utils import InferenceServerException
 
+from rollguard.serving.demo.build import load_eval_data
+from tests.proxy.conftest import MakeRegistry
 from tests.proxy.mlserver_standin import MLServerStandIn, write_version
 from tests.proxy.support import serve, start_upstream
 
@@ -105,7 +111,7 @@ async def test_statistics_count_each_versions_own_inferences(
             for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
                 assert inference[phase]["count"] == 4
             assert inference["compute_infer"]["ns"] > 0
-            parts = sum(inference[p]["ns"] for p in ("compute_input", "compute_infer",
+            parts = sum(inference[p]["ns"] for p in ("queue", "compute_input", "compute_infer",
                                                       "compute_output"))  # fmt: skip
             assert parts == inference["success"]["ns"]
             assert {b["batch_size"]: b["compute_infer"]["count"] for b in one["batch_stats"]} == {
@@ -126,3 +132,60 @@ async def test_statistics_count_each_versions_own_inferences(
             assert unknown.value.status() == "404"
         finally:
             await client.close()
+
+
+async def test_statistics_queue_is_the_wait_for_a_slot_of_the_version(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """One call at a time in fraud 1.3.0 (a model ~25 ms slow): requests sent together
+    wait for its slot, and that wait is the statistics' `queue`, out of `compute_infer`."""
+    registry = make_registry("fraud/1.3.0")
+    rows = load_eval_data()[0][:1]
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30],
+                        "data": rows.ravel().tolist()}]}  # fmt: skip
+    url = "/v2/models/fraud/versions/1.3.0"
+    async with (
+        serve(tmp_path, registry, version_concurrency=1) as server,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def infer() -> None:
+            async with http.post(f"{server.url}{url}/infer", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+
+        async def queued() -> dict[str, Any]:
+            await asyncio.gather(*(infer() for _ in range(4)))
+            async with http.get(f"{server.url}{url}/stats") as resp:
+                stats: dict[str, Any] = (await resp.json())["model_stats"][0]["inference_stats"]
+            return stats
+
+        stats = await queued()
+        for _ in range(20):  # four at once make three wait, unless the machine is very slow
+            if stats["queue"]["ns"] > 0:
+                break
+            stats = await queued()
+        assert stats["queue"]["ns"] > 0 and stats["queue"]["count"] == stats["success"]["count"]
+        phases = ("queue", "compute_input", "compute_infer", "compute_output")
+        assert sum(stats[p]["ns"] for p in phases) == stats["success"]["ns"]
+
+
+async def test_statistics_queue_includes_the_wait_for_a_batch(
+    tmp_path: Path, demo_registry: Path
+) -> None:
+    """A version with `batching` holds a lone request up to max_delay_ms for company:
+    that wait is its queue too."""
+    version = tmp_path / "registry" / "fraud-onnx" / "1.0.0"
+    shutil.copytree(demo_registry / "fraud-onnx" / "1.0.0", version)
+    manifest = yaml.safe_load((version / "model.yaml").read_text())
+    manifest["batching"] = {"max_batch_size": 8, "max_delay_ms": 20}
+    (version / "model.yaml").write_text(yaml.safe_dump(manifest))
+    row = load_eval_data()[0][0]
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30],
+                        "data": row.tolist()}]}  # fmt: skip
+    url = "/v2/models/fraud-onnx/versions/1.0.0"
+    async with serve(tmp_path, tmp_path / "registry") as server, aiohttp.ClientSession() as http:
+        async with http.post(f"{server.url}{url}/infer", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.get(f"{server.url}{url}/stats") as resp:
+            stats = (await resp.json())["model_stats"][0]["inference_stats"]
+    assert stats["queue"]["count"] == 1 and stats["queue"]["ns"] > 0

@@ -161,9 +161,9 @@ async def test_feedback_is_under_the_same_auth_and_scoped_to_the_caller(
         status, doc, _ = await _status(http, feedback, _bearer("labeller"), label)
         assert status == 404 and "from this caller" in doc["error"]
         status, doc, _ = await _status(http, feedback, _bearer("labeller"), [label])
-        assert (status, doc) == (200, {"accepted": [], "unknown": [request_id]})
+        assert (status, doc) == (200, {"accepted": [], "unknown": [request_id], "expired": []})
         status, doc, _ = await _status(http, feedback, _bearer("app"), label)
-        assert (status, doc) == (200, {"accepted": [request_id], "unknown": []})
+        assert (status, doc) == (200, {"accepted": [request_id], "unknown": [], "expired": []})
 
 
 async def test_jwt_with_the_configured_secret(tmp_path: Path, make_registry: MakeRegistry) -> None:

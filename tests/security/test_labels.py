@@ -148,7 +148,7 @@ async def test_400_infers_and_one_feedback_call_do_not_roll_back_a_healthy_candi
         guessed = wrong + [{"id": f"a-{i}", "label": 0} for i in range(200)]
         status, doc = await _feedback(server, http, guessed, "mallory-labels")
         assert status == 200
-        assert doc == {"accepted": [], "unknown": [g["id"] for g in guessed]}
+        assert doc == {"accepted": [], "unknown": [g["id"] for g in guessed], "expired": []}
         assert _labelled(server, CANDIDATE) == honest[CANDIDATE]
         decision = server.rollouts.tick("fraud")
         assert _phase(server) == "progressing", decision["reason"]
@@ -191,7 +191,11 @@ async def test_a_repeated_id_never_takes_over_the_request_that_had_it_first(
         assert taken == 100
         labels = [{"id": rid, "label": int(Y[row])} for rid, row in stable_rows]
         status, doc = await _feedback(server, http, labels, None)
-        assert status == 200 and doc == {"accepted": [rid for rid, _ in stable_rows], "unknown": []}
+        assert status == 200 and doc == {
+            "accepted": [rid for rid, _ in stable_rows],
+            "unknown": [],
+            "expired": [],
+        }
         assert _labelled(server, "1.0.0") == honest["1.0.0"] + 100
         assert _labelled(server, CANDIDATE) == honest[CANDIDATE]
         decision = server.rollouts.tick("fraud")
@@ -212,7 +216,7 @@ async def test_labels_for_another_models_requests_are_unknown(
         assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)  # 128 random bits
         labels = [{"id": rid, "label": 3} for rid in ids]
         status, doc = await _feedback(server, http, labels, None)
-        assert (status, doc) == (200, {"accepted": [], "unknown": ids})
+        assert (status, doc) == (200, {"accepted": [], "unknown": ids, "expired": []})
         url = f"{server.url}/v2/models/fraud/feedback"
         async with http.post(url, json=labels[0]) as resp:
             assert resp.status == 404 and "model 'fraud'" in (await resp.json())["error"]
@@ -220,7 +224,7 @@ async def test_labels_for_another_models_requests_are_unknown(
         assert digits.evidence().labelled == 0
         # Under its own model's URL each id takes one label; the answer says only which.
         async with http.post(f"{server.url}/v2/models/digits/feedback", json=labels) as resp:
-            assert await resp.json() == {"accepted": ids, "unknown": []}
+            assert await resp.json() == {"accepted": ids, "unknown": [], "expired": []}
         async with http.post(f"{server.url}/v2/models/digits/feedback", json=labels[0]) as resp:
             assert resp.status == 404
         assert digits.evidence().labelled == 5

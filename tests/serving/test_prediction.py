@@ -10,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 
 from rollguard.serving.codec import tensors_from_outputs
 from rollguard.serving.errors import ManifestError, UpstreamError
@@ -19,7 +20,7 @@ from rollguard.serving.prediction import (
     DEFAULT_RULE,
     Predicted,
     Rule,
-    agree,
+    agreeing,
     is_missing,
     matches,
     read_arrays,
@@ -108,10 +109,11 @@ def test_matching_is_symmetric_and_reflexive(a: Predicted, b: Predicted, tol: fl
 
 
 def test_agreement_takes_every_row() -> None:
-    assert agree([1.0, 0.0], [1.0, 0.0], 0.0)
-    assert not agree([1.0, 0.0], [1.0, 1.0], 0.0)  # row 1 differs
-    assert not agree([1.0], [1.0, 0.0], 0.0) and not agree([], [], 0.0)
-    assert agree(["a", "b"], ["a", "b"], 0.0)
+    assert agreeing([1.0, 0.0], [1.0, 0.0], 0.0) == 2
+    assert agreeing([1.0, 0.0], [1.0, 1.0], 0.0) == 1  # row 1 differs
+    assert agreeing([1.0], [1.0, 0.0], 0.0) == 0 and agreeing([], [], 0.0) == 0
+    assert agreeing(["a", "b"], ["a", "b"], 0.0) == 2
+    assert agreeing([float("nan")], [float("nan")], 0.0) == 0
 
 
 # --- the items path reads what the arrays path reads ---------------------------------------
@@ -204,3 +206,34 @@ def test_a_block_that_does_not_hold_is_refused_naming_it(
 ) -> None:
     with pytest.raises(ManifestError, match=fragment):
         _manifest(block, outputs)
+
+
+_SHAPES = array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=6)
+_ARRAYS = st.one_of(
+    arrays(np.float32, _SHAPES, elements=st.one_of(st.floats(-10, 10, width=32), st.just(np.nan))),
+    arrays(np.int64, _SHAPES, elements=st.integers(-3, 3)),
+    arrays(np.bool_, _SHAPES),
+    arrays(object, _SHAPES, elements=st.sampled_from(["a", "b", "héllo", b"a", 1])),
+)
+_ROW_RULES = st.one_of(
+    st.just(DEFAULT_RULE),
+    st.sampled_from(["label", "argmax", "value"]).map(lambda read: Rule("out", read)),  # type: ignore[arg-type]
+    st.floats(0, 1).map(lambda t: Rule("out", "threshold", threshold=t, classes=["no", "yes"])),
+    st.just(Rule("out", "argmax", classes=["x", "y"])),
+)
+
+
+@settings(max_examples=300)
+@given(array=_ARRAYS, rule=_ROW_RULES, default_name=st.sampled_from(["out", "label", "scores"]))
+def test_rows_of_reads_each_row_as_read_arrays_does(
+    array: np.ndarray, rule: Rule, default_name: str
+) -> None:
+    """The whole-array reading of a batch is the per-row reading, row by row."""
+    outputs = {default_name if rule.output is None else "out": array}
+    rows = rows_of(rule, outputs)
+    expected = [read_arrays(rule, outputs, i) for i in range(len(rows))]
+    assert len(rows) == (0 if array.size == 0 else array.shape[0])
+    assert all(
+        (is_missing(a) and is_missing(b)) or (a == b and type(a) is type(b))
+        for a, b in zip(rows, expected, strict=True)
+    )

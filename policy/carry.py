@@ -1,0 +1,157 @@
+"""A rollout's test counts, carried across restarts as one small serialisable summary.
+
+The sequential tests decide from counts since the rollout began. The gateway's windows
+hold those counts only for the life of the process; the rollout state holds two tallies
+of them:
+
+- `seen`: what the windows of this process had counted at the last tick;
+- `carried`: what earlier processes had counted (the sum of their last `seen`).
+
+The evidence a check sees is carried + the windows' counts now, so a restart continues
+each test (its e-values and confidence sequences are functions of these counts) instead
+of starting it again. When the windows count less than was seen (a new process, or
+counters reset under a running rollout), `seen` moves into `carried`. A latency threshold
+frozen anew drops the latency counts: they were counted against another threshold.
+
+A tally is per configured weight (policy/conditional.py strata) plus label totals; the
+shared-state helper of a fleet can store it as it stands (plain numbers, `to_json`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from rollguard.policy.errors import StateError
+from rollguard.policy.evidence import Evidence, VariantEvidence
+
+__all__ = ["Tally", "carry_forward", "merged"]
+
+Counts4 = tuple[int, int, int, int]  # requests, errors, since_threshold, over_threshold
+Row = tuple[float, Counts4, Counts4]  # weight, stable, candidate
+_ZERO: Counts4 = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Both arms' counts per configured weight, and their label totals."""
+
+    strata: tuple[Row, ...] = ()
+    labels: Counts4 = _ZERO  # stable labelled, correct; candidate labelled, correct
+
+    @classmethod
+    def of(cls, evidence: Evidence) -> Tally:
+        """What the windows behind `evidence` have counted."""
+        s, c = evidence.stable, evidence.candidate
+        rows: dict[float, tuple[Counts4, Counts4]] = {}
+        for w, *n in _rows(s):
+            rows[w] = (_four(n), _ZERO)
+        for w, *n in _rows(c):
+            rows[w] = (rows.get(w, (_ZERO, _ZERO))[0], _four(n))
+        strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
+        return cls(strata, (s.labelled, s.correct, c.labelled, c.correct))
+
+    @property
+    def empty(self) -> bool:
+        return not self.strata and self.labels == _ZERO
+
+    def plus(self, other: Tally) -> Tally:
+        rows = {w: (st, ca) for w, st, ca in self.strata}
+        for w, st, ca in other.strata:
+            mine = rows.get(w, (_ZERO, _ZERO))
+            rows[w] = (_add(mine[0], st), _add(mine[1], ca))
+        strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
+        return Tally(strata, _add(self.labels, other.labels))
+
+    def below(self, other: Tally) -> bool:
+        """True when any count here is below `other`'s: the counters restarted since."""
+        mine = {w: (st, ca) for w, st, ca in self.strata}
+        for w, st, ca in other.strata:
+            now = mine.get(w, (_ZERO, _ZERO))
+            if any(a < b for a, b in zip((*now[0], *now[1]), (*st, *ca), strict=True)):
+                return True
+        return any(a < b for a, b in zip(self.labels, other.labels, strict=True))
+
+    def without_latency(self) -> Tally:
+        """The same counts with none against a latency threshold (a new one is frozen)."""
+        strata = tuple((w, (st[0], st[1], 0, 0), (ca[0], ca[1], 0, 0)) for w, st, ca in self.strata)
+        return Tally(strata, self.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strata": [[w, list(st), list(ca)] for w, st, ca in self.strata],
+            "labels": list(self.labels),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Tally:
+        try:
+            strata = tuple((float(w), _four(st), _four(ca)) for w, st, ca in data.get("strata", ()))
+            return cls(strata, _four(data.get("labels", _ZERO)))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise StateError(f"test counts are malformed: {exc}") from exc
+
+
+def carry_forward(
+    carried: Tally | None, seen: Tally | None, now: Tally
+) -> tuple[Tally | None, Tally | None]:
+    """(carried, seen) after a look at the windows' counts `now` (None: nothing counted)."""
+    if seen is not None and now.below(seen):
+        carried = seen if carried is None else carried.plus(seen)
+    return carried, None if now.empty else now
+
+
+def merged(evidence: Evidence, carried: Tally | None) -> Evidence:
+    """`evidence` with the counts of earlier processes added (totals and strata)."""
+    if carried is None or carried.empty:
+        return evidence
+    st_labels, ca_labels = carried.labels[:2], carried.labels[2:]
+    stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], st_labels)
+    candidate = _add_variant(
+        evidence.candidate, [(w, ca) for w, _, ca in carried.strata], ca_labels
+    )
+    return replace(evidence, stable=stable, candidate=candidate)
+
+
+def _add_variant(
+    v: VariantEvidence, rows: list[tuple[float, Counts4]], labels: tuple[int, ...]
+) -> VariantEvidence:
+    strata = {w: _four(n) for w, *n in _rows(v)}
+    for w, n in rows:
+        strata[w] = _add(strata.get(w, _ZERO), n)
+    total = _ZERO
+    for _, n in rows:
+        total = _add(total, n)
+    return replace(
+        v,
+        requests=v.requests + total[0],
+        errors=v.errors + total[1],
+        since_threshold=v.since_threshold + total[2],
+        over_threshold=v.over_threshold + total[3],
+        labelled=v.labelled + labels[0],
+        correct=v.correct + labels[1],
+        strata=tuple((w, *n) for w, n in sorted(strata.items())),
+    )
+
+
+UNKNOWN_WEIGHT = -1.0
+"""The stratum of counts given without their weights (evidence built by hand)."""
+
+
+def _rows(v: VariantEvidence) -> tuple[tuple[float, int, int, int, int], ...]:
+    """A variant's strata; its totals as one stratum when it has none."""
+    if v.strata or not v.requests:
+        return v.strata
+    return ((UNKNOWN_WEIGHT, v.requests, v.errors, v.since_threshold, v.over_threshold),)
+
+
+def _four(values: Any) -> Counts4:
+    a, b, c, d = (int(x) for x in values)
+    if min(a, b, c, d) < 0:
+        raise ValueError(f"negative count in {values!r}")
+    return a, b, c, d
+
+
+def _add(a: Counts4, b: Counts4) -> Counts4:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
