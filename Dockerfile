@@ -1,5 +1,5 @@
 # rollguard gateway image (CPU). Build: docker build -t rollguard .
-# Run:   docker run -e ROLLGUARD_ADMIN_TOKEN=<16+ chars> -p 8080:8080 -p 8081:8081 \
+# Run:   docker run -e ROLLGUARD_ADMIN_TOKEN=<16+ chars> -p 8080:8080 -p 8081:8081 -p 8082:8082 \
 #          -v "$PWD/registry:/models:ro" -v "$PWD/policies:/etc/rollguard/policies:ro" \
 #          -v rollguard-state:/var/lib/rollguard rollguard
 # tests/test_container.py starts this layout (from `git archive`) as uid 10001 against a
@@ -43,12 +43,13 @@ ENV PATH=/opt/rollguard/bin:$PATH \
     ROLLGUARD_PORT=8080 \
     ROLLGUARD_ADMIN_HOST=0.0.0.0 \
     ROLLGUARD_ADMIN_PORT=8081 \
+    ROLLGUARD_GRPC_PORT=8082 \
     ROLLGUARD_REGISTRY=/models \
     ROLLGUARD_POLICIES=/etc/rollguard/policies \
     ROLLGUARD_STATE=/var/lib/rollguard
 VOLUME ["/var/lib/rollguard", "/models"]
 USER 10001:10001
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['ROLLGUARD_PORT'] + '/v2/health/live', timeout=2)"]
 ENTRYPOINT ["rollguard"]

@@ -112,7 +112,16 @@ def _variant(
     name: str, cum: dict[float, np.ndarray], end: int, threshold: float | None
 ) -> VariantEvidence:
     rows = [
-        (w, int(c[end - 1][0]), int(c[end - 1][1]), int(c[end - 1][2]), int(c[end - 1][3]))
+        # independent requests: each is its own key, every bad event a unit
+        (
+            w,
+            int(c[end - 1][0]),
+            int(c[end - 1][1]),
+            int(c[end - 1][2]),
+            int(c[end - 1][3]),
+            int(c[end - 1][1]),
+            int(c[end - 1][3]),
+        )
         for w, c in cum.items()
         if c[end - 1][0]
     ]

@@ -80,12 +80,12 @@ def run_one(mode: str, rate: float, p_cand: float, rng: np.random.Generator) -> 
         stable = VariantEvidence(
             "1", requests=sum(r[0] for r in counts.values()),
             errors=sum(r[1] for r in counts.values()),
-            strata=tuple((k, r[0], r[1], 0, 0) for k, r in sorted(counts.items()) if r[0]),
+            strata=tuple((k, r[0], r[1], 0, 0, r[1], 0) for k, r in sorted(counts.items()) if r[0]),
         )  # fmt: skip
         candidate = VariantEvidence(
             "2", requests=sum(r[2] for r in counts.values()),
             errors=sum(r[3] for r in counts.values()),
-            strata=tuple((k, r[2], r[3], 0, 0) for k, r in sorted(counts.items()) if r[2]),
+            strata=tuple((k, r[2], r[3], 0, 0, r[3], 0) for k, r in sorted(counts.items()) if r[2]),
         )  # fmt: skip
         state = lifecycle.tick(rollout, state, Evidence(stable, candidate, w), t0 + now).state
         if state.phase in (Phase.PROMOTED, Phase.ROLLED_BACK):

@@ -1,7 +1,9 @@
 """A/A false rollbacks, power, promoted regressions and healthy canaries of rollguard's rollouts.
 
-Run `python load_tests/policy_simulation.py [--quick] [--workers N] [--scenario NAME]
-[--reps N] [--out FILE.json] [--markdown FILE.md]`. Every replicate is one rollout run
+Run `python load_tests/policy_simulation.py [--quick] [--workers N] [--scenario PREFIX]
+[--skip PREFIX] [--reps N | --scale X] [--out FILE.json]`, or `--render FILE.json` for
+the tables of an earlier run (a full run rewrites its --out file as it goes, so a run
+stopped early can be rendered too). Every replicate is one rollout run
 through the gateway's own decision code (load_tests/sim_gateway.py: the rollout shell,
 its state directory and audit log, the real VariantWindows, split tables and feedback
 index) on a simulated clock, request by request, until the rollout ends or the horizon:
@@ -9,10 +11,13 @@ index) on a simulated clock, request by request, until the rollout ends or the h
 - A/A (both versions alike): the share of rollouts ever rolled back, with its upper 95 %
   Wilson bound, which must be ≤ the policy's alpha. Today's configurations (canary
   5 → 25 → 50 % and a fixed 10 %; error rates 0.1, 1, 5 %; the default checks, margin 0,
-  a tight latency ratio; looks every 100 and 1,000 requests, and every 10 for one) plus
-  base rates drifting in both arms while the weights ramp, sticky Zipf users with
-  per-user error rates, delayed labels, and a restart halfway.
+  a tight latency ratio; looks every 1,000 requests, and every 100 for the three that
+  came closest to alpha in the earlier table) plus base rates drifting in both arms
+  while the weights ramp, sticky Zipf users with per-user error rates, delayed labels,
+  and a restart halfway (state reloaded from the state directory).
 - Power: candidate requests until rollback (median, p90) for injected regressions.
+  Where checks offer a choice of test (`test: conditional | msprt`), the drift row and
+  two power rows are run with the two-sample mSPRT as well.
 - Regressions promoted: 1 % → 2 % errors under the default policy, the README's example
   and the shipped config/policies/fraud-canary.yaml, at 100 req/s and at 50 req/min.
 - Healthy canaries: how each policy's rollouts end (promoted within its schedule,
@@ -261,7 +266,7 @@ def scenarios() -> list[Scenario]:
     )
     regression = Traffic(error=(0.01, 0.02))
     for label, text in named:
-        add(f"promoted_err_1to2_{label}@100rps", "promoted", text, regression, 100_000, 40, label)
+        add(f"promoted_err_1to2_{label}@100rps", "promoted", text, regression, 100_000, 100, label)
         slow = replace(regression, rate=SLOW_RATE)
         add(f"promoted_err_1to2_{label}@50rpm", "promoted", text, slow, 6_000, 10, label)
         # 35 minutes: past the shipped policy's 30-minute deadline
@@ -300,23 +305,47 @@ def _one(task: tuple[Scenario, int, int]) -> tuple[str, dict[str, Any]]:
     return sc.name, asdict(result) | {"wall_s": time.perf_counter() - started}
 
 
-def run(chosen: list[Scenario], workers: int, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """Every replicate of every scenario; results per scenario name."""
+def run(
+    chosen: list[Scenario], workers: int, seed: int, snapshot: Path | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Every replicate of every scenario; results per scenario name.
+
+    Replicates run in rounds across scenarios (each scenario's first share of its
+    replicates, then the next), longest first within a round, so a run stopped early
+    still has every scenario at about the same share; `snapshot` is rewritten (as
+    `--out` writes it) after every twentieth of the work."""
     tasks = [(sc, rep, seed) for sc in chosen for rep in range(sc.reps)]
-    # Long replicates first, so the pool does not end on one straggler.
-    tasks.sort(key=lambda t: -t[0].horizon / t[0].looks_every if t[0].looks_every else 0)
+    tasks.sort(key=lambda t: (round(20 * t[1] / t[0].reps), -_ticks(t[0])))
     results: dict[str, list[dict[str, Any]]] = {sc.name: [] for sc in chosen}
-    if workers <= 1:
-        for task in tasks:
-            name, res = _one(task)
-            results[name].append(res)
-        return results
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    started = time.perf_counter()
+    every = max(1, len(tasks) // 20)
+    with multiprocessing.get_context("spawn").Pool(max(1, workers)) as pool:
         for done, (name, res) in enumerate(pool.imap_unordered(_one, tasks, chunksize=1), 1):
             results[name].append(res)
-            if done % max(1, len(tasks) // 20) == 0:
+            if done % every == 0:
                 print(f"{done}/{len(tasks)} rollouts", file=sys.stderr, flush=True)
+                if snapshot is not None:
+                    sums = [Summary(sc, results[sc.name]) for sc in chosen]
+                    _write(snapshot, sums, time.perf_counter() - started, quick=False)
     return results
+
+
+def _ticks(sc: Scenario) -> float:
+    return sc.horizon / sc.looks_every if sc.looks_every else 0.0
+
+
+def _write(path: Path, sums: list[Summary], seconds: float, *, quick: bool) -> None:
+    doc = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": _commit(),
+        "seconds": seconds,
+        "quick": quick,
+        "scenarios": [
+            {"scenario": s.sc.name, "kind": s.sc.kind, "alpha": s.sc.alpha, "replicates": s.reps}
+            for s in sums
+        ],
+    }
+    path.write_text(json.dumps(doc, indent=1))
 
 
 # -- tables
@@ -350,7 +379,8 @@ class Summary:
         metrics: dict[str, int] = {}
         for r in self.reps:
             if r["end"] == "rolled_back":
-                for m in r["failed"] or ["other"]:
+                why = "deadline" if r["reason"].startswith("inconclusive") else "other"
+                for m in r["failed"] or [why]:
                     metrics[m] = metrics.get(m, 0) + 1
         return ", ".join(f"{m} {k}" for m, k in sorted(metrics.items())) or "-"
 
@@ -387,6 +417,15 @@ def markdown(sums: list[Summary]) -> str:
                 f" | {_bound(k, n)} | {ok} | {s.failed_by()} | {held_s} | {s.count('promoted')}"
                 f" | {s.count('running')} |"
             )
+        for s in aa:
+            if s.sc.restart_at is not None:
+                resumed = sum(r.get("resumed", 0) for r in s.reps)
+                restarts = sum(r.get("restarts", 0) for r in s.reps)
+                out.append(
+                    f"\n{s.sc.name}: {resumed} of {restarts} restarts resumed the rollout at"
+                    " its phase, step, weight and generation (state reloaded from the state"
+                    " directory)."
+                )
         labelled = [s for s in aa if s.sc.name.startswith("aa_labels")]
         if labelled:
             out += [
@@ -508,15 +547,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="replicates per scenario")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply full-size reps")
     parser.add_argument("--scenario", action="append", default=[], help="name prefix (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], help="name prefix to leave out")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write results as JSON")
+    parser.add_argument("--render", type=Path, default=None, help="tables of a --out file")
     args = parser.parse_args(argv)
     chosen = scenarios()
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        known = {sc.name: sc for sc in chosen}
+        sums = [
+            Summary(known[s["scenario"]], s["replicates"])
+            for s in doc["scenarios"]
+            if s["scenario"] in known and s["replicates"]
+        ]
+        print(
+            f"{doc['when']}, commit {doc['commit']}, {sum(s.n for s in sums)} rollouts"
+            f" in {doc['seconds']:.0f} s\n"
+        )
+        print(markdown(sums))
+        return 0
     if args.scenario:
         chosen = [s for s in chosen if any(s.name.startswith(p) for p in args.scenario)]
         if not chosen:
             parser.error(f"no scenario starts with {args.scenario}")
+    chosen = [s for s in chosen if not any(s.name.startswith(p) for p in args.skip)]
     if args.quick:
         chosen = [s.quick() for s in chosen]
     if args.reps is not None:
@@ -524,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.scale != 1.0:
         chosen = [replace(s, reps=max(2, round(s.reps * args.scale))) for s in chosen]
     started = time.perf_counter()
-    results = run(chosen, args.workers, args.seed)
+    results = run(chosen, args.workers, args.seed, None if args.quick else args.out)
     seconds = time.perf_counter() - started
     sums = [Summary(sc, results[sc.name]) for sc in chosen]
     for s in sums:
@@ -537,22 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(markdown(sums))
     if args.out is not None:
-        doc = {
-            "when": when,
-            "commit": _commit(),
-            "seconds": seconds,
-            "quick": args.quick,
-            "scenarios": [
-                {
-                    "scenario": s.sc.name,
-                    "kind": s.sc.kind,
-                    "alpha": s.sc.alpha,
-                    "replicates": s.reps,
-                }
-                for s in sums
-            ],
-        }
-        args.out.write_text(json.dumps(doc, indent=1))
+        _write(args.out, sums, seconds, quick=args.quick)
     return 0
 
 

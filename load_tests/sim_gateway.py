@@ -39,7 +39,7 @@ from rollguard.proxy import routing
 from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.rollouts import Rollouts
-from rollguard.proxy.routing import Router
+from rollguard.proxy.routing import Router, SplitTable
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.shadow import ShadowMirror
 from rollguard.proxy.windows import Outcome, Windows
@@ -87,9 +87,10 @@ class Replicate:
     failed: list[str] = field(default_factory=list)  # checks that FAILed at the end
     holds: list[str] = field(default_factory=list)  # metrics that ever held the rollout
     max_weight: float = 0.0
-    labels_sent: tuple[int, int] = (0, 0)  # labels posted for stable's / candidate's requests
+    labels_sent: tuple[int, int] = (0, 0)  # labels posted (by the end) for each arm's requests
     labels_counted: tuple[int, int] = (0, 0)  # labels the windows counted (since last reset)
     restarts: int = 0
+    resumed: int = 0  # restarts after which the rollout went on at the step and weight it had
 
 
 class SimClock:
@@ -265,8 +266,10 @@ def _serve(
     start = clock.now
     for i in range(horizon):
         if restart_at is not None and i == restart_at:
+            before = _where(gw)
             gw = _restart(gw, settings)
             out.restarts += 1
+            out.resumed += _where(gw) == before
             pending.clear()  # a new process: labels for the old one's requests find nothing
         if draws.i >= _CHUNK:
             draws.refill()
@@ -286,42 +289,63 @@ def _serve(
         # labels due by now come back as POST /feedback hands them in
         while pending and pending[0][0] <= i:
             _, arm, rid, label = heapq.heappop(pending)
+            sent[arm] += 1
             gw.plane.feedback(gw.model, [(rid, (label,))])
         progress = i / horizon
         table = gw.plane.router.table(gw.model)
         assert table is not None
-        if user_p is not None and draws.user is not None:
-            u = draws.user[k]
-            version, role = table.choose(keys[u])
-            mult = 1.0 if frailty is None else float(frailty[u])
-        else:
-            version, role = table.choose(None)  # split: random, from the seeded routing RNG
-            mult = 1.0
+        key = keys[draws.user[k]] if draws.user is not None else None
+        version, role = table.choose(key)  # keyless: the seeded routing RNG draws
         arm = 1 if role == "candidate" else 0
         served += arm
         p = t.error[arm]
         if t.error_end is not None:
             p += (t.error_end[arm] - p) * progress
+        if frailty is not None and draws.user is not None:
+            p *= float(frailty[draws.user[k]])
         scale = t.latency[arm] * (1.0 + (t.latency_end - 1.0) * progress)
-        window = gw.plane.windows.get(gw.model, version)
-        window.count_routed()  # as Inference.infer, from here on
-        share = table.weight if table.failover is None else 0.0
-        latency = draws.lat[k] * scale
-        if draws.u_err[k] < p * mult:
-            window.record(latency, Outcome.MODEL_ERROR, rows=1, share=share)
-            continue
-        window.record(latency, Outcome.OK, rows=1, share=share)
         rid = f"{i}"
-        gw.plane.feedback_index.put(gw.model, None, rid, window, (1.0,))
+        answered = draws.u_err[k] >= p
+        _record(gw, table, version, key, rid, draws.lat[k] * scale, answered)
+        if not answered:
+            continue
         if draws.u_label[k] < t.label_rate:
             label = 1.0 if draws.u_correct[k] < t.accuracy[arm] else 0.0
             heapq.heappush(pending, (i + draws.delay[k], arm, rid, label))
-            sent[arm] += 1
     out = _ended(out, gw, last, clock.now - start, horizon, served, sent, holds)
     out.end = last.get("state", {}).get("phase", "running")
     if out.end not in TERMINAL:
         out.end = "running"
     return out
+
+
+def _record(
+    gw: Gateway,
+    table: SplitTable,
+    version: str,
+    key: str | None,
+    rid: str,
+    latency: float,
+    answered: bool,
+) -> None:
+    """One routed request's answer (prediction 1.0) or model error, recorded as
+    Inference.infer records it: routed count, window, feedback index."""
+    plane = gw.plane
+    unit = key if table.split == "hash" else None
+    window = plane.windows.get(gw.model, version)
+    window.count_routed(unit)
+    share = table.weight if table.failover is None else 0.0
+    if not answered:
+        window.record(latency, Outcome.MODEL_ERROR, rows=1, share=share, key=unit)
+        return
+    window.record(latency, Outcome.OK, rows=1, share=share, key=unit)
+    plane.feedback_index.put(gw.model, None, rid, window, (1.0,))
+
+
+def _where(gw: Gateway) -> tuple[str, int, float, int]:
+    """Phase, step, weight and generation, as the admin API shows them."""
+    doc = gw.rollouts.describe(gw.name)
+    return doc["phase"], doc["step"], doc["weight"], doc["generation"]
 
 
 def _restart(old: Gateway, settings: Settings) -> Gateway:

@@ -24,13 +24,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rollguard.policy.errors import StateError
-from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.evidence import Evidence, StratumRow, VariantEvidence
 
-__all__ = ["Tally", "carry_forward", "merged"]
+__all__ = ["UNKNOWN_WEIGHT", "Tally", "carry_forward", "merged"]
 
-Counts4 = tuple[int, int, int, int]  # requests, errors, since_threshold, over_threshold
-Row = tuple[float, Counts4, Counts4]  # weight, stable, candidate
-_ZERO: Counts4 = (0, 0, 0, 0)
+# requests, errors, since_threshold, over_threshold, error_units, slow_units
+Counts = tuple[int, int, int, int, int, int]
+Row = tuple[float, Counts, Counts]  # weight, stable, candidate
+# stable labelled, correct, labelled requests; the same for the candidate
+Labels = tuple[int, int, int, int, int, int]
+_ZERO: Counts = (0, 0, 0, 0, 0, 0)
+_NO_LABELS: Labels = (0, 0, 0, 0, 0, 0)
+UNKNOWN_WEIGHT = -1.0
+"""The stratum of counts given without their weights (evidence built by hand)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,23 +44,24 @@ class Tally:
     """Both arms' counts per configured weight, and their label totals."""
 
     strata: tuple[Row, ...] = ()
-    labels: Counts4 = _ZERO  # stable labelled, correct; candidate labelled, correct
+    labels: Labels = _NO_LABELS
 
     @classmethod
     def of(cls, evidence: Evidence) -> Tally:
         """What the windows behind `evidence` have counted."""
         s, c = evidence.stable, evidence.candidate
-        rows: dict[float, tuple[Counts4, Counts4]] = {}
+        rows: dict[float, tuple[Counts, Counts]] = {}
         for w, *n in _rows(s):
-            rows[w] = (_four(n), _ZERO)
+            rows[w] = (_counts(n), _ZERO)
         for w, *n in _rows(c):
-            rows[w] = (rows.get(w, (_ZERO, _ZERO))[0], _four(n))
+            rows[w] = (rows.get(w, (_ZERO, _ZERO))[0], _counts(n))
         strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
-        return cls(strata, (s.labelled, s.correct, c.labelled, c.correct))
+        labels = (s.labelled, s.correct, s.labelled_requests)
+        return cls(strata, (*labels, c.labelled, c.correct, c.labelled_requests))
 
     @property
     def empty(self) -> bool:
-        return not self.strata and self.labels == _ZERO
+        return not self.strata and self.labels == _NO_LABELS
 
     def plus(self, other: Tally) -> Tally:
         rows = {w: (st, ca) for w, st, ca in self.strata}
@@ -62,7 +69,9 @@ class Tally:
             mine = rows.get(w, (_ZERO, _ZERO))
             rows[w] = (_add(mine[0], st), _add(mine[1], ca))
         strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
-        return Tally(strata, _add(self.labels, other.labels))
+        a, b = self.labels, other.labels
+        return Tally(strata, (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4],
+                              a[5] + b[5]))  # fmt: skip
 
     def below(self, other: Tally) -> bool:
         """True when any count here is below `other`'s: the counters restarted since."""
@@ -75,7 +84,7 @@ class Tally:
 
     def without_latency(self) -> Tally:
         """The same counts with none against a latency threshold (a new one is frozen)."""
-        strata = tuple((w, (st[0], st[1], 0, 0), (ca[0], ca[1], 0, 0)) for w, st, ca in self.strata)
+        strata = tuple((w, _no_latency(st), _no_latency(ca)) for w, st, ca in self.strata)
         return Tally(strata, self.labels)
 
     def to_json(self) -> dict[str, Any]:
@@ -87,8 +96,10 @@ class Tally:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Tally:
         try:
-            strata = tuple((float(w), _four(st), _four(ca)) for w, st, ca in data.get("strata", ()))
-            return cls(strata, _four(data.get("labels", _ZERO)))
+            strata = tuple(
+                (float(w), _counts(st), _counts(ca)) for w, st, ca in data.get("strata", ())
+            )
+            return cls(strata, _counts(data.get("labels", _NO_LABELS)))
         except (AttributeError, TypeError, ValueError) as exc:
             raise StateError(f"test counts are malformed: {exc}") from exc
 
@@ -106,22 +117,21 @@ def merged(evidence: Evidence, carried: Tally | None) -> Evidence:
     """`evidence` with the counts of earlier processes added (totals and strata)."""
     if carried is None or carried.empty:
         return evidence
-    st_labels, ca_labels = carried.labels[:2], carried.labels[2:]
-    stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], st_labels)
+    labels = carried.labels
+    stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], labels[:3])
     candidate = _add_variant(
-        evidence.candidate, [(w, ca) for w, _, ca in carried.strata], ca_labels
+        evidence.candidate, [(w, ca) for w, _, ca in carried.strata], labels[3:]
     )
     return replace(evidence, stable=stable, candidate=candidate)
 
 
 def _add_variant(
-    v: VariantEvidence, rows: list[tuple[float, Counts4]], labels: tuple[int, ...]
+    v: VariantEvidence, rows: list[tuple[float, Counts]], labels: tuple[int, ...]
 ) -> VariantEvidence:
-    strata = {w: _four(n) for w, *n in _rows(v)}
+    strata = {w: _counts(n) for w, *n in _rows(v)}
+    total = _ZERO
     for w, n in rows:
         strata[w] = _add(strata.get(w, _ZERO), n)
-    total = _ZERO
-    for _, n in rows:
         total = _add(total, n)
     return replace(
         v,
@@ -131,27 +141,30 @@ def _add_variant(
         over_threshold=v.over_threshold + total[3],
         labelled=v.labelled + labels[0],
         correct=v.correct + labels[1],
+        labelled_requests=v.labelled_requests + labels[2],
         strata=tuple((w, *n) for w, n in sorted(strata.items())),
     )
 
 
-UNKNOWN_WEIGHT = -1.0
-"""The stratum of counts given without their weights (evidence built by hand)."""
-
-
-def _rows(v: VariantEvidence) -> tuple[tuple[float, int, int, int, int], ...]:
-    """A variant's strata; its totals as one stratum when it has none."""
+def _rows(v: VariantEvidence) -> tuple[StratumRow, ...]:
+    """A variant's strata; its totals as one stratum when it has none (every event its
+    own unit)."""
     if v.strata or not v.requests:
         return v.strata
-    return ((UNKNOWN_WEIGHT, v.requests, v.errors, v.since_threshold, v.over_threshold),)
+    e, o = v.errors, v.over_threshold
+    return ((UNKNOWN_WEIGHT, v.requests, e, v.since_threshold, o, e, o),)
 
 
-def _four(values: Any) -> Counts4:
-    a, b, c, d = (int(x) for x in values)
-    if min(a, b, c, d) < 0:
+def _counts(values: Any) -> Counts:
+    a, b, c, d, e, f = (int(x) for x in values)
+    if min(a, b, c, d, e, f) < 0:
         raise ValueError(f"negative count in {values!r}")
-    return a, b, c, d
+    return a, b, c, d, e, f
 
 
-def _add(a: Counts4, b: Counts4) -> Counts4:
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+def _add(a: Counts, b: Counts) -> Counts:
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5]
+
+
+def _no_latency(n: Counts) -> Counts:
+    return n[0], n[1], 0, 0, n[4], 0

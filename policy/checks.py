@@ -10,7 +10,7 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
   chance that any of them ever FAILs a candidate that meets every bound stays ≤
   spec.alpha however often the checks run.
 - INCONCLUSIVE while an arm has fewer than `min_samples` observations (requests, labelled
-  requests, compared requests or requests since the latency threshold; both arms for
+  rows, compared rows or requests since the latency threshold; both arms for
   comparisons), and whenever the evidence does not decide yet.
 - FAIL only when the whole confidence sequence lies beyond the bound *and* the candidate
   shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers).
@@ -24,17 +24,18 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
   error_rate  max: candidate's lower bound > max (one-sample). max_increase_vs_stable,
               test conditional (the default): FAIL when the conditional e-process
               (policy/conditional.py) shows the candidate's error rate above the stable's
-              (rate ratio > 1), from which arm each error landed on given the candidate's
-              share of the requests at its weight: exact under weights that change and
-              base rates that drift in both arms, and at any sample size (min_samples
-              gates PASS only). PASS when, at alpha/4 each, the stable's rate is below its
-              upper bound u and the ratio below 1 + margin / u, or at alpha/2 the
-              candidate's own upper bound is within the margin. ci_lower / ci_upper are
-              the rate ratio's bounds. test msprt: the two-sample mixture SPRT on
-              cumulative counts, lower bound of candidate − stable > fail_margin (an
-              absolute fail_margin above 0 picks it by default). 0.005 (half a point) is
-              a usual practical margin: it ignores differences nobody would hold a
-              rollout for.
+              (rate ratio > 1), from which arm each key's first error landed on given
+              the weight it was routed at (a request without a key is its own key):
+              exact under weights that change, base rates that drift in both arms and
+              users of any activity and error-proneness, and at any sample size
+              (min_samples gates PASS only). PASS when, counted per request, at alpha/4
+              each the stable's rate is below its upper bound u and the ratio below
+              1 + margin / u, or at alpha/2 the candidate's own upper bound is within
+              the margin. ci_lower / ci_upper bound the ratio FAIL rests on. test
+              msprt: the two-sample mixture SPRT on cumulative counts, lower bound of
+              candidate − stable > fail_margin (an absolute fail_margin above 0 picks
+              it by default). 0.005 (half a point) is a usual practical margin: it
+              ignores differences nobody would hold a rollout for.
   latency_pNN the engine freezes a threshold T (latency_threshold below) on both variants
               and counts requests slower than T since then. max_ratio_to_stable, test
               conditional (the default): T = stable's window pNN, and "slower than T" is
@@ -60,7 +61,8 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               (INCONCLUSIVE, label_rates_differ yes, with the reason) instead of passing
               or failing, until the rates even out (delayed labels catching up after a
               weight step). A `min` check, on the candidate's labels alone, is not held.
-  agreement   (shadow) min: upper bound of agreed/compared < min.
+  agreement   (shadow) min: upper bound of agreed/compared < min, every row of a batch
+              compared.
   drift       not sequential: PSI (default) of the worst feature > threshold (0.25), or
               with method ks a Bonferroni-adjusted KS p < alpha and statistic >
               threshold (default 0.1); needs ≥ 500 rows of reference and live inputs.
@@ -134,6 +136,7 @@ def evaluate_checks(spec: Spec, evidence: Evidence) -> list[CheckResult]:
             why = "a shadow mirrors all traffic; there is no split to check"
             results.append(CheckResult(check, Verdict.INCONCLUSIVE, detail={"reason": why}))
             continue
+
         results.append(evaluate(check, evidence, alpha=check_alpha(spec, check)))
     return results
 
@@ -289,23 +292,36 @@ def _two_sample(
     return CheckResult(check, verdict, b.estimate if ns and nc else None, margin, detail)
 
 
-def _strata(ev: Evidence, *, latency: bool) -> list[Stratum]:
+def _strata(ev: Evidence, *, latency: bool, units: bool = False) -> list[Stratum]:
     """Both arms' (events, exposures) per configured weight: errors per request, or slow
-    requests per request counted against the latency threshold. Evidence without strata
-    (built by hand) is one stratum of its totals."""
+    requests per request counted against the latency threshold, the share being the
+    candidate's share of the requests. Evidence without strata (built by hand) is one
+    stratum of its totals.
+
+    `units`: at a split weight w (0 < w < 100), count each key's first bad event
+    instead (a request without a key is its own key), at share w: a sticky split
+    assigns keys, not requests, so under H0 the key behind a first bad event is on
+    the candidate with probability exactly w whatever users there are (heavy ones,
+    error-prone ones); their later events carry no information on the assignment."""
     s, c = ev.stable, ev.candidate
     if not s.strata or not c.strata:
         if latency:
             return [Stratum(s.over_threshold, s.since_threshold, c.over_threshold,
                             c.since_threshold)]  # fmt: skip
         return [Stratum(s.errors, s.requests, c.errors, c.requests)]
-    x, n = (4, 3) if latency else (2, 1)
+    x, n, u = (4, 3, 6) if latency else (2, 1, 5)
     rows: dict[float, list[int]] = {}
     for w, *counts in s.strata:
-        rows.setdefault(w, [0, 0, 0, 0])[:2] = (counts[x - 1], counts[n - 1])
+        rows.setdefault(w, [0] * 6)[:3] = (counts[x - 1], counts[n - 1], counts[u - 1])
     for w, *counts in c.strata:
-        rows.setdefault(w, [0, 0, 0, 0])[2:] = (counts[x - 1], counts[n - 1])
-    return [Stratum(*r) for _, r in sorted(rows.items())]
+        rows.setdefault(w, [0] * 6)[3:] = (counts[x - 1], counts[n - 1], counts[u - 1])
+    out = []
+    for w, (xs, ns, us, xc, nc, uc) in sorted(rows.items()):
+        if units and 0 < w < 100:
+            out.append(Stratum(us, round(100 * (100 - w)), uc, round(100 * w)))
+        else:
+            out.append(Stratum(xs, ns, xc, nc))
+    return out
 
 
 def _ratio_bounds(strata: list[Stratum], alpha: float) -> tuple[float, float]:
@@ -349,13 +365,15 @@ def _conditional(
     bound u and the ratio below 1 + margin / u (so candidate − stable < margin), or at
     alpha/2 the candidate's own rate is below the margin."""
     strata = _strata(ev, latency=latency)
+    units = _strata(ev, latency=latency, units=True)
     r_fail = 1.0 + (check.fail_margin or 0.0) if latency else 1.0
-    fail = landing_test(strata, r_fail, harm=True)
+    fail = landing_test(units, r_fail, harm=True)
+    pooled = landing_test(strata, r_fail, harm=True)  # totals and the ratio, for reports
     xs, ns, xc, nc = (
-        fail.events_stable,
-        fail.exposures_stable,
-        fail.events_candidate,
-        fail.exposures_candidate,
+        pooled.events_stable,
+        pooled.exposures_stable,
+        pooled.events_candidate,
+        pooled.exposures_candidate,
     )
     enough = min(ns, nc) >= check.min_samples
     crossed = fail.rejects(alpha)
@@ -375,23 +393,25 @@ def _conditional(
             own = rate_sequence(xc, nc, alpha / 2, side="upper")
             within = own.upper <= tolerance
     # The e-process is exact at every sample size: min_samples gates PASS, not FAIL.
-    failed = crossed and xc >= MIN_EVENTS
-    verdict = _verdict(check, enough or failed, crossed, xc, within)
+    failed = crossed and fail.events_candidate >= MIN_EVENTS
+    verdict = _verdict(check, enough or failed, crossed, fail.events_candidate, within)
     enough = enough or failed
     need = f"stable has {ns} and candidate {nc} {unit}, each needs {check.min_samples}"
-    lower, upper = _ratio_bounds(strata, alpha)
+    lower, upper = _ratio_bounds(units, alpha)
     rate_s, rate_c = (xs / ns if ns else None), (xc / nc if nc else None)
     detail: Detail = {
         "test": "conditional",
-        "scale": "rate ratio (candidate / stable)",
+        "scale": "ratio of keys' first bad events (the rate ratio when keys are few-request)",
         "n_stable": ns,
         "n_candidate": nc,
         "events_stable": xs,
         "events_candidate": xc,
         "rate_stable": rate_s,
         "rate_candidate": rate_c,
-        "ratio": fail.ratio,
+        "ratio": pooled.ratio,
         "harmful_events": xc,
+        "units_stable": fail.events_stable,
+        "units_candidate": fail.events_candidate,
         "strata": len(strata),
         "fail_ratio": r_fail,
         "pass_ratio": r_pass,
@@ -404,7 +424,7 @@ def _conditional(
         "reason": _reason(check, verdict, enough, need),
     }
     if latency:
-        return CheckResult(check, verdict, fail.ratio, tolerance, detail)
+        return CheckResult(check, verdict, pooled.ratio, tolerance, detail)
     harm = rate_c - rate_s if rate_c is not None and rate_s is not None else None
     detail["harm"] = harm
     return CheckResult(check, verdict, harm, tolerance, detail)
@@ -507,7 +527,7 @@ def _percent(rate: float | int | str | None) -> str:
 def _agreement(check: Check, ev: Evidence, alpha: float) -> CheckResult:
     c = ev.candidate
     assert check.min is not None  # the schema allows only min
-    unit = "compared requests"
+    unit = "compared rows"
     return _one_sample(check, c.agreed, c.compared, check.min, alpha, good=True, unit=unit)
 
 

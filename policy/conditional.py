@@ -22,12 +22,17 @@ share, so the sufficient statistic is one row per stratum (share, candidate even
 stable events): it is what the windows count, what the rollout state carries across a
 restart, and the order of events within a stratum does not matter.
 
-The share of a stratum is the share of its exposures (requests, or requests counted
-against the latency threshold) that the candidate actually took, not the configured
-weight: with a sticky hash split a few heavy users can hold a canary's realised share
-well away from its weight, and events follow requests, not weights. Given the exposures
-this is the classic conditional test of two Poisson rates (candidate events | all events
-~ Binomial(events, p(r, share))), made sequential by the mixture.
+What counts as an event, and its share (policy/checks.py builds the strata):
+- With a sticky (hash) split the split randomises keys, not requests: a heavy or
+  error-prone user's events all land on one arm, and counted one by one they make a
+  healthy candidate look worse (10-28 % false FAILs with Zipf users of heterogeneous
+  error rates, against 0 of 100 counted per key). FAIL therefore counts each key's
+  first bad event (a request without a key is its own key) at the configured weight w:
+  under H0 the key behind it is on the candidate with probability exactly w.
+- Reports, PASS and the strata of weight 0 (mirrored copies, failover) count requests,
+  at the candidate's realised share of the requests: given the exposures this is the
+  classic conditional test of two Poisson rates (candidate events | all events ~
+  Binomial(events, p(r, share))), made sequential by the mixture.
 
 The other direction, H0: r ≥ r1 against r < r1, is the same construction with a grid
 below r1; checks use it to show a candidate is *not* worse than a tolerance (PASS).

@@ -34,7 +34,8 @@ policy/strategies.py. The rules:
   on_deadline: rollback, hold (phase inconclusive: weight kept, no progress, rollback
   checks still protect; an operator promotes or rolls back) or alert (once, then on).
   Not while paused (pausing stops a step's clock) nor failing over (its own deadline).
-- A sample-ratio check gates nothing at weight 0 or 100: one arm gets every request.
+- A sample-ratio check gates nothing at weight 0 or 100: one arm gets every request;
+  an agreement check gates nothing in a canary or ab rollout: nothing is mirrored.
   Its p-value's running minimum at the current weight is kept in the state
   (srm_pvalue, srm_weight), so a restart does not forget a mismatch already shown.
 """
@@ -82,7 +83,7 @@ def decide(
     if state.phase is Phase.WAITING:
         new = replace(base, reason=f"waiting for candidate {state.candidate}: {state.unavailable}")
         return _deadline_passed(rollout, state, new, now) or _decision(rollout, state, new)
-    results = [r for r in results if not _moot(r, state)]
+    results = [r for r in results if not _moot(r, state, rollout)]
     base = _srm_seen(base, results)
     failed = [r for r in results if r.verdict is Verdict.FAIL]
     rollback = [r for r in failed if r.check.on_fail == "rollback"]
@@ -318,8 +319,12 @@ def _deadline_passed(
     return _decision(rollout, old, alerted, Action.INCONCLUSIVE, evidence)
 
 
-def _moot(result: CheckResult, state: RolloutState) -> bool:
-    """A sample-ratio check has nothing to test while one arm gets every routed request."""
+def _moot(result: CheckResult, state: RolloutState, rollout: Rollout) -> bool:
+    """A check with nothing to test gates nothing: a sample-ratio check while one arm
+    gets every routed request; an agreement check where nothing is mirrored (canary and
+    ab compare no answers: it would hold the rollout until its deadline)."""
+    if result.check.metric == "agreement" and result.verdict is Verdict.INCONCLUSIVE:
+        return rollout.spec.strategy in ("canary", "ab")
     return result.check.metric == "srm" and state.weight in (0.0, 100.0)
 
 

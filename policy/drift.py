@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import ks_2samp
 
 __all__ = [
     "DRIFT_MIN_ROWS",
@@ -67,6 +66,10 @@ def _shares(edges: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.N
 
 def ks_test(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov statistic and p-value (scipy.stats.ks_2samp)."""
+    # Imported here: scipy.stats costs half a second and tens of MB at start-up, and a
+    # gateway whose rollouts check no drift never needs it.
+    from scipy.stats import ks_2samp
+
     result = ks_2samp(np.asarray(reference).ravel(), np.asarray(current).ravel())
     return float(result.statistic), float(result.pvalue)
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+StratumRow = tuple[float, int, int, int, int, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class VariantEvidence:
@@ -34,12 +36,14 @@ class VariantEvidence:
     labelled: int = 0  # rows whose feedback label arrived (a batch's rows each count)
     correct: int = 0  # of those, predicted correctly
     labelled_requests: int = 0  # requests that had labels (the label rate's numerator)
-    compared: int = 0  # shadow: requests compared with the primary's answer
+    compared: int = 0  # shadow: rows compared with the primary's answer
     agreed: int = 0  # of those, the same answer
     # Per configured candidate weight at routing time (0: failed over or mirrored):
-    # (weight, requests, errors, since_threshold, over_threshold), for the conditional
-    # tests (policy/conditional.py). Empty: not known, the totals form one stratum.
-    strata: tuple[tuple[float, int, int, int, int], ...] = ()
+    # (weight, requests, errors, since_threshold, over_threshold, error_units,
+    # slow_units), for the conditional tests (policy/conditional.py); units are keys'
+    # first errors / slow requests (a request without a key is its own key). Empty: not
+    # known, the totals form one stratum.
+    strata: tuple[StratumRow, ...] = ()
     latencies: np.ndarray = field(default_factory=lambda: np.empty(0))  # seconds, recent
     # Each recent request's batch size (rows), aligned with `latencies`; empty: not known.
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint32))

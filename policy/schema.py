@@ -111,9 +111,10 @@ class Check(_Frozen):
                            within the bound; no_fail: PASS once min_samples are in and no
                            FAIL (size min_samples from the FAIL test's power, see README)
     For comparisons of errors (max_increase_vs_stable) and latency (max_ratio_to_stable):
-      test                 conditional (default): which arm each bad event landed on, given
-                           the candidate's share when it happened; exact under changing
-                           weights and rates drifting in both arms (policy/conditional.py).
+      test                 conditional (default): which arm each key's first bad event
+                           landed on, given the weight it was routed at (a request without
+                           a key is its own key); exact under changing weights, rates
+                           drifting in both arms and uneven users (policy/conditional.py).
                            msprt: the two-sample mixture SPRT on cumulative counts (errors),
                            the one-sample exceedance test at ratio x stable's pNN (latency),
                            as before. An error check with a fail_margin above 0 uses msprt

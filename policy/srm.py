@@ -27,7 +27,6 @@ import math
 from collections.abc import Sequence
 
 from scipy.special import gammaln
-from scipy.stats import chi2
 
 __all__ = [
     "SRM_CONCENTRATION",
@@ -95,6 +94,8 @@ def srm_pvalue(counts: Sequence[int], weights: Sequence[float]) -> float:
     for count, weight in zip(counts, weights, strict=True):
         expected = total * weight / weight_sum
         statistic += (count - expected) ** 2 / expected
+    from scipy.stats import chi2  # imported when first needed: see policy/drift.py
+
     return float(chi2.sf(statistic, len(counts) - 1))
 
 

@@ -95,7 +95,7 @@ class VariantSummary:
         if threshold is not None:
             key = (float(threshold), evidence.latency_rows)
             exceedances[key] = (evidence.since_threshold, evidence.over_threshold)
-            for w, _, _, since, over in evidence.strata:
+            for w, _, _, since, over, *_ in evidence.strata:
                 strata_exceedances[(*key, float(w))] = (since, over)
         return cls(
             version=evidence.version,
@@ -109,7 +109,7 @@ class VariantSummary:
             agreed=evidence.agreed,
             routed={float(weight): evidence.routed} if evidence.routed else {},
             exceedances=exceedances,
-            strata={float(w): (n, e) for w, n, e, _, _ in evidence.strata},
+            strata={float(w): (n, e) for w, n, e, *_ in evidence.strata},
             strata_exceedances=strata_exceedances,
             latency=_histogram(evidence.latencies, evidence.rows),
         )
@@ -143,9 +143,12 @@ class VariantSummary:
         against `threshold` (the decider's frozen one), recent latencies from the
         histogram (each at its bucket's centre, within 1 % of what was measured)."""
         since, over = (0, 0) if threshold is None else self.exceedances.get(threshold, (0, 0))
+        # Keys' first bad events are not summarised (each process sees its own keys): in
+        # fleet mode every bad event is its own unit (policy/checks.py `_strata`).
         strata = tuple(
-            (w, n, e, *self._stratum_exceedances(threshold, w))
+            (w, n, e, since_w, over_w, e, over_w)
             for w, (n, e) in sorted(self.strata.items())
+            for since_w, over_w in (self._stratum_exceedances(threshold, w),)
         )
         cells = sorted(self.latency.items())
         counts = np.array([n for _, n in cells], dtype=np.int64)

@@ -217,6 +217,8 @@ def _registry(args: argparse.Namespace) -> int:
         outputs=outputs,
         trust_pickle=args.trust_pickle,
         reference=Path(args.reference) if args.reference else None,
+        upstream_model=args.upstream_model,
+        upstream_version=args.upstream_version,
     )
     print(f"added {args.model}/{args.version} at {path}")
     return 0
@@ -450,18 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="[n/total] on stderr as each version is hashed (default: when a terminal)",
         )
-    add.add_argument("artifact", nargs="?", help="the model file; none for an http --endpoint")
+    add.add_argument("artifact", nargs="?", help="the model file; none with an --endpoint")
     add.add_argument("--model", required=True, help="model name")
     add.add_argument("--version", required=True, help="version to register")
     add.add_argument(
         "--framework",
-        choices=["onnx", "torch", "sklearn", "http"],
+        choices=["onnx", "torch", "sklearn", "http", "grpc"],
         help="default: from the artifact's suffix",
     )
     add.add_argument("--stage", default="development", help="lifecycle stage (development)")
     add.add_argument("--parent", help="the version this one derives from")
     add.add_argument("--created-by", help="who registered it (default $USER)")
-    add.add_argument("--endpoint", help="framework http: the upstream's V2 model URL")
+    add.add_argument(
+        "--endpoint",
+        help="framework http: the upstream's V2 model URL; grpc: grpc://host:port or host:port",
+    )
+    add.add_argument("--upstream-model", help="framework grpc: the upstream's model name")
+    add.add_argument("--upstream-version", help="framework grpc: the upstream's version")
     for flag in ("input", "output"):
         add.add_argument(
             f"--{flag}",

@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -131,7 +131,12 @@ def _checked_id(value: str) -> str:
     return value
 
 
-Guarded = Callable[[Request, Params, Principal | None], Awaitable[Response]]
+class Guarded(Protocol):
+    """A model route's handler: given the caller its credential proves (None: none)."""
+
+    def __call__(
+        self, request: Request, params: Params, caller: Principal | None
+    ) -> Awaitable[Response]: ...
 
 
 class DataPlane:
@@ -498,13 +503,19 @@ class DataPlane:
         registry = self.inference.registry
         pairs: list[tuple[str, str]] = []
         for model in registry.models():
-            if self.auth is not None:
-                try:
-                    self.auth.check(request.headers, None, model)
-                except (Unauthorized, Forbidden):
-                    continue
-            pairs += [(model, v) for v in registry.versions(model)]
+            if self.may_see(request.headers, model):
+                pairs += [(model, v) for v in registry.versions(model)]
         return json_response(self.inference.stats.report(pairs))
+
+    def may_see(self, headers: Mapping[str, str], model: str) -> bool:
+        """Whether the caller's credential (if any) lets it see `model` (REST and gRPC)."""
+        if self.auth is None:
+            return True
+        try:
+            self.auth.check(headers, None, model)
+        except (Unauthorized, Forbidden):
+            return False
+        return True
 
     async def model_ready(
         self, request: Request, params: Params, caller: Principal | None

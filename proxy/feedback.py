@@ -20,18 +20,21 @@ Bounds, both settings (proxy/settings.py): the index holds the requests of the l
 `capacity` rows answered (`feedback_capacity`; labelled or not, so memory never depends
 on the label rate; a request of more rows than that is not remembered at all) and none
 older than `max_age_s` (`feedback_max_age_s`); the oldest go first. A request forgotten
-unlabelled leaves a tombstone (its key's hash, no data), at most `capacity` of them, so
-its late label is told "expired" rather than "unknown" while the gateway still remembers
-having forgotten it (a label for an id put again meanwhile reaches the new request).
+unlabelled leaves a tombstone (its key's hash, no data), so its late label is told
+"expired" rather than "unknown" while the gateway still remembers having forgotten it:
+tombstones come in two generations of at most `capacity` each, the older dropped whole
+when the newer fills, so the last `capacity` forgotten ids are always remembered, and at
+most 2 × `capacity`. A label for an id put again meanwhile reaches the new request.
 
 The hot path is `put`, once per answered request: a tuple, a dict entry and a deque
-entry, no Python object of its own (about 1 µs; the ring buffer it replaces took 0.6).
+entry, no Python object of its own (1.1 µs a put with eviction and tombstone, against
+0.45 µs for the ring buffer it replaced, measured side by side on the 2-core CI box).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -55,7 +58,16 @@ class FeedbackIndex:
     """(model, client, request id) → the request's window and row predictions, bounded
     in rows and age."""
 
-    __slots__ = ("_clock", "_live", "_order", "_rows", "_tombs", "capacity", "max_age_s")
+    __slots__ = (
+        "_clock",
+        "_live",
+        "_older",
+        "_order",
+        "_rows",
+        "_tombs",
+        "capacity",
+        "max_age_s",
+    )
 
     def __init__(
         self, capacity: int, max_age_s: float, *, clock: Callable[[], float] = time.monotonic
@@ -70,7 +82,8 @@ class FeedbackIndex:
         self._live: dict[Key, _Kept] = {}  # the requests that can still take a label
         self._order: deque[tuple[Key, _Kept]] = deque()  # every request held, oldest first
         self._rows = 0  # rows of the requests in the order, labelled or not
-        self._tombs: OrderedDict[int, None] = OrderedDict()  # key hashes, oldest first
+        self._tombs: dict[int, None] = {}  # key hashes of the newer tombstones
+        self._older: dict[int, None] = {}  # and of the generation before
 
     def __len__(self) -> int:
         """Requests that can take a label now."""
@@ -88,8 +101,8 @@ class FeedbackIndex:
 
     @property
     def tombstones(self) -> int:
-        """Tombstones held (at most `capacity`)."""
-        return len(self._tombs)
+        """Tombstones held (at most 2 × `capacity`)."""
+        return len(self._tombs) + len(self._older)
 
     def put(
         self,
@@ -125,7 +138,9 @@ class FeedbackIndex:
         key = (model, client or "", request_id)
         kept = self._live.get(key)
         if kept is None:
-            return Missing.EXPIRED if hash(key) in self._tombs else Missing.UNKNOWN
+            buried = hash(key)
+            gone = buried in self._tombs or buried in self._older
+            return Missing.EXPIRED if gone else Missing.UNKNOWN
         return kept[2]
 
     def take(
@@ -138,21 +153,22 @@ class FeedbackIndex:
             return found
         key = (model, client or "", request_id)
         window, generation, predictions, _ = self._live.pop(key)
-        self._tombs.pop(hash(key), None)  # an id put again after it was forgotten
+        buried = hash(key)  # an id put again after it was forgotten: no longer
+        self._tombs.pop(buried, None)
+        self._older.pop(buried, None)
         return window, generation, predictions
 
     def _forget_old(self, now: float) -> None:
         """Drop the oldest requests while over the rows bound or past the age bound; one
         that could still take a label leaves a tombstone."""
-        order, live, tombs = self._order, self._live, self._tombs
+        order, live = self._order, self._live
         oldest_kept = now - self.max_age_s
         while order and (self._rows > self.capacity or order[0][1][3] <= oldest_kept):
             key, kept = order.popleft()
             self._rows -= len(kept[2])
             if live.get(key) is kept:  # not labelled (nor put again after a label)
                 del live[key]
-                buried = hash(key)
-                tombs[buried] = None
-                tombs.move_to_end(buried)  # buried again: the newest
-                if len(tombs) > self.capacity:
-                    tombs.popitem(last=False)
+                tombs = self._tombs
+                tombs[hash(key)] = None
+                if len(tombs) >= self.capacity:  # a new generation; the oldest is dropped
+                    self._older, self._tombs = tombs, {}

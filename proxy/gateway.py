@@ -125,7 +125,12 @@ class Gateway:
             capacity=self.capacity,
         )
         self._grpc = (
-            GrpcServer(plane, max_message_bytes=settings.max_body_bytes)
+            GrpcServer(
+                plane,
+                max_message_bytes=settings.max_body_bytes,
+                idle_s=settings.keepalive_s,
+                max_streams=settings.max_inflight,
+            )
             if settings.grpc_enabled
             else None
         )

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import grpc
 import orjson
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from rollguard import __version__
@@ -87,7 +88,8 @@ Handler = Callable[[bytes, Context], Awaitable[bytes]]
 
 
 class GrpcEndpoints:
-    """The six RPCs of `inference.GRPCInferenceService`, answered from `plane`."""
+    """The RPCs of `inference.GRPCInferenceService` (the V2 six and Triton's
+    ModelStatistics), answered from `plane`."""
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
@@ -103,6 +105,7 @@ class GrpcEndpoints:
             "ServerMetadata": self.server_metadata,
             "ModelMetadata": self.model_metadata,
             "ModelInfer": self.model_infer,
+            "ModelStatistics": self.model_statistics,
         }
         assert tuple(table) == METHODS
         return {name: grpc.unary_unary_rpc_method_handler(h) for name, h in table.items()}
@@ -161,6 +164,33 @@ class GrpcEndpoints:
         for tensor in doc["outputs"]:
             out.outputs.add(**tensor)
         return out.SerializeToString()
+
+    async def model_statistics(self, body: bytes, context: Context) -> bytes:
+        """Triton's statistics extension, as `GET /v2/models[/{m}[/versions/{v}]]/stats`
+        answers it: one model's versions (or one version), or, with no name, every
+        version of every model the caller may see."""
+        headers = _metadata(context)
+        inference = self.inference
+        registry = inference.registry
+        try:
+            request = _parse(pb.ModelStatisticsRequest, body)
+            model = request.name
+            pairs: list[tuple[str, str]] = []
+            if model:
+                self.plane.admit(headers, _peer(context), model, None)
+                versions = registry.versions(model)  # NOT_FOUND for an unknown model
+                if request.version:
+                    registry.get(model, request.version)  # NOT_FOUND for an unknown version
+                    versions = [request.version]
+                pairs = [(model, v) for v in versions]
+            else:
+                for each in registry.models():
+                    if self.plane.may_see(headers, each):
+                        pairs += [(each, v) for v in registry.versions(each)]
+            doc = inference.stats.report(pairs)
+        except Exception as exc:
+            await _abort(context, exc, headers.get(REQUEST_ID), "ModelStatistics")
+        return json_format.ParseDict(doc, pb.ModelStatisticsResponse()).SerializeToString()
 
     # --- inference -----------------------------------------------------------------------
 
@@ -279,21 +309,26 @@ def _error_text(body: bytes) -> str:
 class GrpcServer:
     """The gRPC listener: started on its own port, stopped with a grace period."""
 
-    def __init__(self, plane: DataPlane, *, max_message_bytes: int) -> None:
+    def __init__(
+        self, plane: DataPlane, *, max_message_bytes: int, idle_s: float, max_streams: int
+    ) -> None:
+        """`max_message_bytes`: the largest message taken (the REST body limit);
+        `idle_s`: a connection with no call for this long is closed (the REST
+        keep-alive); `max_streams`: calls at once on one connection (the in-flight cap)."""
         self._endpoints = GrpcEndpoints(plane)
-        self._max_message_bytes = max_message_bytes
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
+            ("grpc.max_concurrent_streams", max_streams),
+            ("grpc.so_reuseport", 0),
+        ]
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0: any free port); the port bound. OSError when it cannot
         be bound: grpc would otherwise share a port another process holds
         (SO_REUSEPORT), so that is turned off."""
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        server = grpc.aio.server(options=self._options)
         server.add_registered_method_handlers(SERVICE, self._endpoints.handlers())
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:

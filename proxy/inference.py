@@ -194,16 +194,16 @@ class Inference:
             failure = _of_version(exc, version)
             if isinstance(failure, DeadlineExceeded | UpstreamTimeout):
                 self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "504",
-                                     request.rows(), share)  # fmt: skip
+                                     request.rows(), share, unit)  # fmt: skip
             elif isinstance(failure, Overloaded):
                 # The version's own bulkhead is full (or its threads all stuck in calls
                 # past their deadline): it did not answer in time, as far as a client sees.
                 self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "503",
-                                     request.rows(), share)  # fmt: skip
+                                     request.rows(), share, unit)  # fmt: skip
             elif isinstance(failure, ModelExecutionError | UpstreamError):
                 code = "502" if isinstance(failure, UpstreamError) else "500"
                 self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR,
-                                     code, request.rows(), share)  # fmt: skip
+                                     code, request.rows(), share, unit)  # fmt: skip
             if failure is exc:
                 raise
             raise failure from exc
@@ -218,7 +218,7 @@ class Inference:
         width = window.input_width
         row = None if width is None else request.first_row(width)
         rows = request.rows()
-        window.record(latency, Outcome.OK, row=row, rows=rows, share=share)
+        window.record(latency, Outcome.OK, row=row, rows=rows, share=share, key=unit)
         predictions = _row_predictions(loaded.manifest.prediction_rule, response, rows)
         self.feedback_index.put(model, client, request_id, window, predictions)
         variant.answered(latency)
@@ -320,9 +320,10 @@ class Inference:
         code: str,
         rows: int,
         share: float = 0.0,
+        key: str | None = None,
     ) -> None:
         latency = self._clock() - start
-        window.record(latency, outcome, rows=rows, share=share)
+        window.record(latency, outcome, rows=rows, share=share, key=key)
         self.metrics.variant(model, version, role).failed(code, latency)
 
     def _mirror(

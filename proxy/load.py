@@ -16,7 +16,8 @@ rollout from mirroring. Three signals, sampled every `period_s` on the event loo
   such limit to run into, and the signal stays 0 (the root cgroup, where a plain VM's
   processes live, is the whole host: not the gateway's own).
 
-The gateway is under pressure while any signal is at or above `threshold` (0.9). The hot
+Each signal is a moving average over about three periods. The gateway is under pressure
+while any is at or above `threshold` (0.9). The hot
 path reads `busy` only; sampling costs a few clock reads and, with a quota, two small
 file reads per period.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 SIGNALS = ("event_loop", "process", "cgroup")
+_SMOOTHING = 0.3  # weight of the newest period in each signal's moving average
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -168,9 +170,18 @@ class LoadGauge:
         now = (time.monotonic(), time.thread_time(), time.process_time())
         wall = now[0] - self._last[0]
         if wall > 0:
-            self.shares["event_loop"] = (now[1] - self._last[1]) / wall
-            self.shares["process"] = (now[2] - self._last[2]) / wall / self.cores
-            self.shares["cgroup"] = self._cgroup_share(wall)
+            shares = self.shares
+            cgroup = self._cgroup_share(wall)
+            for signal, raw in (
+                ("event_loop", (now[1] - self._last[1]) / wall),
+                ("process", (now[2] - self._last[2]) / wall / self.cores),
+                ("cgroup", cgroup),
+            ):
+                # Smoothed over about three periods: a 100 ms burst (a collector pause, a
+                # neighbour's spike) is not sustained pressure; throttling counts at once.
+                shares[signal] += _SMOOTHING * (raw - shares[signal])
+            if cgroup >= 1.0:
+                shares["cgroup"] = cgroup
         self._last = now
         self.busy = max(self.shares.values()) >= self.threshold
         self.periods += 1

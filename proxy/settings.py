@@ -89,8 +89,8 @@ class Settings(BaseModel):
     policy_poll_s: float = Field(default=2.0, gt=0)
     failover_poll_s: float = Field(default=0.25, gt=0)  # rollouts re-read candidates' availability
     window: int = Field(default=2000, ge=10)  # per-variant ring buffer, when no policy says
-    # The feedback index (proxy/feedback.py): rows of predictions remembered for labels,
-    # about 0.4 KB a one-row request, and for how long; older labels are answered 410.
+    # The feedback index (proxy/feedback.py): rows of answered requests remembered for
+    # labels (about 0.5 KB a one-row request), and for how long; later labels get a 410.
     feedback_capacity: int = Field(default=100_000, ge=100)
     feedback_max_age_s: float = Field(default=86_400.0, gt=0)
     shadow_queue: int = Field(default=256, ge=0)

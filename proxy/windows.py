@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from rollguard.policy.evidence import VariantEvidence
+from rollguard.proxy.keysets import KeySet
 from rollguard.serving.prediction import Predicted, is_missing, matches
 
 _ANY_SIZE = 2**32 - 1  # the largest row count kept (uint32); "no size limit"
-_KEY_BITS = 2**24  # first-seen keys for sample-ratio checks: a 2 MiB bit set per window
 # Every reset of every window gets its own generation, so a label for a request recorded
 # before a reset (or in a window since replaced) is told apart from a current one.
 _GENERATIONS = itertools.count(1)
@@ -41,8 +41,17 @@ class VariantWindow:
     """
 
     def __init__(
-        self, version: str, size: int, *, input_width: int | None = None, tol: float = 0.0
+        self,
+        version: str,
+        size: int,
+        *,
+        input_width: int | None = None,
+        tol: float = 0.0,
+        bad_keys: tuple[KeySet, KeySet] | None = None,
     ) -> None:
+        """`bad_keys`: the keys that already had an error, and a slow request, since the
+        counters were reset; shared by the windows of one model's versions (a key moves
+        from stable to candidate when the weight rises, and counts once)."""
         if size < 1:
             raise ValueError(f"window size {size!r}: expected at least 1")
         if input_width is not None and input_width < 1:
@@ -62,6 +71,8 @@ class VariantWindow:
         self.generation = 0  # set by reset(): labels of older requests are not counted
         self._threshold: float | None = None
         self._threshold_rows: int = _ANY_SIZE  # larger requests are not counted against it
+        self._bad_keys = bad_keys or (KeySet(), KeySet())
+        self._seen_keys = KeySet()  # routed since the split changed (sample-ratio checks)
         self.reset()
         self.reset_routed()
 
@@ -70,8 +81,12 @@ class VariantWindow:
         self.generation = next(_GENERATIONS)
         self._requests = self._errors = 0
         # Per configured candidate weight at routing time: [requests, errors, requests
-        # counted against the latency threshold, of those slower] (policy/conditional.py).
+        # counted against the latency threshold, of those slower, keys' first errors,
+        # keys' first slow requests] (policy/conditional.py; a request without a key is
+        # its own key).
         self._strata: dict[float, list[int]] = {}
+        for keys in self._bad_keys:
+            keys.clear()
         self._labelled = self._correct = self._labelled_requests = 0
         self._compared = self._agreed = 0
         self._since_threshold = self._over_threshold = 0
@@ -79,7 +94,7 @@ class VariantWindow:
     def reset_routed(self) -> None:
         """Zero the routed counts: the split weights just changed (sample-ratio checks)."""
         self._routed = self._routed_units = 0
-        self._seen_keys: np.ndarray | None = None
+        self._seen_keys.clear()
 
     def set_latency_threshold(self, seconds: float | None, rows: int | None = None) -> None:
         """Count requests slower than `seconds` from now on (None stops counting), among
@@ -93,27 +108,17 @@ class VariantWindow:
         self._threshold_rows = _ANY_SIZE if rows is None else rows
         self._since_threshold = self._over_threshold = 0
         for counts in self._strata.values():
-            counts[2] = counts[3] = 0
+            counts[2] = counts[3] = counts[5] = 0
+        self._bad_keys[1].clear()
 
     def count_routed(self, key: str | None = None) -> None:
         """One request routed here; `key`: its stickiness key, when the split hashed one.
 
         A sticky split randomises keys, not requests, so sample-ratio checks count units:
         each key the first time it is routed here since the split changed, and each
-        request without a key. First sight is kept in a 2**24-bit set indexed by the
-        process's own string hash; a new key whose bit another key already set is not
-        counted, which thins both arms alike (the hash is independent of the split's)."""
+        request without a key (proxy/keysets.py)."""
         self._routed += 1
-        if key is None:
-            self._routed_units += 1
-            return
-        seen = self._seen_keys
-        if seen is None:
-            seen = self._seen_keys = np.zeros(_KEY_BITS // 8, dtype=np.uint8)
-        h = hash(key) & (_KEY_BITS - 1)
-        byte, bit = h >> 3, 1 << (h & 7)
-        if not seen[byte] & bit:
-            seen[byte] |= bit
+        if key is None or self._seen_keys.add(key):
             self._routed_units += 1
 
     def record(
@@ -124,11 +129,13 @@ class VariantWindow:
         row: np.ndarray | None = None,
         rows: int = 1,
         share: float = 0.0,
+        key: str | None = None,
     ) -> int:
         """Store one completed request of `rows` rows (`row`: its first input row, for
         drift); returns its sequence number. `share`: the candidate's configured percent
         when the request was routed (0 when its share failed over to the stable, or for
-        a mirrored copy): the stratum the conditional tests count it in."""
+        a mirrored copy): the stratum the conditional tests count it in. `key`: its
+        stickiness key when the split hashed one (None: the request is its own unit)."""
         seq = self._next
         self._next = seq + 1
         i = seq % self.size
@@ -144,11 +151,13 @@ class VariantWindow:
         self._requests += 1
         stratum = self._strata.get(share)
         if stratum is None:
-            stratum = self._strata[share] = [0, 0, 0, 0]
+            stratum = self._strata[share] = [0, 0, 0, 0, 0, 0]
         stratum[0] += 1
         if outcome:
             self._errors += 1
             stratum[1] += 1
+            if key is None or self._bad_keys[0].add(key):
+                stratum[4] += 1
         threshold = self._threshold
         if threshold is not None and rows <= self._threshold_rows:
             self._since_threshold += 1
@@ -156,6 +165,8 @@ class VariantWindow:
             if latency_s > threshold:
                 self._over_threshold += 1
                 stratum[3] += 1
+                if key is None or self._bad_keys[1].add(key):
+                    stratum[5] += 1
         return seq
 
     def label(
@@ -231,7 +242,9 @@ class VariantWindow:
             labelled_requests=self._labelled_requests,
             compared=self._compared,
             agreed=self._agreed,
-            strata=tuple((w, n[0], n[1], n[2], n[3]) for w, n in sorted(self._strata.items())),
+            strata=tuple(
+                (w, n[0], n[1], n[2], n[3], n[4], n[5]) for w, n in sorted(self._strata.items())
+            ),
             latencies=self._chronological(self._latency),
             rows=self._chronological(self._rows),
             inputs=inputs,
@@ -277,11 +290,17 @@ class Windows:
         self._default = default_size
         self._tol = tolerance
         self._windows: dict[tuple[str, str], VariantWindow] = {}
+        self._bad_keys: dict[str, tuple[KeySet, KeySet]] = {}
+
+    def _keys(self, model: str) -> tuple[KeySet, KeySet]:
+        """The model's keys with an error / a slow request, shared by its versions."""
+        return self._bad_keys.setdefault(model, (KeySet(), KeySet()))
 
     def get(self, model: str, version: str) -> VariantWindow:
         window = self._windows.get((model, version))
         if window is None:
-            window = VariantWindow(version, self._default, tol=self._tol)
+            window = VariantWindow(version, self._default, tol=self._tol,
+                                   bad_keys=self._keys(model))  # fmt: skip
             self._windows[(model, version)] = window
         return window
 
@@ -291,6 +310,7 @@ class Windows:
         """The window, recreated when a rollout asks for another size or input width."""
         window = self._windows.get((model, version))
         if window is None or window.size != size or window.input_width != input_width:
-            window = VariantWindow(version, size, input_width=input_width, tol=self._tol)
+            window = VariantWindow(version, size, input_width=input_width, tol=self._tol,
+                                   bad_keys=self._keys(model))  # fmt: skip
             self._windows[(model, version)] = window
         return window

@@ -11,7 +11,7 @@ cannot both be imported into one process ("duplicate symbol"). The wire only car
 method path and field numbers, so a private pool changes nothing a peer sees.
 
 No service module (`--grpc_python_out`) is generated: the gateway's gRPC port and the
-gRPC runner register and call the six methods by path with their own (de)serialisers
+gRPC runner register and call the methods by path with their own (de)serialisers
 (serving/v2grpc/__init__.py), so that a message that does not parse is the client's
 INVALID_ARGUMENT rather than grpc's logged INTERNAL, and a request is serialised when
 the runner says.

@@ -34,7 +34,7 @@ from rollguard.serving.manifest import (
     dump_manifest,
     manifest_from_bytes,
 )
-from rollguard.serving.remote_metadata import upstream_signature
+from rollguard.serving.remote_metadata import upstream_grpc_signature, upstream_signature
 from rollguard.serving.signatures import onnx_external_files, read_signature
 
 Status = Literal["ok", "refused"]
@@ -238,6 +238,8 @@ def add(
     outputs: list[dict[str, Any]] | None = None,
     trust_pickle: bool = False,
     reference: Path | None = None,
+    upstream_model: str | None = None,
+    upstream_version: str | None = None,
 ) -> Path:
     """Copy an artifact into root/model/version with a model.yaml; returns the directory.
 
@@ -248,7 +250,10 @@ def add(
     for (never guessed). An ONNX model's external data files (found with the `onnx`
     package) and `reference` (a .npy/.npz drift sample) are copied too and pinned by
     their sha256 in `files`. For `framework="http"` pass `endpoint`, no artifact: the
-    inputs and outputs not given are read from the upstream's V2 model metadata.
+    inputs and outputs not given are read from the upstream's V2 model metadata; the same
+    for `framework="grpc"` (`endpoint` grpc://host:port or host:port; `upstream_model` and
+    `upstream_version` the upstream's names, when they differ from ours), read with the
+    V2 gRPC `ModelMetadata` call.
     The version is assembled under a hidden name in root and renamed into place, so a
     watching registry never sees it half-copied; an existing version is never
     overwritten (FileExistsError).
@@ -257,13 +262,16 @@ def add(
         if artifact is None:
             if not endpoint:
                 raise ArtifactError("give an artifact file, or an endpoint for framework http")
-            framework = "http"
+            framework = "grpc" if endpoint.startswith("grpc://") else "http"
         else:
             framework = infer_framework(artifact)
     target = root / model / version
     if target.exists() or target.is_symlink():
         raise FileExistsError(f"{target}: version already exists; versions are never overwritten")
-    if framework != "http" and (artifact is None or not artifact.is_file()):
+    remote = framework in ("http", "grpc")
+    if remote and not endpoint:
+        raise ArtifactError(f"framework {framework} needs --endpoint (the upstream's address)")
+    if not remote and (artifact is None or not artifact.is_file()):
         raise ArtifactError(f"{artifact}: no such file")
     if reference is not None and reference.suffix not in (".npy", ".npz"):
         raise ArtifactError(f"{reference}: a reference sample is a .npy or .npz file")
@@ -282,7 +290,14 @@ def add(
             "trusted_types": list(trusted_types or []),
             "files": [],
         }
-        if artifact is not None and framework != "http":
+        if upstream_model or upstream_version:
+            if framework != "grpc":
+                raise ArtifactError(
+                    "--upstream-model and --upstream-version are for framework grpc"
+                )
+            upstream = {"model": upstream_model, "version": upstream_version}
+            fields["upstream"] = {k: v for k, v in upstream.items() if v}
+        if artifact is not None and not remote:
             copied = staging / ("model" + artifact.suffix)
             shutil.copyfile(artifact, copied)
             # Hash and inspect the copies: they are what will be served, whatever the
@@ -301,6 +316,10 @@ def add(
                 outputs = found[1] if outputs is None else outputs
         if framework == "http" and endpoint and (inputs is None or outputs is None):
             declared = upstream_signature(endpoint)  # what the upstream says it takes
+            inputs = declared[0] if inputs is None else inputs
+            outputs = declared[1] if outputs is None else outputs
+        if framework == "grpc" and endpoint and (inputs is None or outputs is None):
+            declared = upstream_grpc_signature(endpoint, upstream_model or model, upstream_version)
             inputs = declared[0] if inputs is None else inputs
             outputs = declared[1] if outputs is None else outputs
         fields["inputs"], fields["outputs"] = inputs or [], outputs or []

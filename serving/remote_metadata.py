@@ -70,3 +70,45 @@ def _tensors(doc: dict[str, Any], key: str, url: str) -> list[dict[str, Any]]:
             ) from None
         tensors.append(field.model_dump(exclude_none=True))
     return tensors
+
+
+def upstream_grpc_signature(
+    endpoint: str, model: str, version: str | None = None, timeout_s: float = 10.0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) a `framework: grpc` upstream declares for `model` (and `version`,
+    when given) in its V2 gRPC `ModelMetadata`; ArtifactError naming the address when it
+    cannot be read or does not hold."""
+    import grpc
+
+    from rollguard.serving.manifest import grpc_target
+    from rollguard.serving.v2grpc import SERVICE, pb
+
+    try:
+        target = grpc_target(endpoint)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
+    request = pb.ModelMetadataRequest(name=model, version=version or "")
+    where = f"{target} model {model!r}" + (f" version {version!r}" if version else "")
+    options = [("grpc.max_receive_message_length", MAX_METADATA_BYTES)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, pb.ModelMetadataResponse]
+        call = channel.unary_unary(
+            f"/{SERVICE}/ModelMetadata",
+            request_serializer=None,
+            response_deserializer=pb.ModelMetadataResponse.FromString,
+        )
+        try:
+            answer = call(request.SerializeToString(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            name = code.name if code is not None else "error"
+            raise ArtifactError(f"{where}: model metadata answered {name}: {detail}") from None
+    doc = {
+        key: [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            for t in getattr(answer, key)
+        ]
+        for key in ("inputs", "outputs")
+    }
+    return _tensors(doc, "inputs", where), _tensors(doc, "outputs", where)

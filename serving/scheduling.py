@@ -29,7 +29,10 @@ size is capped at what was measured.
 Calls on threads run on the version's own daemon threads, one set per lane
 (serving/bulkhead.py `Threads`): a hung or slow version ties up only its own threads,
 a shadow copy never one that serves a client, and once all of a lane's threads are stuck
-in calls past their deadline it answers `Overloaded` at once.
+in calls past their deadline it answers `Overloaded` at once. A shadow copy of a version
+measured cheap runs inline as its other calls do: handing it to a thread would cost the
+event loop more than the model does, and what copies may take of the loop under CPU
+pressure is bounded where they are admitted (proxy/shadow.py).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class Scheduled(Wrapper):
 
     async def predict(self, request: InferRequest) -> InferResponse:
         lane = current_lane()
-        if self.inline and request.rows() <= self.inline_rows and lane is Lane.PRIMARY:
+        if self.inline and request.rows() <= self.inline_rows:
             return InferResponse.of_arrays(self._inline(request.arrays()))
         timeout = asyncio.timeout(self.timeout_s)
         try:

@@ -87,6 +87,7 @@ def test_the_sidecar_agrees_with_the_image_and_the_settings() -> None:
     assert ports == {
         "data": int(image["ROLLGUARD_PORT"]),
         "admin": int(image["ROLLGUARD_ADMIN_PORT"]),
+        "grpc": int(image["ROLLGUARD_GRPC_PORT"]),
     }
     # Probes on the V2 health endpoints of the data port.
     assert rollguard["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "data"}

@@ -236,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.footprint:
                 a_base = lab.bare("a")[1]
                 sizes = footprint.measure(
-                    procs, work, demo, a_base, load_s=args.footprint_load, wrk=wrk_tool.path, log=log
+                    procs,
+                    work,
+                    demo,
+                    a_base,
+                    load_s=args.footprint_load,
+                    wrk_path=wrk_tool.path,
+                    log=log,
                 )
         done = [r for r in rows.values() if r.runs]
         tools = {"wrk": wrk_tool.version(), "nginx": nginx_tool.version(), **lab.versions}

@@ -158,9 +158,7 @@ def _median(values: list[float]) -> float:
 
 def _by(runs: list[dict[str, Any]], target: str, share: float) -> dict[int, dict[str, float]]:
     return {
-        int(r["round"]): r["figures"]
-        for r in runs
-        if r["target"] == target and r["share"] == share
+        int(r["round"]): r["figures"] for r in runs if r["target"] == target and r["share"] == share
     }
 
 
@@ -212,7 +210,10 @@ def must_show(runs: list[dict[str, Any]], closed: dict[str, Any]) -> list[str]:
 
     `closed`: target → Row of the closed-loop rounds (compared answers at saturation)."""
     lines: list[str] = []
-    for shadow, plain in (("rollguard-shadow", "rollguard"), ("rollguard-proxy-shadow", "rollguard-proxy")):
+    for shadow, plain in (
+        ("rollguard-shadow", "rollguard"),
+        ("rollguard-proxy-shadow", "rollguard-proxy"),
+    ):
         pairs = _paired(runs, shadow, plain, 0.5)
         if not pairs:
             continue

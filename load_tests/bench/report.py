@@ -30,7 +30,7 @@ class Row:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def figure(self, name: str) -> float:
-        values = [r[name] for r in self.runs if r[name] == r[name]]  # NaN-free
+        values = [v for r in self.runs if (v := r.get(name, float("nan"))) == v]  # NaN-free
         return statistics.median(values) if values else float("nan")
 
     @property
@@ -53,6 +53,8 @@ class Goal:
         if self.target not in rows or self.baseline not in rows:
             return None
         target, baseline = rows[self.target], rows[self.baseline]
+        if not all(self.figure in r for r in target.runs + baseline.runs):
+            return None  # a figure only some runs have (shadow counts of an older run)
         of_medians = target.figure(self.figure) / baseline.figure(self.figure)
         # Rounds are interleaved: round i of both ran closer together than round i of
         # one and round j of the other, so the ratio is taken within each round and the
@@ -98,6 +100,22 @@ GOALS = (
         True,
     ),
     Goal(
+        "rollguard in-process, canary: throughput >= 8 x MLServer",
+        "rollguard",
+        "mlserver",
+        "rps",
+        8.0,
+        True,
+    ),
+    Goal(
+        "rollguard proxy: throughput >= 0.85 x nginx proxy (one worker each)",
+        "rollguard-proxy",
+        "nginx-proxy",
+        "rps",
+        0.85,
+        True,
+    ),
+    Goal(
         "rollguard proxy: throughput >= 1.5 x naive aiohttp proxy",
         "rollguard-proxy",
         "naive-proxy",
@@ -106,20 +124,35 @@ GOALS = (
         True,
     ),
     Goal(
-        "shadow 100% (proxy): throughput >= 0.9 x no shadow",
-        "rollguard-proxy-shadow",
-        "rollguard-proxy",
-        "rps",
-        0.9,
+        "shadow 100% at saturation: compared answers/s (in-process) >= nginx mirror's",
+        "rollguard-shadow",
+        "nginx-mirror",
+        "compared_per_s",
+        1.0,
         True,
     ),
     Goal(
-        "shadow 100% (in-process): throughput >= 0.9 x canary, no shadow",
+        "shadow 100% at saturation: compared answers/s (proxy) >= nginx mirror's",
+        "rollguard-proxy-shadow",
+        "nginx-mirror",
+        "compared_per_s",
+        1.0,
+        True,
+    ),
+    # What mirroring every copy costs at saturation (shed only under pressure, then half).
+    Goal(
+        "reference: shadow 100% (proxy) throughput / no shadow",
+        "rollguard-proxy-shadow",
+        "rollguard-proxy",
+        "rps",
+        None,
+    ),
+    Goal(
+        "reference: shadow 100% (in-process) throughput / canary, no shadow",
         "rollguard-shadow",
         "rollguard",
         "rps",
-        0.9,
-        True,
+        None,
     ),
     Goal(
         "reference: nginx mirror throughput / nginx proxy",
@@ -198,7 +231,10 @@ def table(rows: list[Row]) -> str:
     bare = next((r for r in rows if r.target == "bare"), None)
     head = "| target | req/s | p50 ms | p95 ms | p99 ms | CPU s/1k req | errors |"
     head += " req/s ×bare | p50 ×bare | p95 ×bare | p99 ×bare | CPU ×bare |"
-    lines = [head, "|" + "---|" * 12]
+    mirrors = any("mirrored_share" in run for r in rows for run in r.runs)
+    if mirrors:
+        head += " mirrored | compared/s |"
+    lines = [head, "|" + "---|" * (14 if mirrors else 12)]
     for row in rows:
         cells = [row.target, _fmt(row.figure("rps"), 0)]
         cells += [_fmt(row.figure(f)) for f in ("p50_ms", "p95_ms", "p99_ms")]
@@ -207,6 +243,10 @@ def table(rows: list[Row]) -> str:
             base = bare.figure(f) if bare else float("nan")
             comparable = bool(base) and row.target not in NOT_COMPARABLE_TO_BARE
             cells.append(_fmt(row.figure(f) / base) if comparable else "—")
+        if mirrors:
+            share = row.figure("mirrored_share")
+            cells.append("—" if share != share else f"{share:.1%}")
+            cells.append(_fmt(row.figure("compared_per_s"), 0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,16 +326,23 @@ def write(
     settings: dict[str, Any],
     host: dict[str, Any],
     skipped: dict[str, str],
+    *,
+    open_loop: list[dict[str, Any]] | None = None,
+    footprint: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """bench.json (every run) and bench.md (table, targets, machine) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     checked = goals(rows)
+    open_loop = open_loop or []
+    footprint = footprint or {}
     doc = {
         "machine": host,
         "settings": settings,
         "targets": [asdict(r) | {"median": {f: r.figure(f) for f in FIGURES}} for r in rows],
         "goals": checked,
         "skipped": skipped,
+        "open_loop": open_loop,
+        "footprint": footprint,
     }
     json_path = out / "bench.json"
     json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
@@ -326,6 +373,8 @@ def write(
         "medians follow it.",
         "",
         *goal_lines(checked),
+        *_open_loop_section(open_loop, rows, settings),
+        *footprint_section(footprint),
         "",
         "## Profiles (py-spy, one extra run per target, front process only)",
         "",
@@ -354,4 +403,48 @@ def rerender(out: Path) -> tuple[Path, Path]:
     """Rewrite bench.md (and bench.json) from the runs recorded in bench.json."""
     doc = orjson.loads((out / "bench.json").read_bytes())
     rows = [Row(t["target"], t["about"], t["runs"], t["notes"]) for t in doc["targets"]]
-    return write(out, rows, doc["settings"], doc["machine"], doc["skipped"])
+    return write(
+        out,
+        rows,
+        doc["settings"],
+        doc["machine"],
+        doc["skipped"],
+        open_loop=doc.get("open_loop"),
+        footprint=doc.get("footprint"),
+    )
+
+
+def _open_loop_section(
+    runs: list[dict[str, Any]], rows: list[Row], settings: dict[str, Any]
+) -> list[str]:
+    if not runs:
+        return []
+    from load_tests.bench import latency  # the open-loop mode's own tables
+
+    closed = {r.target: r for r in rows}
+    return [
+        "",
+        "## Added latency at a fixed rate (open loop)",
+        "",
+        f"After the closed-loop rounds: {settings.get('open_rounds')} interleaved round(s) of "
+        f"{settings.get('open_duration_s', 0):g} s runs, every target sent the same fixed "
+        "arrival rate, a share of bare's (the direct upstream's) closed-loop capacity, by "
+        "load_tests/bench/openloop.py (latency from each request's due time). Added = the "
+        "target's figure minus bare's in the same round (medians over rounds). mirrored: "
+        "shadow copies sent over copies wanted; compared/s: shadow answers compared with "
+        "the primary's (nginx: requests its mirror upstream answered).",
+        "",
+        *latency.table(runs),
+        "",
+        "Must show (issue 17), open loop and shadows:",
+        "",
+        *latency.must_show(runs, closed),
+    ]
+
+
+def footprint_section(found: dict[str, Any]) -> list[str]:
+    if not found:
+        return []
+    from load_tests.bench import footprint  # the footprint mode's own lines
+
+    return ["", *footprint.lines(found)]

@@ -112,7 +112,9 @@ class Lab:
         state = self.work / f"state-{name}"
         shutil.rmtree(state, ignore_errors=True)  # a rolled-back rollout would stay rolled back
         argv += ["--state", str(state)]
-        process = self.procs.start(name, argv, env=ROLLGUARD_ENV, cwd=REPO)
+        # gRPC on as by default, on a port of its own (8082 may be taken).
+        env = {**ROLLGUARD_ENV, "ROLLGUARD_GRPC_PORT": str(free_port())}
+        process = self.procs.start(name, argv, env=env, cwd=REPO)
         base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         process.wait_ready(f"{base}/v2/models/{model}/ready", 120)
         if strategy is not None:  # the rollout must be routing before the run starts

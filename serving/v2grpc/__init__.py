@@ -24,6 +24,7 @@ METHODS = (
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelStatistics",  # Triton's statistics extension
 )
 Message = TypeVar("Message", bound=_Message)
 

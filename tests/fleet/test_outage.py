@@ -49,9 +49,9 @@ async def _every_call_fails_as_unavailable(
         "verify": audit.verify(),
     }
     for what, call in calls.items():
-        with pytest.raises(FleetUnavailable, match="redis at redis://127.0.0.1") as caught:
+        with pytest.raises(FleetUnavailable) as caught:
             await call
-        assert str(caught.value), what
+        assert str(caught.value).startswith("redis at redis://127.0.0.1:"), what
 
 
 async def test_redis_stopped_and_restarted(redis_server: RedisServer) -> None:
@@ -146,7 +146,7 @@ async def test_a_redis_that_stops_answering_is_an_outage_not_a_hang(
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)  # a partition: connected, silent
     try:
-        with pytest.raises(FleetUnavailable, match="Timeout|timed out"):
+        with pytest.raises(FleetUnavailable, match=r"Timeout|timed out"):
             await store.load("shop")
     finally:
         redis_server.process.send_signal(signal.SIGCONT)

@@ -4,6 +4,7 @@ carried across restarts, and the options that choose it (issue 16 items 1, 2, 4)
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -16,12 +17,13 @@ from rollguard.policy import lifecycle
 from rollguard.policy.carry import Tally, carry_forward, merged
 from rollguard.policy.checks import MIN_EVENTS, evaluate, latency_threshold
 from rollguard.policy.conditional import HARM_GRID, Stratum, landing_test, log_evalue
-from rollguard.policy.evidence import Evidence, VariantEvidence
+from rollguard.policy.evidence import Evidence, StratumRow, VariantEvidence
 from rollguard.policy.schema import Check, Rollout
 from rollguard.policy.sequential import rate_sequence
 from rollguard.policy.state import RolloutState
 from rollguard.policy.verdict import Verdict
-from rollguard.proxy.windows import Outcome, VariantWindow
+from rollguard.proxy.routing import SplitTable
+from rollguard.proxy.windows import Outcome, VariantWindow, Windows
 
 ALPHA = 0.05 / 3
 T0 = 1_700_000_000.0
@@ -146,9 +148,7 @@ def _ev(stable: dict[str, Any], candidate: dict[str, Any], weight: float = 5.0) 
     return Evidence(VariantEvidence("1", **stable), VariantEvidence("2", **candidate), weight)
 
 
-def _strata(
-    *rows: tuple[float, int, int, int, int],
-) -> tuple[tuple[float, int, int, int, int], ...]:
+def _strata(*rows: StratumRow) -> tuple[StratumRow, ...]:
     return rows
 
 
@@ -167,10 +167,10 @@ def test_the_strata_keep_weights_apart() -> None:
     """The same totals read per weight: a candidate that took its errors while the
     stable's were rare too is not worse; pooled it would look it."""
     per_weight = _ev(
-        {"requests": 28_000, "errors": 370, "strata": _strata((5, 19_000, 95, 0, 0),
-                                                               (50, 9_000, 275, 0, 0))},
-        {"requests": 10_000, "errors": 280, "strata": _strata((5, 1_000, 5, 0, 0),
-                                                               (50, 9_000, 275, 0, 0))},
+        {"requests": 28_000, "errors": 370, "strata": _strata((5, 19_000, 95, 0, 0, 95, 0),
+                                                               (50, 9_000, 275, 0, 0, 275, 0))},
+        {"requests": 10_000, "errors": 280, "strata": _strata((5, 1_000, 5, 0, 0, 5, 0),
+                                                               (50, 9_000, 275, 0, 0, 275, 0))},
     )  # fmt: skip
     result = evaluate(ERRORS, per_weight, alpha=ALPHA)
     assert result.verdict is not Verdict.FAIL and result.detail["strata"] == 2
@@ -301,7 +301,11 @@ def test_windows_count_per_weight_and_the_threshold_restarts_its_counts() -> Non
     window.record(0.2, Outcome.OK, share=25.0)
     window.record(0.01, Outcome.TIMEOUT)  # failed over / mirrored: weight 0
     ev = window.evidence()
-    assert ev.strata == ((0.0, 1, 1, 1, 0), (5.0, 2, 1, 0, 0), (25.0, 2, 0, 1, 1))
+    assert ev.strata == (
+        (0.0, 1, 1, 1, 0, 1, 0),
+        (5.0, 2, 1, 0, 0, 1, 0),
+        (25.0, 2, 0, 1, 1, 0, 1),
+    )
     assert ev.requests == 5 and ev.errors == 2 and ev.over_threshold == 1
     window.set_latency_threshold(0.5)
     assert all(row[3] == row[4] == 0 for row in window.evidence().strata)
@@ -317,15 +321,17 @@ def test_windows_count_per_weight_and_the_threshold_restarts_its_counts() -> Non
     st.lists(
         st.tuples(
             st.sampled_from([0.0, 5.0, 25.0, 50.0]),
-            st.tuples(*[st.integers(0, 10**6)] * 4),
-            st.tuples(*[st.integers(0, 10**6)] * 4),
+            st.tuples(*[st.integers(0, 10**6)] * 6),
+            st.tuples(*[st.integers(0, 10**6)] * 6),
         ),
         max_size=4,
         unique_by=lambda r: r[0],
     ),
-    st.tuples(*[st.integers(0, 10**6)] * 4),
+    st.tuples(*[st.integers(0, 10**6)] * 6),
 )
-def test_a_tally_survives_json(rows: list[Any], labels: tuple[int, int, int, int]) -> None:
+def test_a_tally_survives_json(
+    rows: list[Any], labels: tuple[int, int, int, int, int, int]
+) -> None:
     tally = Tally(tuple(sorted(rows)), labels)
     assert Tally.from_json(tally.to_json()) == tally
     assert tally.plus(Tally()) == tally and not tally.below(tally)
@@ -388,14 +394,106 @@ def test_a_restart_continues_the_test_instead_of_starting_it_again() -> None:
 
 
 def test_counters_that_restart_under_a_running_rollout_are_carried() -> None:
-    seen = Tally(((5.0, (100, 1, 0, 0), (10, 1, 0, 0)),))
-    now = Tally(((5.0, (20, 0, 0, 0), (1, 0, 0, 0)),))
+    seen = Tally(((5.0, (100, 1, 0, 0, 1, 0), (10, 1, 0, 0, 1, 0)),))
+    now = Tally(((5.0, (20, 0, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0)),))
     carried, kept = carry_forward(None, seen, now)
     assert carried == seen and kept == now
     ev = merged(
-        Evidence(VariantEvidence("1", requests=20, strata=((5.0, 20, 0, 0, 0),)),
-                 VariantEvidence("2", requests=1, strata=((5.0, 1, 0, 0, 0),)), 5),
+        Evidence(VariantEvidence("1", requests=20, strata=((5.0, 20, 0, 0, 0, 0, 0),)),
+                 VariantEvidence("2", requests=1, strata=((5.0, 1, 0, 0, 0, 0, 0),)), 5),
         carried,
     )  # fmt: skip
     assert ev.stable.requests == 120 and ev.candidate.errors == 1
-    assert ev.candidate.strata == ((5.0, 11, 1, 0, 0),)
+    labelled = Tally((), (10, 9, 10, 2, 2, 2))
+    again = merged(Evidence(VariantEvidence("1", labelled=1, correct=1, labelled_requests=1),
+                            VariantEvidence("2"), 5), labelled)  # fmt: skip
+    assert (again.stable.labelled, again.stable.correct, again.stable.labelled_requests) == (
+        11,
+        10,
+        11,
+    )
+    assert (again.candidate.labelled, again.candidate.labelled_requests) == (2, 2)
+    assert ev.candidate.strata == ((5.0, 11, 1, 0, 0, 1, 0),)
+
+
+# --- sticky users: a key's first bad event is the unit ------------------------------------
+
+
+def test_an_error_prone_heavy_user_on_the_candidate_is_not_a_regression() -> None:
+    """One user sends 400 requests and errs on 1 in 10 of them, and the hash put them on
+    the candidate. Counted per request the candidate looks 5× worse; per key it is one
+    erring user among many, which is what the split randomised."""
+    windows = Windows(100, 0.0)
+    stable, candidate = windows.get("m", "1"), windows.get("m", "2")
+    table = SplitTable("m", "1", "2", weight=25.0, split="hash")
+    rng = np.random.default_rng(3)
+    heavy = next(f"heavy-{i}" for i in range(1000) if table.choose(f"heavy-{i}")[0] == "2")
+    for i in range(8000):  # light users, 1 % errors everywhere
+        key = f"user-{i}"
+        window = candidate if table.choose(key)[0] == "2" else stable
+        bad = rng.random() < 0.01
+        window.record(0.01, Outcome.MODEL_ERROR if bad else Outcome.OK, share=25.0, key=key)
+    for i in range(400):
+        bad = i % 10 == 0
+        candidate.record(0.01, Outcome.MODEL_ERROR if bad else Outcome.OK, share=25.0, key=heavy)
+    ev = Evidence(stable.evidence(), candidate.evidence(), 25.0)
+    result = evaluate(ERRORS, ev, alpha=ALPHA)
+    assert result.verdict is not Verdict.FAIL
+    units, events = result.detail["units_candidate"], result.detail["events_candidate"]
+    assert isinstance(units, int) and isinstance(events, int) and units < events
+    per_request = Evidence(
+        replace(ev.stable, strata=()), replace(ev.candidate, strata=()), 25.0
+    )  # the same counts without keys: every error its own unit
+    assert evaluate(ERRORS, per_request, alpha=ALPHA).verdict is Verdict.FAIL
+
+
+def test_a_key_moving_to_the_candidate_counts_its_first_error_once() -> None:
+    windows = Windows(100, 0.0)
+    stable, candidate = windows.get("m", "1"), windows.get("m", "2")
+    stable.record(0.01, Outcome.MODEL_ERROR, share=5.0, key="u")
+    candidate.record(0.01, Outcome.MODEL_ERROR, share=25.0, key="u")  # the weight rose
+    candidate.record(0.01, Outcome.MODEL_ERROR, share=25.0, key=None)  # no key: its own unit
+    assert stable.evidence().strata == ((5.0, 1, 1, 0, 0, 1, 0),)
+    assert candidate.evidence().strata == ((25.0, 2, 2, 0, 0, 1, 0),)
+    stable.reset()  # a rollout begins: every key is new again
+    candidate.reset()
+    candidate.record(0.01, Outcome.MODEL_ERROR, share=25.0, key="u")
+    assert candidate.evidence().strata == ((25.0, 1, 1, 0, 0, 1, 0),)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([5.0, 25.0]), st.integers(0, 60), st.integers(0, 3)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.sets(st.integers(0, 7)),
+)
+def test_restarts_anywhere_give_the_counts_of_one_process(
+    batches: list[tuple[float, int, int]], restarts: set[int]
+) -> None:
+    """Property: serve batches (weight, requests, candidate errors), restarting the
+    process (new windows, state through JSON) after any of them; the evidence the
+    checks see at the end is that of one process that served everything."""
+    rollout = _rollout()
+    state = lifecycle.begin(rollout, T0).state
+    windows = [VariantWindow("1", 10), VariantWindow("2", 10)]
+    single = [VariantWindow("1", 10), VariantWindow("2", 10)]
+    now = T0
+    for i, (weight, n, errors) in enumerate(batches):
+        for ws in (windows, single):
+            for j in range(n):
+                bad = j < errors
+                ws[j % 2].record(0.01, Outcome.MODEL_ERROR if bad else Outcome.OK, share=weight)
+        now += 1
+        state = lifecycle.tick(rollout, state, _window_evidence(windows, weight), now).state
+        if i in restarts and not state.phase.terminal:
+            state = lifecycle.restore(rollout, RolloutState.from_json(state.to_json()), now).state
+            windows = [VariantWindow("1", 10), VariantWindow("2", 10)]
+    if state.phase.terminal:
+        return
+    seen = merged(_window_evidence(windows, 5.0), state.carried)
+    one = _window_evidence(single, 5.0)
+    for a, b in ((seen.stable, one.stable), (seen.candidate, one.candidate)):
+        assert (a.requests, a.errors, a.strata) == (b.requests, b.errors, b.strata)

@@ -264,3 +264,21 @@ def test_a_latency_ratio_check_needs_a_window_that_can_freeze_its_threshold(
     with pytest.raises(pydantic.ValidationError, match=rf"window {window} can never decide"):
         _rollout(checks, window=window)
     _rollout([{"metric": f"latency_p{q:g}", "max": 0.2}], window=window)  # absolute: fine
+
+
+# --- 4. a check that has nothing to test does not stall a canary ---------------------------
+
+
+def test_an_agreement_check_without_mirrored_traffic_does_not_hold_a_canary() -> None:
+    """The README's example has an agreement check (for shadows) in a canary: nothing is
+    mirrored there, so it stays inconclusive; it must not hold the rollout forever."""
+    rollout = _rollout(
+        [{"metric": "agreement", "min": 0.95, "on_fail": "hold"}],
+        steps=[{"weight": 20, "hold": "1s"}, {"weight": 100}],
+    )
+    state = lifecycle.begin(rollout, T0).state
+    ev = _routed(800, 200)
+    decided = lifecycle.tick(rollout, state, ev, T0 + 2)
+    (agreement,) = decided.decision.evidence
+    assert agreement["verdict"] == "inconclusive"
+    assert decided.state.weight == 100, decided.decision.reason  # advanced regardless

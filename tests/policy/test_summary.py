@@ -101,7 +101,8 @@ def _evidence(version: str, stream: list[Request]) -> VariantEvidence:
         part = [r for r in stream if r[4] == share]
         counted = [r for r in part if r[2] <= most_rows]
         slow = sum(lat > threshold for _, lat, *_ in counted)
-        strata.append((share, len(part), sum(r[0] for r in part), len(counted), slow))
+        errors = sum(r[0] for r in part)  # no keys: each bad event is its own unit
+        strata.append((share, len(part), errors, len(counted), slow, errors, slow))
     counted = [r for r in stream if r[2] <= most_rows]
     return VariantEvidence(
         version=version,

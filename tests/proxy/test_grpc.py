@@ -3,6 +3,7 @@ routed and counted exactly as REST, errors as gRPC status codes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -97,6 +98,24 @@ async def test_tritonclient_grpc_health_metadata_and_infer(server: Server) -> No
         assert (labels == probabilities.argmax(axis=1)).all()
     finally:
         await client.close()
+
+
+async def test_tritonclients_blocking_client_as_its_examples_use_it(server: Server) -> None:
+    """tritonclient.grpc's own (blocking) client, as Triton's example programs call it,
+    from a thread: the gateway's loop must not be blocked by the test's client."""
+
+    def run() -> tuple[bool, dict[str, object], list[int]]:
+        client = triton.InferenceServerClient(server.grpc_target)
+        try:
+            live = client.is_server_live() and client.is_model_ready(MODEL)
+            metadata = client.get_model_metadata(MODEL, as_json=True)
+            result = client.infer(MODEL, _triton_inputs(_rows(0, 3)), request_id="sync")
+            return live, metadata, result.as_numpy("label").tolist()
+        finally:
+            client.close()
+
+    live, metadata, labels = await asyncio.to_thread(run)
+    assert live and metadata["name"] == MODEL and len(labels) == 3
 
 
 async def test_typed_contents_and_metadata(server: Server) -> None:
@@ -316,6 +335,29 @@ async def test_grpc_can_be_turned_off(tmp_path: Path, make_registry: MakeRegistr
     registry = make_registry(f"{MODEL}/1.0.0")
     async with serve(tmp_path, registry, grpc_enabled=False) as running:
         assert running.running.grpc_port == 0
-        async with aiohttp.ClientSession() as http:  # REST serves on
-            async with http.get(f"{running.url}/v2/health/ready") as r:
-                assert r.status == 200
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{running.url}/v2/health/ready") as r,
+        ):
+            assert r.status == 200  # REST serves on
+
+
+async def test_tritons_statistics_extension_over_grpc(server: Server) -> None:
+    """tritonclient.grpc's get_inference_statistics, as Triton's example programs call it:
+    the versions of the model, with the gRPC calls counted."""
+    client = triton_aio.InferenceServerClient(server.grpc_target)
+    try:
+        await client.infer(MODEL, _triton_inputs(_rows(0, 3)), model_version="1.1.0")
+        stats = await client.get_inference_statistics(MODEL, as_json=True)
+        assert [s["version"] for s in stats["model_stats"]] == ["1.0.0", "1.1.0"]
+        one = await client.get_inference_statistics(MODEL, "1.1.0")
+        assert len(one.model_stats) == 1
+        used = one.model_stats[0]
+        assert used.inference_count == 3 and used.inference_stats.success.count == 1
+        everything = await client.get_inference_statistics()
+        assert {s.name for s in everything.model_stats} == {MODEL}
+        with pytest.raises(InferenceServerException) as unknown:
+            await client.get_inference_statistics("no-such-model")
+        assert unknown.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        await client.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 
+from rollguard.proxy.cli import main
 from rollguard.serving.demo.build import load_eval_data
+from rollguard.serving.manifest import load_manifest
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.support import Server, serve
 from tests.serving.support import eventually
@@ -183,3 +186,78 @@ async def test_an_unreachable_grpc_upstream_is_refused_with_its_reason(tmp_path:
             assert r.status == 503
         reason = front.gateway.registry.refused().get(("loose", "1"), "")
         assert "readiness: UNAVAILABLE" in reason
+
+
+async def test_a_grpc_client_in_front_of_an_http_upstream(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """gRPC in, REST out: the request goes as the V2 REST body that says the same (binary
+    tensors, id), the REST answer comes back as raw contents."""
+    async with serve(tmp_path / "back", make_registry("fraud/1.0.0")) as back:
+        registry = tmp_path / "front-registry"
+        directory = registry / "viahttp" / "1"
+        directory.mkdir(parents=True)
+        (directory / "model.yaml").write_text(
+            "name: viahttp\nversion: '1'\nframework: http\nstage: production\n"
+            f"endpoint: {back.url}/v2/models/fraud/versions/1.0.0\n"
+            "inputs: [{name: input, datatype: FP32, shape: [-1, 30]}]\n"
+        )
+        async with serve(tmp_path / "front", registry) as front:
+            rows = np.ascontiguousarray(X[:5], dtype=np.float32)
+            client = triton_aio.InferenceServerClient(front.grpc_target)
+            try:
+                tensor = triton.InferInput("input", [5, 30], "FP32")
+                tensor.set_data_from_numpy(rows)
+                outputs = [triton.InferRequestedOutput("probabilities")]
+                result = await client.infer("viahttp", [tensor], outputs=outputs, request_id="h1")
+            finally:
+                await client.close()
+            answer = result.get_response()
+            assert (answer.id, answer.model_version) == ("h1", "1")
+            assert [o.name for o in answer.outputs] == ["probabilities"]
+            body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [5, 30],
+                                "data": rows.ravel().tolist()}],
+                    "outputs": [{"name": "probabilities"}]}  # fmt: skip
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(f"{back.url}/v2/models/fraud/versions/1.0.0/infer", json=body) as r,
+            ):
+                direct = (await r.json())["outputs"][0]["data"]
+            np.testing.assert_allclose(result.as_numpy("probabilities").ravel(), direct, rtol=1e-6)
+
+
+async def test_registry_add_reads_a_grpc_upstreams_tensors(
+    tmp_path: Path, make_registry: MakeRegistry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rollguard registry add --framework grpc --endpoint host:port`: no artifact, the
+    tensors from the upstream's V2 gRPC ModelMetadata; the version then serves."""
+    back_registry = make_registry("fraud/1.0.0")
+    async with serve(tmp_path / "back", back_registry) as back:
+        root = tmp_path / "front-registry"
+        argv = ["registry", "--registry", str(root), "add", "--model", "remote",
+                "--version", "1.0.0", "--framework", "grpc", "--endpoint",
+                f"grpc://{back.grpc_target}", "--upstream-model", "fraud",
+                "--upstream-version", "1.0.0"]  # fmt: skip
+        assert await asyncio.to_thread(main, argv) == 0
+        manifest = load_manifest(root / "remote" / "1.0.0" / "model.yaml")
+        served = load_manifest(back_registry / "fraud" / "1.0.0" / "model.yaml")
+        assert manifest.framework == "grpc" and manifest.artifact is None
+        assert manifest.upstream is not None and manifest.upstream.model == "fraud"
+        assert [t.spec().to_json() for t in manifest.inputs] == [
+            t.spec().to_json() for t in served.inputs
+        ]
+        assert [t.name for t in manifest.outputs] == [t.name for t in served.outputs]
+        # A model the upstream does not have: one line naming it, nothing written.
+        argv[argv.index("fraud")] = "nope"
+        argv[argv.index("1.0.0")] = "2.0.0"
+        assert await asyncio.to_thread(main, argv) != 0
+        err = capsys.readouterr().err
+        assert "'nope'" in err and "NOT_FOUND" in err and len(err.strip().splitlines()) == 1
+        assert not (root / "remote" / "2.0.0").exists()
+        async with serve(tmp_path / "front", root) as front:  # the added version serves
+            body = {"inputs": [{"name": served.inputs[0].name, "datatype": "FP32",
+                                "shape": [1, 30], "data": X[0].tolist()}]}  # fmt: skip
+            async with aiohttp.ClientSession() as http:
+                url = f"{front.url}/v2/models/remote/versions/1.0.0/infer"
+                async with http.post(url, json=body) as answer:
+                    assert answer.status == 200, await answer.text()

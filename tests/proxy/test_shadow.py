@@ -179,7 +179,7 @@ async def test_gauge_counts_its_cgroup_quota_and_throttling_as_pressure(tmp_path
         assert gauge.shares["event_loop"] < gauge.threshold
         # Light use, but the kernel throttled it within a period: pressure all the same.
         stat.write_text(f"usage_usec {int(used * 1e6)}\nnr_throttled 1\n")
-        while gauge.shares["cgroup"] < 1.0:  # noqa: ASYNC110
+        while gauge.shares["cgroup"] < 1.0:
             assert time.monotonic() - start < 10
             await asyncio.sleep(gauge.period_s)
         assert gauge.busy
