@@ -68,10 +68,12 @@ class ResetWindows:
 @dataclass(frozen=True, slots=True)
 class SetLatencyThreshold:
     """Count requests slower than `seconds` in both windows from now on (None: stop),
-    among requests of at most `rows` rows (None: any size)."""
+    among requests of at most `rows` rows (None: any size), and of those the ones
+    slower than `tolerance` (ratio × seconds, for a latency check's PASS; None: not)."""
 
     seconds: float | None
     rows: int | None = None
+    tolerance: float | None = None
 
 
 Effect = Save | Audit | Route | ResetWindows | SetLatencyThreshold

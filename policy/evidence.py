@@ -33,6 +33,8 @@ class VariantEvidence:
     latency_rows: int | None = None  # requests above this many rows are not counted against it
     since_threshold: int = 0  # completed requests since the threshold was set
     over_threshold: int = 0  # of those, slower than the threshold
+    latency_tolerance: float | None = None  # seconds: ratio × threshold, for PASS
+    over_tolerance: int = 0  # of since_threshold, slower than the tolerance
     labelled: int = 0  # rows whose feedback label arrived (a batch's rows each count)
     correct: int = 0  # of those, predicted correctly
     labelled_requests: int = 0  # requests that had labels (the label rate's numerator)

@@ -94,7 +94,9 @@ def restore(
     effects += [
         Audit("restore", ENGINE, {"reason": reason, "state": saved.to_json()}),
         ResetWindows(),
-        SetLatencyThreshold(state.latency_threshold, state.latency_rows),
+        SetLatencyThreshold(
+            state.latency_threshold, state.latency_rows, _tolerance(rollout, state.latency_threshold)
+        ),
         _route(rollout, state),
     ]
     return Transition(state, tuple(effects))
@@ -130,7 +132,7 @@ def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) 
             effects += [
                 Save(state),
                 Audit("threshold", ENGINE, data),
-                SetLatencyThreshold(threshold, rows),
+                SetLatencyThreshold(threshold, rows, _tolerance(rollout, threshold)),
             ]
     if state.srm_pvalue is not None and state.srm_weight == evidence.candidate_weight:
         evidence = replace(evidence, srm_pvalue_before=state.srm_pvalue)
@@ -262,6 +264,15 @@ def _commit(rollout: Rollout, decision: Decision, kind: str, actor: str) -> tupl
 
 def _route(rollout: Rollout, state: RolloutState) -> Route:
     return Route(state, mirroring(rollout, state))
+
+
+def _tolerance(rollout: Rollout, threshold: float | None) -> float | None:
+    """The latency PASS tests against: ratio × T, for a conditional ratio check."""
+    check = latency_check(rollout)
+    if threshold is None or check is None or check.comparison_test != "conditional":
+        return None
+    ratio = check.max_ratio_to_stable
+    return None if ratio is None else ratio * threshold
 
 
 def _key(check: Check | None) -> str | None:

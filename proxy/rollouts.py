@@ -270,7 +270,7 @@ class Rollouts:
                     window.reset()
             elif isinstance(effect, SetLatencyThreshold):
                 for window in windows:
-                    window.set_latency_threshold(effect.seconds, effect.rows)
+                    window.set_latency_threshold(effect.seconds, effect.rows, effect.tolerance)
         managed.rollout, managed.state = rollout, transition.state
 
     def _publish(self, table: SplitTable, gauges: RolloutState | None = None) -> None:

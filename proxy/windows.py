@@ -71,6 +71,8 @@ class VariantWindow:
         self.generation = 0  # set by reset(): labels of older requests are not counted
         self._threshold: float | None = None
         self._threshold_rows: int = _ANY_SIZE  # larger requests are not counted against it
+        self._tolerance: float | None = None
+        self._over_tolerance = 0
         self._bad_keys = bad_keys or (KeySet(), KeySet())
         self._seen_keys = KeySet()  # routed since the split changed (sample-ratio checks)
         self.reset()
@@ -89,16 +91,19 @@ class VariantWindow:
             keys.clear()
         self._labelled = self._correct = self._labelled_requests = 0
         self._compared = self._agreed = 0
-        self._since_threshold = self._over_threshold = 0
+        self._since_threshold = self._over_threshold = self._over_tolerance = 0
 
     def reset_routed(self) -> None:
         """Zero the routed counts: the split weights just changed (sample-ratio checks)."""
         self._routed = self._routed_units = 0
         self._seen_keys.clear()
 
-    def set_latency_threshold(self, seconds: float | None, rows: int | None = None) -> None:
+    def set_latency_threshold(
+        self, seconds: float | None, rows: int | None = None, tolerance: float | None = None
+    ) -> None:
         """Count requests slower than `seconds` from now on (None stops counting), among
-        requests of at most `rows` rows (None: of any size).
+        requests of at most `rows` rows (None: of any size), and of those the ones slower
+        than `tolerance` (a latency check's ratio × seconds, which PASS tests against).
 
         The threshold was frozen from the stable's requests of at most `rows` rows (the
         stable's median batch size, policy/checks.py `latency_rows`): a larger request
@@ -106,7 +111,8 @@ class VariantWindow:
         can neither make it look slow nor hide that it is."""
         self._threshold = seconds
         self._threshold_rows = _ANY_SIZE if rows is None else rows
-        self._since_threshold = self._over_threshold = 0
+        self._tolerance = None if seconds is None else tolerance
+        self._since_threshold = self._over_threshold = self._over_tolerance = 0
         for counts in self._strata.values():
             counts[2] = counts[3] = counts[5] = 0
         self._bad_keys[1].clear()
@@ -162,6 +168,8 @@ class VariantWindow:
         if threshold is not None and rows <= self._threshold_rows:
             self._since_threshold += 1
             stratum[2] += 1
+            if self._tolerance is not None and latency_s > self._tolerance:
+                self._over_tolerance += 1
             if latency_s > threshold:
                 self._over_threshold += 1
                 stratum[3] += 1
@@ -237,6 +245,8 @@ class VariantWindow:
             latency_rows=None if self._threshold_rows == _ANY_SIZE else self._threshold_rows,
             since_threshold=self._since_threshold,
             over_threshold=self._over_threshold,
+            latency_tolerance=self._tolerance,
+            over_tolerance=self._over_tolerance,
             labelled=self._labelled,
             correct=self._correct,
             labelled_requests=self._labelled_requests,
