@@ -31,10 +31,11 @@ __all__ = ["UNKNOWN_WEIGHT", "Tally", "carry_forward", "merged"]
 # requests, errors, since_threshold, over_threshold, error_units, slow_units
 Counts = tuple[int, int, int, int, int, int]
 Row = tuple[float, Counts, Counts]  # weight, stable, candidate
-# stable labelled, correct, labelled requests; the same for the candidate
-Labels = tuple[int, int, int, int, int, int]
+# stable labelled, correct, labelled requests, over the latency tolerance; the same for
+# the candidate
+Labels = tuple[int, int, int, int, int, int, int, int]
 _ZERO: Counts = (0, 0, 0, 0, 0, 0)
-_NO_LABELS: Labels = (0, 0, 0, 0, 0, 0)
+_NO_LABELS: Labels = (0, 0, 0, 0, 0, 0, 0, 0)
 UNKNOWN_WEIGHT = -1.0
 """The stratum of counts given without their weights (evidence built by hand)."""
 
@@ -56,8 +57,8 @@ class Tally:
         for w, *n in _rows(c):
             rows[w] = (rows.get(w, (_ZERO, _ZERO))[0], _counts(n))
         strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
-        labels = (s.labelled, s.correct, s.labelled_requests)
-        return cls(strata, (*labels, c.labelled, c.correct, c.labelled_requests))
+        stable = (s.labelled, s.correct, s.labelled_requests, s.over_tolerance)
+        return cls(strata, (*stable, c.labelled, c.correct, c.labelled_requests, c.over_tolerance))
 
     @property
     def empty(self) -> bool:
@@ -70,8 +71,9 @@ class Tally:
             rows[w] = (_add(mine[0], st), _add(mine[1], ca))
         strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
         a, b = self.labels, other.labels
-        return Tally(strata, (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4],
-                              a[5] + b[5]))  # fmt: skip
+        labels = (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4],
+                  a[5] + b[5], a[6] + b[6], a[7] + b[7])  # fmt: skip
+        return Tally(strata, labels)
 
     def below(self, other: Tally) -> bool:
         """True when any count here is below `other`'s: the counters restarted since."""
@@ -85,7 +87,8 @@ class Tally:
     def without_latency(self) -> Tally:
         """The same counts with none against a latency threshold (a new one is frozen)."""
         strata = tuple((w, _no_latency(st), _no_latency(ca)) for w, st, ca in self.strata)
-        return Tally(strata, self.labels)
+        n = self.labels
+        return Tally(strata, (n[0], n[1], n[2], 0, n[4], n[5], n[6], 0))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,7 +102,7 @@ class Tally:
             strata = tuple(
                 (float(w), _counts(st), _counts(ca)) for w, st, ca in data.get("strata", ())
             )
-            return cls(strata, _counts(data.get("labels", _NO_LABELS)))
+            return cls(strata, _labels(data.get("labels", _NO_LABELS)))
         except (AttributeError, TypeError, ValueError) as exc:
             raise StateError(f"test counts are malformed: {exc}") from exc
 
@@ -118,9 +121,9 @@ def merged(evidence: Evidence, carried: Tally | None) -> Evidence:
     if carried is None or carried.empty:
         return evidence
     labels = carried.labels
-    stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], labels[:3])
+    stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], labels[:4])
     candidate = _add_variant(
-        evidence.candidate, [(w, ca) for w, _, ca in carried.strata], labels[3:]
+        evidence.candidate, [(w, ca) for w, _, ca in carried.strata], labels[4:]
     )
     return replace(evidence, stable=stable, candidate=candidate)
 
@@ -131,6 +134,8 @@ def _add_variant(
     strata = {w: _counts(n) for w, *n in _rows(v)}
     total = _ZERO
     for w, n in rows:
+        if n == _ZERO:
+            continue  # the other arm's weight: nothing counted here
         strata[w] = _add(strata.get(w, _ZERO), n)
         total = _add(total, n)
     return replace(
@@ -142,6 +147,7 @@ def _add_variant(
         labelled=v.labelled + labels[0],
         correct=v.correct + labels[1],
         labelled_requests=v.labelled_requests + labels[2],
+        over_tolerance=v.over_tolerance + labels[3],
         strata=tuple((w, *n) for w, n in sorted(strata.items())),
     )
 
@@ -160,6 +166,17 @@ def _counts(values: Any) -> Counts:
     if min(a, b, c, d, e, f) < 0:
         raise ValueError(f"negative count in {values!r}")
     return a, b, c, d, e, f
+
+
+def _labels(values: Any) -> Labels:
+    """Label totals from JSON; six numbers (no latency tolerance) from earlier states."""
+    n = [int(x) for x in values]
+    if len(n) == 6:
+        n = [*n[:3], 0, *n[3:], 0]
+    a, b, c, d, e, f, g, h = n
+    if min(n) < 0:
+        raise ValueError(f"negative count in {values!r}")
+    return a, b, c, d, e, f, g, h
 
 
 def _add(a: Counts, b: Counts) -> Counts:

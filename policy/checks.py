@@ -360,10 +360,11 @@ def _conditional(
     FAIL when the test of "candidate's bad-event rate ≤ r_fail × stable's" rejects at
     alpha (r_fail = 1, or 1 + fail_margin for latency) and the candidate shows at least
     MIN_EVENTS bad events, at any sample size. PASS (pass_when bound, after min_samples)
-    when harm beyond the tolerance is ruled out: latency, the ratio is shown below
-    max_ratio_to_stable; errors, at alpha/4 each the stable's rate is below its upper
-    bound u and the ratio below 1 + margin / u (so candidate − stable < margin), or at
-    alpha/2 the candidate's own rate is below the margin."""
+    when harm beyond the tolerance is ruled out. Latency: the ratio is shown below
+    max_ratio_to_stable, or the candidate's pNN below max_ratio_to_stable × T (its share
+    of requests slower than that below 1 − NN/100). Errors: at alpha/4 each the stable's
+    rate is below its upper bound u and the ratio below 1 + margin / u (so candidate −
+    stable < margin), or at alpha/2 the candidate's own rate is below the margin."""
     strata = _strata(ev, latency=latency)
     units = _strata(ev, latency=latency, units=True)
     r_fail = 1.0 + (check.fail_margin or 0.0) if latency else 1.0
@@ -378,11 +379,18 @@ def _conditional(
     enough = min(ns, nc) >= check.min_samples
     crossed = fail.rejects(alpha)
     if latency:
-        assert check.max_ratio_to_stable is not None
+        assert check.max_ratio_to_stable is not None and check.percentile is not None
         r_pass: float | None = check.max_ratio_to_stable
         safe = landing_test(strata, check.max_ratio_to_stable, harm=False)
         within = safe.rejects(alpha)
         tolerance = check.max_ratio_to_stable
+        c = ev.candidate
+        if not within and c.latency_tolerance is not None and c.since_threshold:
+            # the candidate's pNN shown below ratio × T: its share of requests slower
+            # than the tolerance below 1 − NN/100 (one-sided, at alpha)
+            allowed = 1.0 - check.percentile / 100.0
+            own = rate_sequence(c.over_tolerance, c.since_threshold, alpha, side="upper")
+            within = own.upper <= allowed
     else:
         tolerance = check.max_increase_vs_stable or 0.0
         stable_upper = rate_sequence(xs, ns, alpha / 4, side="upper").upper if ns else 1.0

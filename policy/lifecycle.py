@@ -91,12 +91,11 @@ def restore(
         carried = (saved.carried or Tally()).plus(saved.seen)
         state = replace(state, carried=carried, seen=None)
     effects: list[Effect] = [Save(state)] if state != saved else []
+    tolerance = _tolerance(rollout, state.latency_threshold)
     effects += [
         Audit("restore", ENGINE, {"reason": reason, "state": saved.to_json()}),
         ResetWindows(),
-        SetLatencyThreshold(
-            state.latency_threshold, state.latency_rows, _tolerance(rollout, state.latency_threshold)
-        ),
+        SetLatencyThreshold(state.latency_threshold, state.latency_rows, tolerance),
         _route(rollout, state),
     ]
     return Transition(state, tuple(effects))

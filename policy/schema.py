@@ -96,9 +96,10 @@ class Check(_Frozen):
     Bounds (which apply depends on the metric):
       max                  candidate's value must stay at or below (error_rate, latency in s)
       min                  candidate's value must stay at or above (accuracy, agreement)
-      max_ratio_to_stable  latency: with test conditional, the candidate may be slower than
-                           the stable's pNN at most this many times as often as the stable
-                           (PASS); with test msprt, its pNN at most this times stable's
+      max_ratio_to_stable  latency: candidate pNN at most this times stable's pNN. With test
+                           conditional, FAIL tests the candidate against the stable's pNN
+                           itself (slower than it more often than the stable) and this
+                           ratio is the tolerance PASS needs
       max_increase_vs_stable  error_rate: candidate minus stable, absolute
       max_drop_vs_stable   accuracy: stable minus candidate, absolute
       threshold            drift: PSI above which a feature has drifted (default 0.25)

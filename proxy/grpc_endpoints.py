@@ -237,7 +237,7 @@ class GrpcEndpoints:
             ).SerializeToString()
             self.inference.stats.succeeded(
                 model, answer.version, parsed.rows(), decoded - start, answered - decoded,
-                _ns() - answered,
+                _ns() - answered, parsed.queue_ns,
             )  # fmt: skip
         except Exception as exc:
             plane.count_failure(model, exc, start)

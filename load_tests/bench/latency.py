@@ -3,9 +3,10 @@ and what each shadow target really mirrored.
 
 After the closed-loop rounds have measured each target's capacity, every latency target
 is sent the same fixed arrival rate, a share (50 %, 80 %) of the direct upstream's (bare's)
-capacity, with load_tests/bench/openloop.py: latency from each request's due time, so a
-queue cannot hide. Rounds are interleaved as the closed-loop ones are. Added latency is a
-target's p50 (p99) minus bare's at the same rate, in the same round.
+capacity in its slowest closed-loop round, with load_tests/bench/openloop.py: latency
+from each request's due time, so a queue cannot hide. Rounds are interleaved as the
+closed-loop ones are. Added latency is a target's p50 (p99) minus bare's at the same
+rate, in the same round.
 
 Shadow targets also report, for every run (closed or open loop), the share of copies that
 were really mirrored and the answers compared per second: rollguard's from its

@@ -428,7 +428,8 @@ def _open_loop_section(
         "",
         f"After the closed-loop rounds: {settings.get('open_rounds')} interleaved round(s) of "
         f"{settings.get('open_duration_s', 0):g} s runs, every target sent the same fixed "
-        "arrival rate, a share of bare's (the direct upstream's) closed-loop capacity, by "
+        "arrival rate, a share of bare's (the direct upstream's) closed-loop capacity in "
+        "its slowest round, by "
         "load_tests/bench/openloop.py (latency from each request's due time). Added = the "
         "target's figure minus bare's in the same round (medians over rounds). mirrored: "
         "shadow copies sent over copies wanted; compared/s: shadow answers compared with "

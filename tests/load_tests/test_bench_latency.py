@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
+from load_tests import bench_dataplane
 from load_tests.bench import footprint, latency, models, openloop, report
 from load_tests.bench.procs import Processes
 from load_tests.bench.targets import Lab, Target
@@ -94,3 +96,12 @@ def test_footprint_measures_both_gateways_and_the_install(lab: Lab, tmp_path: Pa
     assert "onnxruntime" in install["onnx_extra_distributions"]
     text = "\n".join(footprint.lines(found))
     assert "proxy-only RSS idle" in text and "start-to-ready" in text
+
+
+def test_dataplane_micro_benchmark_runs(tmp_path: Path) -> None:
+    found = uvloop.run(
+        bench_dataplane.measure(
+            tmp_path, requests_per_run=200, repeat=2, strategy="canary", profile=False
+        )
+    )
+    assert 0 < found["least_us"] <= found["median_us"]

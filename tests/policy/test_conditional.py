@@ -17,6 +17,7 @@ from rollguard.policy import lifecycle
 from rollguard.policy.carry import Tally, carry_forward, merged
 from rollguard.policy.checks import MIN_EVENTS, evaluate, latency_threshold
 from rollguard.policy.conditional import HARM_GRID, Stratum, landing_test, log_evalue
+from rollguard.policy.effects import SetLatencyThreshold
 from rollguard.policy.evidence import Evidence, StratumRow, VariantEvidence
 from rollguard.policy.schema import Check, Rollout
 from rollguard.policy.sequential import rate_sequence
@@ -327,13 +328,15 @@ def test_windows_count_per_weight_and_the_threshold_restarts_its_counts() -> Non
         max_size=4,
         unique_by=lambda r: r[0],
     ),
-    st.tuples(*[st.integers(0, 10**6)] * 6),
+    st.tuples(*[st.integers(0, 10**6)] * 8),
 )
 def test_a_tally_survives_json(
-    rows: list[Any], labels: tuple[int, int, int, int, int, int]
+    rows: list[Any], labels: tuple[int, int, int, int, int, int, int, int]
 ) -> None:
     tally = Tally(tuple(sorted(rows)), labels)
     assert Tally.from_json(tally.to_json()) == tally
+    earlier = tally.to_json() | {"labels": [*labels[:3], *labels[4:7]]}  # six: no tolerance
+    assert Tally.from_json(earlier).labels == (*labels[:3], 0, *labels[4:7], 0)
     assert tally.plus(Tally()) == tally and not tally.below(tally)
 
 
@@ -404,7 +407,7 @@ def test_counters_that_restart_under_a_running_rollout_are_carried() -> None:
         carried,
     )  # fmt: skip
     assert ev.stable.requests == 120 and ev.candidate.errors == 1
-    labelled = Tally((), (10, 9, 10, 2, 2, 2))
+    labelled = Tally((), (10, 9, 10, 0, 2, 2, 2, 0))
     again = merged(Evidence(VariantEvidence("1", labelled=1, correct=1, labelled_requests=1),
                             VariantEvidence("2"), 5), labelled)  # fmt: skip
     assert (again.stable.labelled, again.stable.correct, again.stable.labelled_requests) == (
@@ -497,3 +500,55 @@ def test_restarts_anywhere_give_the_counts_of_one_process(
     one = _window_evidence(single, 5.0)
     for a, b in ((seen.stable, one.stable), (seen.candidate, one.candidate)):
         assert (a.requests, a.errors, a.strata) == (b.requests, b.errors, b.strata)
+
+
+# --- latency PASS: the candidate's pNN within ratio × T -----------------------------------
+
+
+def test_latency_passes_when_the_candidates_pnn_is_shown_within_ratio_times_t() -> None:
+    """A healthy candidate is slower than T (the stable's p99) about as often as the
+    stable, 1 %: showing that ratio below 1.5 takes ~80,000 requests; showing its p99 is
+    below 1.5 × T (0.3 % of its requests slower than that, bound 1 %) takes a few
+    thousand."""
+    lat = np.full(100, 0.05)
+    base = {"latency_threshold": 0.1, "latencies": lat}
+    stable = base | {"requests": 38_000, "since_threshold": 38_000, "over_threshold": 380}
+    healthy = base | {"requests": 2000, "since_threshold": 2000, "over_threshold": 20}
+    without = evaluate(P99, _ev(stable, healthy), alpha=ALPHA)
+    assert without.verdict is Verdict.INCONCLUSIVE  # the ratio alone cannot show it yet
+    tolerance = {"latency_tolerance": 0.15, "over_tolerance": 6}
+    with_tolerance = evaluate(P99, _ev(stable, healthy | tolerance), alpha=ALPHA)
+    assert with_tolerance.verdict is Verdict.PASS
+    slow = healthy | {"over_threshold": 60, "latency_tolerance": 0.15, "over_tolerance": 30}
+    assert evaluate(P99, _ev(stable, slow), alpha=ALPHA).verdict is Verdict.FAIL
+
+
+def test_windows_count_requests_slower_than_the_tolerance() -> None:
+    window = VariantWindow("2", 10)
+    window.set_latency_threshold(0.1, None, 0.15)
+    for latency in (0.05, 0.12, 0.2):
+        window.record(latency, Outcome.OK, share=5.0)
+    ev = window.evidence()
+    assert (ev.since_threshold, ev.over_threshold, ev.over_tolerance) == (3, 2, 1)
+    assert ev.latency_tolerance == 0.15
+    window.set_latency_threshold(None)
+    assert window.evidence().latency_tolerance is None
+
+
+def test_the_tolerance_is_frozen_with_the_threshold() -> None:
+    rollout = Rollout.model_validate(
+        _rollout().model_dump()
+        | {"spec": _rollout().spec.model_dump() | {
+            "checks": [{"metric": "latency_p99", "max_ratio_to_stable": 1.5}]}}
+    )  # fmt: skip
+    state = lifecycle.begin(rollout, T0).state
+    latencies = np.random.default_rng(0).lognormal(np.log(0.05), 0.5, 2000)
+    stable = VariantEvidence("1", requests=5000, latencies=latencies)
+    ticked = lifecycle.tick(rollout, state, Evidence(stable, VariantEvidence("2"), 5), T0 + 1)
+    (frozen,) = [e for e in ticked.effects if isinstance(e, SetLatencyThreshold)]
+    assert frozen.seconds is not None
+    assert frozen.seconds == pytest.approx(np.percentile(latencies, 99))
+    assert frozen.tolerance == pytest.approx(1.5 * frozen.seconds)
+    restored = lifecycle.restore(rollout, ticked.state, T0 + 2)
+    (again,) = [e for e in restored.effects if isinstance(e, SetLatencyThreshold)]
+    assert again == frozen

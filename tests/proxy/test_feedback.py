@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollguard.proxy.feedback import FeedbackIndex, Missing
-from rollguard.proxy.windows import VariantWindow
+from rollguard.proxy.windows import Outcome, VariantWindow
 
 HOUR = 3600.0
 
@@ -165,3 +167,27 @@ def test_matches_a_model_of_the_bounds(
         assert index.rows == sum(r for _, r, _, _ in held) <= capacity
         assert len(index) == len(live()) and index.held == len(held)
         assert index.tombstones <= 2 * capacity
+
+
+def test_the_issues_delayed_labels_count_for_both_arms() -> None:
+    """Issue 16, problem 5, with the real classes: a 5 % split, 2,000-slot windows, every
+    request labelled 5,000 requests later. The ring-buffer attribution kept none of the
+    stable's labels; the index keeps every label of both arms."""
+    rng = random.Random(7)
+    windows = {v: VariantWindow(v, 2000) for v in ("stable", "candidate")}
+    index = FeedbackIndex(100_000, HOUR)
+    arms: list[str] = []
+    delay, n = 5000, 30_000
+    for i in range(n):
+        arm = "candidate" if rng.random() < 0.05 else "stable"
+        arms.append(arm)
+        windows[arm].record(0.01, Outcome.OK)
+        assert index.put("m", None, str(i), windows[arm], (float(i % 2),))
+        if i >= delay:
+            taken = index.take("m", None, str(i - delay))
+            assert not isinstance(taken, Missing)
+            window, generation, predictions = taken
+            window.label(generation, predictions, (1.0,))
+    for arm, window in windows.items():
+        sent = arms[: n - delay].count(arm)
+        assert window.evidence().labelled == window.evidence().labelled_requests == sent
