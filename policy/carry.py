@@ -162,7 +162,10 @@ def _rows(v: VariantEvidence) -> tuple[StratumRow, ...]:
 
 
 def _counts(values: Any) -> Counts:
-    a, b, c, d, e, f = (int(x) for x in values)
+    n = [int(x) for x in values]
+    if len(n) == 4:  # saved before keys' first events were counted: none carried
+        n += [0, 0]
+    a, b, c, d, e, f = n
     if min(a, b, c, d, e, f) < 0:
         raise ValueError(f"negative count in {values!r}")
     return a, b, c, d, e, f

@@ -161,10 +161,26 @@ def observe(rollout: Rollout, state: RolloutState, candidate: str | None, now: f
     return Decided(decision.state, effects, decision)
 
 
-def act(rollout: Rollout, state: RolloutState, action: str, actor: str, now: float) -> Decided:
-    """An operator's rollback / promote / pause / resume / approve; ActionRejected if unfit."""
+def act(
+    rollout: Rollout,
+    state: RolloutState,
+    action: str,
+    actor: str,
+    now: float,
+    note: str = "",
+) -> Decided:
+    """An operator's rollback / promote / pause / resume / approve; ActionRejected if unfit.
+
+    `note` is the operator's own reason: it goes into the audit record beside the
+    decision (`"note"`), so the log says why a person acted, not only that they did."""
     decision = apply_action(rollout, state, action, actor, now)
-    return Decided(decision.state, _commit(rollout, decision, "admin", actor), decision)
+    effects = _commit(rollout, decision, "admin", actor)
+    if note:
+        effects = tuple(
+            replace(e, data={**e.data, "note": note}) if isinstance(e, Audit) else e
+            for e in effects
+        )
+    return Decided(decision.state, effects, decision)
 
 
 def edit(

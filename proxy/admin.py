@@ -46,6 +46,7 @@ from rollguard.serving.errors import InvalidInput
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
 ACTOR_HEADER = "x-rollguard-actor"
+MAX_REASON_CHARS = 1000  # an operator's reason or name, as kept in the audit log
 MIN_TOKEN_CHARS = 16
 LOCKOUT_LIMIT = 10  # failed credentials per client address ...
 LOCKOUT_WINDOW_S = 60.0  # ... within this many seconds, then 429 until the oldest ages out
@@ -175,6 +176,10 @@ class Admin:
         reason = doc.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise InvalidInput("'reason' must be a string")
+        if reason is not None and len(reason) > MAX_REASON_CHARS:
+            raise InvalidInput(f"'reason' is longer than {MAX_REASON_CHARS} characters")
+        if len(actor) > MAX_REASON_CHARS:
+            raise InvalidInput(f"'actor' is longer than {MAX_REASON_CHARS} characters")
         result = await self.rollouts.act(
             request.match_info["name"], action, actor.strip(), reason or ""
         )

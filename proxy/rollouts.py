@@ -378,7 +378,7 @@ class Rollouts:
     async def act(self, name: str, action: str, actor: str, reason: str) -> dict[str, Any]:
         managed = self._get(name)
         rollout = managed.rollout
-        transition = lifecycle.act(rollout, managed.state, action, actor, _now())
+        transition = lifecycle.act(rollout, managed.state, action, actor, _now(), reason)
         self._run(managed, rollout, transition)
         self.inference.metrics.decisions.labels(name, transition.decision.action.value).inc()
         log.info("rollout %s: %s by %s (%s)", name, action, actor, reason or "no reason given")

@@ -312,7 +312,8 @@ function timeline(name) {
   const rows = entries.map((e) => {
     const data = e.data || {};
     const state = data.state || {};
-    const why = data.reason || data.error || (data.changed ? `changed: ${data.changed.join(", ") || "(new)"}` : "");
+    const said = data.reason || data.error || (data.changed ? `changed: ${data.changed.join(", ") || "(new)"}` : "");
+    const why = data.note ? `${said} — “${data.note}”` : said;
     return el(
       "tr",
       { "data-kind": e.kind },

@@ -337,6 +337,10 @@ def test_a_tally_survives_json(
     assert Tally.from_json(tally.to_json()) == tally
     earlier = tally.to_json() | {"labels": [*labels[:3], *labels[4:7]]}  # six: no tolerance
     assert Tally.from_json(earlier).labels == (*labels[:3], 0, *labels[4:7], 0)
+    four = {"strata": [[w, list(st[:4]), list(ca[:4])] for w, st, ca in tally.strata]}
+    assert Tally.from_json(four).strata == tuple(
+        (w, (*st[:4], 0, 0), (*ca[:4], 0, 0)) for w, st, ca in tally.strata
+    )  # saved before keys' first events were counted
     assert tally.plus(Tally()) == tally and not tally.below(tally)
 
 

@@ -198,7 +198,8 @@ async def test_status_actions_and_audit_against_a_running_gateway(
         assert await asyncio.to_thread(main, ["approve", "fraud", *url, "--actor", "bob"]) == 1
         assert "409" in capsys.readouterr().err  # not awaiting approval: rejected, one line
         assert await asyncio.to_thread(main, ["pause", "fraud", *url, "--actor", "bob"]) == 0
-        assert await asyncio.to_thread(main, ["rollback", "fraud", *url, "--actor", "bob"]) == 0
+        rollback = ["rollback", "fraud", *url, "--actor", "bob", "--reason", "labels look off"]
+        assert await asyncio.to_thread(main, rollback) == 0
         assert "rolled_back" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["promote", "nope", *url]) == 1
     state = str(tmp_path / "state")
@@ -213,6 +214,8 @@ async def test_status_actions_and_audit_against_a_running_gateway(
     )
     assert json.loads(cli("audit", "export", "--state", state, "--since", "today").stdout)
     assert json.loads(cli("audit", "export", "--state", state, "--until", "yesterday").stdout) == []
+    (rolled_back,) = [e for e in everything if e["kind"] == "admin" and "rollback" in str(e)]
+    assert rolled_back["actor"] == "bob" and "labels look off" in json.dumps(rolled_back)
     first_ts = everything[0]["ts"]
     assert json.loads(cli("audit", "export", "--state", state, "--until", first_ts).stdout) == []
     assert cli("audit", "verify", "--state", state).returncode == 0  # option after the verb
