@@ -331,6 +331,14 @@ def _audit(args: argparse.Namespace) -> int:
     from rollguard.policy.audit import adopt_key, export, verify
     from rollguard.policy.keys import load_key
 
+    if str(args.state).startswith(("redis://", "rediss://")):  # a fleet's audit stream
+        try:
+            from rollguard.proxy.fleet.commands import audit_command
+        except ImportError as exc:
+            raise CliError(
+                f"a redis:// state needs: pip install 'rollguard[fleet]' ({exc})"
+            ) from None
+        return audit_command(args)
     path = Path(args.state) / "audit.jsonl"
     if args.audit_command in ("verify", "adopt-key"):
         key_file = Path(args.key_file) if args.key_file else None
@@ -505,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_action)
 
     # --state is taken before the subcommand and after it (`audit verify --state DIR`).
-    state_help = "state directory holding audit.jsonl (default $ROLLGUARD_STATE or .rollguard)"
+    state_help = (
+        "state directory holding audit.jsonl, or a fleet's redis://host:port/db "
+        "(default $ROLLGUARD_STATE or .rollguard)"
+    )
     audit = sub.add_parser("audit", help="the hash-chained audit log")
     audit.add_argument(
         "--state", default=os.environ.get("ROLLGUARD_STATE", ".rollguard"), help=state_help

@@ -41,6 +41,17 @@ def _forwardable(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(lowered))
 
 
+def _local_state(path: Path) -> Path:
+    # Path("redis://h:1/0") is the directory "redis:/h:1/0": refuse it rather than let a
+    # user believe the processes share state. The fleet store (proxy/fleet/) is not wired
+    # into `serve` yet; `rollguard audit verify --state redis://...` already reads a fleet.
+    if str(path).startswith(("redis:", "rediss:")):
+        raise ValueError(
+            "a redis:// state (fleet mode) is not supported by `serve` yet; use a directory"
+        )
+    return path
+
+
 class Settings(BaseModel):
     """Every gateway setting, validated once at start-up and frozen."""
 
@@ -57,7 +68,7 @@ class Settings(BaseModel):
     grpc_port: int = Field(default=8082, ge=0, le=65535)
     registry: Path = Path("registry")
     policies: Path = Path("policies")
-    state: Path = Path(".rollguard")
+    state: Annotated[Path, AfterValidator(_local_state)] = Path(".rollguard")
     audit_key: str | None = Field(default=None, repr=False)  # ROLLGUARD_AUDIT_KEY only: HMAC key
     audit_key_file: Path | None = None  # or the key in a file outside the state directory
     audit_refuse_broken: bool = False  # true: a broken audit chain stops the start

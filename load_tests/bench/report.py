@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -202,6 +203,31 @@ def _mem_gib() -> float:
     return float("nan")
 
 
+def _commit() -> str:
+    """The checked-out commit, "+ local changes" when the work tree differs from it."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} + local changes" if dirty else head
+
+
 def machine(tools: dict[str, str]) -> dict[str, Any]:
     libs = {}
     for lib in _LIBS:
@@ -211,6 +237,7 @@ def machine(tools: dict[str, str]) -> dict[str, Any]:
             libs[lib] = "missing"
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": _commit(),
         "nproc": os.cpu_count(),
         "cpu": _cpu_model(),
         "memory_gib": round(_mem_gib(), 1),
@@ -351,7 +378,8 @@ def write(
     md = [
         "# Side-by-side benchmark: rollguard against its peers",
         "",
-        f"`python -m load_tests.bench`, {host['date']}. Medians over {settings['rounds']} "
+        f"`python -m load_tests.bench`, {host['date']}, commit {host.get('commit', 'unknown')}. "
+        f"Medians over {settings['rounds']} "
         f"interleaved round(s){_order(settings)}; each run {settings['duration_s']:g} s at "
         f"{settings['connections']} connections after a {settings['warmup_s']:g} s warm-up; "
         f"client: {settings['client']}. Every request is the same V2 JSON body (one "

@@ -24,6 +24,11 @@ from rollguard.proxy.fleet.store import PREFIX
 
 log = logging.getLogger("rollguard.fleet")
 TTL_INTERVALS = 3  # a summary outlives two missed publications, not three
+# KEYS: a process's hash, the index. ARGV: the process. Unlisted only if still expired.
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class FleetEvidence:
         self.rollout = rollout
         self.process = process
         self._index = f"{prefix}:evidence:{rollout}"
+        self._forget = client.register_script(_FORGET)
 
     def _key(self, process: str) -> str:
         return f"{self._index}:{process}"
@@ -90,9 +96,9 @@ class FleetEvidence:
             for process in members:
                 pipe.hgetall(self._key(process))
             hashes = await pipe.execute() if members else []
-            gone = [p for p, h in zip(members, hashes, strict=True) if not h]
-            if gone:
-                await self.client.srem(self._index, *gone)
+            for process, fields in zip(members, hashes, strict=True):
+                if not fields:  # expired; unless it published again meanwhile
+                    await self._forget(keys=[self._key(process), self._index], args=[process])
         found = Gathered()
         for process, fields in zip(members, hashes, strict=True):
             if not fields:

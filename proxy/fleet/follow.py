@@ -80,6 +80,8 @@ class StateFollower:
     async def _consider(self, name: str, version: int, via: Via) -> None:
         async with self._lock:
             known = self.known.get(name, 0)
+            if via == "notice" and version <= known:
+                return  # a notice overtaken by a read of a later version
             if version < known:
                 if self.behind.get(name) != version:
                     log.error(

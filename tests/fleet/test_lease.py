@@ -52,8 +52,9 @@ async def test_a_holder_that_stops_renewing_is_replaced_within_the_lease(
         task_a.cancel()  # a killed process: no more renewals, no release
         killed = time.monotonic()
         await eventually(lambda: b.held, LEASE_S * 3)
-        # Within the lease time of a's last renewal (made at most a third of it before).
-        assert time.monotonic() - killed < LEASE_S * 1.5
+        # Within the lease time (a's last renewal was before the kill), plus an allowance
+        # for a loaded machine's scheduling; b retries just as the lease expires.
+        assert time.monotonic() - killed < LEASE_S + 0.5
         assert holders["b"] == [True]
         assert await b.holder_now() == "b"
     finally:

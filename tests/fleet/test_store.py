@@ -70,7 +70,7 @@ async def test_state_changed_in_redis_is_refused(
     await store.save("shop", STATE, fence=Fence(0))
     await store.save("cart", STATE | {"step": 4}, fence=Fence(0))
     doc = await client.hget("rollguard:state:shop", "doc")
-    assert doc is not None
+    assert isinstance(doc, bytes)
     await client.hset("rollguard:state:shop", "doc", doc.replace(b'"step":1', b'"step":3'))
     with pytest.raises(StateError, match="seal does not verify"):
         await store.read("shop")
