@@ -19,9 +19,10 @@ def test_rounds_alternate_the_order_so_no_target_always_runs_first() -> None:
 
 def test_every_goal_pairs_targets_that_run_next_to_each_other() -> None:
     # Whatever the direction of a round, the two targets of a goal then run back to back;
-    # bare is the baseline of several, so only the in-process goal has it next door.
+    # bare is the baseline of several, so only the in-process goal has it next door; the
+    # goals against nginx and MLServer are marked as not adjacent for the same reason.
     for goal in report.GOALS:
-        if goal.baseline == "bare" and goal.target != "rollguard":
+        if (goal.baseline == "bare" and goal.target != "rollguard") or not goal.adjacent:
             continue
         gap = abs(targets.ALL.index(goal.target) - targets.ALL.index(goal.baseline))
         assert gap == 1, (goal.label, gap)

@@ -61,11 +61,6 @@ def test_the_quick_simulation_runs_and_reports_every_row(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="README's example has `agreement` (a shadow check) in a canary: it never decides "
-    "there and blocks every step (without that line it promotes in 190 s); issue for the lead",
-)
 def test_the_readme_example_policy_promotes_a_healthy_candidate() -> None:
     """README.md's example, as written there, through the real shell on a simulated clock:
     both versions alike at 500 req/s, for up to 10 simulated minutes (its steps hold 3)."""
