@@ -55,6 +55,8 @@ from load_tests.sim_gateway import Traffic, run_replicate  # noqa: E402
 
 RATE = 100.0  # requests per second, unless a scenario says otherwise
 SLOW_RATE = 50 / 60  # 50 requests a minute
+POWER_HORIZON = 100_000  # requests; 5,000 to the candidate at a 5 % step
+HEALTHY_HORIZON = 400_000  # requests: 67 minutes at 100 req/s
 
 DEFAULT_CHECKS: list[dict[str, Any]] = [
     {"metric": "error_rate", "max_increase_vs_stable": 0.005},
@@ -71,6 +73,9 @@ TIGHT_LATENCY: list[dict[str, Any]] = [{"metric": "latency_p99", "max_ratio_to_s
 RAMP_CHECKS: list[dict[str, Any]] = [
     {"metric": "error_rate", "max_increase_vs_stable": 0.005, "pass_when": "no_fail"},
     {"metric": "latency_p99", "max_ratio_to_stable": 1.2, "pass_when": "no_fail"},
+]
+RAMP_ACCURACY: list[dict[str, Any]] = [
+    {"metric": "accuracy", "max_drop_vs_stable": 0.01, "pass_when": "no_fail"},
 ]
 CANARY: list[dict[str, Any]] = [
     {"weight": 5, "hold": "40s"},
@@ -216,6 +221,9 @@ def scenarios() -> list[Scenario]:
     # -- A/A: the new conditions
     drift = Traffic(error=(0.005, 0.005), error_end=(0.02, 0.02), latency_end=1.3)
     add("aa_drift_ramp", "aa", policy(RAMP, RAMP_CHECKS), drift, 50_000, 75)
+    # accuracy falling from 95 % to 80 % in both arms while the weights ramp
+    acc_drift = Traffic(accuracy=(0.95, 0.95), accuracy_drop=0.15)
+    add("aa_accuracy_drift_ramp", "aa", policy(RAMP, RAMP_ACCURACY), acc_drift, 50_000, 75)
     sticky = Traffic(users=20_000, heterogeneity=0.5)
     add(
         "aa_sticky_zipf_users",
@@ -243,7 +251,9 @@ def scenarios() -> list[Scenario]:
         75,
         restart_at=0.5,
     )
-    # -- Power: candidate requests to rollback (default checks, canary 5 → 25 → 50 %)
+    # -- Power: candidate requests to rollback (default checks, canary 5 → 25 → 50 %).
+    # A candidate that is not shown healthy stays at 5 %: 100,000 requests give it 5,000,
+    # past every target (50,000 gave 2,500, below the accuracy target of 3,000).
     power = policy(CANARY, DEFAULT_CHECKS, interval=1.0)
     for name, traffic in (
         ("power_err_1to2", Traffic(error=(0.01, 0.02))),
@@ -251,7 +261,7 @@ def scenarios() -> list[Scenario]:
         ("power_accuracy_-3pt", Traffic(accuracy=(0.90, 0.87))),
         ("power_hard_failure_0to5", Traffic(error=(0.0, 0.05))),
     ):
-        add(name, "power", power, traffic, 50_000, 25)
+        add(name, "power", power, traffic, POWER_HORIZON, 25)
     # -- The same with the two-sample mSPRT, where checks offer a choice of test
     if _offers_test_choice():
         add("aa_drift_ramp[msprt]", "aa", policy(RAMP, _msprt(RAMP_CHECKS)), drift, 50_000, 75)
@@ -269,8 +279,9 @@ def scenarios() -> list[Scenario]:
         add(f"promoted_err_1to2_{label}@100rps", "promoted", text, regression, 100_000, 100, label)
         slow = replace(regression, rate=SLOW_RATE)
         add(f"promoted_err_1to2_{label}@50rpm", "promoted", text, slow, 6_000, 10, label)
-        # 35 minutes: past the shipped policy's 30-minute deadline
-        add(f"healthy_{label}", "healthy", text, Traffic(), 210_000, 12, label)
+        # 67 minutes: past the shipped policy's 30-minute deadline and the default
+        # deadline of a policy without one (its holds + 1 h: 63 minutes for defaults)
+        add(f"healthy_{label}", "healthy", text, Traffic(), HEALTHY_HORIZON, 12, label)
     return out
 
 

@@ -68,6 +68,7 @@ class Traffic:
     latency: tuple[float, float] = (1.0, 1.0)  # latency multipliers, stable and candidate
     latency_end: float = 1.0  # both arms' latency multiplier reached at the horizon
     accuracy: tuple[float, float] = (0.90, 0.90)
+    accuracy_drop: float = 0.0  # both arms' accuracy lower by this much at the horizon
     label_rate: float = 0.6  # share of answered requests whose label comes back
     label_delay: float = 1000.0  # mean label delay, in requests (exponential)
     users: int = 0  # 0: every request its own random draw (split: random)
@@ -310,7 +311,8 @@ def _serve(
         if not answered:
             continue
         if draws.u_label[k] < t.label_rate:
-            label = 1.0 if draws.u_correct[k] < t.accuracy[arm] else 0.0
+            accuracy = t.accuracy[arm] - t.accuracy_drop * progress
+            label = 1.0 if draws.u_correct[k] < accuracy else 0.0
             heapq.heappush(pending, (i + draws.delay[k], arm, rid, label))
     out = _ended(out, gw, last, clock.now - start, horizon, served, sent, holds)
     out.end = last.get("state", {}).get("phase", "running")
@@ -339,7 +341,7 @@ def _record(
         window.record(latency, Outcome.MODEL_ERROR, rows=1, share=share, key=unit)
         return
     window.record(latency, Outcome.OK, rows=1, share=share, key=unit)
-    plane.feedback_index.put(gw.model, None, rid, window, (1.0,))
+    plane.feedback_index.put(gw.model, None, rid, window, (1.0,), share)
 
 
 def _where(gw: Gateway) -> tuple[str, int, float, int]:

@@ -34,6 +34,8 @@ Row = tuple[float, Counts, Counts]  # weight, stable, candidate
 # stable labelled, correct, labelled requests, over the latency tolerance; the same for
 # the candidate
 Labels = tuple[int, int, int, int, int, int, int, int]
+# weight; stable's labelled rows and correct ones; the candidate's
+LabelStratum = tuple[float, int, int, int, int]
 _ZERO: Counts = (0, 0, 0, 0, 0, 0)
 _NO_LABELS: Labels = (0, 0, 0, 0, 0, 0, 0, 0)
 UNKNOWN_WEIGHT = -1.0
@@ -46,6 +48,7 @@ class Tally:
 
     strata: tuple[Row, ...] = ()
     labels: Labels = _NO_LABELS
+    label_strata: tuple[LabelStratum, ...] = ()  # labels per weight (accuracy)
 
     @classmethod
     def of(cls, evidence: Evidence) -> Tally:
@@ -58,11 +61,17 @@ class Tally:
             rows[w] = (rows.get(w, (_ZERO, _ZERO))[0], _counts(n))
         strata = tuple((w, st, ca) for w, (st, ca) in sorted(rows.items()))
         stable = (s.labelled, s.correct, s.labelled_requests, s.over_tolerance)
-        return cls(strata, (*stable, c.labelled, c.correct, c.labelled_requests, c.over_tolerance))
+        labels = (*stable, c.labelled, c.correct, c.labelled_requests, c.over_tolerance)
+        per_weight: dict[float, list[int]] = {}
+        for i, v in ((0, s), (2, c)):
+            for w, labelled, ok in v.label_strata:
+                per_weight.setdefault(w, [0, 0, 0, 0])[i : i + 2] = (labelled, ok)
+        label_strata = tuple((w, a, b, x, y) for w, (a, b, x, y) in sorted(per_weight.items()))
+        return cls(strata, labels, label_strata)
 
     @property
     def empty(self) -> bool:
-        return not self.strata and self.labels == _NO_LABELS
+        return not self.strata and self.labels == _NO_LABELS and not self.label_strata
 
     def plus(self, other: Tally) -> Tally:
         rows = {w: (st, ca) for w, st, ca in self.strata}
@@ -73,7 +82,12 @@ class Tally:
         a, b = self.labels, other.labels
         labels = (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4],
                   a[5] + b[5], a[6] + b[6], a[7] + b[7])  # fmt: skip
-        return Tally(strata, labels)
+        per_weight = {w: (p, q, r, t) for w, p, q, r, t in self.label_strata}
+        for w, p, q, r, t in other.label_strata:
+            m = per_weight.get(w, (0, 0, 0, 0))
+            per_weight[w] = (m[0] + p, m[1] + q, m[2] + r, m[3] + t)
+        label_strata = tuple((w, *n) for w, n in sorted(per_weight.items()))
+        return Tally(strata, labels, label_strata)
 
     def below(self, other: Tally) -> bool:
         """True when any count here is below `other`'s: the counters restarted since."""
@@ -82,18 +96,23 @@ class Tally:
             now = mine.get(w, (_ZERO, _ZERO))
             if any(a < b for a, b in zip((*now[0], *now[1]), (*st, *ca), strict=True)):
                 return True
+        mine_l = {w: n for w, *n in self.label_strata}
+        for w, *n in other.label_strata:
+            if any(a < b for a, b in zip(mine_l.get(w, [0, 0, 0, 0]), n, strict=True)):
+                return True
         return any(a < b for a, b in zip(self.labels, other.labels, strict=True))
 
     def without_latency(self) -> Tally:
         """The same counts with none against a latency threshold (a new one is frozen)."""
         strata = tuple((w, _no_latency(st), _no_latency(ca)) for w, st, ca in self.strata)
         n = self.labels
-        return Tally(strata, (n[0], n[1], n[2], 0, n[4], n[5], n[6], 0))
+        return Tally(strata, (n[0], n[1], n[2], 0, n[4], n[5], n[6], 0), self.label_strata)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "strata": [[w, list(st), list(ca)] for w, st, ca in self.strata],
             "labels": list(self.labels),
+            "label_strata": [[w, *n] for w, *n in self.label_strata],
         }
 
     @classmethod
@@ -102,7 +121,10 @@ class Tally:
             strata = tuple(
                 (float(w), _counts(st), _counts(ca)) for w, st, ca in data.get("strata", ())
             )
-            return cls(strata, _labels(data.get("labels", _NO_LABELS)))
+            label_strata = tuple(
+                _label_stratum(row) for row in data.get("label_strata", ())
+            )  # absent in states saved before labels were counted per weight
+            return cls(strata, _labels(data.get("labels", _NO_LABELS)), label_strata)
         except (AttributeError, TypeError, ValueError) as exc:
             raise StateError(f"test counts are malformed: {exc}") from exc
 
@@ -120,12 +142,25 @@ def merged(evidence: Evidence, carried: Tally | None) -> Evidence:
     """`evidence` with the counts of earlier processes added (totals and strata)."""
     if carried is None or carried.empty:
         return evidence
-    labels = carried.labels
+    labels, per_weight = carried.labels, carried.label_strata
     stable = _add_variant(evidence.stable, [(w, st) for w, st, _ in carried.strata], labels[:4])
     candidate = _add_variant(
         evidence.candidate, [(w, ca) for w, _, ca in carried.strata], labels[4:]
     )
+    stable = _add_labels(stable, [(w, n, ok) for w, n, ok, _, _ in per_weight])
+    candidate = _add_labels(candidate, [(w, n, ok) for w, _, _, n, ok in per_weight])
     return replace(evidence, stable=stable, candidate=candidate)
+
+
+def _add_labels(v: VariantEvidence, rows: list[tuple[float, int, int]]) -> VariantEvidence:
+    """`v` with earlier processes' labels per weight added to its own."""
+    if not any(n for _, n, _ in rows):
+        return v
+    per_weight = {w: (n, ok) for w, n, ok in v.label_strata}
+    for w, n, ok in rows:
+        mine = per_weight.get(w, (0, 0))
+        per_weight[w] = (mine[0] + n, mine[1] + ok)
+    return replace(v, label_strata=tuple((w, *n) for w, n in sorted(per_weight.items())))
 
 
 def _add_variant(
@@ -169,6 +204,14 @@ def _counts(values: Any) -> Counts:
     if min(a, b, c, d, e, f) < 0:
         raise ValueError(f"negative count in {values!r}")
     return a, b, c, d, e, f
+
+
+def _label_stratum(values: Any) -> LabelStratum:
+    w, *n = values
+    a, b, c, d = (int(x) for x in n)
+    if min(a, b, c, d) < 0 or b > a or d > c:
+        raise ValueError(f"bad label counts in {values!r}")
+    return float(w), a, b, c, d
 
 
 def _labels(values: Any) -> Labels:

@@ -13,7 +13,8 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
   rows, compared rows or requests since the latency threshold; both arms for
   comparisons), and whenever the evidence does not decide yet.
 - FAIL only when the whole confidence sequence lies beyond the bound *and* the candidate
-  shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers).
+  shows at least 5 harmful events (errors, slow requests, wrong or disagreeing answers;
+  3 for the conditional test, which is exact at any count: MIN_CONDITIONAL_EVENTS).
 - PASS is never a point estimate. With pass_when bound (the default) the other one-sided
   sequence, at the same alpha, must lie within the bound: the candidate's upper bound
   ≤ max, lower bound ≥ min, the harm's upper bound ≤ the practical margin. With
@@ -94,11 +95,18 @@ from rollguard.policy.conditional import Stratum, landing_test, log_evalue
 from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from rollguard.policy.evidence import Evidence, VariantEvidence
 from rollguard.policy.schema import LATENCY_TAIL_ROWS, Check, Spec
-from rollguard.policy.sequential import Bounds, Side, difference_sequence, rate_sequence
+from rollguard.policy.sequential import (
+    Bounds,
+    Side,
+    difference_sequence,
+    rate_sequence,
+    stratified_difference_sequence,
+)
 from rollguard.policy.srm import SRM_MIN_PER_ARM, SRM_PVALUE, sequential_srm_pvalue, srm_pvalue
 from rollguard.policy.verdict import CheckResult, Verdict
 
 __all__ = [
+    "MIN_CONDITIONAL_EVENTS",
     "MIN_EVENTS",
     "check_alpha",
     "evaluate",
@@ -108,6 +116,13 @@ __all__ = [
 ]
 
 MIN_EVENTS = 5
+MIN_CONDITIONAL_EVENTS = 3
+"""The conditional test FAILs from 3 of the candidate's bad events, not MIN_EVENTS (5).
+MIN_EVENTS guards the normal approximation of the mixture SPRT; the conditional e-process
+is exact at any count (no approximation to guard), and with HARM_GRID it cannot reject on
+fewer than 3 events at weights of 1 % and up anyway. A hard failure (0 % → 5 % at a 5 %
+weight) is then caught at the 3rd error instead of the 5th: p90 about 110 candidate
+requests instead of 160."""
 KS_MIN_STATISTIC = 0.1
 _LABEL_RATE_TOLERANCE = 0.2  # label rates within 20 % of each other are "the same"
 Detail = dict[str, float | int | str | None]
@@ -201,11 +216,18 @@ def latency_rows(stable: VariantEvidence) -> int:
     return max(1, math.ceil(float(np.median(stable.rows))))
 
 
-def _verdict(check: Check, enough: bool, crossed: bool, events: int, within: bool) -> Verdict:
+def _verdict(
+    check: Check,
+    enough: bool,
+    crossed: bool,
+    events: int,
+    within: bool,
+    min_events: int = MIN_EVENTS,
+) -> Verdict:
     """`within`: the always-valid bound of the harm is inside the bound (pass_when bound)."""
     if not enough:
         return Verdict.INCONCLUSIVE
-    if crossed and events >= MIN_EVENTS:
+    if crossed and events >= min_events:
         return Verdict.FAIL
     if check.pass_when == "no_fail" or within:
         return Verdict.PASS
@@ -260,8 +282,14 @@ def _two_sample(
     *,
     good: bool,
     unit: str,
+    strata: list[tuple[int, int, int, int]] | None = None,
 ) -> CheckResult:
     """Candidate's rate worse than stable's by more than `margin` (events/n pairs).
+
+    `strata`: the same counts per weight step, (stable events, n, candidate events, n)
+    each; the harm is then compared within steps and combined by information
+    (sequential.stratified_difference_sequence), so a rate moving in both arms while the
+    weights ramp is not taken for harm (Simpson).
 
     FAIL when the lower bound of the harm exceeds fail_margin (default 0: any harm shown
     is harm); PASS when its upper bound is within `margin`, the practical margin (or,
@@ -272,8 +300,13 @@ def _two_sample(
     fail_at = check.fail_margin if check.fail_margin is not None else 0.0
     # harm = stable − candidate for good events (correct), candidate − stable otherwise
     a, b_ = ((xc, nc), (xs, ns)) if good else ((xs, ns), (xc, nc))
-    b = difference_sequence(*a, *b_, alpha, side="lower", null=fail_at)
-    shown = difference_sequence(*a, *b_, alpha, side="upper", null=margin)
+    if strata is not None and len(strata) > 1:
+        rows = [(c, m, s, n) if good else (s, n, c, m) for s, n, c, m in strata]
+        b = stratified_difference_sequence(rows, alpha, side="lower", null=fail_at)
+        shown = stratified_difference_sequence(rows, alpha, side="upper", null=margin)
+    else:
+        b = difference_sequence(*a, *b_, alpha, side="lower", null=fail_at)
+        shown = difference_sequence(*a, *b_, alpha, side="upper", null=margin)
     harmful = nc - xc if good else xc
     enough = min(ns, nc) >= check.min_samples
     verdict = _verdict(check, enough, b.lower > fail_at, harmful, shown.upper <= margin)
@@ -286,6 +319,7 @@ def _two_sample(
         "harm": b.estimate,
         "harmful_events": harmful,
         "fail_margin": fail_at,
+        "strata": len(strata) if strata is not None else 1,
     }
     detail |= _bounds_detail(b, alpha) | {"ci_upper": shown.upper, "pass_pvalue": shown.pvalue}
     detail["reason"] = _reason(check, verdict, enough, need)
@@ -359,7 +393,7 @@ def _conditional(
 
     FAIL when the test of "candidate's bad-event rate ≤ r_fail × stable's" rejects at
     alpha (r_fail = 1, or 1 + fail_margin for latency) and the candidate shows at least
-    MIN_EVENTS bad events, at any sample size. PASS (pass_when bound, after min_samples)
+    MIN_CONDITIONAL_EVENTS bad events, at any sample size. PASS (pass_when bound, after min_samples)
     when harm beyond the tolerance is ruled out. Latency: the ratio is shown below
     max_ratio_to_stable, or the candidate's pNN below max_ratio_to_stable × T (its share
     of requests slower than that below 1 − NN/100). Errors: at alpha/4 each the stable's
@@ -401,8 +435,10 @@ def _conditional(
             own = rate_sequence(xc, nc, alpha / 2, side="upper")
             within = own.upper <= tolerance
     # The e-process is exact at every sample size: min_samples gates PASS, not FAIL.
-    failed = crossed and fail.events_candidate >= MIN_EVENTS
-    verdict = _verdict(check, enough or failed, crossed, fail.events_candidate, within)
+    failed = crossed and fail.events_candidate >= MIN_CONDITIONAL_EVENTS
+    verdict = _verdict(
+        check, enough or failed, crossed, fail.events_candidate, within, MIN_CONDITIONAL_EVENTS
+    )
     enough = enough or failed
     need = f"stable has {ns} and candidate {nc} {unit}, each needs {check.min_samples}"
     lower, upper = _ratio_bounds(units, alpha)
@@ -492,7 +528,8 @@ def _accuracy(check: Check, ev: Evidence, alpha: float) -> CheckResult:
         margin = check.max_drop_vs_stable
         assert margin is not None  # the schema requires min or max_drop_vs_stable
         pairs = (s.correct, s.labelled), (c.correct, c.labelled)
-        result = _two_sample(check, *pairs, margin, alpha, good=True, unit="labels")
+        strata = _label_strata(s, c)
+        result = _two_sample(check, *pairs, margin, alpha, good=True, unit="labels", strata=strata)
     labels, differ = _label_rates(s, c, alpha)
     if differ and check.min is None and result.verdict is not Verdict.INCONCLUSIVE:
         why = (
@@ -504,6 +541,23 @@ def _accuracy(check: Check, ev: Evidence, alpha: float) -> CheckResult:
         detail = result.detail | labels | {"reason": why}
         return CheckResult(check, Verdict.INCONCLUSIVE, result.value, result.bound, detail)
     return CheckResult(check, result.verdict, result.value, result.bound, result.detail | labels)
+
+
+def _label_strata(s: VariantEvidence, c: VariantEvidence) -> list[tuple[int, int, int, int]] | None:
+    """Both arms' (correct, labelled) per weight their requests were routed at, or None
+    when the per-weight counts do not account for every label (labels of a process or
+    a summary that did not count them per weight): then the totals are compared."""
+    if not s.label_strata or not c.label_strata:
+        return None
+    rows: dict[float, list[int]] = {}
+    for i, v in ((0, s), (2, c)):
+        for w, n, ok in v.label_strata:
+            rows.setdefault(w, [0, 0, 0, 0])[i : i + 2] = (ok, n)
+        if sum(n for _, n, _ in v.label_strata) != v.labelled:
+            return None
+        if sum(ok for _, _, ok in v.label_strata) != v.correct:
+            return None
+    return [(a, b, x, y) for _, (a, b, x, y) in sorted(rows.items())]
 
 
 def _label_rates(s: VariantEvidence, c: VariantEvidence, alpha: float) -> tuple[Detail, bool]:

@@ -34,6 +34,9 @@ policy/strategies.py. The rules:
   on_deadline: rollback, hold (phase inconclusive: weight kept, no progress, rollback
   checks still protect; an operator promotes or rolls back) or alert (once, then on).
   Not while paused (pausing stops a step's clock) nor failing over (its own deadline).
+  A canary or blue-green rollout with no `deadline` has a default one (its steps' holds
+  plus an hour, on_deadline hold unless named; Spec.deadline_in_force) that ends it
+  only while it is progressing: never awaiting an approval or waiting for its candidate.
 - A sample-ratio check gates nothing at weight 0 or 100: one arm gets every request;
   an agreement check gates nothing in a canary or ab rollout: nothing is mirrored.
   Its p-value's running minimum at the current weight is kept in the state
@@ -293,8 +296,14 @@ def _deadline_passed(
     """The inconclusive outcome when a deadline passed undecided (alerted once), else None."""
     spec = rollout.spec
     passed = None
-    if spec.deadline is not None and now - old.started_at >= spec.deadline:
-        passed = f"rollout deadline {spec.deadline:g}s"
+    in_force = spec.deadline_in_force
+    # The default deadline (none set) ends a rollout stalled while progressing, never
+    # one awaiting an approval or waiting for its candidate: those wait for a person.
+    implicit = spec.deadline is None and old.phase is not Phase.PROGRESSING
+    on_deadline = spec.on_deadline if in_force is None else in_force[1]
+    if in_force is not None and not implicit and now - old.started_at >= in_force[0]:
+        default = "" if spec.deadline is not None else " (none set: the steps' holds + 1h)"
+        passed = f"rollout deadline {in_force[0]:g}s{default}"
     elif old.phase is Phase.PROGRESSING and spec.steps and spec.strategy != "ab":
         i = min(old.step, len(spec.steps) - 1)
         limit = spec.steps[i].deadline
@@ -303,10 +312,10 @@ def _deadline_passed(
     if passed is None or passed == old.inconclusive:
         return None
     why = f"inconclusive: {passed} passed undecided ({new.reason})"
-    if spec.on_deadline == "rollback":
+    if on_deadline == "rollback":
         ended_ = _rolled_back(replace(new, inconclusive=passed), f"{why}; on_deadline: rollback")
         return _decision(rollout, old, ended_, Action.INCONCLUSIVE, evidence)
-    if spec.on_deadline == "hold":
+    if on_deadline == "hold":
         held = replace(
             new,
             phase=Phase.INCONCLUSIVE,

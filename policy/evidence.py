@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 StratumRow = tuple[float, int, int, int, int, int, int]
+LabelRow = tuple[float, int, int]  # weight, rows labelled, of those correct
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,10 @@ class VariantEvidence:
     # first errors / slow requests (a request without a key is its own key). Empty: not
     # known, the totals form one stratum.
     strata: tuple[StratumRow, ...] = ()
+    # Labels per configured candidate weight when their request was routed: (weight,
+    # rows labelled, correct), for the accuracy comparison within weights. Empty, or
+    # not summing to labelled / correct (labels of an earlier process): not known.
+    label_strata: tuple[LabelRow, ...] = ()
     latencies: np.ndarray = field(default_factory=lambda: np.empty(0))  # seconds, recent
     # Each recent request's batch size (rows), aligned with `latencies`; empty: not known.
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint32))

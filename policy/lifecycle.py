@@ -50,12 +50,17 @@ class Decided(Transition):
 
 
 def start(
-    rollout: Rollout, saved: RolloutState | None, now: float, candidate: str | None = None
+    rollout: Rollout,
+    saved: RolloutState | None,
+    now: float,
+    candidate: str | None = None,
+    *,
+    carry: bool = True,
 ) -> Transition:
     """A rollout found at start-up or in a new policy file: restore its saved state, or begin."""
     if saved is None:
         return begin(rollout, now, candidate=candidate)
-    return restore(rollout, saved, now, candidate=candidate)
+    return restore(rollout, saved, now, candidate=candidate, carry=carry)
 
 
 def begin(
@@ -71,11 +76,18 @@ def begin(
 
 
 def restore(
-    rollout: Rollout, saved: RolloutState, now: float, *, candidate: str | None = None
+    rollout: Rollout,
+    saved: RolloutState,
+    now: float,
+    *,
+    candidate: str | None = None,
+    carry: bool = True,
 ) -> Transition:
     """Start-up with a saved state: resume it, or begin anew if the policy changed meanwhile.
 
-    `candidate` matters only for a new rollout; a resumed one learns it from `observe`."""
+    `candidate` matters only for a new rollout; a resumed one learns it from `observe`.
+    `carry` false (fleet mode): the counts are not carried forward, because the live
+    processes' merged summaries already hold them (carrying would count them twice)."""
     if not saved.same_rollout(rollout):
         # The policy changed while we were down: a new candidate is a new rollout.
         return begin(rollout, now, generation=saved.generation + 1, candidate=candidate)
@@ -87,7 +99,7 @@ def restore(
     state = replace(state, weight=routing_weight(rollout, state))
     # The tests continue: what the last process had counted is carried, and this
     # process's windows count from zero.
-    if saved.seen is not None:
+    if saved.seen is not None and carry:
         carried = (saved.carried or Tally()).plus(saved.seen)
         state = replace(state, carried=carried, seen=None)
     effects: list[Effect] = [Save(state)] if state != saved else []
@@ -101,15 +113,18 @@ def restore(
     return Transition(state, tuple(effects))
 
 
-def tick(rollout: Rollout, state: RolloutState, evidence: Evidence, now: float) -> Decided:
+def tick(
+    rollout: Rollout, state: RolloutState, evidence: Evidence, now: float, *, carry: bool = True
+) -> Decided:
     """Freeze the latency threshold if due, run the checks, decide; commit what changed.
 
     A tick that changes nothing beyond the reason saves nothing, yet its state (with
-    the fresher reason, for status pages) is the one to hold.
+    the fresher reason, for status pages) is the one to hold. `carry` false (fleet
+    mode): `evidence` is already the fleet's whole sample, so no counts are carried.
     """
     effects: list[Effect] = []
     before = state
-    if not state.phase.terminal:
+    if not state.phase.terminal and carry:
         carried, seen = carry_forward(state.carried, state.seen, Tally.of(evidence))
         state = replace(state, carried=carried, seen=seen)
     check = latency_check(rollout)
@@ -218,6 +233,27 @@ def edit(
     )
 
 
+def follow(rollout: Rollout, before: RolloutState | None, after: RolloutState) -> Transition:
+    """A state another process (the fleet's decider) wrote: only the effects that make
+    this process route and count as it says, nothing to save or audit.
+
+    Windows count from zero when the generation changes or a waiting rollout begins
+    (as `begin` and `observe` reset them), and when this process had no state before.
+    """
+    effects: list[Effect] = []
+    began = (
+        before is not None and before.phase is Phase.WAITING and after.phase is not Phase.WAITING
+    )
+    if before is None or before.generation != after.generation or began:
+        effects.append(ResetWindows())
+    threshold = (after.latency_threshold, after.latency_rows)
+    if before is None or (before.latency_threshold, before.latency_rows) != threshold:
+        tolerance = _tolerance(rollout, after.latency_threshold)
+        effects.append(SetLatencyThreshold(after.latency_threshold, after.latency_rows, tolerance))
+    effects.append(_route(rollout, after))
+    return Transition(after, tuple(effects))
+
+
 def status(rollout: Rollout, state: RolloutState) -> dict[str, Any]:
     """Where a rollout stands, in a few fields, for status pages and the admin API."""
     spec = rollout.spec
@@ -237,8 +273,11 @@ def status(rollout: Rollout, state: RolloutState) -> dict[str, Any]:
         "unavailable": state.unavailable,  # why the candidate's share fails over to stable
         "unavailable_since": state.unavailable_since,
         "inconclusive": state.inconclusive,  # the deadline that passed undecided
-        "deadline": spec.deadline,
-        "on_deadline": spec.on_deadline,
+        # the deadline in force: the policy's, or the default one (Spec.deadline_in_force)
+        "deadline": None if spec.deadline_in_force is None else spec.deadline_in_force[0],
+        "on_deadline": spec.on_deadline
+        if spec.deadline_in_force is None
+        else spec.deadline_in_force[1],
     }
 
 

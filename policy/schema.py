@@ -61,6 +61,13 @@ PassWhen = Literal["bound", "no_fail"]
 ComparisonTest = Literal["conditional", "msprt"]
 _LATENCY = re.compile(r"^latency_p(\d{1,2}(?:\.\d+)?)$")
 LATENCY_TAIL_ROWS = 10  # stable's window must hold this many requests above its pNN to set T
+DEFAULT_DEADLINE_SLACK = 3600.0
+"""A canary or blue-green rollout without a `deadline` gets one: its steps' holds plus
+this (an hour), with on_deadline hold unless the policy names another action. Undecided
+by then, it ends explicitly inconclusive (phase inconclusive, weight kept, webhooks told)
+and waits for an operator to promote or roll back, instead of holding its first step
+forever without a word (as Argo Rollouts marks a rollout Degraded after its
+progressDeadlineSeconds, 10 minutes by default, without aborting it)."""
 
 
 class _Frozen(BaseModel):
@@ -290,6 +297,25 @@ class Spec(_Frozen):
     # rolls back, holds the current weight (phase inconclusive), or alerts and goes on.
     deadline: Duration | None = None
     on_deadline: OnDeadline = "rollback"
+
+    @property
+    def deadline_in_force(self) -> tuple[float, OnDeadline] | None:
+        """The rollout deadline (seconds after the policy was applied) and its action.
+
+        `deadline` with `on_deadline` (rollback unless named) when the policy sets one;
+        else, for a canary or blue-green rollout, the steps' holds plus
+        DEFAULT_DEADLINE_SLACK with on_deadline hold unless named: such a rollout always
+        ends promoted, rolled back or explicitly inconclusive. ab (sample_size or
+        duration) and shadow rollouts get none: nothing moves traffic there on its own."""
+        if self.deadline is not None:
+            return self.deadline, self.on_deadline
+        if self.strategy not in ("canary", "blue_green"):
+            return None
+        holds = sum(s.hold for s in self.steps)
+        if self.strategy == "blue_green":
+            holds = (self.steps[0].hold if self.steps else 0.0) + self.warm_hold
+        named = "on_deadline" in self.model_fields_set
+        return holds + DEFAULT_DEADLINE_SLACK, self.on_deadline if named else "hold"
 
     @model_validator(mode="after")
     def _coherent(self) -> Spec:

@@ -37,6 +37,7 @@ below p̂(1 − p̂), so a run of zero errors cannot collapse the interval to a 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +54,7 @@ __all__ = [
     "rate_bounds",
     "rate_sequence",
     "sequential_rho",
+    "stratified_difference_sequence",
 ]
 
 DEFAULT_N_STAR = 5000.0
@@ -243,3 +245,46 @@ def difference_sequence(
         events_a, n_a, events_b, n_b, alpha, n_star=n_star, side=side, null=null
     )
     return Bounds(float(est), float(lo), float(hi), float(p))
+
+
+def stratified_difference_sequence(
+    strata: Sequence[tuple[int, int, int, int]],
+    alpha: float,
+    *,
+    n_star: float = DEFAULT_N_STAR,
+    side: Side = "two-sided",
+    null: float = 0.0,
+) -> Bounds:
+    """One look at the sequence for rate_b − rate_a within strata (events_a, n_a,
+    events_b, n_b), combined by information: the estimate Σ I_k θ̂_k / Σ I_k with
+    I_k = 1 / (σ²_a/n_a + σ²_b/n_b) in stratum k, at information Σ I_k.
+
+    Strata are the weight steps of a rollout: each arm is sampled alike within one, so
+    a rate moving in both arms over time cancels within each, where pooled counts would
+    compare the stable's early traffic with the candidate's late traffic (Simpson). Each
+    stratum's score I_k·θ̂_k is (asymptotically) a Brownian motion in its information
+    with drift θ, strata are independent, so their sum is one in Σ I_k (the canonical
+    joint distribution, Jennison & Turnbull ch. 3), and the mixture applies to it as to
+    one stratum, with τ² fixed from the variances of all strata pooled. A stratum with
+    an empty arm carries no information and is left out; with one stratum this is
+    `difference_sequence`.
+    """
+    rows = [(xa, na, xb, nb) for xa, na, xb, nb in strata if na > 0 and nb > 0]
+    for row in rows:
+        if min(row[0], row[2]) < 0 or row[0] > row[1] or row[2] > row[3]:
+            raise ValueError(f"need 0 <= events <= n, got {row}")
+    if not rows:
+        return Bounds(0.0, -1.0, 1.0, 1.0)
+    if len(rows) == 1:
+        return difference_sequence(*rows[0], alpha, n_star=n_star, side=side, null=null)
+    arr = np.asarray(rows, dtype=np.float64)
+    xa, na, xb, nb = arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
+    info = 1.0 / (_smoothed_variance(xa, na) / na + _smoothed_variance(xb, nb) / nb)
+    estimate = np.asarray(float(np.sum(info * (xb / nb - xa / na)) / np.sum(info)))
+    pooled_a = _smoothed_variance(np.asarray(xa.sum()), np.asarray(na.sum()))
+    pooled_b = _smoothed_variance(np.asarray(xb.sum()), np.asarray(nb.sum()))
+    s2 = np.asarray(2.0 * (pooled_a + pooled_b))
+    n_eff = np.asarray(s2 * float(np.sum(info)))
+    lower, upper = _interval(estimate, s2, n_eff, alpha, n_star, side, (-1.0, 1.0))
+    p = _pvalue(estimate - null, s2, n_eff, alpha, n_star, side)
+    return Bounds(float(estimate), float(lower), float(upper), float(p))

@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from scipy.special import gammaln
-
 __all__ = [
     "SRM_CONCENTRATION",
     "SRM_MIN_PER_ARM",
@@ -67,6 +65,8 @@ def sequential_srm_pvalue(
     total = sum(counts)
     if total == 0:
         return 1.0
+    from scipy.special import gammaln  # imported when first needed: see policy/conditional.py
+
     weight_sum = float(sum(weights))
     theta = [w / weight_sum for w in weights]
     alpha = [concentration * t for t in theta]

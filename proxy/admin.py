@@ -188,7 +188,7 @@ class Admin:
     async def audit(self, request: web.Request) -> Response:
         self._authorise(request)
         q = request.query
-        entries = self.rollouts.audit_entries(
+        entries = await self.rollouts.read_audit(
             since=_when(q.get("since"), "since"),
             until=_when(q.get("until"), "until"),
             rollout=q.get("rollout"),

@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="settings file (default config/rollguard.yaml)")
     serve.add_argument("--registry", help="model registry directory (must exist)")
     serve.add_argument("--policies", help="rollout policies directory")
-    serve.add_argument("--state", help="state and audit directory")
+    serve.add_argument("--state", help="state and audit directory, or redis://host:port/db (fleet)")
     serve.add_argument("--host", help="data port address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="data port (default 8080; must be free)")
     serve.add_argument("--admin-host", help="admin port address (default 127.0.0.1)")

@@ -152,13 +152,16 @@ class DataPlane:
         limiter: RateLimiter | None = None,
         forward_headers: tuple[str, ...] = (),
         strict_readiness: bool = False,
+        readiness_details: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`forward_headers`: the lower-case names of client headers an http upstream
         gets with the request (x-request-id: the request's id, given or made here).
         `strict_readiness`: the gateway is ready only while every model's primary
-        version can serve (Triton's strict readiness); else while any can."""
+        version can serve (Triton's strict readiness); else while any can.
+        `readiness_details`: fields added to a ready answer (fleet mode: Redis's state)."""
         self.inference = inference
         self.strict_readiness = strict_readiness
+        self._details = readiness_details
         self._forward = tuple(n for n in forward_headers if n != REQUEST_ID)
         self._forward_id = REQUEST_ID in forward_headers
         self.max_inflight = max_inflight
@@ -452,6 +455,8 @@ class DataPlane:
 
     async def ready(self, request: Request, params: Params) -> Response:
         self.check_ready()
+        if self._details is not None:
+            return json_response({"ready": True, **self._details()})
         return json_response({"ready": True})
 
     def check_ready(self) -> None:

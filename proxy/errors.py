@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 
 from rollguard.policy.errors import ActionRejected, PolicyError, PolicyInvalid, RolloutNotFound
+from rollguard.proxy.fleet.errors import Fenced, FleetUnavailable
 from rollguard.serving.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -144,6 +145,8 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (RolloutNotFound, 404),
     (ActionRejected, 409),
     (PolicyError, 500),
+    (FleetUnavailable, 503),  # fleet mode: Redis did not answer; nothing was changed
+    (Fenced, 409),  # fleet mode: another write came first; read the state and retry
 )
 
 RETRY_AFTER_S = "1"  # said with every 503

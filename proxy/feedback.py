@@ -44,7 +44,7 @@ from rollguard.serving.prediction import Predicted
 Key = tuple[str, str, str]  # (model, client or "", request id)
 Rows = tuple[Predicted, ...]  # a request's prediction per row
 # What the index keeps of one request: (window, its generation then, rows, when).
-_Kept = tuple[VariantWindow, int, Rows, float]
+_Kept = tuple[VariantWindow, int, Rows, float, float]  # ..., put at, candidate weight
 
 
 class Missing(Enum):
@@ -111,10 +111,12 @@ class FeedbackIndex:
         request_id: str,
         window: VariantWindow,
         predictions: Rows,
+        share: float = 0.0,
     ) -> bool:
         """Remember a request's row predictions under the key; False (nothing remembered)
         when the key already names a request that can still be labelled, or the request
-        has more rows than the index may hold."""
+        has more rows than the index may hold. `share`: the candidate's configured percent
+        the request was routed at (its window's stratum), handed back by `take`."""
         now = self._clock()
         order = self._order
         if order and order[0][1][3] <= now - self.max_age_s:
@@ -124,7 +126,7 @@ class FeedbackIndex:
         rows = len(predictions)
         if key in live or not 0 < rows <= self.capacity:
             return False
-        kept = (window, window.generation, predictions, now)
+        kept = (window, window.generation, predictions, now, share)
         live[key] = kept
         order.append((key, kept))
         self._rows += rows
@@ -145,18 +147,19 @@ class FeedbackIndex:
 
     def take(
         self, model: str, client: str | None, request_id: str
-    ) -> tuple[VariantWindow, int, Rows] | Missing:
-        """Take the key's (window, generation, row predictions) once: a second take of the
-        same request finds it UNKNOWN (one label per request)."""
+    ) -> tuple[VariantWindow, int, Rows, float] | Missing:
+        """Take the key's (window, generation, row predictions, candidate weight it was
+        routed at) once: a second take of the same request finds it UNKNOWN (one label per
+        request)."""
         found = self.find(model, client, request_id)
         if isinstance(found, Missing):
             return found
         key = (model, client or "", request_id)
-        window, generation, predictions, _ = self._live.pop(key)
+        window, generation, predictions, _, share = self._live.pop(key)
         buried = hash(key)  # an id put again after it was forgotten: no longer
         self._tombs.pop(buried, None)
         self._older.pop(buried, None)
-        return window, generation, predictions
+        return window, generation, predictions, share
 
     def _forget_old(self, now: float) -> None:
         """Drop the oldest requests while over the rows bound or past the age bound; one

@@ -220,7 +220,7 @@ class Inference:
         rows = request.rows()
         window.record(latency, Outcome.OK, row=row, rows=rows, share=share, key=unit)
         predictions = _row_predictions(loaded.manifest.prediction_rule, response, rows)
-        self.feedback_index.put(model, client, request_id, window, predictions)
+        self.feedback_index.put(model, client, request_id, window, predictions, share)
         variant.answered(latency)
         for shadow_version in mirrored:
             self._mirror(model, shadow_version, request, response, loaded.manifest)
@@ -299,8 +299,8 @@ class Inference:
             if isinstance(taken, Missing):
                 result.unknown.append(request_id)  # a repeat in this call: already taken
                 continue
-            window, generation, predictions = taken
-            counted, correct = window.label(generation, predictions, given)
+            window, generation, predictions, share = taken
+            counted, correct = window.label(generation, predictions, given, share)
             counter = self.metrics.feedback
             if correct:
                 counter.labels(model, window.version, "correct").inc(correct)

@@ -279,6 +279,18 @@ class Metrics:
             "1 when the audit chain verified at start (a repaired torn tail counts as intact).",
             registry=r,
         )
+        self.fleet_redis_up = Gauge(
+            "rollguard_fleet_redis_up",
+            "Fleet mode (state: redis://): 1 while Redis answers, 0 during an outage "
+            "(routing keeps the last weights, nothing is decided).",
+            registry=r,
+        )
+        self.fleet_decider = Gauge(
+            "rollguard_fleet_decider",
+            "Fleet mode: 1 while this process holds the rollout's decider lease.",
+            ["rollout"],
+            registry=r,
+        )
         self.policy_errors = Gauge(
             "rollguard_policy_invalid",
             "1 while a policy file is rejected (file label).",

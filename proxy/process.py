@@ -39,7 +39,7 @@ class GatewayProcess:
         *,
         registry: Path,
         policies: Path,
-        state: Path,
+        state: Path | str,  # a directory, or a fleet's redis://host:port/db
         log: Path,
         port: int | None = None,
         admin_port: int | None = None,

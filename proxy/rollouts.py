@@ -10,6 +10,9 @@ traffic and hands the answer to the core (`lifecycle.observe`), which begins a w
 rollout, fails a candidate's share over to stable, or rolls back; the request path
 guards the moments between a refusal and the next look (proxy/inference.py).
 
+In fleet mode (`state: redis://`) state and audit live in Redis and one process decides
+for the fleet: proxy/fleet/shell.py runs that part, this shell keeps the rest.
+
 Everything here runs on the event-loop thread (the tick tasks, admin handlers, the
 policy watcher), so no locks are taken. Times are wall-clock seconds, not monotonic:
 step start times and approvals are persisted and must mean the same after a restart.
@@ -20,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -55,6 +59,9 @@ from rollguard.proxy.windows import VariantWindow, Windows
 from rollguard.serving.availability import Availability
 from rollguard.serving.errors import ServingError
 from rollguard.serving.registry import Registry
+
+if TYPE_CHECKING:
+    from rollguard.proxy.fleet.shell import FleetShell
 
 log = logging.getLogger("rollguard.rollouts")
 ADMIN_ACTOR = "policy-watcher"
@@ -93,12 +100,25 @@ class Rollouts:
         self.directory = PolicyDirectory(
             settings.policies, webhook_hosts=settings.webhook_allowed_hosts
         )
+        # Fleet mode (`state: redis://`): state and audit live in Redis, through the fleet
+        # shell (proxy/fleet/shell.py); the file store and log below are not opened.
+        # `store`, `audit` and `audit_path` exist in file mode only.
+        self.fleet: FleetShell | None = None
         key = load_key(settings.audit_key, settings.audit_key_file, settings.state)
-        self.store = StateStore(settings.state / "rollouts", key=key)
-        self.audit_path = settings.state / "audit.jsonl"
-        # Verifies the chain: a torn tail is repaired, a break reported (or refused).
-        self.audit = AuditLog(self.audit_path, key=key, refuse_broken=settings.audit_refuse_broken)
-        inference.metrics.audit_chain_ok.set(1 if self.audit.chain_ok else 0)
+        if settings.fleet_state is not None:
+            from rollguard.proxy.fleet.connection import RedisTarget
+            from rollguard.proxy.fleet.shell import FleetShell
+
+            target = RedisTarget.parse(settings.fleet_state)
+            self.fleet = FleetShell(self, target, inference.metrics, key=key)
+        else:
+            self.store = StateStore(settings.state / "rollouts", key=key)
+            self.audit_path = settings.state / "audit.jsonl"
+            # Verifies the chain: a torn tail is repaired, a break reported (or refused).
+            self.audit = AuditLog(
+                self.audit_path, key=key, refuse_broken=settings.audit_refuse_broken
+            )
+            inference.metrics.audit_chain_ok.set(1 if self.audit.chain_ok else 0)
         self.rejected: dict[str, str] = {}  # file -> error
         # The gateway's listening ports, which webhooks never reach; the gateway adds each
         # port it listens on (port 0 in the settings is only known once it listens).
@@ -109,6 +129,7 @@ class Rollouts:
         self._session: aiohttp.ClientSession | None = None
         self._notifier: Notifier | None = None
         self.references = DriftReferences(inference.registry)
+        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept referenced
 
     # -- life cycle --
 
@@ -121,7 +142,10 @@ class Rollouts:
             own_ports=self.own_ports,
             counter=self.inference.metrics.webhooks,
         )
-        self.settings.state.mkdir(parents=True, exist_ok=True)
+        if self.fleet is not None:
+            await self.fleet.start()  # the fleet's states first: routed as the fleet routes
+        else:
+            self.settings.state.mkdir(parents=True, exist_ok=True)
         self._apply_scan(await asyncio.to_thread(self.directory.scan))
         self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
         self._looking = asyncio.get_running_loop().create_task(self._availability_loop())
@@ -136,7 +160,10 @@ class Rollouts:
             await self._notifier.close()
         if self._session is not None:
             await self._session.close()
-        self.audit.close()
+        if self.fleet is not None:
+            await self.fleet.stop()
+        else:
+            self.audit.close()
 
     async def _watch_loop(self) -> None:
         while True:
@@ -151,6 +178,8 @@ class Rollouts:
         while True:
             await asyncio.sleep(self.settings.failover_poll_s)
             for name in list(self._managed):
+                if self.fleet is not None:
+                    break  # the fleet's decider looks, each interval (proxy/fleet/shell.py)
                 try:
                     self.observe(name)
                 except (PolicyError, OSError) as exc:  # a failed save: the next look retries
@@ -193,7 +222,7 @@ class Rollouts:
                 errors.labels(str(event.path)).set(1)
                 log.warning("policy rejected: %s", event.error)
                 data = {"file": str(event.path), "error": event.error}
-                self.audit.append("policy_rejected", event.name, ADMIN_ACTOR, data)
+                self._note("policy_rejected", event.name, data)
             elif isinstance(event, Removed):
                 self._removed(event)
         # The directory's word on what is rejected now: an unreadable file stays rejected on
@@ -208,8 +237,11 @@ class Rollouts:
     def _applied(self, event: Applied) -> None:
         rollout, managed = event.rollout, self._managed.get(event.name)
         data = {"file": str(event.path), "changed": list(event.changed_fields)}
-        self.audit.append("policy_applied", event.name, ADMIN_ACTOR, data)
+        self._note("policy_applied", event.name, data)
         self._prepare_windows(rollout.spec)
+        if self.fleet is not None:
+            self._fleet_applied(self.fleet, event, managed)
+            return
         if managed is not None:
             candidate = self._unavailable(rollout.spec)
             transition = lifecycle.edit(managed.rollout, managed.state, rollout, _now(), candidate)
@@ -232,13 +264,15 @@ class Rollouts:
             return
         if managed.task is not None:
             managed.task.cancel()
+        if self.fleet is not None:
+            self._background(self.fleet.forget(event.name))
         state = managed.state
         # A finished rollout leaves its outcome in place; an unfinished one falls back to stable.
         version = state.candidate if state.phase is Phase.PROMOTED else state.stable
         self._publish(SplitTable.single(state.model, version))
         self.inference.metrics.rollouts.forget(event.name)
         data = {"file": str(event.path), "phase": state.phase.value, "serving": version}
-        self.audit.append("policy_removed", event.name, ADMIN_ACTOR, data)
+        self._note("policy_removed", event.name, data)
         log.info("rollout %s removed; %s now serves %s", event.name, state.model, version)
 
     # -- running effects --
@@ -263,15 +297,22 @@ class Rollouts:
                 record = self.audit.append(effect.kind, rollout.name, effect.actor, effect.data)
                 if effect.announce and self._notifier is not None and spec.notify:
                     self._notifier.send(spec.notify, record)
-            elif isinstance(effect, Route):
-                self._publish(_table(spec, effect), effect.state)
-            elif isinstance(effect, ResetWindows):
-                for window in windows:
-                    window.reset()
-            elif isinstance(effect, SetLatencyThreshold):
-                for window in windows:
-                    window.set_latency_threshold(effect.seconds, effect.rows, effect.tolerance)
+            else:
+                self._local(effect, spec, windows)
         managed.rollout, managed.state = rollout, transition.state
+
+    def _local(
+        self, effect: Effect, spec: Spec, windows: tuple[VariantWindow, VariantWindow]
+    ) -> None:
+        """Run one effect that touches only this process: routing, windows, threshold."""
+        if isinstance(effect, Route):
+            self._publish(_table(spec, effect), effect.state)
+        elif isinstance(effect, ResetWindows):
+            for window in windows:
+                window.reset()
+        elif isinstance(effect, SetLatencyThreshold):
+            for window in windows:
+                window.set_latency_threshold(effect.seconds, effect.rows, effect.tolerance)
 
     def _publish(self, table: SplitTable, gauges: RolloutState | None = None) -> None:
         """The one place that publishes a routing table, swapped only when it differs.
@@ -361,14 +402,27 @@ class Rollouts:
         return doc
 
     def overview(self) -> dict[str, Any]:
-        return {
+        doc = {
             "rollouts": [self._describe(m, False) for m in self._managed.values()],
             "rejected": [{"file": f, "error": e} for f, e in sorted(self.rejected.items())],
             "audit": self.audit_status(),
         }
+        if self.fleet is not None:
+            doc["fleet"] = self.fleet.status()
+        return doc
+
+    def readiness(self) -> dict[str, Any]:
+        """Fleet mode's word in a ready answer: still serving, on the last weights, while
+        Redis is unavailable (nothing is decided then); no addresses or errors in it."""
+        if self.fleet is None:
+            return {}
+        status = self.fleet.status()
+        return {"fleet": {"redis": status["redis"], "deciding": status["deciding"]}}
 
     def audit_status(self) -> dict[str, Any]:
         """How the audit chain verified at start: chain_ok, the first problem, keyed or not."""
+        if self.fleet is not None:  # a stream: `rollguard audit verify --state redis://...`
+            return {"chain_ok": None, "problem": None, "keyed": self.fleet.audit.keyed}
         audit = self.audit
         return {"chain_ok": audit.chain_ok, "problem": audit.problem, "keyed": audit.keyed}
 
@@ -378,8 +432,11 @@ class Rollouts:
     async def act(self, name: str, action: str, actor: str, reason: str) -> dict[str, Any]:
         managed = self._get(name)
         rollout = managed.rollout
-        transition = lifecycle.act(rollout, managed.state, action, actor, _now(), reason)
-        self._run(managed, rollout, transition)
+        if self.fleet is not None:
+            transition = await self.fleet.act(name, managed, action, actor, reason)
+        else:
+            transition = lifecycle.act(rollout, managed.state, action, actor, _now(), reason)
+            self._run(managed, rollout, transition)
         self.inference.metrics.decisions.labels(name, transition.decision.action.value).inc()
         log.info("rollout %s: %s by %s (%s)", name, action, actor, reason or "no reason given")
         return self._describe(managed, False)
@@ -389,6 +446,91 @@ class Rollouts:
     ) -> list[dict[str, Any]]:
         entries = read_entries(self.audit_path, since=since, until=until)
         return [e for e in entries if rollout is None or e.get("rollout") == rollout]
+
+    async def read_audit(
+        self, *, since: datetime | None, until: datetime | None, rollout: str | None
+    ) -> list[dict[str, Any]]:
+        """`audit_entries`, from the fleet's stream in fleet mode."""
+        if self.fleet is None:
+            return self.audit_entries(since=since, until=until, rollout=rollout)
+        entries = await self.fleet.audit.entries(since=since, until=until)
+        return [e for e in entries if rollout is None or e.get("rollout") == rollout]
+
+    # -- fleet mode (proxy/fleet/shell.py calls these) --
+
+    def _note(self, kind: str, name: str | None, data: dict[str, Any]) -> None:
+        """A policy file's fate in the audit log; in fleet mode only in this process's log
+        (every process reads the same files: the stream would get one entry per process)."""
+        if self.fleet is None:
+            self.audit.append(kind, name, ADMIN_ACTOR, data)
+        else:
+            log.info("rollout %s: %s %s", name, kind, data)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fleet_applied(self, fleet: FleetShell, event: Applied, managed: _Managed | None) -> None:
+        """A policy file in fleet mode: follow the fleet's state for it. The decider
+        commits an edit; a follower applies it here only until the decider's state comes."""
+        rollout = event.rollout
+        if managed is not None:
+            managed.path = event.path
+            if not fleet.edited(event.name, rollout):
+                candidate = self._unavailable(rollout.spec)
+                transition = lifecycle.edit(
+                    managed.rollout, managed.state, rollout, _now(), candidate
+                )
+                local = tuple(e for e in transition.effects if not isinstance(e, Save | Audit))
+                self._run(managed, rollout, lifecycle.Transition(transition.state, local))
+                fleet.reapply(event.name)  # the decider may have written it already
+            return
+        # Until the fleet's state for this policy is read: waiting, stable only.
+        waiting = lifecycle.begin(rollout, _now(), candidate="no fleet state yet")
+        local = tuple(e for e in waiting.effects if not isinstance(e, Save | Audit))
+        managed = _Managed(rollout, waiting.state, event.path)
+        self._run(managed, rollout, lifecycle.Transition(waiting.state, local))
+        self._managed[event.name] = managed
+        state = fleet.state_of(event.name)
+        if state is not None and state.same_rollout(rollout):
+            self.run_local(event.name, rollout, lifecycle.follow(rollout, managed.state, state))
+        fleet.manage(event.name)
+        log.info("rollout %s: fleet mode, %s", event.name, managed.state.reason)
+
+    def managed(self, name: str) -> _Managed | None:
+        return self._managed.get(name)
+
+    def variant_windows(self, rollout: Rollout) -> tuple[VariantWindow, VariantWindow]:
+        return self._windows(rollout.spec)
+
+    def unavailable(self, rollout: Rollout) -> str | None:
+        return self._unavailable(rollout.spec)
+
+    def run_local(self, name: str, rollout: Rollout, transition: lifecycle.Transition) -> None:
+        """Run a transition with no Save or Audit in it (fleet mode records in redis)."""
+        assert not any(isinstance(e, Save | Audit) for e in transition.effects)
+        managed = self._managed.get(name)
+        if managed is not None:
+            self._run(managed, rollout, transition)
+
+    def announce(self, rollout: Rollout, record: dict[str, Any]) -> None:
+        if self._notifier is not None and rollout.spec.notify:
+            self._notifier.send(rollout.spec.notify, record)
+
+    def decided(self, name: str, transition: lifecycle.Transition, *, checked: bool) -> None:
+        """Metrics and logs of a fleet decider's observe (`checked` false) or tick."""
+        managed = self._managed.get(name)
+        if managed is None or not isinstance(transition, lifecycle.Decided):
+            return
+        decision = transition.decision
+        metrics = self.inference.metrics
+        if checked:
+            managed.last = decision.to_json()
+            metrics.rollouts.checks(name, decision.evidence)
+        if decision.action is not Action.NONE and (decision.changed or not checked):
+            metrics.decisions.labels(name, decision.action.value).inc()
+            log.warning("rollout %s: %s", name, decision.reason)
 
 
 def _table(spec: Spec, route: Route) -> SplitTable:

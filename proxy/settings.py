@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from rollguard.proxy.auth import AuthConfig
 from rollguard.proxy.limits import RateLimitConfig
@@ -43,13 +50,28 @@ def _forwardable(names: tuple[str, ...]) -> tuple[str, ...]:
 
 def _local_state(path: Path) -> Path:
     # Path("redis://h:1/0") is the directory "redis:/h:1/0": refuse it rather than let a
-    # user believe the processes share state. The fleet store (proxy/fleet/) is not wired
-    # into `serve` yet; `rollguard audit verify --state redis://...` already reads a fleet.
+    # user believe the processes share state. A redis:// string never gets here: it is
+    # taken as fleet mode (`Settings._fleet`).
     if str(path).startswith(("redis:", "rediss:")):
-        raise ValueError(
-            "a redis:// state (fleet mode) is not supported by `serve` yet; use a directory"
-        )
+        raise ValueError("a redis:// state must be given as a string (redis://host:port/db)")
     return path
+
+
+_FLEET_SCHEMES = ("redis://", "rediss://")
+
+
+def _fleet_target(state: str) -> None:
+    """ValueError naming what is wrong with a `state: redis://...` (a password redacted)."""
+    try:
+        from rollguard.proxy.fleet.connection import RedisTarget
+    except ImportError as exc:
+        raise ValueError(f"fleet mode needs pip install 'rollguard[fleet]' ({exc})") from None
+    from rollguard.proxy.fleet.errors import InvalidTarget
+
+    try:
+        RedisTarget.parse(state)
+    except InvalidTarget as exc:
+        raise ValueError(str(exc)) from None
 
 
 class Settings(BaseModel):
@@ -69,6 +91,9 @@ class Settings(BaseModel):
     registry: Path = Path("registry")
     policies: Path = Path("policies")
     state: Annotated[Path, AfterValidator(_local_state)] = Path(".rollguard")
+    # Fleet mode: `state: redis://host:port/db` (or rediss://) lands here, the URL as given
+    # (no password in it: ROLLGUARD_REDIS_PASSWORD); `state` then keeps its default.
+    fleet_state: str | None = None
     audit_key: str | None = Field(default=None, repr=False)  # ROLLGUARD_AUDIT_KEY only: HMAC key
     audit_key_file: Path | None = None  # or the key in a file outside the state directory
     audit_refuse_broken: bool = False  # true: a broken audit chain stops the start
@@ -123,6 +148,20 @@ class Settings(BaseModel):
     forward_authorization: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fleet(cls, data: Any) -> Any:
+        """`state: redis://...` is fleet mode: checked here, kept as `fleet_state`."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("fleet_state") is not None:
+            raise ValueError("fleet_state is not a setting of its own: set state: redis://...")
+        state = data.get("state")
+        if not (isinstance(state, str) and state.startswith(_FLEET_SCHEMES)):
+            return data
+        _fleet_target(state)
+        return {k: v for k, v in data.items() if k != "state"} | {"fleet_state": state}
+
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
@@ -165,6 +204,14 @@ def load_settings(
     for listed in ("webhook_allowed_hosts", "forward_headers"):  # comma lists from the environment
         if isinstance(value := merged.get(listed), str):
             merged[listed] = [h.strip() for h in value.split(",") if h.strip()]
+    state = merged.get("state")
+    if isinstance(state, str) and state.startswith(_FLEET_SCHEMES):
+        # Checked here, not in the model, so that the message never echoes the URL as given.
+        try:
+            _fleet_target(state)
+        except ValueError as exc:
+            source = f"{ENV_PREFIX}STATE" if f"{ENV_PREFIX}STATE" in environ else "state"
+            raise SettingsError(f"setting {source}: {exc}") from None
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

@@ -90,6 +90,9 @@ class VariantWindow:
         for keys in self._bad_keys:
             keys.clear()
         self._labelled = self._correct = self._labelled_requests = 0
+        # Per configured candidate weight when the labelled request was routed: [rows
+        # labelled, of those correct] (the accuracy test compares the arms per weight).
+        self._label_strata: dict[float, list[int]] = {}
         self._compared = self._agreed = 0
         self._since_threshold = self._over_threshold = self._over_tolerance = 0
 
@@ -178,10 +181,16 @@ class VariantWindow:
         return seq
 
     def label(
-        self, generation: int, predictions: Sequence[Predicted], labels: Sequence[Predicted]
+        self,
+        generation: int,
+        predictions: Sequence[Predicted],
+        labels: Sequence[Predicted],
+        share: float | None = None,
     ) -> tuple[int, int]:
         """Count one request's labels, a label per row against the row's prediction as the
-        request was answered: (rows counted, rows correct).
+        request was answered: (rows counted, rows correct). `share`: the candidate's
+        configured percent when the request was routed (as `record` took it), the weight
+        stratum the labels count in; None: not known (counted in the totals only).
 
         Rows without a prediction count nothing (an answer holding no prediction there),
         and neither does a request from an older generation (recorded before the last
@@ -197,6 +206,10 @@ class VariantWindow:
             self._labelled_requests += 1
             self._labelled += counted
             self._correct += correct
+            if share is not None:
+                stratum = self._label_strata.setdefault(share, [0, 0])
+                stratum[0] += counted
+                stratum[1] += correct
         return counted, correct
 
     def record_comparison(self, agreed: int, compared: int = 1) -> None:
@@ -255,6 +268,7 @@ class VariantWindow:
             strata=tuple(
                 (w, n[0], n[1], n[2], n[3], n[4], n[5]) for w, n in sorted(self._strata.items())
             ),
+            label_strata=tuple((w, n[0], n[1]) for w, n in sorted(self._label_strata.items())),
             latencies=self._chronological(self._latency),
             rows=self._chronological(self._rows),
             inputs=inputs,

@@ -1,5 +1,6 @@
 """`rollguard audit verify|export --state redis://...` on a fleet's audit stream, run as a
-user runs it; and `state: redis://` refused by serve until fleet mode is wired in."""
+user runs it; and `state: redis://` in the settings taken as fleet mode (or refused, naming
+the fault), never as a directory."""
 
 from __future__ import annotations
 
@@ -51,9 +52,29 @@ def test_an_unreachable_redis_is_one_line(redis_server: RedisServer) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_serve_refuses_a_redis_state_until_fleet_mode_is_wired(tmp_path: Path) -> None:
+def test_a_redis_state_is_fleet_mode_not_a_directory(tmp_path: Path) -> None:
     config = tmp_path / "rollguard.yaml"
     config.write_text("state: redis://127.0.0.1:6379/0\n")
-    with pytest.raises(SettingsError, match="fleet mode"):
-        load_settings(config, environ={})
+    settings = load_settings(config, environ={})
+    assert settings.fleet_state == "redis://127.0.0.1:6379/0"
+    assert not str(settings.state).startswith("redis")
     assert not (tmp_path / "redis:").exists()
+    env = {"ROLLGUARD_STATE": "rediss://ops@redis.example:6380/2"}
+    assert load_settings(config, environ=env).fleet_state == env["ROLLGUARD_STATE"]
+
+
+@pytest.mark.parametrize(
+    ("state", "fault"),
+    [
+        ("redis://:secret@127.0.0.1:6379/0", "ROLLGUARD_REDIS_PASSWORD"),
+        ("redis://127.0.0.1:6379/zero", "is not a number"),
+    ],
+)
+def test_a_redis_state_that_cannot_be_used_is_refused_at_start(
+    tmp_path: Path, state: str, fault: str
+) -> None:
+    config = tmp_path / "rollguard.yaml"
+    config.write_text(f"state: {state}\n")
+    with pytest.raises(SettingsError, match=fault) as caught:
+        load_settings(config, environ={})
+    assert "secret" not in str(caught.value)

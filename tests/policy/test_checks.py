@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rollguard.policy.checks import (
+    MIN_CONDITIONAL_EVENTS,
     MIN_EVENTS,
     check_alpha,
     evaluate,
@@ -90,11 +91,15 @@ def test_beyond_the_margin_but_undecided_is_inconclusive() -> None:
 
 
 def test_fewer_than_five_harmful_events_never_fail() -> None:
+    """Five for the mixture SPRT (its normal approximation); three for the conditional
+    test, the default, which is exact at any count (MIN_CONDITIONAL_EVENTS)."""
     no_margin = Check(metric="error_rate", max_increase_vs_stable=0.0, min_samples=5)
-    for alpha in (0.05, 0.2, 0.45):
-        for n in (5, 20, 200):
-            ev = _ev({"requests": 1_000_000}, {"requests": n, "errors": MIN_EVENTS - 1})
-            assert evaluate(no_margin, ev, alpha=alpha).verdict is not FAIL
+    msprt = Check(metric="error_rate", max_increase_vs_stable=0.0, min_samples=5, test="msprt")
+    for check, floor in ((no_margin, MIN_CONDITIONAL_EVENTS), (msprt, MIN_EVENTS)):
+        for alpha in (0.05, 0.2, 0.45):
+            for n in (5, 20, 200):
+                ev = _ev({"requests": 1_000_000}, {"requests": n, "errors": floor - 1})
+                assert evaluate(check, ev, alpha=alpha).verdict is not FAIL
     ev = _ev({"requests": 1_000_000}, {"requests": 300, "errors": 20})
     assert _verdict(no_margin, ev) is FAIL
 
@@ -220,6 +225,34 @@ def test_accuracy_drop_two_sample_and_label_rates() -> None:
     assert bad.detail["label_rate_stable"] == pytest.approx(0.5)
     more = _labels(4000, 2000, 1830)
     assert evaluate(DROP, _ev(stable, more), alpha=ALPHA).verdict is PASS
+
+
+def _labelled(*rows: tuple[float, int, int]) -> dict[str, Any]:
+    """An arm's label counts per weight (weight, labelled, correct), half its requests
+    labelled."""
+    n, ok = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    return _labels(2 * n, n, ok) | {"label_strata": rows}
+
+
+def test_accuracy_is_compared_within_weights_not_pooled_across_them() -> None:
+    """Accuracy falls from 95 % to 80 % in both arms while the weight steps from 5 % to
+    50 % (Simpson): pooled, the candidate's labels come mostly from the worse late hours
+    and it looks 8 points worse (FAIL); within each weight it is not worse at all. A
+    candidate worse within the weights still FAILs."""
+    stable = _labelled((5.0, 9_500, 9_025), (50.0, 5_000, 4_000))
+    alike = _labelled((5.0, 500, 475), (50.0, 5_000, 4_000))
+    result = evaluate(DROP, _ev(stable, alike), alpha=ALPHA)
+    assert result.verdict is not FAIL and result.detail["strata"] == 2
+    assert result.value == pytest.approx(0.0, abs=1e-9)
+    pooled_ev = _ev(_labels(29_000, 14_500, 13_025), _labels(11_000, 5_500, 4_475))
+    pooled = evaluate(DROP, pooled_ev, alpha=ALPHA)
+    assert pooled.verdict is FAIL and pooled.detail["strata"] == 1
+    worse = _labelled((5.0, 500, 440), (50.0, 5_000, 3_800))
+    assert evaluate(DROP, _ev(stable, worse), alpha=ALPHA).verdict is FAIL
+    # per-weight counts that do not account for every label (an earlier process's,
+    # carried as totals only): the totals are compared
+    partial = _labelled((5.0, 500, 475), (50.0, 5_000, 4_000)) | {"labelled": 5_600}
+    assert evaluate(DROP, _ev(stable, partial), alpha=ALPHA).detail["strata"] == 1
 
 
 @pytest.mark.parametrize(("correct", "would"), [(780, "pass"), (560, "fail")])

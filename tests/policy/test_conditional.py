@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from rollguard.policy import lifecycle
 from rollguard.policy.carry import Tally, carry_forward, merged
-from rollguard.policy.checks import MIN_EVENTS, evaluate, latency_threshold
+from rollguard.policy.checks import MIN_CONDITIONAL_EVENTS, evaluate, latency_threshold
 from rollguard.policy.conditional import HARM_GRID, Stratum, landing_test, log_evalue
 from rollguard.policy.effects import SetLatencyThreshold
 from rollguard.policy.evidence import Evidence, StratumRow, VariantEvidence
@@ -159,9 +159,24 @@ def test_error_check_is_conditional_by_default_and_fails_before_min_samples() ->
     assert result.verdict is Verdict.FAIL and result.detail["test"] == "conditional"
     assert float(result.detail["log_evalue"] or 0) >= math.log(1 / ALPHA)
     assert float(result.detail["ci_lower"] or 0) > 1.0  # the rate ratio's bound
-    # fewer than MIN_EVENTS bad events never FAIL, and too few samples never PASS
-    few = _ev({"requests": 1900, "errors": 0}, {"requests": 100, "errors": MIN_EVENTS - 1})
-    assert evaluate(ERRORS, few, alpha=ALPHA).verdict is Verdict.INCONCLUSIVE
+    # fewer than MIN_CONDITIONAL_EVENTS bad events never FAIL, too few samples never PASS
+    few = {"requests": 100, "errors": MIN_CONDITIONAL_EVENTS - 1}
+    assert evaluate(ERRORS, _ev({"requests": 1900}, few), alpha=ALPHA).verdict is (
+        Verdict.INCONCLUSIVE
+    )
+
+
+def test_a_hard_failure_fails_at_its_third_error() -> None:
+    """The e-process is exact at any count, so it needs no 5-event floor: three errors
+    on a 5 % canary while the stable's 95 % had none are enough at alpha 0.05/3 (the
+    hard-failure power row: p90 under 150 candidate requests)."""
+    assert MIN_CONDITIONAL_EVENTS == 3
+    ev = _ev({"requests": 1_900, "errors": 0}, {"requests": 60, "errors": 3})
+    result = evaluate(ERRORS, ev, alpha=0.05 / 3)
+    assert result.verdict is Verdict.FAIL, result.detail
+    # ... and not on a stable that errs as often: no FAIL however few the samples
+    alike = _ev({"requests": 1_900, "errors": 57}, {"requests": 100, "errors": 3})
+    assert evaluate(ERRORS, alike, alpha=0.05 / 3).verdict is not Verdict.FAIL
 
 
 def test_the_strata_keep_weights_apart() -> None:
@@ -377,20 +392,20 @@ def test_a_restart_continues_the_test_instead_of_starting_it_again() -> None:
     of the same counts seen by one process, and the state JSON carries them."""
     rollout = _rollout()
     one = [VariantWindow("1", 100), VariantWindow("2", 100)]
-    _serve(one, 1200, 3)
+    _serve(one, 1200, 2)
     state = lifecycle.begin(rollout, T0).state
     first = lifecycle.tick(rollout, state, _window_evidence(one, 5), T0 + 1)
-    assert first.decision.evidence[0]["verdict"] != "fail"  # 3 events: too few
+    assert first.decision.evidence[0]["verdict"] != "fail"  # 2 events: too few
     assert any(type(e).__name__ == "Save" for e in first.effects)  # the counts are saved
     saved = RolloutState.from_json(first.state.to_json())
     restored = lifecycle.restore(rollout, saved, T0 + 2).state
     assert restored.carried == first.state.seen and restored.seen is None
     two = [VariantWindow("1", 100), VariantWindow("2", 100)]  # a new process's windows
-    _serve(two, 1200, 3)
+    _serve(two, 1200, 2)
     after = lifecycle.tick(rollout, restored, _window_evidence(two, 5), T0 + 3)
     single = [VariantWindow("1", 100), VariantWindow("2", 100)]
-    _serve(single, 1200, 3)
-    _serve(single, 1200, 3)
+    _serve(single, 1200, 2)
+    _serve(single, 1200, 2)
     state = lifecycle.begin(rollout, T0).state
     reference = lifecycle.tick(rollout, state, _window_evidence(single, 5), T0 + 3)
     check_after, check_ref = after.decision.evidence[0], reference.decision.evidence[0]
@@ -556,3 +571,27 @@ def test_the_tolerance_is_frozen_with_the_threshold() -> None:
     restored = lifecycle.restore(rollout, ticked.state, T0 + 2)
     (again,) = [e for e in restored.effects if isinstance(e, SetLatencyThreshold)]
     assert again == frozen
+
+
+def test_labels_per_weight_are_carried_across_a_restart() -> None:
+    def ev(weight: float, stable: tuple[int, int], candidate: tuple[int, int]) -> Evidence:
+        return Evidence(
+            VariantEvidence("1", labelled=stable[0], correct=stable[1],
+                            label_strata=((weight, *stable),)),
+            VariantEvidence("2", labelled=candidate[0], correct=candidate[1],
+                            label_strata=((weight, *candidate),)),
+            weight,
+        )  # fmt: skip
+
+    tally = Tally.of(ev(5.0, (10, 9), (2, 1)))
+    assert tally.label_strata == ((5.0, 10, 9, 2, 1),)
+    assert Tally.from_json(tally.to_json()) == tally
+    assert tally.plus(tally).label_strata == ((5.0, 20, 18, 4, 2),)
+    both = merged(ev(25.0, (4, 4), (1, 1)), tally)
+    assert both.stable.label_strata == ((5.0, 10, 9), (25.0, 4, 4))
+    assert both.candidate.label_strata == ((5.0, 2, 1), (25.0, 1, 1))
+    assert (both.candidate.labelled, both.candidate.correct) == (3, 2)
+    # a new process counts fewer labels at a weight than were seen: the counters restarted
+    assert Tally.of(ev(5.0, (10, 9), (1, 1))).below(tally)
+    # states saved before labels were counted per weight have none
+    assert Tally.from_json({"strata": [], "labels": [0] * 8}).label_strata == ()

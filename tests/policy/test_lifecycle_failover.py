@@ -11,7 +11,7 @@ from rollguard.policy import lifecycle
 from rollguard.policy.decide import Action, Counts, decide
 from rollguard.policy.effects import Audit, ResetWindows, Route, Save, SetLatencyThreshold
 from rollguard.policy.errors import ActionRejected
-from rollguard.policy.schema import Rollout
+from rollguard.policy.schema import DEFAULT_DEADLINE_SLACK, Rollout
 from rollguard.policy.state import Phase
 from rollguard.policy.verdict import CheckResult, Verdict
 from tests.policy.lifecycle_support import T0, TICK, Env, Traffic, make_rollout
@@ -286,6 +286,43 @@ def test_the_rollout_deadline_counts_the_wait() -> None:
     decision = env.tick()
     assert decision.action is Action.INCONCLUSIVE and env.state.phase is Phase.ROLLED_BACK
     assert env.state.inconclusive == "rollout deadline 3600s"
+
+
+def test_a_rollout_without_a_deadline_ends_inconclusive_an_hour_after_its_holds() -> None:
+    """No `deadline` set: a canary stalled at its first step does not hold it forever.
+    Its steps' holds plus an hour after it began it ends explicitly inconclusive, held
+    at its weight for an operator (on_deadline hold, the default for the default)."""
+    steps = [{"weight": 10, "hold": "60s", "min_requests": 300}, {"weight": 100}]
+    env = Env(make_rollout(steps=steps))
+    limit = 60 + DEFAULT_DEADLINE_SLACK
+    assert env.rollout.spec.deadline_in_force == (limit, "hold")
+    actions = tick_for(env, limit)
+    assert actions.count(Action.INCONCLUSIVE) == 1 and actions[-1] is Action.INCONCLUSIVE
+    assert (env.state.phase, env.state.weight) == (Phase.INCONCLUSIVE, 10)
+    assert (
+        env.state.inconclusive == f"rollout deadline {limit:g}s (none set: the steps' holds + 1h)"
+    )
+    assert lifecycle.status(env.rollout, env.state)["deadline"] == limit
+    # an on_deadline the policy names applies to the default deadline too
+    named = Env(make_rollout(steps=steps, on_deadline="rollback"))
+    tick_for(named, limit)
+    assert named.state.phase is Phase.ROLLED_BACK
+
+
+def test_the_default_deadline_waits_for_an_approval_and_skips_shadows() -> None:
+    steps = [{"weight": 10, "hold": "60s"}, {"weight": 100}]
+    env = Env(make_rollout(steps=steps, checks=[], require_approval=True))
+    for _ in range(3):
+        env.traffic.serve()
+        env.now += TICK
+        env.tick()
+    assert env.state.phase is Phase.AWAITING_APPROVAL
+    assert Action.INCONCLUSIVE not in tick_for(env, 2 * DEFAULT_DEADLINE_SLACK)
+    assert env.state.phase is Phase.AWAITING_APPROVAL
+    shadow = make_rollout(strategy="shadow", steps=[], checks=[])
+    assert shadow.spec.deadline_in_force is None
+    explicit = make_rollout(deadline="2h")
+    assert explicit.spec.deadline_in_force == (7200, "rollback")
 
 
 def test_a_paused_rollout_has_no_deadline() -> None:

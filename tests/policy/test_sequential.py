@@ -17,6 +17,7 @@ from rollguard.policy.sequential import (
     rate_bounds,
     rate_sequence,
     sequential_rho,
+    stratified_difference_sequence,
 )
 
 
@@ -217,3 +218,34 @@ def test_time_uniform_coverage_of_a_canary_difference() -> None:
     _, lo, _, _ = difference_bounds(x_s, n_s, x_c, n_c, alpha, side="lower")
     ever = float((lo > 0).any(axis=1).mean())
     assert ever <= alpha
+
+
+def test_one_stratum_is_the_two_sample_sequence_and_strata_cancel_a_common_drift() -> None:
+    one = stratified_difference_sequence([(50, 1000, 80, 900)], 0.05, side="lower")
+    assert one == difference_sequence(50, 1000, 80, 900, 0.05, side="lower")
+    # a rate of 1 % and then 5 % in both arms, the second arm 5 % and then 50 % of traffic
+    strata = [(190, 19_000, 10, 1_000), (500, 10_000, 500, 10_000)]
+    assert difference_sequence(690, 29_000, 510, 11_000, 0.05, side="lower").lower > 0
+    both = stratified_difference_sequence(strata, 0.05, side="lower")
+    assert both.estimate == pytest.approx(0.0, abs=1e-12) and both.lower < 0
+    assert both.pvalue == 1.0
+    assert stratified_difference_sequence([(0, 0, 3, 10)], 0.05).pvalue == 1.0  # no pairs
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 50), st.integers(1, 20), st.integers(1, 20)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_strata_with_equal_rates_in_both_arms_show_no_difference(
+    rows: list[tuple[int, int, int]],
+) -> None:
+    """Each stratum's arms at the same rate (events/n = k·x / k·n): the combined estimate
+    is 0 and the one-sided tests in either direction reject nothing."""
+    strata = [(x, 100, k * x, k * 100) for x, k, _ in rows]
+    for side in ("lower", "upper"):
+        b = stratified_difference_sequence(strata, 0.05, side=side)
+        assert b.estimate == pytest.approx(0.0, abs=1e-12) and b.pvalue == 1.0
+        assert b.lower <= 0.0 <= b.upper

@@ -5,7 +5,8 @@ scikit-learn, skops, joblib or torch. Here they are made unimportable in a child
 (a finder first on sys.meta_path answers ModuleNotFoundError, as when not installed) and the real
 `rollguard serve` is started on a registry holding an http version and an ONNX and a
 scikit-learn one: the http version serves, the local ones are refused with the extra to
-install, and the gateway runs on.
+install, and the gateway runs on. A gateway serving only an http version, from start to
+exit, imports none of the heavy libraries it has no use for (its memory at idle).
 """
 
 from __future__ import annotations
@@ -112,6 +113,20 @@ def upstream() -> Iterator[str]:
     thread.join()
 
 
+def _sum_via(base: str) -> list[float]:
+    """The gateway's answer to one request for the remote model (two rows)."""
+    row = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
+    request = urllib.request.Request(
+        f"{base}/remote/infer",
+        data=json.dumps({"inputs": [row]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        (output,) = json.loads(answer.read())["outputs"]
+    data: list[float] = output["data"]
+    return data
+
+
 def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstream: str) -> None:
     registry = tmp_path / "registry"
     for model in ("fraud-onnx", "fraud"):  # ONNX and scikit-learn (skops) versions
@@ -137,20 +152,7 @@ def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstr
             )
 
         asyncio.run(eventually(settled, timeout_s=25))
-        request = urllib.request.Request(
-            f"{base}/remote/infer",
-            data=json.dumps(
-                {
-                    "inputs": [
-                        {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
-                    ]
-                }
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            (output,) = json.loads(answer.read())["outputs"]
-        assert output["data"] == [3, 7]  # proxied to the upstream and back
+        assert _sum_via(base) == [3, 7]  # proxied to the upstream and back
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
@@ -158,3 +160,62 @@ def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstr
     assert "needs onnxruntime, which is not installed (pip install 'rollguard[onnx]')" in output
     assert "framework 'sklearn' needs scikit-learn and skops" in output
     assert "rollguard[sklearn]" in output
+
+
+# Libraries a proxy-only gateway has no use for: model runtimes (their extras), scipy (the
+# statistics of drift, sample-ratio and conditional checks, imported when one first runs),
+# Redis (fleet mode) and plotting. Each costs tens of MB of memory once imported.
+UNNEEDED = (*RUNTIMES, "scipy", "tritonclient", "redis", "pandas", "matplotlib")
+_RECORDING_CHILD = """
+import atexit
+import os
+import sys
+from pathlib import Path
+
+
+def record():
+    Path(os.environ["MODULES_FILE"]).write_text("\\n".join(sorted(sys.modules)))
+
+
+atexit.register(record)
+from rollguard.proxy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("grpc", [True, False], ids=["grpc-port", "no-grpc"])
+def test_a_proxy_only_gateway_imports_no_heavy_library(
+    tmp_path: Path, upstream: str, grpc: bool
+) -> None:
+    registry = tmp_path / "registry"
+    write_remote_version(registry, "1", upstream)
+    (tmp_path / "policies").mkdir()
+    port, admin_port, grpc_port = _free_port(), _free_port(), _free_port()
+    modules = tmp_path / "modules.txt"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RECORDING_CHILD, "serve", "--registry", str(registry),
+         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
+         "--port", str(port), "--admin-port", str(admin_port),
+         "--grpc-port", str(grpc_port), *(() if grpc else ("--no-grpc",))],
+        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", "MODULES_FILE": str(modules)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v2/models"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, process.communicate()[0]
+            return _status(f"{base}/remote/versions/1/ready") == 200
+
+        asyncio.run(eventually(ready, timeout_s=25))
+        assert _sum_via(base) == [3, 7]  # the proxy path itself ran
+        assert _status(f"http://127.0.0.1:{admin_port}/metrics") == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    imported = {name.partition(".")[0] for name in modules.read_text().split()}
+    assert "rollguard" in imported  # the record is the gateway's
+    assert not imported & set(UNNEEDED)
+    # The gRPC port is on by default and needs grpc; without it grpc is never imported.
+    assert ("grpc" in imported) is grpc

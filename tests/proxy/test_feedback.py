@@ -30,7 +30,7 @@ def test_round_trip_and_eviction_by_rows() -> None:
     assert (len(index), index.rows) == (3, 3)
     assert index.take("m", None, "r0") is Missing.EXPIRED  # forgotten, oldest first
     assert index.take("m", None, "r1") is Missing.EXPIRED
-    assert index.take("m", None, "r2") == (window, window.generation, (1.0,))
+    assert index.take("m", None, "r2") == (window, window.generation, (1.0,), 0.0)
     assert index.take("m", None, "r2") is Missing.UNKNOWN  # taken once
     assert index.take("m", None, "nope") is Missing.UNKNOWN
 
@@ -46,7 +46,7 @@ def test_a_batch_takes_its_rows_and_one_larger_than_the_index_is_not_kept() -> N
     assert index.take("m", None, "three") is Missing.EXPIRED
     assert not index.put("m", None, "five", window, (0.0,) * 5)
     assert not index.put("m", None, "empty", window, ())
-    assert index.take("m", None, "two") == (window, window.generation, (0.0, 0.0))
+    assert index.take("m", None, "two") == (window, window.generation, (0.0, 0.0), 0.0)
 
 
 def test_entries_expire_by_age() -> None:
@@ -58,7 +58,7 @@ def test_entries_expire_by_age() -> None:
     index.put("m", None, "young", window, (1.0,))
     clock.now = 60.0
     assert index.take("m", None, "old") is Missing.EXPIRED  # exactly max_age: gone
-    assert index.take("m", None, "young") == (window, window.generation, (1.0,))
+    assert index.take("m", None, "young") == (window, window.generation, (1.0,), 0.0)
     clock.now = 1000.0
     index.put("m", None, "late", window, (1.0,))
     assert (len(index), index.rows) == (1, 1)
@@ -73,8 +73,8 @@ def test_a_label_reaches_only_its_model_and_its_client() -> None:
     assert index.take("fraud", "key:mallory", "r1") is Missing.UNKNOWN  # another client's
     assert index.take("fraud", None, "r1") is Missing.UNKNOWN  # no credential: not the client
     assert index.take("fraud", "key:app", "r2") is Missing.UNKNOWN  # made without one
-    assert index.take("fraud", "key:app", "r1") == (window, window.generation, (1.0,))
-    assert index.take("fraud", None, "r2") == (window, window.generation, (1.0,))
+    assert index.take("fraud", "key:app", "r1") == (window, window.generation, (1.0,), 0.0)
+    assert index.take("fraud", None, "r2") == (window, window.generation, (1.0,), 0.0)
 
 
 def test_a_repeated_id_never_takes_over_an_entry_that_can_still_be_labelled() -> None:
@@ -82,14 +82,14 @@ def test_a_repeated_id_never_takes_over_an_entry_that_can_still_be_labelled() ->
     index = FeedbackIndex(3, HOUR)
     assert index.put("m", None, "same", window, (1.0,))
     assert not index.put("m", None, "same", window, (0.0,))
-    assert index.take("m", None, "same") == (window, window.generation, (1.0,))
+    assert index.take("m", None, "same") == (window, window.generation, (1.0,), 0.0)
     # Once the first is labelled, or has been forgotten, the id is free again.
     assert index.put("m", None, "same", window, (2.0,))
     for i in range(3):
         index.put("m", None, f"other{i}", window, (1.0,))  # "same" is forgotten
     assert index.find("m", None, "same") is Missing.EXPIRED
     assert index.put("m", None, "same", window, (3.0,))
-    assert index.take("m", None, "same") == (window, window.generation, (3.0,))
+    assert index.take("m", None, "same") == (window, window.generation, (3.0,), 0.0)
 
 
 def test_rejects_bad_bounds() -> None:
@@ -186,8 +186,28 @@ def test_the_issues_delayed_labels_count_for_both_arms() -> None:
         if i >= delay:
             taken = index.take("m", None, str(i - delay))
             assert not isinstance(taken, Missing)
-            window, generation, predictions = taken
-            window.label(generation, predictions, (1.0,))
+            window, generation, predictions, share = taken
+            window.label(generation, predictions, (1.0,), share)
     for arm, window in windows.items():
         sent = arms[: n - delay].count(arm)
         assert window.evidence().labelled == window.evidence().labelled_requests == sent
+
+
+def test_labels_count_in_the_weight_their_request_was_routed_at() -> None:
+    """A label comes back after the weight moved on: it counts in the stratum of the
+    weight its request was routed at (the accuracy test compares arms per weight)."""
+    window = VariantWindow("v", 8)
+    index = FeedbackIndex(100, HOUR)
+    for rid, share in (("a", 5.0), ("b", 25.0)):
+        window.record(0.01, Outcome.OK, share=share)
+        assert index.put("m", None, rid, window, (1.0,), share)
+    for rid, label in (("b", 1.0), ("a", 0.0)):  # late, in any order
+        taken = index.take("m", None, rid)
+        assert not isinstance(taken, Missing)
+        owner, generation, predictions, share = taken
+        owner.label(generation, predictions, (label,), share)
+    ev = window.evidence()
+    assert ev.label_strata == ((5.0, 1, 0), (25.0, 1, 1))
+    assert (ev.labelled, ev.correct) == (2, 1)
+    window.reset()
+    assert window.evidence().label_strata == ()
