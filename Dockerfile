@@ -12,6 +12,7 @@ RUN python -m venv /opt/rollguard
 # The core proxies `framework: http` upstreams and installs no model runtime. To load model
 # files in the gateway: --build-arg EXTRAS=onnx,sklearn (or all; torch also wants
 # PIP_EXTRA_INDEX_URL pointing at PyTorch's CPU wheels, or it pulls a CUDA build).
+# Fleet mode (`state: redis://`, several gateways sharing one rollout): EXTRAS=fleet.
 ARG EXTRAS=""
 # Dependencies first, from pyproject.toml alone: a source change does not reinstall them.
 COPY pyproject.toml scripts/requirements.py ./
