@@ -41,6 +41,13 @@ class Transition:
     state: RolloutState
     effects: tuple[Effect, ...]
 
+    def local(self) -> Transition:
+        """The same state with only the effects on this process (routing, windows,
+        threshold): what a fleet follower runs; its Save and Audit are Redis's."""
+        return Transition(
+            self.state, tuple(e for e in self.effects if not isinstance(e, Save | Audit))
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Decided(Transition):

@@ -175,11 +175,11 @@ class Rollouts:
                 log.exception("policy scan failed")
 
     async def _availability_loop(self) -> None:
+        if self.fleet is not None:
+            return  # the fleet's decider looks, each interval (proxy/fleet/shell.py)
         while True:
             await asyncio.sleep(self.settings.failover_poll_s)
             for name in list(self._managed):
-                if self.fleet is not None:
-                    break  # the fleet's decider looks, each interval (proxy/fleet/shell.py)
                 try:
                     self.observe(name)
                 except (PolicyError, OSError) as exc:  # a failed save: the next look retries
@@ -482,15 +482,13 @@ class Rollouts:
                 transition = lifecycle.edit(
                     managed.rollout, managed.state, rollout, _now(), candidate
                 )
-                local = tuple(e for e in transition.effects if not isinstance(e, Save | Audit))
-                self._run(managed, rollout, lifecycle.Transition(transition.state, local))
+                self._run(managed, rollout, transition.local())
                 fleet.reapply(event.name)  # the decider may have written it already
             return
         # Until the fleet's state for this policy is read: waiting, stable only.
         waiting = lifecycle.begin(rollout, _now(), candidate="no fleet state yet")
-        local = tuple(e for e in waiting.effects if not isinstance(e, Save | Audit))
         managed = _Managed(rollout, waiting.state, event.path)
-        self._run(managed, rollout, lifecycle.Transition(waiting.state, local))
+        self._run(managed, rollout, waiting.local())
         self._managed[event.name] = managed
         state = fleet.state_of(event.name)
         if state is not None and state.same_rollout(rollout):

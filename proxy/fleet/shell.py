@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 from redis.exceptions import RedisError
 
 from rollguard.policy import lifecycle
-from rollguard.policy.effects import Audit, Effect, ResetWindows, Save
+from rollguard.policy.effects import Audit, ResetWindows, Save
 from rollguard.policy.errors import PolicyError, StateError
 from rollguard.policy.keys import AuditKey
 from rollguard.policy.schema import Rollout
@@ -354,11 +354,7 @@ class FleetShell:
     def _edit_locally(self, managed: Managed, rollout: Rollout) -> None:
         candidate = self.host.unavailable(rollout)
         transition = lifecycle.edit(managed.rollout, managed.state, rollout, time.time(), candidate)
-        name, local = (
-            managed.rollout.name,
-            lifecycle.Transition(transition.state, _local(transition)),
-        )
-        self.host.run_local(name, rollout, local)
+        self.host.run_local(managed.rollout.name, rollout, transition.local())
 
     async def _commit(
         self,
@@ -435,8 +431,3 @@ class FleetShell:
                 name, role if held else None, managed, rollout, transition, fence=fence
             )
         return transition
-
-
-def _local(transition: lifecycle.Transition) -> tuple[Effect, ...]:
-    """A transition's effects less its records (Save, Audit): what a follower runs."""
-    return tuple(e for e in transition.effects if not isinstance(e, Save | Audit))
