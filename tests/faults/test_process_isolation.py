@@ -53,10 +53,11 @@ def zombie_children() -> list[int]:
     """This process's children that exited and were never reaped."""
     found = []
     for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
-            stat = Path(f"/proc/{pid}/stat")
-            if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                found.append(int(pid))
+        # A thread listed by iterdir() may end before its children file is read.
+        with contextlib.suppress(FileNotFoundError):
+            for pid in (task / "children").read_text().split():
+                if stat_fields(int(pid))[:1] == ["Z"]:
+                    found.append(int(pid))
     return found
 
 
