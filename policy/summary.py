@@ -16,16 +16,21 @@ counted against. `to_evidence` takes the part that matches the decider's state.
 
 The latency histogram has log-spaced buckets of 1 % relative width (DDSketch's mapping),
 so a percentile of the merged histogram is within 1 % of the same percentile of the
-pooled latencies; request sizes are exact up to 64 rows, then powers of two. Input
-rows for drift are not summarised: merged evidence carries none, so a drift check waits
-(inconclusive) in fleet mode.
+pooled latencies; request sizes are exact up to 64 rows, then powers of two.
+
+Labels are kept per weight their request was routed under (the accuracy comparison is
+within weights, policy/sequential.py). For drift, a rollout that records input rows
+sends its newest INPUT_SAMPLE rows (float32); merging pools the processes' rows, kept
+sorted so that the merge is commutative (PSI and KS do not depend on row order). Rows
+whose width is not the reference's are left out of the merge (`fleet_evidence`).
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +42,7 @@ _GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
 _LOG_GAMMA = math.log(_GAMMA)
 MIN_LATENCY_S = 1e-6  # faster requests share the lowest bucket
 EXACT_ROWS = 64  # request sizes above this are rounded up to a power of two
+INPUT_SAMPLE = 1000  # newest input rows a process sends for drift, per variant
 
 Threshold = tuple[float, int | None]  # a frozen latency threshold: seconds, rows counted
 
@@ -81,6 +87,11 @@ class VariantSummary:
         default_factory=dict
     )
     latency: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (rows, bucket) -> n
+    # Labels by the weight their request was routed under: weight -> (rows labelled, correct).
+    label_strata: Mapping[float, tuple[int, int]] = field(default_factory=dict)
+    # Input rows for drift: float32, C order, rows sorted; `input_width` 0 when none.
+    inputs: bytes = b""
+    input_width: int = 0
 
     @classmethod
     def empty(cls, version: str, generation: int) -> VariantSummary:
@@ -112,7 +123,18 @@ class VariantSummary:
             strata={float(w): (n, e) for w, n, e, *_ in evidence.strata},
             strata_exceedances=strata_exceedances,
             latency=_histogram(evidence.latencies, evidence.rows),
+            label_strata={float(w): (n, ok) for w, n, ok in evidence.label_strata},
+            **_packed(evidence.inputs),
         )
+
+    def input_rows(self) -> np.ndarray | None:
+        """The input rows (2-D float32), or None when there are none."""
+        if not self.input_width:
+            return None
+        return np.frombuffer(self.inputs, dtype="<f4").reshape(-1, self.input_width)
+
+    def without_inputs(self) -> VariantSummary:
+        return replace(self, inputs=b"", input_width=0)
 
     def merge(self, other: VariantSummary) -> VariantSummary:
         """Both summaries' counts together; ValueError for another version or generation."""
@@ -120,6 +142,11 @@ class VariantSummary:
             raise ValueError(
                 f"cannot merge the summary of version {other.version!r} generation "
                 f"{other.generation} into version {self.version!r} generation {self.generation}"
+            )
+        if self.input_width and other.input_width and self.input_width != other.input_width:
+            raise ValueError(
+                f"cannot merge input rows {other.input_width} wide into rows "
+                f"{self.input_width} wide (version {self.version!r})"
             )
         return VariantSummary(
             version=self.version,
@@ -136,6 +163,8 @@ class VariantSummary:
             strata=_add_pairs(self.strata, other.strata),
             strata_exceedances=_add_pairs(self.strata_exceedances, other.strata_exceedances),
             latency=_add(self.latency, other.latency),
+            label_strata=_add_pairs(self.label_strata, other.label_strata),
+            **_pooled(self, other),
         )
 
     def to_evidence(self, *, weight: float, threshold: Threshold | None) -> VariantEvidence:
@@ -169,8 +198,10 @@ class VariantSummary:
             compared=self.compared,
             agreed=self.agreed,
             strata=strata,
+            label_strata=tuple((w, n, ok) for w, (n, ok) in sorted(self.label_strata.items())),
             latencies=np.repeat(values, counts),
             rows=rows,
+            inputs=self.input_rows(),
         )
 
     def _stratum_exceedances(self, threshold: Threshold | None, weight: float) -> tuple[int, int]:
@@ -199,6 +230,9 @@ class VariantSummary:
                 for (t, r, w), (s, o) in sorted(self.strata_exceedances.items(), key=str)
             ],
             "latency": [[r, b, n] for (r, b), n in sorted(self.latency.items())],
+            "label_strata": [[w, n, ok] for w, (n, ok) in sorted(self.label_strata.items())],
+            "inputs": base64.b64encode(self.inputs).decode("ascii"),
+            "input_width": self.input_width,
         }
 
     @classmethod
@@ -226,6 +260,10 @@ class VariantSummary:
                     for t, r, w, s, o in doc["strata_exceedances"]
                 },
                 latency={(_count(r), _integer(b)): _count(n) for r, b, n in doc["latency"]},
+                label_strata={
+                    float(w): (_count(n), _count(ok)) for w, n, ok in doc["label_strata"]
+                },
+                **_inputs(doc["inputs"], doc["input_width"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a variant summary: {exc!r}") from exc
@@ -253,8 +291,10 @@ def fleet_evidence(
     srm_pvalue_before: float = 1.0,
 ) -> Evidence:
     """The evidence a decider checks: every process's summaries of this generation merged,
-    read at the decider's weight and frozen threshold."""
-    found = list(summaries)
+    read at the decider's weight and frozen threshold. Input rows count for drift only
+    where they are as wide as the reference (none without one)."""
+    width = None if reference is None else reference.reshape(len(reference), -1).shape[1]
+    found = [s if s.input_width in (0, width) else s.without_inputs() for s in summaries]
     return Evidence(
         stable=merge_all(found, stable, generation).to_evidence(weight=weight, threshold=threshold),
         candidate=merge_all(found, candidate, generation).to_evidence(
@@ -281,6 +321,45 @@ def _histogram(latencies: np.ndarray, rows: np.ndarray) -> dict[tuple[int, int],
 def _centre(bucket: int) -> float:
     """The value within 1 % of every latency in `bucket` (γ^(i-1), γ^i]."""
     return 2 * _GAMMA**bucket / (_GAMMA + 1)
+
+
+def _packed(inputs: np.ndarray | None) -> dict[str, Any]:
+    """The newest INPUT_SAMPLE rows as the summary's fields, sorted."""
+    if inputs is None or inputs.size == 0:
+        return {"inputs": b"", "input_width": 0}
+    rows = np.asarray(inputs, dtype="<f4").reshape(len(inputs), -1)[-INPUT_SAMPLE:]
+    return {"inputs": _sorted_rows(rows).tobytes(), "input_width": rows.shape[1]}
+
+
+def _pooled(a: VariantSummary, b: VariantSummary) -> dict[str, Any]:
+    """Both summaries' input rows, sorted: the same bytes whatever the order of merging."""
+    if not b.input_width:
+        return {"inputs": a.inputs, "input_width": a.input_width}
+    if not a.input_width:
+        return {"inputs": b.inputs, "input_width": b.input_width}
+    mine, theirs = a.input_rows(), b.input_rows()
+    assert mine is not None and theirs is not None  # both have a width
+    rows = np.concatenate([mine, theirs])
+    return {"inputs": _sorted_rows(rows).tobytes(), "input_width": a.input_width}
+
+
+def _sorted_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows in lexicographic order of their bytes: a canonical order for any multiset.
+    (Ordered by the bit patterns, so -0.0 and 0.0 or NaNs of different payloads stay
+    distinct rows and the order is total.)"""
+    keys = np.ascontiguousarray(rows, dtype="<f4").view(np.uint32)
+    order = np.lexsort(keys.T[::-1]) if len(keys) else np.empty(0, dtype=np.intp)
+    return np.ascontiguousarray(rows[order], dtype="<f4")
+
+
+def _inputs(text: object, width: object) -> dict[str, Any]:
+    if not isinstance(text, str):
+        raise ValueError(f"inputs: expected base64 text, got {text!r}")
+    raw = base64.b64decode(text, validate=True)
+    columns = _count(width)
+    if bool(raw) != bool(columns) or (columns and len(raw) % (4 * columns)):
+        raise ValueError(f"inputs: {len(raw)} bytes are not rows of {columns} float32")
+    return {"inputs": raw, "input_width": columns}
 
 
 def _count(value: object) -> int:

@@ -61,6 +61,8 @@ from rollguard.serving.errors import ServingError
 from rollguard.serving.registry import Registry
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from rollguard.proxy.fleet.shell import FleetShell
 
 log = logging.getLogger("rollguard.rollouts")
@@ -237,7 +239,8 @@ class Rollouts:
     def _applied(self, event: Applied) -> None:
         rollout, managed = event.rollout, self._managed.get(event.name)
         data = {"file": str(event.path), "changed": list(event.changed_fields)}
-        self._note("policy_applied", event.name, data)
+        before = "" if event.previous is None else event.previous.model_dump_json()
+        self._note("policy_applied", event.name, data, before + rollout.model_dump_json())
         self._prepare_windows(rollout.spec)
         if self.fleet is not None:
             self._fleet_applied(self.fleet, event, managed)
@@ -458,13 +461,15 @@ class Rollouts:
 
     # -- fleet mode (proxy/fleet/shell.py calls these) --
 
-    def _note(self, kind: str, name: str | None, data: dict[str, Any]) -> None:
-        """A policy file's fate in the audit log; in fleet mode only in this process's log
-        (every process reads the same files: the stream would get one entry per process)."""
+    def _note(self, kind: str, name: str | None, data: dict[str, Any], content: str = "") -> None:
+        """A policy file's fate in the audit log. In fleet mode every process reads the
+        same files, so the stream gets one entry per distinct event (`content`: what
+        the file now holds) from whichever process sees it first (proxy/fleet/shell.py)."""
         if self.fleet is None:
             self.audit.append(kind, name, ADMIN_ACTOR, data)
         else:
             log.info("rollout %s: %s %s", name, kind, data)
+            self._background(self.fleet.note(kind, name, ADMIN_ACTOR, data, content))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -504,6 +509,10 @@ class Rollouts:
 
     def unavailable(self, rollout: Rollout) -> str | None:
         return self._unavailable(rollout.spec)
+
+    def reference(self, rollout: Rollout) -> np.ndarray | None:
+        """The stable's training-input sample the drift checks compare with, or None."""
+        return self.references.get(rollout.spec.model, rollout.spec.stable)
 
     def run_local(self, name: str, rollout: Rollout, transition: lifecycle.Transition) -> None:
         """Run a transition with no Save or Audit in it (fleet mode records in redis)."""

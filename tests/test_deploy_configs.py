@@ -1,4 +1,5 @@
-"""What operators copy: config/kubernetes (schema-validated) and config/ci (linted, run).
+"""What operators copy: config/kubernetes and its fleet overlay config/kubernetes-fleet
+(schema-validated), and config/ci (linted, run).
 
 The Kubernetes manifests are validated against the newest Kubernetes schemas that
 `kubernetes-validate` ships, strictly (an unknown field fails), and checked against the
@@ -20,8 +21,12 @@ from typing import Any
 import pytest
 import yaml
 
+from rollguard.proxy.fleet.connection import RedisTarget
+from rollguard.proxy.settings import load_settings
+
 REPO = Path(__file__).resolve().parents[1]
 KUBE = REPO / "config" / "kubernetes"
+FLEET = REPO / "config" / "kubernetes-fleet"
 CI = REPO / "config" / "ci"
 BIN = Path(sys.executable).parent
 POLICY = REPO / "config" / "policies" / "fraud-canary.yaml"
@@ -119,6 +124,80 @@ def test_the_sidecar_agrees_with_the_image_and_the_settings() -> None:
     service = _load("service.yaml")
     assert service["spec"]["ports"][0]["targetPort"] == "data"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def _fleet_docs() -> dict[tuple[str, str], Any]:
+    """The fleet overlay's own resources, by (kind, name)."""
+    docs = yaml.safe_load_all((FLEET / "redis.yaml").read_text())
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_the_fleet_overlay_points_every_sidecar_at_its_redis(tmp_path: Path) -> None:
+    kustomization = yaml.safe_load((FLEET / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../kubernetes", "redis.yaml"]
+    done = _validate(FLEET / "redis.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    docs = _fleet_docs()
+    # The patch names the base's Deployment and sidecar, and replaces its state.
+    (patch_ref,) = kustomization["patches"]
+    patch = yaml.safe_load((FLEET / patch_ref["path"]).read_text())
+    assert patch["metadata"]["name"] == _load("deployment.yaml")["metadata"]["name"]
+    (sidecar,) = patch["spec"]["template"]["spec"]["containers"]
+    assert sidecar["name"] in _containers()
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert "ROLLGUARD_STATE" in {e["name"] for e in _containers()["rollguard"]["env"]}
+    url = env["ROLLGUARD_STATE"]["value"]
+    # The URL reaches the Service, on the port the Redis container listens on.
+    target = RedisTarget.parse(url, environ={})
+    service = docs[("Service", "rollguard-redis")]
+    assert target.host == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert target.port == port["port"]
+    redis = docs[("Deployment", "rollguard-redis")]["spec"]["template"]
+    (container,) = redis["spec"]["containers"]
+    assert {p["name"] for p in container["ports"]} == {port["targetPort"]}
+    assert service["spec"]["selector"] == redis["metadata"]["labels"]
+    # One password, from one Secret, given to both sides; never in the URL.
+    secret = env["ROLLGUARD_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    redis_env = {e["name"]: e for e in container["env"]}
+    assert redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    assert "$(REDIS_PASSWORD)" in container["args"] and "@" not in url
+    # The settings rollguard reads from that environment are fleet mode.
+    empty = tmp_path / "rollguard.yaml"
+    empty.write_text("")
+    settings = load_settings(
+        empty,
+        environ={"ROLLGUARD_STATE": url, "ROLLGUARD_REDIS_PASSWORD": "x" * 24},
+    )
+    assert settings.fleet_state == url
+    # Only the sidecars' pods reach Redis.
+    policy = docs[("NetworkPolicy", "rollguard-redis")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis["metadata"]["labels"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    pods = _load("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"] == pods
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl builds kustomizations")
+def test_the_fleet_overlay_builds_and_validates(tmp_path: Path) -> None:
+    """Where kubectl is installed (this machine's image has it), the overlay as applied."""
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(FLEET)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    rendered = tmp_path / "fleet.yaml"
+    rendered.write_text(built.stdout)
+    done = _validate(rendered)
+    assert done.returncode == 0, done.stdout + done.stderr
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built.stdout)}
+    pod = docs[("Deployment", "fraud")]["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["containers"] if c["name"] == "rollguard")
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["ROLLGUARD_STATE"].startswith("redis://")
+    assert [e["name"] for e in sidecar["env"]].count("ROLLGUARD_STATE") == 1
+    assert sidecar["image"].endswith("-fleet")
 
 
 def _project(root: Path) -> Path:

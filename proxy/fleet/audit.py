@@ -14,6 +14,7 @@ own chain walker, so the two verify by one definition.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import time
@@ -36,17 +37,20 @@ _PAGE = 1000
 # starves) until this long has passed, then give up with AuditError.
 _RACE_S = 5.0
 
-# KEYS: stream, head, lease ("" allowed when ARGV[4] is ""). ARGV: expected head
-# ("<seq> <hash>"), id, line, holder, new head.
+# KEYS: stream, head, lease ("" allowed when ARGV[4] is ""), once (used when ARGV[6] is
+# not ""). ARGV: expected head ("<seq> <hash>"), id, line, holder, new head, once's time
+# to live in ms: an entry whose once key exists is not written again.
 _APPEND = """
 if ARGV[4] ~= '' then
   local raw = redis.call('GET', KEYS[3])
   if not raw or cjson.decode(raw)['holder'] ~= ARGV[4] then return {0, 'lease'} end
 end
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then return {0, 'once'} end
 local head = redis.call('GET', KEYS[2]) or ('0 ' .. string.rep('0', 64))
 if head ~= ARGV[1] then return {0, head} end
 redis.call('XADD', KEYS[1], ARGV[2], 'line', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[5])
+if ARGV[6] ~= '' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[6]) end
 return {1, ARGV[5]}
 """
 
@@ -101,7 +105,29 @@ class RedisAuditLog:
             raise ValueError("a fenced audit entry names its rollout and the lease holder")
         lease = keys(self.prefix, rollout)[1] if fence is not None and rollout else self.head_key
         async with self._lock:
-            return await self._append_chained(kind, rollout, actor, data, fence, lease)
+            stored = await self._append_chained(kind, rollout, actor, data, fence, lease)
+        assert stored is not None  # only a `once` append is ever skipped
+        return stored
+
+    async def append_once(
+        self,
+        kind: str,
+        rollout: str | None,
+        actor: str,
+        data: Mapping[str, Any],
+        *,
+        once: str,
+        ttl_s: float,
+    ) -> dict[str, Any] | None:
+        """Append one entry unless an entry with the same `once` identity was appended in
+        the last `ttl_s` seconds (by any process): None then. What every process sees
+        alike (a policy file's change) is recorded once for the fleet."""
+        digest = hashlib.sha256(once.encode("utf-8")).hexdigest()
+        once_key = f"{self.prefix}:audit:once:{digest}"
+        async with self._lock:
+            return await self._append_chained(
+                kind, rollout, actor, data, None, self.head_key, (once_key, ttl_s)
+            )
 
     async def _append_chained(
         self,
@@ -111,8 +137,12 @@ class RedisAuditLog:
         data: Mapping[str, Any],
         fence: Fence | None,
         lease: str,
-    ) -> dict[str, Any]:
+        once: tuple[str, float] | None = None,
+    ) -> dict[str, Any] | None:
         deadline, lost = time.monotonic() + _RACE_S, 0
+        once_key, once_ms = (
+            ("", "") if once is None else (once[0], str(max(1, round(once[1] * 1000))))
+        )
         while True:
             seq, prev = self._head if self._head is not None else await self.head()
             entry: dict[str, Any] = {
@@ -134,16 +164,19 @@ class RedisAuditLog:
                 line.rstrip(b"\n"),
                 "" if fence is None else fence.holder or "",
                 f"{seq + 1} {entry['hash']}",
+                once_ms,
             ]
             async with guard(self.target, f"appending {kind!r} to the audit stream"):
                 ok, head = await self._append(
-                    keys=[self.stream, self.head_key, lease],
+                    keys=[self.stream, self.head_key, lease, once_key or self.head_key],
                     args=args,  # type: ignore[arg-type]
                 )
             if ok:
                 self._head = (seq + 1, entry["hash"])
                 stored: dict[str, Any] = json.loads(line)
                 return stored
+            if head == b"once":
+                return None
             if head == b"lease":
                 raise Fenced(
                     f"{rollout}: audit entry {kind!r} not written: this process "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -29,11 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import numpy as np
 from redis.exceptions import RedisError
 
 from rollguard.policy import lifecycle
 from rollguard.policy.effects import Audit, ResetWindows, Save
-from rollguard.policy.errors import PolicyError, StateError
+from rollguard.policy.errors import AuditError, PolicyError, StateError
 from rollguard.policy.keys import AuditKey
 from rollguard.policy.schema import Rollout
 from rollguard.policy.state import RolloutState
@@ -50,6 +52,10 @@ from rollguard.proxy.windows import VariantWindow
 from rollguard.serving.errors import ServingError
 
 log = logging.getLogger("rollguard.fleet")
+# A policy file's change reaches every process within a scan once the file is there
+# (Kubernetes takes up to a minute or two to update a ConfigMap volume in every pod);
+# the same change seen within this long is recorded once.
+NOTE_ONCE_S = 600.0
 
 
 class Managed(Protocol):
@@ -66,6 +72,7 @@ class Host(Protocol):
     def managed(self, name: str) -> Managed | None: ...
     def variant_windows(self, rollout: Rollout) -> tuple[VariantWindow, VariantWindow]: ...
     def unavailable(self, rollout: Rollout) -> str | None: ...
+    def reference(self, rollout: Rollout) -> np.ndarray | None: ...
     def run_local(self, name: str, rollout: Rollout, transition: lifecycle.Transition) -> None: ...
     def announce(self, rollout: Rollout, record: dict[str, Any]) -> None: ...
     def decided(self, name: str, transition: lifecycle.Transition, *, checked: bool) -> None: ...
@@ -156,6 +163,19 @@ class FleetShell:
         with contextlib.suppress(FleetUnavailable):
             await role.lease.release()
             await role.evidence.withdraw()
+
+    async def note(
+        self, kind: str, name: str | None, actor: str, data: Mapping[str, Any], content: str
+    ) -> None:
+        """Record what every process sees alike (a policy file applied, rejected or
+        removed) once in the audit stream: the first process to append it wins, the
+        others find it written (an identity kept NOTE_ONCE_S, longer than any two
+        processes take to see one file change). Redis down: this process's log only."""
+        identity = json.dumps([kind, name, data, content], sort_keys=True)
+        try:
+            await self.audit.append_once(kind, name, actor, data, once=identity, ttl_s=NOTE_ONCE_S)
+        except (FleetUnavailable, AuditError) as exc:
+            log.warning("rollout %s: %s not in the audit stream: %s", name, kind, exc)
 
     def deciding(self, name: str) -> bool:
         role = self._roles.get(name)
@@ -331,6 +351,7 @@ class FleetShell:
             generation=state.generation,
             weight=state.weight,
             threshold=threshold,
+            reference=self.host.reference(rollout),
         )
         ticked = lifecycle.tick(rollout, state, evidence, now, carry=False)
         await self._commit(name, role, managed, rollout, ticked)

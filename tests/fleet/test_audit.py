@@ -71,6 +71,32 @@ async def test_concurrent_writers_keep_one_chain(
     )
 
 
+async def test_what_every_process_sees_is_recorded_once(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    writers = [_log(client, redis_server) for _ in range(4)]
+    data = {"file": "shop.yaml", "changed": ["spec.steps"]}
+
+    async def note(w: RedisAuditLog, content: str, ttl_s: float = 60.0) -> object:
+        return await w.append_once(
+            "policy_applied", "shop", "policy-watcher", data, once=content, ttl_s=ttl_s
+        )
+
+    written = await asyncio.gather(*(note(w, "v2") for w in writers))
+    assert sum(e is not None for e in written) == 1
+    # Another content is another event; the chain stays one.
+    assert await note(writers[1], "v3") is not None
+    # Once its identity has expired, the same event is recorded again.
+    assert await note(writers[2], "v4", ttl_s=0.05) is not None
+
+    async def again() -> bool:
+        return await note(writers[3], "v4", ttl_s=0.05) is not None
+
+    await until(again, 5.0)
+    result = await writers[0].verify()
+    assert (result.ok, result.entries) == (True, 4)
+
+
 async def test_a_stale_deciders_record_is_refused(
     client: aioredis.Redis, redis_server: RedisServer
 ) -> None:

@@ -111,11 +111,14 @@ async def _until(condition: Callable[[], Any], timeout_s: float) -> None:
 
 
 async def _drive(
-    http: aiohttp.ClientSession, gateways: list[GatewayProcess], stop: asyncio.Event
+    http: aiohttp.ClientSession,
+    gateways: list[GatewayProcess],
+    stop: asyncio.Event,
+    served: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Round-robin requests over `gateways` (a list the caller may change) until `stop`;
-    answers per variant."""
-    served: dict[str, int] = {}
+    answers per variant, counted into `served` as they come (a caller may watch it)."""
+    served = {} if served is None else served
     turn = itertools.count()
 
     async def worker() -> None:
@@ -340,6 +343,7 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
     assert verified.returncode == 0, verified.stderr
 
 
+OUTAGE_S = 10.0
 HELD = STEPPED.replace("{weight: 50, hold: 8s}", "{weight: 50, hold: 600s}")
 
 
@@ -347,7 +351,7 @@ HELD = STEPPED.replace("{weight: 50, hold: 8s}", "{weight: 50, hold: 600s}")
 async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_after(
     tmp_path: Path, redis_server: RedisServer, persist: bool
 ) -> None:
-    """Redis down: requests never fail, weights stay, nobody decides. Back (with its data,
+    """Redis down for 10 s: requests never fail, weights stay, nobody decides. Back (with its data,
     or without it: then the decider writes back the state it knew), one decider again,
     at the same step."""
     registry = tmp_path / "registry"
@@ -365,10 +369,12 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
             return all(d["step"] == 1 and d["weight"] == 50 for d in docs)
 
         stop = asyncio.Event()
-        driving = asyncio.create_task(_drive(http, gateways, stop))
+        counts: dict[str, int] = {}
+        driving = asyncio.create_task(_drive(http, gateways, stop, counts))
         try:
             await _until(at_second_step, 20.0)
             redis_server.stop()
+            stopped_at, answered = time.monotonic(), sum(counts.values())
 
             async def nobody_decides() -> bool:
                 found = await fleet_status()
@@ -388,6 +394,17 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
                         "ready": True,
                         "fleet": {"redis": "unavailable", "deciding": []},
                     }
+
+            async def outage_lasted() -> bool:
+                # The issue's outage is 10 s long, with traffic served all through it.
+                return time.monotonic() - stopped_at >= OUTAGE_S and (
+                    sum(counts.values()) - answered >= 200
+                )
+
+            await _until(outage_lasted, OUTAGE_S + 20.0)
+            for gateway in gateways:
+                doc = await _rollout(http, gateway)
+                assert (doc["phase"], doc["step"], doc["weight"]) == ("progressing", 1, 50)
             redis_server.start(persist=persist)  # no append-only file read: data lost
 
             async def resumed() -> bool:
@@ -463,6 +480,9 @@ async def test_an_operator_and_a_policy_edit_act_once_through_any_process(
             await client.aclose()
         kinds = [e["kind"] for e in entries]
         assert kinds.count("policy") == 1 and kinds.count("admin") == 1, kinds
+        # The policy file as both processes first read it, and its edit: once each.
+        applied = [e["data"]["changed"] for e in entries if e["kind"] == "policy_applied"]
+        assert len(applied) == 2 and applied[1] != [], applied
         admin = next(e for e in entries if e["kind"] == "admin")
         assert (admin["actor"], admin["data"]["action"], admin["data"]["note"]) == (
             "ops",

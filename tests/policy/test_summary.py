@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,13 @@ from hypothesis import strategies as st
 from rollguard.policy.checks import evaluate
 from rollguard.policy.evidence import Evidence, VariantEvidence
 from rollguard.policy.schema import Check
-from rollguard.policy.summary import RELATIVE_ACCURACY, VariantSummary, merge_all
+from rollguard.policy.summary import (
+    INPUT_SAMPLE,
+    RELATIVE_ACCURACY,
+    VariantSummary,
+    fleet_evidence,
+    merge_all,
+)
 
 COUNTS = st.integers(0, 10**6)
 WEIGHTS = st.sampled_from([0.0, 5.0, 25.0, 50.0])
@@ -39,7 +46,23 @@ SUMMARIES = st.builds(
     latency=st.dictionaries(
         st.tuples(st.integers(1, 128), st.integers(-700, 300)), st.integers(1, 1000), max_size=20
     ),
+    label_strata=st.dictionaries(WEIGHTS, st.tuples(COUNTS, COUNTS), max_size=3),
+).flatmap(
+    lambda summary: st.lists(
+        st.tuples(st.floats(-1e6, 1e6, width=32), st.sampled_from([0.0, -0.0, 1.5])),
+        max_size=6,
+    ).map(lambda rows: _with_rows(summary, rows))
 )
+
+
+def _with_rows(summary: VariantSummary, rows: list[tuple[float, float]]) -> VariantSummary:
+    """`summary` with these input rows (two features), as VariantSummary.of packs them."""
+    packed = VariantSummary.of(
+        VariantEvidence("2", inputs=np.array(rows, dtype=np.float32).reshape(-1, 2)),
+        generation=3,
+        weight=5.0,
+    )
+    return replace(summary, inputs=packed.inputs, input_width=packed.input_width)
 
 
 @given(SUMMARIES, SUMMARIES)
@@ -70,7 +93,15 @@ def test_other_versions_and_generations_are_never_mixed() -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [{"generation": -1}, {"routed": "x"}, {"latency": [[1, 0.5, 3]]}, {"errors": True}],
+    [
+        {"generation": -1},
+        {"routed": "x"},
+        {"latency": [[1, 0.5, 3]]},
+        {"errors": True},
+        {"inputs": "AAAA", "input_width": 2},
+        {"inputs": "not base64!"},
+        {"label_strata": [[5.0, -1, 0]]},
+    ],
 )
 def test_a_damaged_summary_is_refused(damage: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="not a variant summary"):
@@ -117,6 +148,11 @@ def _evidence(version: str, stream: list[Request]) -> VariantEvidence:
         correct=sum(r[3] is True for r in stream),
         labelled_requests=sum(r[3] is not None for r in stream),
         strata=tuple(strata),
+        label_strata=tuple(
+            (share, sum(r[3] is not None for r in part), sum(r[3] is True for r in part))
+            for share in sorted({r[4] for r in stream})
+            for part in ([r for r in stream if r[4] == share],)
+        ),
         latencies=np.array([r[1] for r in stream], dtype=np.float64),
         rows=np.array([r[2] for r in stream], dtype=np.uint32),
     )
@@ -157,7 +193,7 @@ CHECKS = [
 ]
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # the first example imports scipy
 @given(st.lists(st.tuples(STREAM, STREAM), min_size=1, max_size=3))
 def test_checks_decide_merged_summaries_as_one_process_decides_the_pooled_streams(
     processes: list[tuple[list[Any], list[Any]]],
@@ -180,3 +216,65 @@ def test_checks_decide_merged_summaries_as_one_process_decides_the_pooled_stream
         tested = {k: v for k, v in one.detail.items() if "window" not in k}
         assert fleet.verdict == one.verdict
         assert {k: v for k, v in fleet.detail.items() if "window" not in k} == tested
+
+
+def test_input_rows_of_other_widths_are_refused_or_left_out() -> None:
+    two = _with_rows(VariantSummary("2", 3), [(1.0, 2.0)])
+    three = VariantSummary.of(
+        VariantEvidence("2", inputs=np.ones((2, 3), dtype=np.float32)), generation=3, weight=5.0
+    )
+    with pytest.raises(ValueError, match="3 wide into rows 2 wide"):
+        two.merge(three)
+    evidence = fleet_evidence(
+        [two, three, VariantSummary("1", 3)],
+        stable="1",
+        candidate="2",
+        generation=3,
+        weight=5.0,
+        threshold=None,
+        reference=np.zeros((10, 2), dtype=np.float32),
+    )
+    assert evidence.candidate.inputs is not None and evidence.candidate.inputs.shape == (1, 2)
+    no_reference = fleet_evidence(
+        [two], stable="1", candidate="2", generation=3, weight=5.0, threshold=None
+    )
+    assert no_reference.candidate.inputs is None
+    # A process sends its newest INPUT_SAMPLE rows.
+    many = np.arange(2 * (INPUT_SAMPLE + 5), dtype=np.float32).reshape(-1, 2)
+    sent = VariantSummary.of(VariantEvidence("2", inputs=many), generation=3, weight=5.0)
+    rows = sent.input_rows()
+    assert rows is not None and rows.shape == (INPUT_SAMPLE, 2) and rows.min() == 10.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(0, 900), min_size=1, max_size=4),
+    st.floats(-0.5, 0.5),
+    st.sampled_from(["psi", "ks"]),
+)
+def test_drift_on_merged_rows_is_drift_on_the_pooled_rows(
+    sizes: list[int], shift: float, method: str
+) -> None:
+    """Each process's newest rows merged: the drift check's verdict and figures are the
+    ones one process holding all those rows would get."""
+    generator = np.random.default_rng(len(sizes) * 1000 + sum(sizes))
+    reference = generator.normal(size=(800, 3)).astype(np.float32)
+    streams = [generator.normal(shift, 1.0, size=(n, 3)).astype(np.float32) for n in sizes]
+    check = Check(metric="drift", method=method, on_fail="hold")
+    summaries = [
+        VariantSummary.of(VariantEvidence("2", inputs=rows), generation=3, weight=5.0)
+        for rows in streams
+    ]
+    merged = fleet_evidence(
+        summaries, stable="1", candidate="2", generation=3, weight=5.0, threshold=None,
+        reference=reference,
+    )  # fmt: skip
+    pooled = Evidence(
+        VariantEvidence("1"),
+        VariantEvidence("2", inputs=np.concatenate(streams) if sum(sizes) else None),
+        5.0,
+        reference=reference,
+    )
+    one, fleet = evaluate(check, pooled, alpha=0.05), evaluate(check, merged, alpha=0.05)
+    assert fleet.verdict == one.verdict
+    assert fleet.value == one.value and fleet.detail == one.detail
