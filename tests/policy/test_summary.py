@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -253,7 +253,7 @@ def test_input_rows_of_other_widths_are_refused_or_left_out() -> None:
     st.sampled_from(["psi", "ks"]),
 )
 def test_drift_on_merged_rows_is_drift_on_the_pooled_rows(
-    sizes: list[int], shift: float, method: str
+    sizes: list[int], shift: float, method: Literal["psi", "ks"]
 ) -> None:
     """Each process's newest rows merged: the drift check's verdict and figures are the
     ones one process holding all those rows would get."""
