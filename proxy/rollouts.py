@@ -368,7 +368,7 @@ class Rollouts:
             stable=stable.evidence(),
             candidate=candidate.evidence(),
             candidate_weight=managed.state.weight,
-            reference=self.references.get(spec.model, spec.stable),
+            reference=self.reference(rollout),
         )
         transition = lifecycle.tick(rollout, managed.state, evidence, _now())
         self._run(managed, rollout, transition)
