@@ -16,10 +16,13 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollguard import __version__
 from rollguard.proxy.when import ACCEPTED, BadTime, parse_when, utc_now
+
+if TYPE_CHECKING:
+    from rollguard.proxy.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8081"  # the admin port
 
@@ -50,10 +53,13 @@ def _serve(args: argparse.Namespace) -> int:
             "grpc_host": args.grpc_host,
             "grpc_port": args.grpc_port,
             "grpc_enabled": False if args.no_grpc else None,
+            "workers": args.workers,
         },
     )
     from rollguard.proxy.admin import admin_token
 
+    if settings.workers > 1:
+        _check_workers(settings)
     admin_token(settings)  # refuse a missing, empty or short token before anything starts
     # Refuse what would fail anyway before the state directory or audit log is touched.
     if not settings.registry.is_dir():
@@ -61,21 +67,33 @@ def _serve(args: argparse.Namespace) -> int:
             f"registry directory {settings.registry} does not exist or is not a directory "
             "(--registry, ROLLGUARD_REGISTRY or registry: in the settings file)"
         )
-    ports = [("data", settings.host, settings.port), ("admin", settings.admin_host,
-             settings.admin_port)]  # fmt: skip
-    if settings.grpc_enabled:
-        ports.append(("gRPC", settings.grpc_host or settings.host, settings.grpc_port))
-    for what, host, port in ports:
-        _check_port_free(what, host, port)
+    worker = args.worker_index  # one of `serve --workers N`'s processes; None: not one
+    if worker is None:  # a worker's ports: checked by its supervisor, shared with siblings
+        for what, host, port in _ports(settings):
+            _check_port_free(what, host, port)
+    else:
+        from rollguard.proxy.workers import die_with_parent
+
+        die_with_parent()
+        settings = settings.model_copy(update={"admin_port": settings.admin_port + worker})
+    where = "" if worker is None else f" [worker {worker}]"
     logging.basicConfig(
         level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s",
     )
+    if worker is None and settings.workers > 1:
+        from rollguard.proxy.workers import supervise
+
+        return supervise(args.argv, settings.workers)
     log = logging.getLogger("rollguard")
 
     async def run() -> None:
         gateway = Gateway(settings)
         await gateway.start()
+        if args.ready_fd is not None:
+            from rollguard.proxy.workers import tell_ready
+
+            tell_ready(args.ready_fd)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -130,6 +148,45 @@ def _model_threads_still_running(within_s: float) -> list[str]:
             if thread.is_alive():
                 alive.append(thread.name)
     return alive
+
+
+def _check_workers(settings: Settings) -> None:
+    """CliError unless `settings` can run as several workers: fleet mode (a file state
+    cannot be shared by processes) and fixed ports (worker K's admin port is
+    admin_port + K; the data and gRPC ports are shared), none of them overlapping."""
+    n = settings.workers
+    if settings.fleet_state is None:
+        raise CliError(
+            f"--workers {n} needs fleet mode: set state: redis://host:port/db (--state, "
+            "ROLLGUARD_STATE or the settings file); a state directory is one process's"
+        )
+    fixed = {"--port": settings.port, "--admin-port": settings.admin_port}
+    if settings.grpc_enabled:
+        fixed["--grpc-port"] = settings.grpc_port
+    for flag, port in fixed.items():
+        if port == 0:
+            raise CliError(f"--workers {n} needs a fixed port, not {flag} 0")
+    last = settings.admin_port + n - 1
+    if last > 65535:
+        raise CliError(f"--workers {n}: admin ports {settings.admin_port}..{last} pass 65535")
+    for flag in ("--port", "--grpc-port"):
+        if flag in fixed and settings.admin_port <= fixed[flag] <= last:
+            raise CliError(
+                f"--workers {n}: the admin ports {settings.admin_port}..{last} (one per "
+                f"worker) take {flag} {fixed[flag]}; pick another --admin-port"
+            )
+
+
+def _ports(settings: Settings) -> list[tuple[str, str, int]]:
+    """(what, host, port) of every port `serve` will listen on: the data and gRPC ports
+    once (the workers share them), an admin port per worker."""
+    ports = [("data", settings.host, settings.port)]
+    admin = settings.admin_port
+    for k in range(settings.workers if admin else 1):
+        ports.append(("admin" if k == 0 else f"worker {k} admin", settings.admin_host, admin + k))
+    if settings.grpc_enabled:
+        ports.append(("gRPC", settings.grpc_host or settings.host, settings.grpc_port))
+    return ports
 
 
 def _check_port_free(what: str, host: str, port: int) -> None:
@@ -410,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-grpc", action="store_true", help="serve no gRPC port (grpc_enabled: false)"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the data and gRPC ports; worker K's admin port is "
+        "--admin-port + K (default 1; more needs state: redis://)",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by workers.py
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by workers.py
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser(
@@ -545,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `serve --workers` reruns
     try:
         code: int = args.func(args)
     except CliError as exc:

@@ -162,8 +162,11 @@ class Gateway:
         self._trimmer = asyncio.create_task(_trim_after_bursts(self.capacity))
         try:
             loop = asyncio.get_running_loop()
+            # `serve --workers N`: every worker listens on the one data and gRPC port
+            # (the kernel spreads connections over them); the admin port is its own.
+            shared = settings.workers > 1
             self._listener = await loop.create_server(
-                self._server, settings.host, settings.port, reuse_address=True
+                self._server, settings.host, settings.port, reuse_address=True, reuse_port=shared
             )
             self.port = int(self._listener.sockets[0].getsockname()[1])
             self.rollouts.own_ports.add(self.port)  # webhooks never reach a listener of ours
@@ -190,7 +193,7 @@ class Gateway:
             self.rollouts.own_ports.add(self.admin_port)
             if self._grpc is not None:
                 self.grpc_port = await self._grpc.start(
-                    settings.grpc_host or settings.host, settings.grpc_port
+                    settings.grpc_host or settings.host, settings.grpc_port, reuse_port=shared
                 )
                 self.rollouts.own_ports.add(self.grpc_port)
         except BaseException:

@@ -320,15 +320,16 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
             ("grpc.max_concurrent_streams", max_streams),
-            ("grpc.so_reuseport", 0),
         ]
         self._server: grpc.aio.Server | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Listen on host:port (0: any free port); the port bound. OSError when it cannot
         be bound: grpc would otherwise share a port another process holds
-        (SO_REUSEPORT), so that is turned off."""
-        server = grpc.aio.server(options=self._options)
+        (SO_REUSEPORT), so that is off unless `reuse_port` (`serve --workers N`: the
+        workers share the port on purpose)."""
+        options = [*self._options, ("grpc.so_reuseport", 1 if reuse_port else 0)]
+        server = grpc.aio.server(options=options)
         server.add_registered_method_handlers(SERVICE, self._endpoints.handlers())
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:

@@ -88,6 +88,9 @@ class Settings(BaseModel):
     grpc_enabled: bool = True
     grpc_host: str | None = None
     grpc_port: int = Field(default=8082, ge=0, le=65535)
+    # `serve --workers N` (proxy/workers.py): N processes share the data and gRPC ports
+    # (SO_REUSEPORT); worker K's admin port is admin_port + K. N > 1 needs fleet mode.
+    workers: int = Field(default=1, ge=1, le=64)
     registry: Path = Path("registry")
     policies: Path = Path("policies")
     state: Annotated[Path, AfterValidator(_local_state)] = Path(".rollguard")

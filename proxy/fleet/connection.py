@@ -12,6 +12,7 @@ the target: callers handle one exception type for "Redis did not answer".
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -115,6 +116,19 @@ async def guard(target: RedisTarget, doing: str) -> AsyncIterator[None]:
         yield
     except _OUTAGES as exc:
         raise FleetUnavailable(f"redis at {target.display}: {doing}: {_reason(exc)}") from exc
+
+
+def stop_if_cancelled() -> None:
+    """Raise CancelledError when the running task was asked to stop.
+
+    redis-py (8.2 on Python 3.11) can lose a cancellation that arrives while it reads:
+    its read timeout turns it into a TimeoutError that its retry swallows, and the read
+    then waits with no timeout left. The fleet's loops call this at every turn, and
+    their owners close the client when a cancelled loop does not end, so a stop always
+    ends."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _reason(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.client import PubSub
 
 from rollguard.policy.errors import StateError
-from rollguard.proxy.fleet.connection import guard
+from rollguard.proxy.fleet.connection import guard, stop_if_cancelled
 from rollguard.proxy.fleet.errors import FleetUnavailable
 from rollguard.proxy.fleet.store import RedisStateStore, VersionedState, channel
 
@@ -111,6 +111,7 @@ class StateFollower:
 
     async def _reread_loop(self) -> None:
         while True:
+            stop_if_cancelled()
             try:
                 await self.refresh()
             except FleetUnavailable as exc:
@@ -124,6 +125,7 @@ class StateFollower:
     async def _listen(self) -> None:
         target = self.store.target
         while True:
+            stop_if_cancelled()
             pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
             try:
                 async with guard(target, "subscribing to state changes"):
@@ -131,6 +133,7 @@ class StateFollower:
                 self.listening = True
                 await self.refresh()  # whatever was written while not subscribed
                 while True:
+                    stop_if_cancelled()
                     async with guard(target, "listening for state changes"):
                         message = await pubsub.get_message(timeout=self.reread_s)
                     if message is None or message.get("type") != "message":

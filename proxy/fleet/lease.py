@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from rollguard.proxy.fleet.connection import RedisTarget, guard
+from rollguard.proxy.fleet.connection import RedisTarget, guard, stop_if_cancelled
 from rollguard.proxy.fleet.errors import Fenced, FleetUnavailable
 from rollguard.proxy.fleet.store import PREFIX, Fence, keys
 
@@ -156,6 +156,7 @@ class Lease:
         calls release()). `on_change(held)` is called whenever holding changes."""
         was = False
         while True:
+            stop_if_cancelled()
             try:
                 now_held = await (self.renew() if self.held else self.acquire())
             except FleetUnavailable as exc:

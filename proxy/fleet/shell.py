@@ -41,7 +41,7 @@ from rollguard.policy.schema import Rollout
 from rollguard.policy.state import RolloutState
 from rollguard.policy.summary import VariantSummary, fleet_evidence
 from rollguard.proxy.fleet.audit import RedisAuditLog
-from rollguard.proxy.fleet.connection import RedisTarget
+from rollguard.proxy.fleet.connection import RedisTarget, stop_if_cancelled
 from rollguard.proxy.fleet.errors import Fenced, FleetUnavailable
 from rollguard.proxy.fleet.evidence import FleetEvidence
 from rollguard.proxy.fleet.follow import StateFollower
@@ -56,6 +56,7 @@ log = logging.getLogger("rollguard.fleet")
 # (Kubernetes takes up to a minute or two to update a ConfigMap volume in every pod);
 # the same change seen within this long is recorded once.
 NOTE_ONCE_S = 600.0
+STOP_S = 1.0  # how long a stop waits for a cancelled fleet task before freeing it
 
 
 class Managed(Protocol):
@@ -133,10 +134,25 @@ class FleetShell:
         for name in list(self._roles):
             await self.forget(name)
         if self._follow is not None:
-            self._follow.cancel()
-            await asyncio.gather(self._follow, return_exceptions=True)
+            await self._end([self._follow])
         with contextlib.suppress(Exception):  # the connection may be gone already
             await self.client.aclose()
+
+    async def _end(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel `tasks` and wait for them. One stuck in a Redis read that lost its
+        cancellation (see `stop_if_cancelled`) is freed by dropping the client's
+        connections (the next command reconnects); one that still does not end is left
+        behind with a warning, so a stop never hangs."""
+        for task in tasks:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=STOP_S)
+        if pending:
+            with contextlib.suppress(Exception):
+                await self.client.connection_pool.disconnect()
+            _, pending = await asyncio.wait(pending, timeout=STOP_S)
+        for task in pending:
+            log.warning("fleet task %s did not stop within %gs; left behind", task.get_name(),
+                        2 * STOP_S)  # fmt: skip
 
     def manage(self, name: str) -> None:
         """Start taking part in rollout `name` (its policy is now held by the host)."""
@@ -156,9 +172,7 @@ class FleetShell:
         role = self._roles.pop(name, None)
         if role is None:
             return
-        for task in role.tasks:
-            task.cancel()
-        await asyncio.gather(*role.tasks, return_exceptions=True)
+        await self._end(role.tasks)
         self.metrics.fleet_decider.labels(name).set(0)
         with contextlib.suppress(FleetUnavailable):
             await role.lease.release()
@@ -272,6 +286,7 @@ class FleetShell:
 
     async def _loop(self, name: str, role: _Role) -> None:
         while True:
+            stop_if_cancelled()
             managed = self.host.managed(name)
             await asyncio.sleep(1.0 if managed is None else managed.rollout.spec.interval)
             managed = self.host.managed(name)

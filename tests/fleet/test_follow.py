@@ -121,3 +121,20 @@ async def test_a_version_is_applied_once_and_never_backwards(
         await writer.save("shop", {"step": 0}, fence=Fence(0))
         await eventually(lambda: follower.behind == {"shop": 1}, 5)
         assert applied.states["shop"] == {"step": 4}
+
+
+async def test_a_follower_cancelled_at_any_moment_of_its_start_ends(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """A gateway that fails to start (its admin port taken) stops its follower within
+    moments of starting it. redis-py can lose a cancellation that lands while it reads
+    (it became a retried read timeout); the follower's loops still end."""
+    store = RedisStateStore(client, redis_server.target)
+    for attempt in range(40):
+        follower = StateFollower(store, Applied())
+        await follower.refresh()
+        task = asyncio.create_task(follower.run())
+        await asyncio.sleep(attempt * 0.0005)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"follower still running 5 s after being cancelled (attempt {attempt})"
