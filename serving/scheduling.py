@@ -200,10 +200,15 @@ class Scheduled(Wrapper):
             if self._round_calls >= self._round_length:
                 fastest, rows = self._round_fastest, self._round_rows
                 self._round_calls, self._round_fastest, self._round_rows = 0, math.inf, 0
-                self.mean_call_s = fastest
                 if fastest < self.inline_limit_s:  # 0 when the cost is not fixed
+                    self.mean_call_s = fastest
                     self.inline_rows = rows
                     self.inline = True
+                elif not self.inline:
+                    self.mean_call_s = fastest
+                # else: a round of batches too big to go inline while smaller calls do;
+                # their cost must not count against the calls that run inline (one
+                # client's big batches would push every small call onto the threads).
 
 
 def _rows(inputs: Tensors) -> int:
