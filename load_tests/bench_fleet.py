@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from load_tests.bench import models, procs, wrk
+from load_tests.redis_server import RedisServer
 from rollguard.proxy.process import GatewayProcess, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_fleet.md"
@@ -84,25 +84,12 @@ def redis_server(directory: Path) -> Iterator[int]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (Debian package redis-server)")
-    port = free_port()
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-            "--appendonly", "no", "--dir", str(directory)]  # fmt: skip
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    server = RedisServer(binary, directory)
+    server.start(persist=False)
     try:
-        _wait(lambda: _answers_ping(port), 10.0, "redis-server")
-        yield port
+        yield server.port
     finally:
-        server.terminate()
-        server.wait(10)
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+        server.stop()
 
 
 def _wait(condition: Callable[[], bool], limit_s: float, what: str) -> None:

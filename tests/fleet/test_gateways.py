@@ -9,21 +9,27 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp import web
 
-from rollguard.proxy.fleet.audit import RedisAuditLog
+from load_tests.redis_server import RedisServer
 from rollguard.proxy.process import GatewayProcess
-from tests.fleet.conftest import RedisServer
-from tests.proxy.support import start_upstream, write_remote_version
+from tests.fleet.support import (
+    ROW,
+    admin_get,
+    assert_no_traceback,
+    audit_entries,
+    serve_env,
+    until,
+    upstream,
+    write_policy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,35 +50,6 @@ spec:
   checks:
     - {metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}
 """
-TOKEN = "fleet-test-admin-token-0123456789"
-ROW = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})
-
-
-@asynccontextmanager
-async def _upstream(registry: Path, failing: set[str]) -> AsyncIterator[None]:
-    """`remote/1` and `remote/2`, `framework: http` versions served by one stand-in
-    upstream; a version in `failing` answers every infer 500."""
-
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def infer(request: web.Request) -> web.Response:
-        version = request.match_info["version"]
-        if version in failing:
-            return web.json_response({"error": "boom"}, status=500)
-        tensor = {"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]}
-        return web.json_response({"model_name": "remote", "outputs": [tensor]})
-
-    app = web.Application()
-    app.router.add_get("/v2/models/remote/versions/{version}/ready", ready)
-    app.router.add_post("/v2/models/remote/versions/{version}/infer", infer)
-    runner, base = await start_upstream(app)
-    for version in ("1", "2"):
-        write_remote_version(registry, version, f"{base}/v2/models/remote/versions/{version}")
-    try:
-        yield
-    finally:
-        await runner.cleanup()
 
 
 async def _verify(redis_server: RedisServer) -> subprocess.CompletedProcess[str]:
@@ -89,25 +66,13 @@ async def _verify(redis_server: RedisServer) -> subprocess.CompletedProcess[str]
 
 
 async def _rollout(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[str, Any]:
-    url = f"{gateway.admin_url}/admin/rollouts/remote"
-    async with http.get(url, headers=gateway.admin_headers) as r:
-        assert r.status == 200, await r.text()
-        doc: dict[str, Any] = await r.json()
-        return doc
+    doc: dict[str, Any] = await admin_get(http, f"{gateway.admin_url}/admin/rollouts/remote")
+    return doc
 
 
 async def _overview(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[str, Any]:
-    async with http.get(f"{gateway.admin_url}/admin/rollouts", headers=gateway.admin_headers) as r:
-        assert r.status == 200, await r.text()
-        doc: dict[str, Any] = await r.json()
-        return doc
-
-
-async def _until(condition: Callable[[], Any], timeout_s: float) -> None:
-    """Wait until `await condition()` is true, every 20 ms; TimeoutError after timeout_s."""
-    async with asyncio.timeout(timeout_s):
-        while not await condition():  # noqa: ASYNC110 - polling other processes' state
-            await asyncio.sleep(0.02)
+    doc: dict[str, Any] = await admin_get(http, f"{gateway.admin_url}/admin/rollouts")
+    return doc
 
 
 async def _drive(
@@ -144,11 +109,8 @@ async def _drive(
 async def _fleet(
     tmp_path: Path, redis_server: RedisServer, count: int, *, policy: str = POLICY
 ) -> AsyncIterator[list[GatewayProcess]]:
-    registry, policies = tmp_path / "registry", tmp_path / "policies"
-    policies.mkdir()
-    (policies / "remote.yaml").write_text(policy)
-    env = {**os.environ, "ROLLGUARD_ADMIN_TOKEN": TOKEN, "ROLLGUARD_GRPC_ENABLED": "false"}
-    env.pop("ROLLGUARD_REDIS_PASSWORD", None)
+    registry, policies = tmp_path / "registry", write_policy(tmp_path, policy)
+    env = serve_env({"ROLLGUARD_GRPC_ENABLED": "false"})
     gateways: list[GatewayProcess] = []
     try:
         for i in range(count):
@@ -169,8 +131,7 @@ async def _fleet(
         for gateway in gateways:
             gateway.stop()
     for i in range(count):
-        text = (tmp_path / f"gateway-{i}.log").read_text()
-        assert "Traceback" not in text, text[-3000:]
+        assert_no_traceback(tmp_path / f"gateway-{i}.log")
 
 
 async def test_three_gateways_roll_a_failing_candidate_back_once(
@@ -178,7 +139,7 @@ async def test_three_gateways_roll_a_failing_candidate_back_once(
 ) -> None:
     registry = tmp_path / "registry"
     async with (
-        _upstream(registry, failing={"2"}),
+        upstream(registry, failing={"2"}),
         _fleet(tmp_path, redis_server, 3) as gateways,
         aiohttp.ClientSession() as http,
     ):
@@ -190,7 +151,7 @@ async def test_three_gateways_roll_a_failing_candidate_back_once(
             return all(d["phase"] == "progressing" and d["weight"] == 30 for d in seen)
 
         try:
-            await _until(began, 20.0)
+            await until(began, 20.0)
         except TimeoutError:
             raise AssertionError([(d["phase"], d["weight"], d["reason"]) for d in seen]) from None
         stop = asyncio.Event()
@@ -206,7 +167,7 @@ async def test_three_gateways_roll_a_failing_candidate_back_once(
             return len(rolled_back) == len(gateways)
 
         try:
-            await _until(all_rolled_back, 60.0)
+            await until(all_rolled_back, 60.0)
         finally:
             stop.set()
             served = await driving
@@ -222,11 +183,7 @@ async def test_three_gateways_roll_a_failing_candidate_back_once(
         ]
         assert len(deciders) == 1
         # The audit stream: exactly one rollback, and the chain verifies.
-        client = redis_server.target.client()
-        try:
-            entries = await RedisAuditLog(client, redis_server.target).entries()
-        finally:
-            await client.aclose()
+        entries = await audit_entries(redis_server)
         rollbacks = [
             e for e in entries if e["kind"] == "decision" and e["data"]["action"] == "rollback"
         ]
@@ -274,7 +231,7 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
 ) -> None:
     registry = tmp_path / "registry"
     async with (
-        _upstream(registry, failing=set()),
+        upstream(registry),
         _fleet(tmp_path, redis_server, 3, policy=STEPPED) as gateways,
         aiohttp.ClientSession() as http,
     ):
@@ -286,7 +243,7 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
         stop = asyncio.Event()
         alive = list(gateways)
         driving = asyncio.create_task(_drive(http, alive, stop))
-        await _until(at_second_step, 20.0)
+        await until(at_second_step, 20.0)
         deciders = [
             g for g in gateways if "remote" in (await _overview(http, g))["fleet"]["deciding"]
         ]
@@ -304,7 +261,7 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
             return bool(taken_over)
 
         try:
-            await _until(another_decides, 10.0)
+            await until(another_decides, 10.0)
             handover = time.monotonic() - killed_at
             doc = await _rollout(http, taken_over[0])
             # The same step, not a new rollout: the hold of step 2 goes on.
@@ -314,18 +271,14 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
                 docs = [await _rollout(http, g) for g in alive]
                 return all(d["phase"] == "promoted" for d in docs)
 
-            await _until(promoted, 30.0)
+            await until(promoted, 30.0)
         finally:
             stop.set()
             served = await driving
         print(f"\nhanded over {handover:.2f}s after SIGKILL (lease 5 s); served {served}")
         assert len(taken_over) == 1
         assert handover < 5.0 + 1.0  # the lease time, and a renewal period of slack
-        client = redis_server.target.client()
-        try:
-            entries = await RedisAuditLog(client, redis_server.target).entries()
-        finally:
-            await client.aclose()
+        entries = await audit_entries(redis_server)
         decisions = [
             (e["data"]["action"], e["data"]["state"]["step"], e["data"]["state"]["phase"])
             for e in entries
@@ -356,7 +309,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
     at the same step."""
     registry = tmp_path / "registry"
     async with (
-        _upstream(registry, failing=set()),
+        upstream(registry),
         _fleet(tmp_path, redis_server, 2, policy=HELD) as gateways,
         aiohttp.ClientSession() as http,
     ):
@@ -372,7 +325,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
         counts: dict[str, int] = {}
         driving = asyncio.create_task(_drive(http, gateways, stop, counts))
         try:
-            await _until(at_second_step, 20.0)
+            await until(at_second_step, 20.0)
             redis_server.stop()
             stopped_at, answered = time.monotonic(), sum(counts.values())
 
@@ -381,7 +334,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
                 return all(f["redis"] == "unavailable" and not f["deciding"] for f in found)
 
             # Until every process has said so and the decider's lease has lapsed by its clock.
-            await _until(nobody_decides, 15.0)
+            await until(nobody_decides, 15.0)
             for gateway in gateways:
                 doc = await _rollout(http, gateway)
                 assert (doc["phase"], doc["step"], doc["weight"]) == ("progressing", 1, 50)
@@ -401,7 +354,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
                     sum(counts.values()) - answered >= 200
                 )
 
-            await _until(outage_lasted, OUTAGE_S + 20.0)
+            await until(outage_lasted, OUTAGE_S + 20.0)
             for gateway in gateways:
                 doc = await _rollout(http, gateway)
                 assert (doc["phase"], doc["step"], doc["weight"]) == ("progressing", 1, 50)
@@ -412,7 +365,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
                 deciding = [f for f in found if "remote" in f["deciding"]]
                 return all(f["redis"] == "up" for f in found) and len(deciding) == 1
 
-            await _until(resumed, 15.0)
+            await until(resumed, 15.0)
             docs = [await _rollout(http, g) for g in gateways]
             assert {(d["step"], d["weight"], d["generation"]) for d in docs} == {(1, 50, 1)}
         finally:
@@ -420,11 +373,7 @@ async def test_redis_stopped_mid_rollout_keeps_the_weights_and_decisions_resume_
             served = await driving
         print(f"\nserved through the outage: {served}")
         assert "failed" not in served and "lost" not in served, served
-        client = redis_server.target.client()
-        try:
-            entries = await RedisAuditLog(client, redis_server.target).entries()
-        finally:
-            await client.aclose()
+        entries = await audit_entries(redis_server)
         decisions = [e["data"]["action"] for e in entries if e["kind"] == "decision"]
         # A Redis that lost its data lost the stream's history with it (its durability
         # is Redis's appendonly setting); the chain it holds from then on verifies.
@@ -440,7 +389,7 @@ async def test_an_operator_and_a_policy_edit_act_once_through_any_process(
     written once (one audit entry), and every process routes by it."""
     registry = tmp_path / "registry"
     async with (
-        _upstream(registry, failing=set()),
+        upstream(registry),
         _fleet(tmp_path, redis_server, 2, policy=HELD) as gateways,
         aiohttp.ClientSession() as http,
     ):
@@ -452,10 +401,10 @@ async def test_an_operator_and_a_policy_edit_act_once_through_any_process(
         stop = asyncio.Event()
         driving = asyncio.create_task(_drive(http, gateways, stop))
         try:
-            await _until(lambda: weights(50), 20.0)
+            await until(lambda: weights(50), 20.0)
             policy = tmp_path / "policies" / "remote.yaml"
             policy.write_text(HELD.replace("{weight: 50, hold: 600s}", "{weight: 60, hold: 600s}"))
-            await _until(lambda: weights(60), 15.0)
+            await until(lambda: weights(60), 15.0)
             deciding = [
                 g for g in gateways if "remote" in (await _overview(http, g))["fleet"]["deciding"]
             ]
@@ -469,15 +418,11 @@ async def test_an_operator_and_a_policy_edit_act_once_through_any_process(
                 docs = [await _rollout(http, g) for g in gateways]
                 return all(d["phase"] == "rolled_back" and d["weight"] == 0 for d in docs)
 
-            await _until(rolled_back, 2.0)
+            await until(rolled_back, 2.0)
         finally:
             stop.set()
             await driving
-        client = redis_server.target.client()
-        try:
-            entries = await RedisAuditLog(client, redis_server.target).entries()
-        finally:
-            await client.aclose()
+        entries = await audit_entries(redis_server)
         kinds = [e["kind"] for e in entries]
         assert kinds.count("policy") == 1 and kinds.count("admin") == 1, kinds
         # The policy file as both processes first read it, and its edit: once each.

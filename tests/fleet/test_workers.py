@@ -15,27 +15,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-from aiohttp import web
 
-from rollguard.proxy.fleet.audit import RedisAuditLog
+from load_tests.redis_server import RedisServer
 from rollguard.proxy.process import free_port
 from rollguard.proxy.workers import Supervisor
-from tests.fleet.conftest import RedisServer
-from tests.proxy.support import start_upstream, write_remote_version
+from tests.fleet.support import (
+    ROW,
+    TOKEN,
+    admin_get,
+    assert_no_traceback,
+    audit_entries,
+    serve_env,
+    until,
+    upstream,
+    write_policy,
+)
 from tests.proxy.test_cli import cli
 
-TOKEN = "workers-test-admin-token-0123456789"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ROW = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})
 POLICY = """\
 apiVersion: rollguard/v1
 kind: Rollout
@@ -81,13 +84,6 @@ class Served:
             return set()
 
 
-async def _until(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-    """Wait until `await condition()` holds, every 20 ms; TimeoutError after timeout_s."""
-    async with asyncio.timeout(timeout_s):
-        while not await condition():  # noqa: ASYNC110 - polling other processes' state
-            await asyncio.sleep(0.02)
-
-
 def _ports(count: int) -> int:
     """The first of `count` consecutive free loopback ports, below the ephemeral range:
     a port in it may be taken at any moment as the local end of an outgoing connection
@@ -107,40 +103,11 @@ def _ports(count: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
-@asynccontextmanager
-async def _upstream(registry: Path) -> AsyncIterator[None]:
-    """`remote/1` and `remote/2`: `framework: http` versions of one stand-in upstream."""
-
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def infer(request: web.Request) -> web.Response:
-        tensor = {"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]}
-        return web.json_response({"model_name": "remote", "outputs": [tensor]})
-
-    app = web.Application()
-    app.router.add_get("/v2/models/remote/versions/{version}/ready", ready)
-    app.router.add_post("/v2/models/remote/versions/{version}/infer", infer)
-    runner, base = await start_upstream(app)
-    for version in ("1", "2"):
-        write_remote_version(registry, version, f"{base}/v2/models/remote/versions/{version}")
-    try:
-        yield
-    finally:
-        await runner.cleanup()
-
-
-async def _get(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url, headers=AUTH) as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
-
-
 async def _pid(http: aiohttp.ClientSession, served: Served, worker: int) -> int | None:
     """The pid of the worker on admin port admin_port + worker (fleet.process is
     host/pid/random), None while nothing answers there."""
     try:
-        doc = await _get(http, f"{served.admin_url(worker)}/admin/rollouts")
+        doc = await admin_get(http, f"{served.admin_url(worker)}/admin/rollouts")
     except aiohttp.ClientError:
         return None
     return int(doc["fleet"]["process"].split("/")[1])
@@ -165,12 +132,9 @@ async def _serve(
 ) -> AsyncIterator[Served]:
     """`rollguard serve --workers N` as a user runs it, every worker ready; stopped with
     SIGTERM at the end, which must end the supervisor and every worker with status 0."""
-    registry, policies = tmp_path / "registry", tmp_path / "policies"
-    policies.mkdir(exist_ok=True)
-    (policies / "remote.yaml").write_text(POLICY)
+    registry, policies = tmp_path / "registry", write_policy(tmp_path, POLICY)
     port, grpc_port, admin_port = _ports(1), _ports(1), _ports(workers)
-    env = {**os.environ, "ROLLGUARD_ADMIN_TOKEN": TOKEN, "ROLLGUARD_DRAIN_DELAY_S": "0"}
-    env.pop("ROLLGUARD_REDIS_PASSWORD", None)
+    env = serve_env({"ROLLGUARD_DRAIN_DELAY_S": "0"})
     log = tmp_path / "serve.log"
     command = [
         sys.executable, "-m", "rollguard.proxy.cli", "serve", "--workers", str(workers),
@@ -188,7 +152,7 @@ async def _serve(
                 pids = [await _pid(http, served, k) for k in range(workers)]
                 return None not in pids
 
-            await _until(all_ready, 60.0)
+            await until(all_ready, 60.0)
         yield served
         proc.send_signal(signal.SIGTERM)
         status = await asyncio.to_thread(proc.wait, 30)
@@ -199,8 +163,7 @@ async def _serve(
         if not stopped and proc.poll() is None:
             proc.kill()  # the workers follow it (PR_SET_PDEATHSIG)
             proc.wait(10)
-    text = log.read_text()
-    assert "Traceback" not in text, text[-3000:]
+    assert_no_traceback(log)
 
 
 async def _drive(
@@ -233,7 +196,7 @@ async def test_two_workers_share_the_data_port_and_decide_the_rollout_once(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with (
-        _upstream(tmp_path / "registry"),
+        upstream(tmp_path / "registry"),
         _serve(tmp_path, redis_server) as served,
         aiohttp.ClientSession() as http,
     ):
@@ -244,12 +207,13 @@ async def test_two_workers_share_the_data_port_and_decide_the_rollout_once(
 
         async def promoted() -> bool:
             docs = [
-                await _get(http, f"{served.admin_url(k)}/admin/rollouts/remote") for k in (0, 1)
+                await admin_get(http, f"{served.admin_url(k)}/admin/rollouts/remote")
+                for k in (0, 1)
             ]
             return all(d["phase"] == "promoted" for d in docs)
 
         try:
-            await _until(promoted, 60.0)
+            await until(promoted, 60.0)
         finally:
             stop.set()
             await driving
@@ -259,16 +223,12 @@ async def test_two_workers_share_the_data_port_and_decide_the_rollout_once(
         print(f"\nrequests answered per worker: {counts}")
         assert all(n > 0 for n in counts), counts
         assert sum(counts) == outcomes["200"]
-        client = redis_server.target.client()
-        try:
-            entries = await RedisAuditLog(client, redis_server.target).entries()
-        finally:
-            await client.aclose()
+        entries = await audit_entries(redis_server)
         decisions = [e["data"]["action"] for e in entries if e["kind"] == "decision"]
         # Each step decided once, by one of the two: none lost, none doubled.
         assert decisions == ["advance", "promote"], decisions
         assert [e["kind"] for e in entries].count("start") == 1
-        deciding = [(await _get(http, f"{served.admin_url(k)}/admin/rollouts"))["fleet"]
+        deciding = [(await admin_get(http, f"{served.admin_url(k)}/admin/rollouts"))["fleet"]
                     ["deciding"] for k in (0, 1)]  # fmt: skip
         assert sorted(deciding) == [[], ["remote"]], deciding
 
@@ -277,7 +237,7 @@ async def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with (
-        _upstream(tmp_path / "registry"),
+        upstream(tmp_path / "registry"),
         _serve(tmp_path, redis_server) as served,
         aiohttp.ClientSession() as http,
     ):
@@ -288,7 +248,7 @@ async def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
             async def both_serve() -> bool:
                 return all([await _requests_served(http, served, k) > 0 for k in (0, 1)])
 
-            await _until(both_serve, 20.0)
+            await until(both_serve, 20.0)
             killed = await _pid(http, served, 1)
             assert killed is not None
             os.kill(killed, signal.SIGKILL)
@@ -299,13 +259,13 @@ async def test_a_killed_worker_is_restarted_and_traffic_keeps_flowing(
                 restarted[:] = [await _pid(http, served, 1)]
                 return restarted[0] not in (None, killed)
 
-            await _until(back, 30.0)
+            await until(back, 30.0)
             assert restarted[0] in served.children()
 
             async def serving_again() -> bool:
                 return await _requests_served(http, served, 1) > 0
 
-            await _until(serving_again, 20.0)
+            await until(serving_again, 20.0)
             after = dict(outcomes)
         finally:
             stop.set()
