@@ -95,6 +95,37 @@ def test_only_counts_per_share_matter(rows: list[tuple[int, int, int]]) -> None:
     assert log_evalue(strata + strata, 1.0) == pytest.approx(log_evalue(doubled, 1.0))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    share=st.floats(0.001, 0.999),
+    on_c=st.integers(0, 5_000),
+    on_s=st.integers(0, 50_000),
+    r0=st.floats(0.05, 20.0),
+    harm=st.booleans(),
+)
+def test_the_mixture_is_the_mean_of_the_likelihood_ratios(
+    share: float, on_c: int, on_s: int, r0: float, harm: bool
+) -> None:
+    """log_evalue against its definition, one likelihood ratio per alternative of the
+    grid averaged with equal weight (computed here with scipy's logsumexp), including
+    counts whose ratios overflow a float."""
+    from scipy.special import logsumexp
+
+    from rollguard.policy.conditional import SAFE_GRID
+
+    n_c = max(1, round(1_000_000 * share))
+    stratum = Stratum(on_s, 1_000_000 - n_c + 1, on_c, n_c)
+    w = stratum.share
+    assert w is not None
+    terms = []
+    for g in HARM_GRID if harm else SAFE_GRID:
+        p1, p0 = _p(r0 * g, w), _p(r0, w)
+        terms.append(on_c * (math.log(p1) - math.log(p0))
+                     + on_s * (math.log1p(-p1) - math.log1p(-p0)))  # fmt: skip
+    expected = float(logsumexp(terms)) - math.log(len(terms))
+    assert log_evalue([stratum], r0, harm=harm) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
 @settings(deadline=None)
 @given(share=st.floats(0.02, 0.5), on_c=st.integers(0, 30), on_s=st.integers(0, 300))
 def test_harm_evidence_grows_with_events_on_the_candidate(
