@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "--open-rounds",
         type=int,
         default=None,
-        help="open-loop rounds at 50 %% and 80 %% of bare's capacity (default: --rounds; 0: none)",
+        help="open-loop rounds at 50 %% and 80 %% of bare's capacity, and the shadows at 50 %% of "
+        "their no-shadow twin's (default: --rounds; 0: none)",
     )
     parser.add_argument("--open-duration", type=float, default=8.0, help="seconds per open run")
     parser.add_argument(
@@ -225,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                 # what a proxy adds at a normal load.
                 open_runs = latency.open_rounds(
                     started,
-                    min(run["rps"] for run in rows["bare"].runs),
+                    {
+                        name: min(run["rps"] for run in row.runs)
+                        for name, row in rows.items()
+                        if row.runs
+                    },
                     rounds=open_rounds,
                     duration_s=args.open_duration,
                     log=log,

@@ -471,10 +471,28 @@ def _open_loop_section(
         "the primary's (nginx: requests its mirror upstream answered).",
         "",
         *latency.table(runs),
+        *_shadow_section(runs),
         "",
         "Must show (issue 17), open loop and shadows:",
         "",
         *latency.must_show(runs, closed),
+    ]
+
+
+def _shadow_section(runs: list[dict[str, Any]]) -> list[str]:
+    from load_tests.bench import latency
+
+    table = latency.shadow_table(runs)
+    if not table:
+        return []
+    return [
+        "",
+        "Shadows at half their own capacity (the issue's shadow goal): each shadow target "
+        "and its no-shadow twin, back to back in each round, at 50 % of the twin's "
+        "closed-loop capacity in its slowest round; p99 x twin is the median of the "
+        "per-round ratios.",
+        "",
+        *table,
     ]
 
 

@@ -46,12 +46,14 @@ def test_open_loop_client_sends_at_a_fixed_rate_and_counts_answers(lab: Lab) -> 
 def test_open_rounds_report_added_latency_and_what_a_shadow_mirrored(lab: Lab) -> None:
     started: list[Target] = lab.start(["bare", "rollguard", "rollguard-shadow"], print)
     assert not lab.skipped
+    capacities = {"bare": 100.0, "rollguard": 60.0}
     runs = latency.open_rounds(
-        started, 100.0, rounds=1, duration_s=1.0, log=print, alive=lambda t: True
+        started, capacities, rounds=1, duration_s=1.0, log=print, alive=lambda t: True
     )
-    assert {(r.target, r.share) for r in runs} == {
-        (t, s) for t in ("bare", "rollguard", "rollguard-shadow") for s in latency.SHARES
-    }
+    assert {(r.target, r.share, r.basis) for r in runs} == {
+        (t, s, "bare") for t in ("bare", "rollguard", "rollguard-shadow") for s in latency.SHARES
+    } | {("rollguard", 0.5, "rollguard"), ("rollguard-shadow", 0.5, "rollguard")}
+    assert {r.rate for r in runs if r.basis == "rollguard"} == {30.0}  # half the twin's
     shadow = [r for r in runs if r.target == "rollguard-shadow"]
     assert all(0.0 <= r.figures["mirrored_share"] <= 1.0 for r in shadow)
     assert all(r.figures["compared_per_s"] >= 0 for r in shadow)
@@ -62,13 +64,17 @@ def test_open_rounds_report_added_latency_and_what_a_shadow_mirrored(lab: Lab) -
             "rate": r.rate,
             "round": r.round,
             "figures": r.figures,
+            "basis": r.basis,
         }
         for r in runs
     ]
     table = "\n".join(latency.table(docs))
     assert "| 50% | rollguard-shadow |" in table and "added p50 ms" in table
+    assert table.count("| 50% | rollguard-shadow |") == 1  # the twin-based run is apart
+    assert "| rollguard-shadow | 30 |" in "\n".join(latency.shadow_table(docs))
     rows = {"rollguard": report.Row("rollguard", ""), "rollguard-shadow": report.Row("x", "")}
-    assert any("mirrored" in line for line in latency.must_show(docs, rows))
+    shown = latency.must_show(docs, rows)
+    assert any("at 50 % of rollguard's capacity: mirrored" in line for line in shown)
 
 
 def test_shadow_figures_from_counters() -> None:
