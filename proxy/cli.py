@@ -89,11 +89,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         gateway = Gateway(settings)
-        await gateway.start()
-        if args.ready_fd is not None:
-            from rollguard.proxy.workers import tell_ready
-
-            tell_ready(args.ready_fd)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -103,8 +98,15 @@ def _serve(args: argparse.Namespace) -> int:
                 gateway.hurry()
             stop.set()
 
+        # Before the ports open: a SIGTERM that comes while the gateway starts (its data
+        # port may already answer) stops it as gracefully as one that comes later.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        await gateway.start()
+        if args.ready_fd is not None:
+            from rollguard.proxy.workers import tell_ready
+
+            tell_ready(args.ready_fd)
         log.info(
             "======== Running on http://%s:%d (admin http://%s:%d) ========",
             settings.host, gateway.port, settings.admin_host, gateway.admin_port,

@@ -150,7 +150,8 @@ class Gateway:
         self.grpc_port = 0  # 0 while gRPC is off
 
     async def start(self) -> None:
-        """Load the registry and the policies, then listen on both ports."""
+        """Load the registry and the policies, then listen: the admin and gRPC ports,
+        then the data port (whose readiness says the gateway is up)."""
         settings = self.settings
         await self.registry.start()
         await self.rollouts.start()
@@ -165,11 +166,8 @@ class Gateway:
             # `serve --workers N`: every worker listens on the one data and gRPC port
             # (the kernel spreads connections over them); the admin port is its own.
             shared = settings.workers > 1
-            self._listener = await loop.create_server(
-                self._server, settings.host, settings.port, reuse_address=True, reuse_port=shared
-            )
-            self.port = int(self._listener.sockets[0].getsockname()[1])
-            self.rollouts.own_ports.add(self.port)  # webhooks never reach a listener of ours
+            # The data port listens last: its readiness is what probes and load balancers
+            # read, and it must not say ready while the admin or gRPC port is not yet up.
             app = self.admin.application()
             app.middlewares.append(_admin_guard)
             runner = web.AppRunner(app, access_log=None)
@@ -190,12 +188,17 @@ class Gateway:
                 admin_connection, settings.admin_host, settings.admin_port, reuse_address=True
             )
             self.admin_port = int(self._admin_listener.sockets[0].getsockname()[1])
-            self.rollouts.own_ports.add(self.admin_port)
+            self.rollouts.own_ports.add(self.admin_port)  # webhooks never reach our listeners
             if self._grpc is not None:
                 self.grpc_port = await self._grpc.start(
                     settings.grpc_host or settings.host, settings.grpc_port, reuse_port=shared
                 )
                 self.rollouts.own_ports.add(self.grpc_port)
+            self._listener = await loop.create_server(
+                self._server, settings.host, settings.port, reuse_address=True, reuse_port=shared
+            )
+            self.port = int(self._listener.sockets[0].getsockname()[1])
+            self.rollouts.own_ports.add(self.port)
         except BaseException:
             await self.close()
             raise

@@ -118,6 +118,39 @@ async def test_sigterm_with_8s_requests_in_flight_answers_them_all(tmp_path: Pat
         assert "Traceback" not in text, text[-3000:]
 
 
+async def test_a_sigterm_as_the_data_port_opens_stops_the_gateway_gracefully(
+    tmp_path: Path,
+) -> None:
+    """The data port opens last, once the admin and gRPC ports listen, and a SIGTERM
+    that comes as soon as it answers (the signal handlers are in place before any port
+    opens) ends in a drain and exit 0, not in death by the signal."""
+    registry = tmp_path / "registry"
+    entered: list[str] = []
+    env = {**os.environ, "ROLLGUARD_DRAIN_DELAY_S": "0", "ROLLGUARD_ADMIN_AUTH": "none"}
+    async with _sleepy_upstream(registry, 0.0, entered):
+        (tmp_path / "policies").mkdir()
+        gateway = GatewayProcess(
+            registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
+            log=tmp_path / "gateway.log", env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while (status := await _status(gateway.url)) is None:
+                assert gateway.proc.poll() is None, "the gateway exited while starting"
+                assert time.monotonic() < deadline, "the data port never opened"
+                await asyncio.sleep(0.002)
+            for port in (gateway.admin_port, gateway.grpc_port):  # already listening
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+            gateway.terminate()
+            assert status in (200, 503)
+            assert await gateway.wait_exit(30.0) == 0
+        finally:
+            gateway.kill()
+        text = (tmp_path / "gateway.log").read_text()
+        assert "Traceback" not in text, text[-3000:]
+
+
 async def test_during_the_drain_delay_new_requests_are_served_and_told_to_reconnect(
     tmp_path: Path,
 ) -> None:
