@@ -120,7 +120,7 @@ class Isolation:
 
     concurrency: int = 64
     queue: int = 256
-    shadow_concurrency: int = 8
+    shadow_concurrency: int = 64
     shadow_queue: int = 16
     shadow_threads: int = 1
 
