@@ -193,6 +193,27 @@ async def test_one_pause_is_forgiven_and_big_batches_stay_on_the_executor(
     assert not _runs_inline(sched, big) and _runs_inline(sched, row)
 
 
+async def test_rounds_of_big_batches_leave_the_inline_average_of_small_calls_alone(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    """One client's large batches run on the threads in rounds of their own; that their
+    fastest call is over the limit says nothing about the one-row calls running inline,
+    which must stay inline (41fcb74: they were pushed onto the threads, and a canary's
+    latency check rolled back a healthy candidate)."""
+    sched, model, row = await _warmed(registry, executor, 5_000)
+    small_mean = sched.mean_call_s
+    assert sched.inline_rows == 1 and small_mean < 0.005
+    big = _rows(64)
+    model.burn_s = 0.006  # every call on the threads: over the 5 ms limit
+    for _ in range(2 * sched.WARMUP_CALLS):  # two rounds (the round length while inline)
+        await sched.predict(big)  # 64 rows: never inline
+    model.burn_s = 0.0
+    assert sched.inline and sched.mean_call_s == small_mean
+    model.threads.clear()
+    await sched.predict(row)
+    assert model.threads == {threading.current_thread().name}  # still on the loop
+
+
 class _Held(LocalRunner):
     """A local model that blocks its thread until `gate` is set (at most 10 s)."""
 
