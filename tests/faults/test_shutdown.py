@@ -60,6 +60,15 @@ async def _sleepy_upstream(
         await runner.cleanup()
 
 
+def _gateway(tmp_path: Path, registry: Path, env: dict[str, str]) -> GatewayProcess:
+    """`rollguard serve` of `registry` with no policies, its log in tmp_path/gateway.log."""
+    (tmp_path / "policies").mkdir()
+    return GatewayProcess(
+        registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
+        log=tmp_path / "gateway.log", env=env,
+    )  # fmt: skip
+
+
 async def _status(url: str) -> int | None:
     """Readiness on a fresh connection: its status, or None when nothing listens."""
     try:
@@ -75,11 +84,7 @@ async def test_sigterm_with_8s_requests_in_flight_answers_them_all(tmp_path: Pat
     env = {**os.environ, "ROLLGUARD_DRAIN_DELAY_S": "2", "ROLLGUARD_SHUTDOWN_GRACE_S": "20",
            "ROLLGUARD_REQUEST_TIMEOUT_S": "30", "ROLLGUARD_ADMIN_AUTH": "none"}  # fmt: skip
     async with _sleepy_upstream(registry, 8.0, entered):
-        (tmp_path / "policies").mkdir()
-        gateway = GatewayProcess(
-            registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
-            log=tmp_path / "gateway.log", env=env,
-        )  # fmt: skip
+        gateway = _gateway(tmp_path, registry, env)
         try:
             async with aiohttp.ClientSession() as http:
                 await gateway.wait_ready(http)
@@ -128,11 +133,7 @@ async def test_a_sigterm_as_the_data_port_opens_stops_the_gateway_gracefully(
     entered: list[str] = []
     env = {**os.environ, "ROLLGUARD_DRAIN_DELAY_S": "0", "ROLLGUARD_ADMIN_AUTH": "none"}
     async with _sleepy_upstream(registry, 0.0, entered):
-        (tmp_path / "policies").mkdir()
-        gateway = GatewayProcess(
-            registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
-            log=tmp_path / "gateway.log", env=env,
-        )  # fmt: skip
+        gateway = _gateway(tmp_path, registry, env)
         try:
             deadline = time.monotonic() + 60
             while (status := await _status(gateway.url)) is None:
@@ -215,12 +216,8 @@ async def test_sigterm_with_a_model_call_stuck_past_its_deadline_exits_cleanly(
     models.write_version(registry, "loop", "1", "model.onnx", data)
     row = models.rows()[:1].copy()
     row[0, 0] = 30.0 / models.seconds_per_trip(data)  # about 30 s of Loop
-    (tmp_path / "policies").mkdir()
     env = {**os.environ, "ROLLGUARD_REQUEST_TIMEOUT_S": "1", "ROLLGUARD_ADMIN_AUTH": "none"}
-    gateway = GatewayProcess(
-        registry=registry, policies=tmp_path / "policies", state=tmp_path / "state",
-        log=tmp_path / "gateway.log", env=env,
-    )  # fmt: skip
+    gateway = _gateway(tmp_path, registry, env)
     try:
         async with aiohttp.ClientSession() as http:
             await gateway.wait_ready(http)
