@@ -260,6 +260,9 @@ def scenarios() -> list[Scenario]:
         ("power_latency_+20%", Traffic(latency=(1.0, 1.2))),
         ("power_accuracy_-3pt", Traffic(accuracy=(0.90, 0.87))),
         ("power_hard_failure_0to5", Traffic(error=(0.0, 0.05))),
+        # the same accuracy drop where every answer's label comes back (the row above
+        # has 60 % labelled): how much of its cost is labels that never arrive
+        ("power_accuracy_-3pt_all_labelled", Traffic(accuracy=(0.90, 0.87), label_rate=1.0)),
     ):
         add(name, "power", power, traffic, POWER_HORIZON, 25)
     # -- The same with the two-sample mSPRT, where checks offer a choice of test
