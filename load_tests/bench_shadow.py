@@ -55,6 +55,8 @@ def start_gateway(
     # A loopback benchmark: admin without a token, asked for explicitly (admin_auth none).
     env = {"ROLLGUARD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
     env |= {"ROLLGUARD_ADMIN_AUTH": "none", "ROLLGUARD_ADMIN_TOKEN": ""}
+    # gRPC on as by default, on a port of its own: the two gateways run side by side.
+    env["ROLLGUARD_GRPC_PORT"] = str(free_port())
     process = procs.start(name, argv, env=env, cwd=REPO)
     base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     process.wait_ready(f"{base}/v2/models/{models.MODEL}/ready", 120)
@@ -146,7 +148,7 @@ def report(summary: dict[str, object], args: argparse.Namespace) -> str:
         f"request's scheduled start. Primary: fraud-onnx {models.STABLE} in-process (ONNX); "
         f"shadow: {models.CANDIDATE} as an `http` version whose upstream sleeps "
         f"{args.delay_ms:g} ms. Gateway settings: config/rollguard.yaml defaults "
-        "(shadow_concurrency 8, shadow_queue 256, shadow_timeout_s 5).",
+        "(shadow_concurrency 64, shadow_queue 256, shadow_timeout_s 5).",
         "",
         "| shadow | answered | errors | p50 ms | p99 ms |",
         "|---|---|---|---|---|",
