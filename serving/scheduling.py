@@ -14,8 +14,11 @@ blocks), sends the version back to the executor, and each return doubles the nex
 round's length (to `MAX_ROUND`).
 
 The time limit of a call is set here too, because only here is it known where the call
-runs: one on a thread is left behind at `timeout_s` (DeadlineExceeded; the thread
-finishes on its own), one inline cannot be interrupted by a timer, so none is set —
+runs: one on a thread is left behind at `timeout_s` (DeadlineExceeded) and stopped
+where the runtime can (`LocalRunner.give_up`: ONNX Runtime's terminate flag, checked
+between nodes, so the thread comes back within a node's time; ONNX Runtime logs the stop
+as an error line of its own); elsewhere the thread finishes on its own. One inline
+cannot be interrupted by a timer, so none is set —
 which is why only models measured to be cheap run inline. A timer on every inline call
 would cost a third of the whole request (asyncio.timeout: about 10 µs against 37).
 
@@ -153,12 +156,17 @@ class Scheduled(Wrapper):
         if self.inline and request.rows() <= self.inline_rows:
             return InferResponse.of_arrays(self._inline(request.arrays()))
         timeout = asyncio.timeout(self.timeout_s)
+        call = _Stoppable(request.arrays())
         try:
             async with timeout:
-                outputs = await self.threads[lane].run(self._timed, request.arrays())
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the model's own failure, not our deadline
+                outputs = await self.threads[lane].run(self._timed, call)
+        except BaseException as exc:
+            # Nobody waits for the call any more (its deadline, or a caller cancelled):
+            # stopped where the runtime can (ONNX Runtime's terminate flag), its thread
+            # comes back instead of computing an answer for nobody. A no-op once it ended.
+            self.local.give_up(call)
+            if not isinstance(exc, TimeoutError) or not timeout.expired():
+                raise  # the model's own failure, or a cancellation: not our deadline
             manifest = self.manifest
             raise DeadlineExceeded(
                 f"{manifest.name}/{manifest.version} did not answer within {self.timeout_s:g}s"
@@ -182,12 +190,13 @@ class Scheduled(Wrapper):
                 self.inline = False
                 self._round_length = min(2 * self._round_length, self.MAX_ROUND)
 
-    def _timed(self, inputs: Tensors) -> Tensors:
-        """predict_sync on one of the version's threads, timed to decide whether to go
-        inline."""
+    def _timed(self, call: _Stoppable) -> Tensors:
+        """The call on one of the version's threads, stoppable by its caller, timed to
+        decide whether to go inline."""
+        inputs = call.inputs
         start = time.perf_counter()
         try:
-            return self.local.predict_sync(inputs)
+            return self.local.predict_stoppable(inputs, call)
         finally:
             # Two threads may race on these counters; a lost update only shifts when a
             # round ends.
@@ -209,6 +218,17 @@ class Scheduled(Wrapper):
                 # else: a round of batches too big to go inline while smaller calls do;
                 # their cost must not count against the calls that run inline (one
                 # client's big batches would push every small call onto the threads).
+
+
+class _Stoppable:
+    """One call handed to a thread: its inputs, and the token that names it to
+    `LocalRunner.give_up` (the thread's queue entry holds it while the call runs, so
+    its id() names no other call meanwhile)."""
+
+    __slots__ = ("inputs",)
+
+    def __init__(self, inputs: Tensors) -> None:
+        self.inputs = inputs
 
 
 def _rows(inputs: Tensors) -> int:

@@ -125,5 +125,16 @@ class LocalRunner(Runner):
     def predict_sync(self, inputs: Tensors) -> Tensors:
         """Compute one batch on the calling thread; raise ModelExecutionError on failure."""
 
+    def predict_stoppable(self, inputs: Tensors, call: object) -> Tensors:
+        """predict_sync on a thread whose caller may give up on it (its deadline): a
+        runtime that can stop a call part-way (ONNX Runtime) lets `give_up(call)` stop
+        it; by default it is predict_sync, and a call given up on runs to its end.
+        `call` is the caller's own token for this one call, alive until it returns."""
+        return self.predict_sync(inputs)
+
+    def give_up(self, call: object) -> None:
+        """Stop the `predict_stoppable` call of that token if it still runs and the
+        runtime can; it then fails with ModelExecutionError, which nobody waits for."""
+
     def _unload_sync(self) -> None:
         """Drop references to the framework's objects."""

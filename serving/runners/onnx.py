@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,13 @@ from rollguard.serving.tensors import Tensors, as_text
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _RunOptionsOfThisThread(threading.local):
+    options: Any = None  # the RunOptions predict_stoppable set up for its call, if any
+
+
+_THIS_THREAD = _RunOptionsOfThisThread()
 
 
 def _session_from_private_copy(
@@ -60,6 +68,10 @@ class OnnxRunner(LocalRunner):
         self._input_names: list[str] = []
         self._output_names: list[str] = []
         self._string_inputs: frozenset[str] = frozenset()
+        self._run_options: Any = None  # onnxruntime.RunOptions, once loaded
+        # id() of a running stoppable call's token -> its RunOptions (the caller keeps the
+        # token alive until the call returns, so an id is never another call's meanwhile)
+        self._stoppable: dict[int, Any] = {}
 
     def _load_sync(self) -> None:
         path = self.artifact_path
@@ -71,6 +83,7 @@ class OnnxRunner(LocalRunner):
                 f"{path.name}: framework 'onnx' needs onnxruntime, which is not installed "
                 "(pip install 'rollguard[onnx]')"
             ) from None
+        self._run_options = ort.RunOptions
         options = ort.SessionOptions()
         # Parallelism comes from the executor's threads serving many requests at once;
         # a big intra-op pool per session would oversubscribe the cores.
@@ -119,6 +132,27 @@ class OnnxRunner(LocalRunner):
                 f"it gives {outputs}"
             )
 
+    def predict_stoppable(self, inputs: Tensors, call: object) -> Tensors:
+        """predict_sync with RunOptions of its own, which `give_up(call)` sets to
+        terminate: ONNX Runtime checks the flag between nodes (a Loop's body included)
+        and ends the run, so a call past its deadline frees its thread instead of
+        computing for nobody."""
+        if self._run_options is None:
+            return self.predict_sync(inputs)
+        options = self._run_options()
+        self._stoppable[id(call)] = options
+        _THIS_THREAD.options = options
+        try:
+            return self.predict_sync(inputs)
+        finally:
+            _THIS_THREAD.options = None
+            del self._stoppable[id(call)]
+
+    def give_up(self, call: object) -> None:
+        options = self._stoppable.get(id(call))
+        if options is not None:
+            options.terminate = True
+
     def predict_sync(self, inputs: Tensors) -> Tensors:
         session = self._session
         if session is None:
@@ -130,7 +164,7 @@ class OnnxRunner(LocalRunner):
         for name in self._string_inputs:
             feed[name] = as_text(name, feed[name], "an ONNX string tensor")
         try:
-            results = session.run(self._output_names, feed)
+            results = session.run(self._output_names, feed, _THIS_THREAD.options)
         except Exception as exc:  # onnxruntime's errors share no public base class
             raise ModelExecutionError(_first_line(exc)) from None
         return dict(zip(self._output_names, results, strict=True))

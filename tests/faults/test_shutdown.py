@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -202,20 +203,9 @@ async def test_past_the_grace_running_requests_get_503_and_queued_ones_too(
         assert server.running.data_plane.inflight == 0
 
 
-@pytest.mark.slow
-async def test_sigterm_with_a_model_call_stuck_past_its_deadline_exits_cleanly(
-    tmp_path: Path,
-) -> None:
-    """A call past `request_timeout_s` is answered 504 while its thread computes on in
-    ONNX Runtime; stopping the gateway then must exit 0, not abort under that thread."""
-    from tests.faults import models
-
-    registry = tmp_path / "registry"
-    loop_model = models.with_loop(models.onnx_model(models.logistic()))
-    data = models.onnx_bytes(loop_model)
-    models.write_version(registry, "loop", "1", "model.onnx", data)
-    row = models.rows()[:1].copy()
-    row[0, 0] = 30.0 / models.seconds_per_trip(data)  # about 30 s of Loop
+async def _504_then_sigterm(tmp_path: Path, registry: Path, model: str, row: Any) -> str:
+    """A call of `model` past `request_timeout_s` (1 s) is answered 504, then SIGTERM:
+    the gateway must exit 0; its log."""
     env = {**os.environ, "ROLLGUARD_REQUEST_TIMEOUT_S": "1", "ROLLGUARD_ADMIN_AUTH": "none"}
     gateway = _gateway(tmp_path, registry, env)
     try:
@@ -223,12 +213,47 @@ async def test_sigterm_with_a_model_call_stuck_past_its_deadline_exits_cleanly(
             await gateway.wait_ready(http)
             tensor = {"name": "input", "datatype": "FP32", "shape": list(row.shape)}
             body = {"inputs": [{**tensor, "data": row.ravel().tolist()}]}
-            async with http.post(f"{gateway.url}/v2/models/loop/infer", json=body) as r:
+            async with http.post(f"{gateway.url}/v2/models/{model}/infer", json=body) as r:
                 assert r.status == 504, await r.text()
         gateway.terminate()
         assert await gateway.wait_exit(30.0) == 0
     finally:
         gateway.kill()
     text = (tmp_path / "gateway.log").read_text()
-    assert "model call(s) still running past their deadline: model loop/1" in text, text[-2000:]
     assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+async def test_an_onnx_call_past_its_deadline_is_stopped_and_the_gateway_exits_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A call of about 30 s of ONNX Loop, past its deadline, is answered 504 and stopped
+    by ONNX Runtime's terminate flag (no thread computes on for nobody); SIGTERM then
+    exits 0 with no model call left running."""
+    from tests.faults import models
+
+    registry = tmp_path / "registry"
+    data = models.onnx_bytes(models.with_loop(models.onnx_model(models.logistic())))
+    models.write_version(registry, "loop", "1", "model.onnx", data)
+    row = models.rows()[:1].copy()
+    row[0, 0] = 30.0 / models.seconds_per_trip(data)  # about 30 s of Loop
+    text = await _504_then_sigterm(tmp_path, registry, "loop", row)
+    assert "Exiting due to terminate flag" in text, text[-2000:]
+    assert "still running past their deadline" not in text, text[-2000:]
+
+
+@pytest.mark.slow
+async def test_sigterm_with_a_model_call_stuck_past_its_deadline_exits_cleanly(
+    tmp_path: Path,
+) -> None:
+    """A scikit-learn call that cannot be stopped (it hangs for a minute) is answered 504
+    while its thread waits on; stopping the gateway then exits 0 and says what it left
+    running, without waiting for it."""
+    from tests.faults import models
+
+    registry = tmp_path / "registry"
+    data = models.joblib_bytes(models.hanging())
+    models.write_version(registry, "hung", "1", "model.joblib", data)
+    text = await _504_then_sigterm(tmp_path, registry, "hung", models.rows()[:1])
+    assert "model call(s) still running past their deadline: model hung/1" in text, text[-2000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rollguard.serving.bulkhead import Lane
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import DeadlineExceeded, ModelExecutionError
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -254,3 +255,33 @@ async def test_a_call_on_a_thread_past_its_limit_is_deadline_exceeded(
     sched.timeout_s = 30.0  # the next call is served (with room for a loaded machine)
     answer = await sched.predict(InferRequest.of_arrays({"x": x}))
     np.testing.assert_array_equal(answer.arrays()["y"], x * 2)
+
+
+async def test_an_onnx_call_past_its_deadline_is_stopped_and_frees_its_thread(
+    tmp_path: Path,
+) -> None:
+    """ONNX Runtime's terminate flag: a call of about 60 s (a Loop) given up at its 0.5 s
+    deadline stops within a few Loop iterations' time, so its thread is back at once,
+    not a minute later; the next call is served as usual."""
+    from tests.faults import models
+
+    data = models.onnx_bytes(models.with_loop(models.onnx_model(models.logistic())))
+    directory = models.write_version(tmp_path / "registry", "loop", "1", "model.onnx", data)
+    row = models.rows()[:1].copy()
+    row[0, 0] = 60.0 / models.seconds_per_trip(data)
+    model = OnnxRunner(load_manifest(directory / MANIFEST_NAME), directory)
+    sched = Scheduled(model, 1, 0, timeout_s=0.5)
+    await sched.load()
+    threads = sched.threads[Lane.PRIMARY]
+    with pytest.raises(DeadlineExceeded):
+        await sched.predict(InferRequest.of_arrays({"input": row}))
+    assert threads.stuck == 1  # its caller gave up; the thread still had the call
+    deadline = time.monotonic() + 20  # a minute of Loop left had it not been stopped
+    while threads.stuck:
+        assert time.monotonic() < deadline, "the call was not stopped"
+        await asyncio.sleep(0.01)
+    quick = models.rows()[:1].copy()
+    quick[0, 0] = 1.0
+    answer = await sched.predict(InferRequest.of_arrays({"input": quick}))
+    assert answer.arrays()["label"].shape == (1,)
+    await sched.unload()
