@@ -42,7 +42,11 @@ class RedisServer:
                 *("--bind", "127.0.0.1", "--port", str(self.port)),
                 *("--dir", str(self.directory), "--logfile", str(log)),
                 *("--save", "", "--daemonize", "no"),
-                *("--appendonly", "yes" if persist else "no", "--appendfsync", "always"),
+                *(
+                    ("--appendonly", "yes", "--appendfsync", "always")
+                    if persist
+                    else ("--appendonly", "no")
+                ),
             ],
             stdin=subprocess.DEVNULL,
         )

@@ -50,6 +50,28 @@ def serve_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def canary_policy(first_hold: str) -> str:
+    """The fleet tests' rollout of remote 1 -> 2: 30 % held `first_hold`, then 100 %,
+    rolled back on a candidate error rate 1 point over the stable's."""
+    return f"""\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {{name: remote}}
+spec:
+  model: remote
+  stable: "1"
+  candidate: "2"
+  strategy: canary
+  split: random
+  steps:
+    - {{weight: 30, hold: {first_hold}, min_requests: 30}}
+    - {{weight: 100}}
+  interval: 0.2s
+  checks:
+    - {{metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}}
+"""
+
+
 def write_policy(tmp_path: Path, text: str) -> Path:
     """`text` as tmp_path/policies/remote.yaml; returns the policies directory."""
     policies = tmp_path / "policies"

@@ -25,6 +25,7 @@ from tests.fleet.support import (
     admin_get,
     assert_no_traceback,
     audit_entries,
+    canary_policy,
     serve_env,
     until,
     upstream,
@@ -33,23 +34,7 @@ from tests.fleet.support import (
 
 pytestmark = pytest.mark.slow
 
-POLICY = """\
-apiVersion: rollguard/v1
-kind: Rollout
-metadata: {name: remote}
-spec:
-  model: remote
-  stable: "1"
-  candidate: "2"
-  strategy: canary
-  split: random
-  steps:
-    - {weight: 30, hold: 0.5s, min_requests: 30}
-    - {weight: 100}
-  interval: 0.2s
-  checks:
-    - {metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}
-"""
+POLICY = canary_policy("0.5s")
 
 
 async def _verify(redis_server: RedisServer) -> subprocess.CompletedProcess[str]:

@@ -32,6 +32,7 @@ from tests.fleet.support import (
     admin_get,
     assert_no_traceback,
     audit_entries,
+    canary_policy,
     serve_env,
     until,
     upstream,
@@ -39,23 +40,7 @@ from tests.fleet.support import (
 )
 from tests.proxy.test_cli import cli
 
-POLICY = """\
-apiVersion: rollguard/v1
-kind: Rollout
-metadata: {name: remote}
-spec:
-  model: remote
-  stable: "1"
-  candidate: "2"
-  strategy: canary
-  split: random
-  steps:
-    - {weight: 30, hold: 1s, min_requests: 30}
-    - {weight: 100}
-  interval: 0.2s
-  checks:
-    - {metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}
-"""
+POLICY = canary_policy("1s")
 
 
 @dataclass

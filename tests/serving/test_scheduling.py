@@ -261,8 +261,8 @@ async def test_an_onnx_call_past_its_deadline_is_stopped_and_frees_its_thread(
     tmp_path: Path,
 ) -> None:
     """ONNX Runtime's terminate flag: a call of about 60 s (a Loop) given up at its 0.5 s
-    deadline stops within a few Loop iterations' time, so its thread is back at once,
-    not a minute later; the next call is served as usual."""
+    deadline, or whose caller is cancelled, stops within a few Loop iterations' time, so
+    its thread is back at once, not a minute later; the next call is served as usual."""
     from tests.faults import models
 
     data = models.onnx_bytes(models.with_loop(models.onnx_model(models.logistic())))
@@ -279,6 +279,20 @@ async def test_an_onnx_call_past_its_deadline_is_stopped_and_frees_its_thread(
     deadline = time.monotonic() + 20  # a minute of Loop left had it not been stopped
     while threads.stuck:
         assert time.monotonic() < deadline, "the call was not stopped"
+        await asyncio.sleep(0.01)
+    # A caller cancelled (a client gone, a shadow's own deadline) stops its call too.
+    sched.timeout_s = 600.0
+    call = asyncio.create_task(sched.predict(InferRequest.of_arrays({"input": row})))
+    deadline = time.monotonic() + 20
+    while not threads._busy:  # until it is handed to the thread
+        assert time.monotonic() < deadline, "the call never reached a thread"
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    deadline = time.monotonic() + 20
+    while threads.stuck:
+        assert time.monotonic() < deadline, "the cancelled call was not stopped"
         await asyncio.sleep(0.01)
     quick = models.rows()[:1].copy()
     quick[0, 0] = 1.0
