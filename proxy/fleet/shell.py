@@ -34,6 +34,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from rollguard.policy import lifecycle
+from rollguard.policy.chain import RECORD_KINDS, RECOVERED, Record
 from rollguard.policy.effects import Audit, ResetWindows, Save
 from rollguard.policy.errors import AuditError, PolicyError, StateError
 from rollguard.policy.keys import AuditKey
@@ -379,6 +380,7 @@ class FleetShell:
         its step (a restore; this process's windows keep counting, they are in the fleet's
         sample)."""
         rollout = managed.rollout
+        saved = await self._recover(name, role, managed, saved)
         unavailable = self.host.unavailable(rollout)
         transition = lifecycle.start(rollout, saved, now, unavailable, carry=False)
         if saved is not None and saved.same_rollout(rollout):
@@ -386,6 +388,54 @@ class FleetShell:
             transition = lifecycle.Transition(transition.state, kept)
         log.info("rollout %s: deciding (process %s, v%d)", name, self.process, role.lease.version)
         await self._commit(name, role, managed, rollout, transition)
+
+    async def _recover(
+        self, name: str, role: _Role, managed: Managed, saved: RolloutState | None
+    ) -> RolloutState | None:
+        """The saved state checked against the stream, the fleet's source of truth, as
+        policy/recovery.py checks a state file against the file log: a state older than
+        the rollout's last record (its decider was killed between the entry and the
+        save) is rebuilt from the last entry that carries one; a state naming an entry
+        the stream does not hold for it (saved, then killed, by a rollguard that saved
+        first) is kept. Either is recorded in a `state_recovered` entry and saved."""
+        record: Record | None = None
+        for entry in await self.audit.entries():
+            if entry.get("rollout") == name and entry.get("kind") in RECORD_KINDS:
+                record = Record.after(record, entry)
+        stored = self.latest.get(name)
+        seq = 0 if stored is None else stored.audit_seq
+        if record is None or record.seq == seq:
+            return saved
+        # A threshold entry carries no state: one written before a save that never came
+        # is superseded by the next tick's (the saved state has no threshold yet).
+        if record.state_seq > seq and record.state is not None:
+            try:
+                rebuilt = RolloutState.from_json(record.state)
+            except (StateError, KeyError, TypeError, ValueError) as exc:
+                log.error("rollout %s: audit entry %d's state not usable: %s",
+                          name, record.state_seq, exc)  # fmt: skip
+                return saved
+            state = rebuilt
+            why = (
+                f"the saved state names audit entry {seq}, older than the stream's last record "
+                f"of this rollout ({record.seq}): rebuilt from audit entry {record.state_seq}"
+            )
+        elif saved is not None and seq > record.seq:
+            state = saved
+            why = (
+                f"the saved state names audit entry {seq}, which the stream does not hold for "
+                f"this rollout (its last record is {record.seq}): saved before its entry was "
+                "written; applied, and recorded now"
+            )
+        else:
+            return saved
+        log.warning("rollout %s: %s", name, why)
+        data = {"reason": why, "state": state.to_json()}
+        recovered = lifecycle.Transition(
+            state, (Save(state), Audit(RECOVERED, lifecycle.ENGINE, data))
+        )
+        await self._commit(name, role, managed, managed.rollout, recovered)
+        return state
 
     def _edit_locally(self, managed: Managed, rollout: Rollout) -> None:
         candidate = self.host.unavailable(rollout)
@@ -405,9 +455,19 @@ class FleetShell:
         """Run a transition's effects as rollouts.py `_run` does, Save and Audit to redis:
         under the lease (a decider) or, for an operator's action on a follower, under
         `fence` (the version read). The first that fails stops the rest; memory holds
-        a saved state once it and its Audit are written."""
+        a saved state once it and its Audit are written.
+
+        Unlike the file log, the stream has other writers (other rollouts' deciders,
+        operators on other processes), so the seq an entry will get is not known before
+        it is appended: a Save followed by its Audit appends first and saves the state
+        naming the entry's real seq. A process killed between the two leaves a stream
+        whose last record of the rollout is newer than the saved state, which the next
+        decider's takeover finds (`_recover`). A Save followed by no record (bookkeeping,
+        or a `restore`, which repeats a recorded state) names the rollout's last record,
+        as the file mode's does."""
         effects = transition.effects
         recorded: RolloutState | None = None
+        ahead: Audit | None = None  # the record appended ahead of the Save before it
         for i, effect in enumerate(effects):
             if recorded is not None and not isinstance(effect, Audit):
                 managed.rollout, managed.state, recorded = rollout, recorded, None
@@ -415,21 +475,35 @@ class FleetShell:
                 write = fence if role is None else role.lease.fence()
                 assert write is not None
                 following = effects[i + 1] if i + 1 < len(effects) else None
-                seq = (await self.audit.head())[0] + 1 if isinstance(following, Audit) else 0
+                entry: dict[str, Any] | None = None
+                if isinstance(following, Audit) and following.kind in RECORD_KINDS:
+                    ahead, entry = following, await self._append(role, rollout, following)
+                    seq = int(entry["seq"])
+                else:
+                    known = self.latest.get(name)
+                    seq = known.audit_seq if known is not None else 0
                 data = effect.state.to_json()
                 version = await self.store.save(name, data, audit_seq=seq, fence=write)
                 self._wrote(name, role, data, seq, version)
                 recorded = effect.state
+                if ahead is not None and ahead.announce and entry is not None:
+                    self.host.announce(rollout, entry)  # once its state is saved too
             elif isinstance(effect, Audit):
-                audit_fence = None if role is None else role.lease.fence()
-                record = await self.audit.append(
-                    effect.kind, name, effect.actor, effect.data, fence=audit_fence
-                )
+                if effect is ahead:
+                    ahead = None
+                    continue
+                entry = await self._append(role, rollout, effect)
                 if effect.announce:
-                    self.host.announce(rollout, record)
+                    self.host.announce(rollout, entry)
             else:
                 self.host.run_local(name, rollout, lifecycle.Transition(managed.state, (effect,)))
         managed.rollout, managed.state = rollout, transition.state
+
+    async def _append(self, role: _Role | None, rollout: Rollout, audit: Audit) -> dict[str, Any]:
+        fence = None if role is None else role.lease.fence()
+        return await self.audit.append(
+            audit.kind, rollout.name, audit.actor, audit.data, fence=fence
+        )
 
     def _wrote(
         self, name: str, role: _Role | None, data: Mapping[str, Any], seq: int, version: int

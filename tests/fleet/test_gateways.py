@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from load_tests.redis_server import RedisServer
+from rollguard.policy.chain import RECORD_KINDS
+from rollguard.proxy.fleet.store import PREFIX
 from rollguard.proxy.process import GatewayProcess
 from tests.fleet.support import (
     ROW,
@@ -279,6 +282,82 @@ async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_con
         assert [e["kind"] for e in entries].count("restore") == 1
     verified = await _verify(redis_server)
     assert verified.returncode == 0, verified.stderr
+
+
+async def test_a_decider_killed_between_its_entry_and_its_save_is_recovered_from_the_stream(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The stream is the fleet's source of truth. A decider appends a decision's entry,
+    then saves the state it names; killed between the two, redis keeps the older state.
+    The crash is reproduced with real writes: the state hash as it was before the advance
+    is put back after the decider wrote the advance's entry and state and was killed. The
+    next decider takes the state from the stream and records that it did."""
+    registry = tmp_path / "registry"
+    state_key = f"{PREFIX}:state:remote"
+    client = redis_server.target.client()
+    async with upstream(registry), aiohttp.ClientSession() as http, _closing(client):
+        waits = HELD.replace("hold: 0.5s}", "hold: 0.5s, min_requests: 30}")  # for traffic
+        async with _fleet(tmp_path, redis_server, 1, policy=waits) as (first,):
+
+            async def at_step(step: int) -> bool:
+                return bool((await _rollout(http, first))["step"] == step)
+
+            async def started() -> bool:
+                return bool(await client.exists(state_key)) and await at_step(0)
+
+            await until(started, 20.0)
+            before: dict[Any, Any] = await client.hgetall(state_key)  # the start's save
+            assert orjson.loads(before[b"doc"])["state"]["step"] == 0
+            stop = asyncio.Event()
+            driving = asyncio.create_task(_drive(http, [first], stop))
+            try:
+                await until(lambda: at_step(1), 20.0)  # the advance: entry, then state
+            finally:
+                stop.set()
+                await driving
+            first.kill()
+        await client.delete(state_key)
+        await client.hset(state_key, mapping=before)  # the advance's save never landed
+        second = GatewayProcess(
+            registry=registry,
+            policies=tmp_path / "policies",
+            state=redis_server.url,
+            log=tmp_path / "second.log",
+            env=serve_env({"ROLLGUARD_GRPC_ENABLED": "false"}),
+        )
+        try:
+            await second.wait_ready(http)
+
+            async def took_over() -> bool:  # its `restore` entry: the takeover is done
+                return any(e["kind"] == "restore" for e in await audit_entries(redis_server))
+
+            await until(took_over, 15.0)  # after the killed decider's lease (5 s) ran out
+            doc = await _rollout(http, second)
+            # Step 2 (weight 50) as the stream says, not step 1 as the stale state did.
+            assert (doc["step"], doc["weight"]) == (1, 50), doc
+        finally:
+            second.stop()
+        saved = orjson.loads((await client.hgetall(state_key))[b"doc"])
+    entries = await audit_entries(redis_server)
+    records = [e["seq"] for e in entries if e["kind"] in RECORD_KINDS]
+    assert saved["audit_seq"] == records[-1]  # the next takeover finds them agreeing
+    assert_no_traceback(tmp_path / "second.log")
+    recovered = [e for e in entries if e["kind"] == "state_recovered"]
+    assert len(recovered) == 1, [e["kind"] for e in entries]
+    assert "rebuilt from audit entry" in recovered[0]["data"]["reason"]
+    assert recovered[0]["data"]["state"]["step"] == 1
+    advances = [e for e in entries if e["kind"] == "decision"]
+    assert [(e["data"]["action"], e["data"]["state"]["step"]) for e in advances] == [("advance", 1)]
+    verified = await _verify(redis_server)
+    assert verified.returncode == 0, verified.stderr
+
+
+@asynccontextmanager
+async def _closing(client: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 OUTAGE_S = 10.0
