@@ -459,15 +459,19 @@ class FleetShell:
 
         Unlike the file log, the stream has other writers (other rollouts' deciders,
         operators on other processes), so the seq an entry will get is not known before
-        it is appended: a Save followed by its Audit appends first and saves the state
-        naming the entry's real seq. A process killed between the two leaves a stream
-        whose last record of the rollout is newer than the saved state, which the next
-        decider's takeover finds (`_recover`). A Save followed by no record (bookkeeping,
-        or a `restore`, which repeats a recorded state) names the rollout's last record,
-        as the file mode's does."""
+        it is appended: a decider's Save followed by its Audit appends first (the append
+        is fenced by the lease as the save is) and saves the state naming the entry's real
+        seq; an operator's on a follower saves first (its compare-and-set decides whether
+        the action happens) and corrects the seq after the append. A decider killed
+        between its two writes leaves a stream whose last record of the rollout is newer
+        than the saved state; an operator's process, a state naming an entry the stream
+        lacks. The next decider's takeover finds either (`_recover`). A Save followed by
+        no record (bookkeeping, or a `restore`, which repeats a recorded state) names the
+        rollout's last record, as the file mode's does."""
         effects = transition.effects
         recorded: RolloutState | None = None
         ahead: Audit | None = None  # the record appended ahead of the Save before it
+        saved: tuple[dict[str, Any], int, int] | None = None  # data, seq, version
         for i, effect in enumerate(effects):
             if recorded is not None and not isinstance(effect, Audit):
                 managed.rollout, managed.state, recorded = rollout, recorded, None
@@ -476,15 +480,23 @@ class FleetShell:
                 assert write is not None
                 following = effects[i + 1] if i + 1 < len(effects) else None
                 entry: dict[str, Any] | None = None
-                if isinstance(following, Audit) and following.kind in RECORD_KINDS:
+                records = isinstance(following, Audit) and following.kind in RECORD_KINDS
+                if records and role is not None and isinstance(following, Audit):
                     ahead, entry = following, await self._append(role, rollout, following)
                     seq = int(entry["seq"])
+                elif records:
+                    # An operator on a follower: the compare-and-set on the version decides
+                    # whether the action happens at all, so it comes first (an entry for an
+                    # action that lost the race would be a lie); the seq is corrected below
+                    # when another writer's entry took the one expected.
+                    seq = (await self.audit.head())[0] + 1
                 else:
                     known = self.latest.get(name)
                     seq = known.audit_seq if known is not None else 0
                 data = effect.state.to_json()
                 version = await self.store.save(name, data, audit_seq=seq, fence=write)
                 self._wrote(name, role, data, seq, version)
+                saved = (data, seq, version) if records and role is None else None
                 recorded = effect.state
                 if ahead is not None and ahead.announce and entry is not None:
                     self.host.announce(rollout, entry)  # once its state is saved too
@@ -493,6 +505,14 @@ class FleetShell:
                     ahead = None
                     continue
                 entry = await self._append(role, rollout, effect)
+                if saved is not None and role is None and entry["seq"] != saved[1]:
+                    data, seq, version = dict(saved[0]), int(entry["seq"]), saved[2]
+                    with contextlib.suppress(Fenced):  # a later write names its own entry
+                        version = await self.store.save(
+                            name, data, audit_seq=seq, fence=Fence(version)
+                        )
+                        self._wrote(name, role, data, seq, version)
+                saved = None
                 if effect.announce:
                     self.host.announce(rollout, entry)
             else:

@@ -337,7 +337,7 @@ async def test_a_decider_killed_between_its_entry_and_its_save_is_recovered_from
             assert (doc["step"], doc["weight"]) == (1, 50), doc
         finally:
             second.stop()
-        saved = orjson.loads((await client.hgetall(state_key))[b"doc"])
+        saved = await _saved_state(redis_server)
     entries = await audit_entries(redis_server)
     records = [e["seq"] for e in entries if e["kind"] in RECORD_KINDS]
     assert saved["audit_seq"] == records[-1]  # the next takeover finds them agreeing
@@ -350,6 +350,18 @@ async def test_a_decider_killed_between_its_entry_and_its_save_is_recovered_from
     assert [(e["data"]["action"], e["data"]["state"]["step"]) for e in advances] == [("advance", 1)]
     verified = await _verify(redis_server)
     assert verified.returncode == 0, verified.stderr
+
+
+async def _saved_state(redis_server: RedisServer) -> dict[str, Any]:
+    """The rollout's state document as redis holds it (`audit_seq`, `state`, ...)."""
+    client = redis_server.target.client()
+    try:
+        raw = await client.hget(f"{PREFIX}:state:remote", "doc")
+        assert raw is not None, "no state saved"
+        doc: dict[str, Any] = orjson.loads(raw)
+        return doc
+    finally:
+        await client.aclose()
 
 
 @asynccontextmanager
@@ -500,5 +512,8 @@ async def test_an_operator_and_a_policy_edit_act_once_through_any_process(
         )
         # The decider, told by redis, did not decide anything after the operator.
         assert kinds[-1] == "admin", kinds
+        # The state the follower saved names the operator's entry (its takeover check).
+        saved = await _saved_state(redis_server)
+        assert saved["audit_seq"] == admin["seq"], (saved["audit_seq"], admin["seq"])
     verified = await _verify(redis_server)
     assert verified.returncode == 0, verified.stderr
