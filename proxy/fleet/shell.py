@@ -410,12 +410,11 @@ class FleetShell:
         # is superseded by the next tick's (the saved state has no threshold yet).
         if record.state_seq > seq and record.state is not None:
             try:
-                rebuilt = RolloutState.from_json(record.state)
+                state = RolloutState.from_json(record.state)
             except (StateError, KeyError, TypeError, ValueError) as exc:
                 log.error("rollout %s: audit entry %d's state not usable: %s",
                           name, record.state_seq, exc)  # fmt: skip
                 return saved
-            state = rebuilt
             why = (
                 f"the saved state names audit entry {seq}, older than the stream's last record "
                 f"of this rollout ({record.seq}): rebuilt from audit entry {record.state_seq}"

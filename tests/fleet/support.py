@@ -50,9 +50,10 @@ def serve_env(settings: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def canary_policy(first_hold: str) -> str:
-    """The fleet tests' rollout of remote 1 -> 2: 30 % held `first_hold`, then 100 %,
-    rolled back on a candidate error rate 1 point over the stable's."""
+def rollout_policy(*steps: str) -> str:
+    """The fleet tests' canary rollout of remote 1 -> 2 through `steps` (YAML flow
+    mappings), rolled back on a candidate error rate 1 point over the stable's."""
+    listed = "".join(f"    - {step}\n" for step in steps)
     return f"""\
 apiVersion: rollguard/v1
 kind: Rollout
@@ -64,12 +65,15 @@ spec:
   strategy: canary
   split: random
   steps:
-    - {{weight: 30, hold: {first_hold}, min_requests: 30}}
-    - {{weight: 100}}
-  interval: 0.2s
+{listed}  interval: 0.2s
   checks:
     - {{metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}}
 """
+
+
+def canary_policy(first_hold: str) -> str:
+    """30 % held `first_hold` (and 30 requests), then 100 %."""
+    return rollout_policy(f"{{weight: 30, hold: {first_hold}, min_requests: 30}}", "{weight: 100}")
 
 
 def write_policy(tmp_path: Path, text: str) -> Path:

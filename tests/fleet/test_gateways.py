@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from tests.fleet.support import (
     assert_no_traceback,
     audit_entries,
     canary_policy,
+    rollout_policy,
     serve_env,
     until,
     upstream,
@@ -194,24 +195,7 @@ async def test_three_gateways_roll_a_failing_candidate_back_once(
     assert "chain intact" in verified.stdout
 
 
-STEPPED = """\
-apiVersion: rollguard/v1
-kind: Rollout
-metadata: {name: remote}
-spec:
-  model: remote
-  stable: "1"
-  candidate: "2"
-  strategy: canary
-  split: random
-  steps:
-    - {weight: 20, hold: 0.5s}
-    - {weight: 50, hold: 8s}
-    - {weight: 100}
-  interval: 0.2s
-  checks:
-    - {metric: error_rate, max_increase_vs_stable: 0.01, min_samples: 30, on_fail: rollback}
-"""
+STEPPED = rollout_policy("{weight: 20, hold: 0.5s}", "{weight: 50, hold: 8s}", "{weight: 100}")
 
 
 async def test_a_killed_decider_is_replaced_within_the_lease_and_the_rollout_continues(
@@ -295,7 +279,7 @@ async def test_a_decider_killed_between_its_entry_and_its_save_is_recovered_from
     registry = tmp_path / "registry"
     state_key = f"{PREFIX}:state:remote"
     client = redis_server.target.client()
-    async with upstream(registry), aiohttp.ClientSession() as http, _closing(client):
+    async with upstream(registry), aiohttp.ClientSession() as http, aclosing(client):
         waits = HELD.replace("hold: 0.5s}", "hold: 0.5s, min_requests: 30}")  # for traffic
         async with _fleet(tmp_path, redis_server, 1, policy=waits) as (first,):
 
@@ -360,14 +344,6 @@ async def _saved_state(redis_server: RedisServer) -> dict[str, Any]:
         assert raw is not None, "no state saved"
         doc: dict[str, Any] = orjson.loads(raw)
         return doc
-    finally:
-        await client.aclose()
-
-
-@asynccontextmanager
-async def _closing(client: Any) -> AsyncIterator[None]:
-    try:
-        yield
     finally:
         await client.aclose()
 
