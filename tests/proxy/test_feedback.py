@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -211,3 +213,30 @@ def test_labels_count_in_the_weight_their_request_was_routed_at() -> None:
     assert (ev.labelled, ev.correct) == (2, 1)
     window.reset()
     assert window.evidence().label_strata == ()
+
+
+def test_what_the_index_keeps_is_left_alone_by_the_collector() -> None:
+    """A full index must not cost the cyclic collector: each full collection walking
+    200,000 tuples stopped the event loop ~10 ms (the gateway's p99)."""
+    window = VariantWindow("v1", 10)
+    index = FeedbackIndex(1000, HOUR)
+    before = len(gc.get_objects())
+    for i in range(1000):
+        index.put("m", "alice", f"r{i}", window, (float(i % 2), "cat"))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 10  # not ~2,000 tuples
+    assert index.take("m", "alice", "r999") == (window, window.generation, (1.0, "cat"), 0.0)
+
+
+def test_a_window_no_request_names_is_let_go() -> None:
+    index = FeedbackIndex(10, HOUR)
+    old = VariantWindow("v1", 10)
+    gone = weakref.ref(old)
+    index.put("m", None, "a", old, (1.0,))
+    del old
+    new = VariantWindow("v2", 10)
+    for i in range(25):  # every request that named the old window is dropped
+        index.put("m", None, f"r{i}", new, (1.0,))
+    gc.collect()
+    assert gone() is None
+    assert index.take("m", None, "r24") == (new, new.generation, (1.0,), 0.0)
