@@ -306,7 +306,10 @@ class DataPlane:
         start = _ns()
         try:
             parsed = InferRequest.decode(request.body, headers.get(_BINARY_KEY))
-            request_id = self.request_id_of(parsed, request_id)
+            if parsed.id is not None:  # request_id_of, inline
+                request_id = _checked_id(parsed.id)
+            elif not request_id:
+                request_id = self.inference.new_request_id()
             decoded = _ns()
             answer = await self.infer_decoded(
                 model, parsed, headers, request_id=request_id, pinned=pinned, caller=caller
@@ -329,7 +332,7 @@ class DataPlane:
             return _checked_id(parsed.id)
         return given or self.inference.new_request_id()
 
-    async def infer_decoded(
+    def infer_decoded(
         self,
         model: str,
         parsed: InferRequest,
@@ -338,16 +341,18 @@ class DataPlane:
         request_id: str,
         pinned: str | None,
         caller: Principal | None,
-    ) -> Answer:
+    ) -> Awaitable[Answer]:
         """What REST and gRPC (proxy/grpc_endpoints.py) share for a decoded infer request:
         the split's stickiness key and the client headers an upstream gets, both from
-        `headers` (lower-case names; a gRPC call's metadata), then the inference service."""
+        `headers` (lower-case names; a gRPC call's metadata), then the inference service's
+        call to await (returned, not awaited here: a coroutine layer less per request)."""
         key = None if pinned else stickiness_key(self.inference.router, model, headers)
         if self._forward or self._forward_id:
-            parsed.forward = [(n, headers[n]) for n in self._forward if n in headers]
+            forward = [(n, headers[n]) for n in self._forward if n in headers]
             if self._forward_id:
-                parsed.forward.append((REQUEST_ID, request_id))
-        return await self.inference.infer(
+                forward.append((REQUEST_ID, request_id))
+            parsed.forward = forward
+        return self.inference.infer(
             model,
             parsed,
             request_id=request_id,

@@ -156,7 +156,11 @@ class Inference:
             if role == "candidate":
                 loaded, failover = self._candidate(table, version)
             else:
-                loaded = self._get(model, version, role)
+                try:  # _get, inline for the stable's share
+                    loaded = self.registry.get(model, version)
+                except NotReady:
+                    self._count_unavailable(model, version, role)
+                    raise
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
         # Sample-ratio checks count the split's units: keys when it hashed one.
         unit = key if table is not None and table.split == "hash" else None
@@ -218,8 +222,11 @@ class Inference:
         width = window.input_width
         row = None if width is None else request.first_row(width)
         rows = request.rows()
-        window.record(latency, Outcome.OK, row=row, rows=rows, share=share, key=unit)
-        predictions = _row_predictions(loaded.manifest.prediction_rule, response, rows)
+        window.record(latency, _OK, row=row, rows=rows, share=share, key=unit)
+        rule = loaded.manifest.prediction_rule
+        predictions = (
+            (response.prediction(rule),) if rows == 1 else _row_predictions(rule, response, rows)
+        )
         self.feedback_index.put(model, client, request_id, window, predictions, share)
         variant.answered(latency)
         for shadow_version in mirrored:
@@ -384,10 +391,13 @@ class Labelled:
     expired: list[str] = field(default_factory=list)
 
 
+_OK = Outcome.OK  # a module constant: an enum member's lookup costs more, per request
+
+
 def _row_predictions(rule: Rule, response: InferResponse, rows: int) -> tuple[Predicted, ...]:
     """The prediction of each of the request's `rows` rows (NaN where the answer holds
-    none): row 0 straight off the answer for a one-row request, every row read from its
-    arrays for a batch."""
+    none): row 0 straight off the answer for a one-row request (the request path reads
+    that one inline), every row read from its arrays for a batch."""
     if rows == 1:
         return (response.prediction(rule),)
     try:

@@ -13,7 +13,6 @@ import random
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Literal, Protocol
@@ -172,19 +171,10 @@ class Router:
         return MappingProxyType(self._tables)
 
 
-_NO_COOKIES: Mapping[str, str] = MappingProxyType({})
-
-
-@lru_cache(maxsize=256)
-def _caseless(source: KeySource) -> KeySource:
-    """The source with a lower-case header name, for lower-case header mappings."""
-    return KeySource(source.kind, source.name.lower()) if source.kind == "header" else source
-
-
 def stickiness_key(router: Router, model: str, headers: Mapping[str, str]) -> str | None:
     """The request's stickiness key for `model`'s split; `headers` keyed by lower-case
     names (or case-insensitive)."""
-    table = router.table(model)
+    table = router._tables.get(model)  # Router.table, without a call per request
     source = table.key_source if table is not None else None
     if source is None:
         return None
@@ -196,4 +186,5 @@ def stickiness_key(router: Router, model: str, headers: Mapping[str, str]) -> st
         except CookieError:
             return None
         return source.extract(headers, {name: morsel.value for name, morsel in jar.items()})
-    return _caseless(source).extract(headers, _NO_COOKIES)
+    # A header's name in lower case, as `headers` are keyed (what `extract` would read).
+    return headers.get(source.name.lower()) or None

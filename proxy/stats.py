@@ -48,52 +48,55 @@ class _Duration:
 
 
 class _Phases:
-    __slots__ = ("compute_infer", "compute_input", "compute_output")
+    """Compute input, infer and output of the answered requests, one count for the three
+    (each answered request adds to all three at once)."""
+
+    __slots__ = ("count", "infer_ns", "input_ns", "output_ns")
 
     def __init__(self) -> None:
-        self.compute_input = _Duration()
-        self.compute_infer = _Duration()
-        self.compute_output = _Duration()
-
-    def add(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        self.count = 0
+        self.input_ns = 0
+        self.infer_ns = 0
+        self.output_ns = 0
 
     def json(self) -> dict[str, Any]:
+        count = self.count
         return {
-            "compute_input": self.compute_input.json(),
-            "compute_infer": self.compute_infer.json(),
-            "compute_output": self.compute_output.json(),
+            "compute_input": {"count": count, "ns": self.input_ns},
+            "compute_infer": {"count": count, "ns": self.infer_ns},
+            "compute_output": {"count": count, "ns": self.output_ns},
         }
 
 
 class VersionStats:
-    """One version's counts and durations since the gateway started."""
+    """One version's counts and durations since the gateway started.
 
-    __slots__ = ("batches", "executions", "fail", "last_ms", "phases", "queue", "rows", "success")
+    Only an answered request adds to `success`, `queue`, the phases and the executions,
+    each once: one count (`phases.count`) stands for all of them, bumped once a request."""
+
+    __slots__ = ("batches", "fail", "last_ns", "phases", "queue_ns", "rows", "success_ns")
 
     def __init__(self) -> None:
-        self.success = _Duration()
+        self.success_ns = 0
         self.fail = _Duration()
-        self.queue = _Duration()
+        self.queue_ns = 0
         self.phases = _Phases()
         self.batches: dict[int, _Phases] = {}
         self.rows = 0
-        self.executions = 0
-        self.last_ms = 0
+        self.last_ns = 0  # ms in the report: divided there, not per request
 
     def json(self, model: str, version: str) -> dict[str, Any]:
+        answered = self.phases.count
         return {
             "name": model,
             "version": version,
-            "last_inference": self.last_ms,
+            "last_inference": self.last_ns // 1_000_000,
             "inference_count": self.rows,
-            "execution_count": self.executions,
+            "execution_count": answered,
             "inference_stats": {
-                "success": self.success.json(),
+                "success": {"count": answered, "ns": self.success_ns},
                 "fail": self.fail.json(),
-                "queue": self.queue.json(),
+                "queue": {"count": answered, "ns": self.queue_ns},
                 **self.phases.json(),
             },
             "batch_stats": [
@@ -107,8 +110,8 @@ class VersionStats:
 class Statistics:
     """Every version's `VersionStats`, recorded on the request path (event loop only)."""
 
-    def __init__(self, wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
-        self._wall_ms = wall_ms  # last_inference is a wall-clock time, as Triton's
+    def __init__(self, wall_ns: Callable[[], int] = time.time_ns) -> None:
+        self._wall_ns = wall_ns  # last_inference is a wall-clock time, as Triton's
         self._versions: dict[tuple[str, str], VersionStats] = {}
 
     def _of(self, model: str, version: str) -> VersionStats:
@@ -131,33 +134,31 @@ class Statistics:
         which `queue_ns` waiting for a slot of the version (InferRequest.queue_ns)."""
         # On every answered request: the counters are bumped inline, not a method call each.
         stats = self._versions.get((model, version)) or self._of(model, version)
-        success = stats.success
-        success.count += 1
-        success.ns += input_ns + infer_ns + output_ns
-        stats.queue.count += 1
-        stats.queue.ns += queue_ns
+        stats.success_ns += input_ns + infer_ns + output_ns
+        stats.queue_ns += queue_ns
         infer_ns -= queue_ns  # Triton's compute_infer excludes the queue
+        phases = stats.phases
+        phases.count += 1
+        phases.input_ns += input_ns
+        phases.infer_ns += infer_ns
+        phases.output_ns += output_ns
         batches = stats.batches
-        phases = batches.get(rows)
-        if phases is None:
+        batch = batches.get(rows)
+        if batch is None:
             if len(batches) >= MAX_BATCH_SIZES:
                 rows = max(batches)
-            phases = batches.setdefault(rows, _Phases())
-        for p in (stats.phases, phases):
-            p.compute_input.count += 1
-            p.compute_input.ns += input_ns
-            p.compute_infer.count += 1
-            p.compute_infer.ns += infer_ns
-            p.compute_output.count += 1
-            p.compute_output.ns += output_ns
+            batch = batches.setdefault(rows, _Phases())
+        batch.count += 1
+        batch.input_ns += input_ns
+        batch.infer_ns += infer_ns
+        batch.output_ns += output_ns
         stats.rows += rows
-        stats.executions += 1
-        stats.last_ms = self._wall_ms()
+        stats.last_ns = self._wall_ns()
 
     def failed(self, model: str, version: str, ns: int) -> None:
         stats = self._of(model, version)
         stats.fail.add(ns)
-        stats.last_ms = self._wall_ms()
+        stats.last_ns = self._wall_ns()
 
     def report(self, versions: Iterable[tuple[str, str]]) -> dict[str, Any]:
         """The `{"model_stats": [...]}` document for these (model, version) pairs, in

@@ -141,8 +141,9 @@ class Bulkhead(Wrapper):
         super().__init__(inner)
         if min(concurrency, shadow_concurrency) < 1 or min(queue, shadow_queue) < 0:
             raise ValueError("a bulkhead needs at least one slot per lane and a queue >= 0")
+        self._primary = _Slots(concurrency, queue)
         self.lanes = {
-            Lane.PRIMARY: _Slots(concurrency, queue),
+            Lane.PRIMARY: self._primary,
             Lane.SHADOW: _Slots(shadow_concurrency, shadow_queue),
         }
         self._drained: asyncio.Event | None = None  # set once idle, while retiring
@@ -151,7 +152,8 @@ class Bulkhead(Wrapper):
 
     async def predict(self, request: InferRequest) -> InferResponse:
         lane = _LANE.get()
-        slots = self.lanes[lane]
+        # The primary lane's slots without a dict lookup: an Enum's hash is Python code.
+        slots = self._primary if lane is Lane.PRIMARY else self.lanes[lane]
         if slots.running < slots.concurrency and not slots.waiters:
             slots.running += 1  # a free slot: taken without a coroutine of its own
         else:
@@ -162,7 +164,10 @@ class Bulkhead(Wrapper):
         try:
             return await self.inner.predict(request)
         finally:
-            slots.release()
+            if slots.waiters:
+                slots.release()  # the slot goes to the next in line
+            else:
+                slots.running -= 1  # nobody waits: released without a call of its own
             if self._drained is not None and self.busy == 0:
                 self._drained.set()
 

@@ -15,9 +15,11 @@ import numpy as np
 import orjson
 
 from rollguard.serving.errors import InvalidInput, UpstreamError
-from rollguard.serving.tensors import V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
+from rollguard.serving.tensors import NUMPY_TO_V2, V2_TO_NUMPY, Tensors, TensorSpec, v2_datatype
 
 BINARY_HEADER = "Inference-Header-Content-Length"
+# Without object: v2_datatype decides strings and objects (BYTES) by their dtype's kind.
+_NUMPY_TO_V2 = {dtype: name for dtype, name in NUMPY_TO_V2.items() if dtype.kind not in "OUS"}
 
 
 def parse_json(body: bytes | memoryview) -> Any:
@@ -128,7 +130,8 @@ def select_outputs(
 
 
 def output_item(name: str, array: np.ndarray) -> dict[str, Any]:
-    datatype = v2_datatype(array)
+    # v2_datatype's table first, inline: every output of every answer comes here.
+    datatype = _NUMPY_TO_V2.get(array.dtype) or v2_datatype(array)
     flat = array.ravel()  # contiguous, as orjson needs: a view when it already is
     data: Any
     if datatype == "BYTES":

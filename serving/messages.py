@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from rollguard.serving.codec import (
     BINARY_HEADER,
@@ -31,6 +32,9 @@ from rollguard.serving.errors import InvalidInput
 from rollguard.serving.jsontensors import deferred_meta
 from rollguard.serving.prediction import DEFAULT_RULE, Predicted, Rule, read_arrays, read_items
 from rollguard.serving.tensors import Shaped, Tensors
+
+_NONE: frozenset[str] = frozenset()
+_loads = orjson.loads
 
 
 class InferRequest:
@@ -77,8 +81,9 @@ class InferRequest:
         self.outputs = outputs
         self.binary_outputs = binary_outputs
         self.queue_ns = 0  # waited for its version's slot and batch (bulkhead.py, batching.py)
-        # Client headers an upstream gets (the gateway's allow-list), as (name, value).
-        self.forward: list[tuple[str, str]] = []
+        # Client headers an upstream gets (the gateway's allow-list), as (name, value);
+        # a shared empty tuple until the gateway sets some (most requests forward none).
+        self.forward: Sequence[tuple[str, str]] = ()
 
     @classmethod
     def decode(cls, body: bytes, binary_header: str | None = None) -> InferRequest:
@@ -95,7 +100,10 @@ class InferRequest:
             view = memoryview(body)
             doc, binary = parse_json(view[:n]), view[n:]
         else:
-            doc = parse_json(body)
+            try:  # parse_json, inline: once per request
+                doc = _loads(body)
+            except orjson.JSONDecodeError:
+                doc = parse_json(body)  # raises the codec's InvalidInput
         if type(doc) is not dict:
             raise InvalidInput("request body must be a JSON object")
         raw_inputs = doc.get("inputs")
@@ -107,7 +115,11 @@ class InferRequest:
         params = doc.get("parameters") or {}
         if type(params) is not dict:
             raise InvalidInput("'parameters' must be an object")
-        outputs, binary_outputs = _requested_outputs(doc.get("outputs"), params)
+        raw_outputs = doc.get("outputs")
+        if raw_outputs is None and not params:  # the usual request: every output, as JSON
+            outputs, binary_outputs = None, _NONE
+        else:
+            outputs, binary_outputs = _requested_outputs(raw_outputs, params)
         if binary is None:
             meta = deferred_meta(raw_inputs)  # checked without numpy when it surely converts
             if meta is not None:

@@ -21,7 +21,7 @@ A prediction is a float or a string (a class name); NaN when the answer holds no
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -64,14 +64,15 @@ def is_missing(prediction: Predicted) -> bool:
 # --- reading arrays (the reference) -------------------------------------------------------
 
 
-def _chosen(rule: Rule, names: Sequence[str]) -> tuple[str | None, Read | None]:
-    """The output to read and how (None: decide from the row's width)."""
+def _chosen(rule: Rule, names: Collection[str]) -> tuple[str | None, Read | None]:
+    """The output to read and how (None: decide from the row's width); `names` in the
+    answer's order."""
     if rule.output is not None:
         return rule.output, rule.read or "label"
     for wanted in _DEFAULT_NAMES:
         if wanted in names:
             return wanted, "label"
-    return (names[0], None) if names else (None, None)
+    return (next(iter(names)), None) if names else (None, None)
 
 
 def _scalar(value: Any) -> Predicted:
@@ -119,7 +120,7 @@ def _read_row(rule: Rule, read: Read | None, row: np.ndarray, whole_first: bool)
 
 def read_arrays(rule: Rule, outputs: Mapping[str, np.ndarray], row: int = 0) -> Predicted:
     """Row `row`'s prediction; NaN when the answer holds none there."""
-    name, read = _chosen(rule, list(outputs))
+    name, read = _chosen(rule, outputs)
     array = outputs.get(name) if name is not None else None
     if array is None or array.size == 0:
         return NAN
@@ -127,6 +128,8 @@ def read_arrays(rule: Rule, outputs: Mapping[str, np.ndarray], row: int = 0) -> 
         return _read_row(rule, read, array, rule.output is None) if row == 0 else NAN
     if row >= array.shape[0]:
         return NAN
+    if read == "label" and array.size == array.shape[0] and array.dtype.kind in "biuf":
+        return float(array.reshape(-1)[row])  # one number a row: what _read_row reads
     row_array = array[row : row + 1]  # a slice keeps an array (and its dtype) for any ndim
     return _read_row(rule, read, row_array, rule.output is None and read == "label")
 
@@ -135,7 +138,7 @@ def rows_of(rule: Rule, outputs: Mapping[str, np.ndarray]) -> list[Predicted]:
     """Every row's prediction, as `read_arrays` reads each row, in whole-array steps (a
     batch's rows are remembered for feedback on the request path, and compared for
     agreement)."""
-    name, read = _chosen(rule, list(outputs))
+    name, read = _chosen(rule, outputs)
     array = outputs.get(name) if name is not None else None
     if array is None or array.size == 0:
         return []

@@ -152,9 +152,9 @@ class Scheduled(Wrapper):
         await self.inner.unload()
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        lane = current_lane()
         if self.inline and request.rows() <= self.inline_rows:
-            return InferResponse.of_arrays(self._inline(request.arrays()))
+            return InferResponse(arrays=self._inline(request.arrays()))
+        lane = current_lane()
         timeout = asyncio.timeout(self.timeout_s)
         call = _Stoppable(request.arrays())
         try:
