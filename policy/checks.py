@@ -91,7 +91,7 @@ import math
 
 import numpy as np
 
-from rollguard.policy.conditional import Stratum, landing_test, log_evalue
+from rollguard.policy.conditional import Stratum, landing_test, ratio_bounds
 from rollguard.policy.drift import DRIFT_MIN_ROWS, PSI_ALERT, PSI_WARN, drift_report
 from rollguard.policy.evidence import Evidence, VariantEvidence
 from rollguard.policy.schema import LATENCY_TAIL_ROWS, Check, Spec
@@ -110,6 +110,7 @@ __all__ = [
     "MIN_EVENTS",
     "check_alpha",
     "evaluate",
+    "evaluate_check",
     "evaluate_checks",
     "latency_rows",
     "latency_threshold",
@@ -145,15 +146,15 @@ def check_alpha(spec: Spec, check: Check) -> float:
 
 def evaluate_checks(spec: Spec, evidence: Evidence) -> list[CheckResult]:
     """Every check of the rollout, in order, at its Bonferroni share of spec.alpha."""
-    results = []
-    for check in spec.checks:
-        if check.metric == "srm" and spec.strategy == "shadow":
-            why = "a shadow mirrors all traffic; there is no split to check"
-            results.append(CheckResult(check, Verdict.INCONCLUSIVE, detail={"reason": why}))
-            continue
+    return [evaluate_check(spec, check, evidence) for check in spec.checks]
 
-        results.append(evaluate(check, evidence, alpha=check_alpha(spec, check)))
-    return results
+
+def evaluate_check(spec: Spec, check: Check, evidence: Evidence) -> CheckResult:
+    """One of the rollout's checks, at its Bonferroni share of spec.alpha."""
+    if check.metric == "srm" and spec.strategy == "shadow":
+        why = "a shadow mirrors all traffic; there is no split to check"
+        return CheckResult(check, Verdict.INCONCLUSIVE, detail={"reason": why})
+    return evaluate(check, evidence, alpha=check_alpha(spec, check))
 
 
 def evaluate(check: Check, evidence: Evidence, *, alpha: float) -> CheckResult:
@@ -358,34 +359,6 @@ def _strata(ev: Evidence, *, latency: bool, units: bool = False) -> list[Stratum
     return out
 
 
-def _ratio_bounds(strata: list[Stratum], alpha: float) -> tuple[float, float]:
-    """The always-valid one-sided bounds (at alpha each) of the rate ratio: the ratios
-    r0 the conditional tests do not reject, found by bisection on log r0."""
-    target = math.log(1.0 / alpha)
-
-    def edge(harm: bool) -> float:
-        lo, hi = math.log(1e-3), math.log(1e4)
-        rejects_lo = log_evalue(strata, math.exp(lo), harm=harm) >= target
-        rejects_hi = log_evalue(strata, math.exp(hi), harm=harm) >= target
-        if harm and not rejects_lo:
-            return 0.0
-        if not harm and not rejects_hi:
-            return math.inf
-        if harm and rejects_hi:
-            return math.exp(hi)
-        if not harm and rejects_lo:
-            return math.exp(lo)
-        for _ in range(20):  # harm: rejects below the edge; not harm: above it (to 0.002 %)
-            mid = (lo + hi) / 2
-            if (log_evalue(strata, math.exp(mid), harm=harm) >= target) == harm:
-                lo = mid
-            else:
-                hi = mid
-        return math.exp(lo if harm else hi)
-
-    return edge(True), edge(False)
-
-
 def _conditional(
     check: Check, ev: Evidence, alpha: float, *, latency: bool, unit: str
 ) -> CheckResult:
@@ -441,7 +414,7 @@ def _conditional(
     )
     enough = enough or failed
     need = f"stable has {ns} and candidate {nc} {unit}, each needs {check.min_samples}"
-    lower, upper = _ratio_bounds(units, alpha)
+    lower, upper = ratio_bounds(units, alpha)
     rate_s, rate_c = (xs / ns if ns else None), (xc / nc if nc else None)
     detail: Detail = {
         "test": "conditional",

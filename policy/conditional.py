@@ -41,7 +41,7 @@ below r1; checks use it to show a candidate is *not* worse than a tolerance (PAS
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,8 @@ __all__ = [
     "Stratum",
     "landing_test",
     "log_evalue",
+    "log_evalues",
+    "ratio_bounds",
 ]
 
 HARM_GRID = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0, 30.0, 1000.0)
@@ -91,34 +93,59 @@ def log_evalue(strata: Iterable[Stratum], r0: float, *, harm: bool = True) -> fl
 
     0 before any informative event; reaching log(1/α) rejects H0 at level α, at any look.
     """
-    if not (r0 > 0 and math.isfinite(r0)):
-        raise ValueError(f"null ratio {r0!r} must be positive and finite")
+    return log_evalues(strata, harm=harm)([r0])[0]
+
+
+def log_evalues(
+    strata: Iterable[Stratum], *, harm: bool = True
+) -> Callable[[Sequence[float]], list[float]]:
+    """`log_evalue(strata, r0, harm=harm)` for each of many r0 at once: the same
+    arithmetic, element by element, in one pass of array operations, and what does not
+    depend on r0 done once. `ratio_bounds` below bisects on r0 ~45 times a tick, on the
+    event loop, and a call's cost is the array operations' overhead, not their size."""
     rows = [(s.share, s.candidate_events, s.stable_events) for s in strata]
     rows = [(w, c, s) for w, c, s in rows if w is not None and c + s > 0]
     if not rows:
-        return 0.0
+        return _no_evidence
     arr = np.asarray(rows, dtype=np.float64)
     share, on_c, on_s = arr[:, 0], arr[:, 1], arr[:, 2]
     offset = np.log(share) - np.log1p(-share)  # logit(share): events' log-odds at r = 1
     grid = np.asarray(HARM_GRID if harm else SAFE_GRID, dtype=np.float64)
-    theta0 = offset + math.log(r0)  # (S,)
-    theta = theta0[None, :] + np.log(grid)[:, None]  # (K, S)
-    # log σ(z) = −log(1 + e^−z); log(1 − σ(z)) = log σ(−z)
-    log_lr = on_c * (_log_sigmoid(theta) - _log_sigmoid(theta0)) + on_s * (
-        _log_sigmoid(-theta) - _log_sigmoid(-theta0)
-    )
-    per_alternative = log_lr.sum(axis=1)
-    # log of the mean of e^x over the grid, shifted by the largest term so that no e^x
-    # overflows. Written out rather than scipy.special.logsumexp: the same arithmetic, but
-    # scipy's array-API dispatch cost ~150 µs a call, and the interval of a check's
-    # report (checks.py `_ratio_bounds`) calls this ~50 times a tick, on the event loop.
-    top = float(per_alternative.max())
-    return top + math.log(float(np.exp(per_alternative - top).sum()) / grid.size)
+    log_grid = np.log(grid)[None, :, None]
+
+    def at(nulls: Sequence[float]) -> list[float]:
+        log_r0 = np.asarray([math.log(_checked_null(r0)) for r0 in nulls], dtype=np.float64)
+        theta0 = offset[None, :] + log_r0[:, None]  # (R, S)
+        theta = theta0[:, None, :] + log_grid  # (R, K, S)
+        # log σ(z) = −log(1 + e^−z); log(1 − σ(z)) = log σ(−z) = −log(1 + e^z)
+        on_candidate, on_stable = _log_sigmoids(theta)
+        on_candidate0, on_stable0 = _log_sigmoids(theta0[:, None, :])
+        log_lr = on_c * (on_candidate - on_candidate0) + on_s * (on_stable - on_stable0)
+        per_alternative = log_lr.sum(axis=2)  # (R, K)
+        # log of the mean of e^x over the grid, shifted by the largest term so that no e^x
+        # overflows. Written out rather than scipy.special.logsumexp: the same arithmetic,
+        # but scipy's array-API dispatch cost ~150 µs a call.
+        top = per_alternative.max(axis=1)
+        total = np.exp(per_alternative - top[:, None]).sum(axis=1)
+        pairs = zip(top.tolist(), total.tolist(), strict=True)
+        return [t + math.log(x / grid.size) for t, x in pairs]
+
+    return at
 
 
-def _log_sigmoid(z: np.ndarray) -> np.ndarray:
-    out: np.ndarray = -np.logaddexp(0.0, -z)
-    return out
+def _checked_null(r0: float) -> float:
+    if not (r0 > 0 and math.isfinite(r0)):
+        raise ValueError(f"null ratio {r0!r} must be positive and finite")
+    return r0
+
+
+def _no_evidence(nulls: Sequence[float]) -> list[float]:
+    return [0.0 for _ in map(_checked_null, nulls)]
+
+
+def _log_sigmoids(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log σ(z) and log σ(−z), as −log(1 + e^−z) and −log(1 + e^z)."""
+    return -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +176,58 @@ def landing_test(strata: Sequence[Stratum], r0: float, *, harm: bool = True) -> 
     nc = sum(s.candidate_exposures for s in strata)
     ratio = (xc / nc) / (xs / ns) if nc and ns and xs else None
     return Landing(log_evalue(strata, r0, harm=harm), xc, xs, nc, ns, ratio)
+
+
+def ratio_bounds(strata: Sequence[Stratum], alpha: float) -> tuple[float, float]:
+    """The always-valid one-sided bounds (at alpha each) of the rate ratio: the ratios
+    r0 the conditional tests do not reject, found by bisection on log r0 (20 halvings)."""
+    target = math.log(1.0 / alpha)
+
+    def edge(harm: bool) -> float:
+        evalues = log_evalues(strata, harm=harm)
+        lo, hi = math.log(1e-3), math.log(1e4)
+        rejects_lo, rejects_hi = (e >= target for e in evalues([math.exp(lo), math.exp(hi)]))
+        if harm and not rejects_lo:
+            return 0.0
+        if not harm and not rejects_hi:
+            return math.inf
+        if harm and rejects_hi:
+            return math.exp(hi)
+        if not harm and rejects_lo:
+            return math.exp(lo)
+        # harm: rejects below the edge; not harm: above it (to 0.002 %)
+        for steps in _ROUNDS:
+            lo, hi = _halve(evalues, target, harm, lo, hi, steps)
+        return math.exp(lo if harm else hi)
+
+    return edge(True), edge(False)
+
+
+_ROUNDS = (4, 4, 4, 4, 4)  # 20 halvings: each round's steps from one call of the e-values
+
+
+def _halve(
+    evalues: Callable[[Sequence[float]], list[float]],
+    target: float,
+    harm: bool,
+    lo: float,
+    hi: float,
+    steps: int,
+) -> tuple[float, float]:
+    """`steps` steps of the bisection, from one call of `evalues`: every midpoint they
+    could test (a tree, node i's halves at 2i + 1 and 2i + 2), each computed as the
+    one-at-a-time bisection computes it, then the path its answers take."""
+    spans, mids = [(lo, hi)], []
+    for i in range(2**steps - 1):
+        a, b = spans[i]
+        mid = (a + b) / 2
+        mids.append(mid)
+        spans += [(a, mid), (mid, b)]
+    rejects = [e >= target for e in evalues([math.exp(m) for m in mids])]
+    i = 0
+    for _ in range(steps):
+        if rejects[i] == harm:
+            lo, i = mids[i], 2 * i + 2
+        else:
+            hi, i = mids[i], 2 * i + 1
+    return lo, hi

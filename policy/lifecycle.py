@@ -30,6 +30,7 @@ from rollguard.policy.effects import Audit, Effect, ResetWindows, Route, Save, S
 from rollguard.policy.evidence import Evidence
 from rollguard.policy.schema import Check, Rollout
 from rollguard.policy.state import Phase, RolloutState, mirroring, routing_weight
+from rollguard.policy.verdict import CheckResult
 
 ENGINE = "engine"  # the audit actor for automatic decisions
 
@@ -129,6 +130,42 @@ def tick(
     the fresher reason, for status pages) is the one to hold. `carry` false (fleet
     mode): `evidence` is already the fleet's whole sample, so no counts are carried.
     """
+    ticking = begin_tick(rollout, state, evidence, carry=carry)
+    return ticking.decide(evaluate_checks(rollout.spec, ticking.evidence), now)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticking:
+    """A tick up to its checks: `tick` is `begin_tick`, the checks on `evidence`
+    (checks.evaluate_checks, or checks.evaluate_check one at a time, in the policy's
+    order), then `decide`. Split so that a shell can let other work run between the
+    checks; the decision stays a function of the evidence handed to `begin_tick`."""
+
+    rollout: Rollout
+    before: RolloutState  # the state the tick began from
+    state: RolloutState  # with the counts carried and the threshold frozen, if due
+    evidence: Evidence  # what the checks are to see
+    effects: tuple[Effect, ...]  # the threshold's, when it was frozen now
+
+    def decide(self, results: list[CheckResult], now: float) -> Decided:
+        """The decision on the checks' `results`, and what to commit (see `tick`)."""
+        rollout, state, before = self.rollout, self.state, self.before
+        effects = list(self.effects)
+        decision = decide(rollout, state, results, Counts.of(self.evidence), now)
+        if decision.changed:
+            effects += _commit(rollout, decision, "decision", ENGINE)
+        elif (state.carried, state.seen) != (before.carried, before.seen) and not any(
+            isinstance(e, Save) for e in effects
+        ):
+            effects.append(Save(decision.state))  # the tests' counts, for a restart to continue
+        return Decided(decision.state, tuple(effects), decision)
+
+
+def begin_tick(
+    rollout: Rollout, state: RolloutState, evidence: Evidence, *, carry: bool = True
+) -> Ticking:
+    """A tick's first part: carry the counts, freeze the latency threshold if due, and
+    the evidence its checks are to see (see `tick` and `Ticking`)."""
     effects: list[Effect] = []
     before = state
     if not state.phase.terminal and carry:
@@ -158,15 +195,7 @@ def tick(
     if state.srm_pvalue is not None and state.srm_weight == evidence.candidate_weight:
         evidence = replace(evidence, srm_pvalue_before=state.srm_pvalue)
     evidence = merged(evidence, state.carried)
-    results = evaluate_checks(rollout.spec, evidence)
-    decision = decide(rollout, state, results, Counts.of(evidence), now)
-    if decision.changed:
-        effects += _commit(rollout, decision, "decision", ENGINE)
-    elif (state.carried, state.seen) != (before.carried, before.seen) and not any(
-        isinstance(e, Save) for e in effects
-    ):
-        effects.append(Save(decision.state))  # the tests' counts, for a restart to continue
-    return Decided(decision.state, tuple(effects), decision)
+    return Ticking(rollout, before, state, evidence, tuple(effects))
 
 
 def observe(rollout: Rollout, state: RolloutState, candidate: str | None, now: float) -> Decided:

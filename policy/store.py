@@ -13,6 +13,18 @@ an HMAC-SHA256 under the audit key ("hmac-sha256:<key id>:<hex>"), or a plain sh
 that does not parse or whose seal does not verify raises StateError naming the file:
 resetting a rollout silently could undo a rollback. Files are read without following
 symbolic links.
+
+Saves in the background: `save` writes before it returns (a decision's state, which its
+audit entry must not precede); `save_later` (bookkeeping no audit entry records: the
+tests' counts each tick) serialises and seals at once, on the caller's thread, and
+leaves the writing and its two fsyncs to the store's writer thread. Every save of a rollout takes a
+number, writes of one rollout take turns under its lock, and a write whose number is
+below the one on disk is skipped: a bookkeeping write still waiting can never land after
+(and over) a later save, and only the newest waiting one of a rollout is written. A
+failed background write is logged and tried again with the next save or `flush`; `flush`
+(the gateway's shutdown) writes what is still waiting. What a SIGKILL loses: the saves
+still waiting, i.e. at most the last tick's bookkeeping, as when it lands just before a
+save; the next process counts on from the save before (policy/carry.py).
 """
 
 from __future__ import annotations
@@ -21,10 +33,13 @@ import contextlib
 import errno
 import hmac
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +50,17 @@ from rollguard.policy.keys import AuditKey, plain_digest
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")  # metadata.name's own pattern
 _SUFFIX = ".json"
 _REMEDY = "remove it to rebuild the rollout's state from the audit log"
+log = logging.getLogger("rollguard.state")
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One save, sealed and serialised: `seq` orders it among the store's saves."""
+
+    name: str
+    seq: int
+    target: Path
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +90,16 @@ class StateStore:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"{root}: cannot create the state directory: {exc}") from exc
+        # The order of saves (the module docstring): `_order` guards the fields below it;
+        # a rollout's lock is held while its file is written.
+        self._order = threading.Lock()
+        self._idle = threading.Condition(self._order)
+        self._seq = 0
+        self._landed: dict[str, int] = {}  # the seq of the save on disk, per rollout
+        self._pending: dict[str, _Write] = {}  # the newest save waiting, per rollout
+        self._locks: dict[str, threading.Lock] = {}
+        self._busy = False  # the writer thread is at work
+        self._writer: ThreadPoolExecutor | None = None  # started by the first save_later
 
     def path(self, name: str) -> Path:
         if not _NAME.match(name):
@@ -71,7 +107,47 @@ class StateStore:
         return self.root / f"{name}{_SUFFIX}"
 
     def save(self, name: str, data: Mapping[str, Any], *, audit_seq: int = 0) -> None:
-        """Replace `name`'s state with `data`; on any failure the previous state stays."""
+        """Replace `name`'s state with `data` before returning; on any failure the
+        previous state stays. A save of `name` still waiting in the background is
+        superseded: it is never written after this one."""
+        write = self._sealed(name, data, audit_seq)
+        with self._order:
+            waiting = self._pending.get(name)
+            if waiting is not None and waiting.seq < write.seq:
+                del self._pending[name]
+        self._land(write)
+
+    def save_later(self, name: str, data: Mapping[str, Any], *, audit_seq: int = 0) -> None:
+        """Replace `name`'s state with `data` from the writer thread (the module docstring).
+
+        StateError at once when `data` cannot be serialised; a failed write is logged and
+        retried with the next save or `flush`, unless a later save of `name` lands first.
+        """
+        write = self._sealed(name, data, audit_seq)
+        with self._order:
+            self._pending[name] = write
+            self._schedule()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Write the saves still waiting, each tried once more if it failed; True when
+        none is left waiting (False: a write failed again, or `timeout` passed)."""
+        with self._order:
+            self._schedule()
+            if not self._idle.wait_for(lambda: not self._busy, timeout):
+                return False
+            return not self._pending
+
+    def close(self, timeout: float | None = None) -> bool:
+        """`flush`, then stop the writer thread; later saves start another."""
+        flushed = self.flush(timeout)
+        with self._order:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=False)
+        return flushed
+
+    def _sealed(self, name: str, data: Mapping[str, Any], audit_seq: int) -> _Write:
+        """The file `name`'s state is to become, numbered after every earlier save."""
         target = self.path(name)
         try:
             body = {"audit_seq": audit_seq, "name": name, "state": dict(data)}
@@ -79,10 +155,60 @@ class StateStore:
             payload = json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n"
         except (TypeError, ValueError) as exc:
             raise StateError(f"{target}: state is not JSON-serialisable: {exc}") from exc
+        with self._order:
+            self._seq += 1
+            return _Write(name, self._seq, target, payload.encode("utf-8"))
+
+    def _land(self, write: _Write) -> None:
+        """Write one save unless a later save of its rollout is on disk already."""
+        with self._order:
+            lock = self._locks.setdefault(write.name, threading.Lock())
+        with lock:
+            with self._order:
+                if write.seq <= self._landed.get(write.name, 0):
+                    return  # superseded
+            try:
+                write_atomic(write.target, write.payload, fsync=self._fsync)
+            except OSError as exc:
+                raise StateError(f"{write.target}: cannot write state: {exc}") from exc
+            with self._order:
+                self._landed[write.name] = write.seq
+
+    def _schedule(self) -> None:
+        """With `_order` held: set the writer thread to work if a save waits for it."""
+        if self._busy or not self._pending:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rollguard-state")
+        self._busy = True
         try:
-            write_atomic(target, payload.encode("utf-8"), fsync=self._fsync)
-        except OSError as exc:
-            raise StateError(f"{target}: cannot write state: {exc}") from exc
+            self._writer.submit(self._drain)
+        except RuntimeError:  # the interpreter is exiting: nothing runs submitted work
+            self._busy = False
+
+    def _drain(self) -> None:
+        """The writer thread: write what waits until nothing does; keep failed saves."""
+        failed: dict[str, _Write] = {}
+        while True:
+            with self._order:
+                if not self._pending:
+                    for name, write in failed.items():  # unless a later one waits or landed
+                        if write.seq > self._landed.get(name, 0):
+                            self._pending.setdefault(name, write)
+                    self._busy = False
+                    self._idle.notify_all()
+                    return
+                write = self._pending.pop(next(iter(self._pending)))
+            try:
+                self._land(write)
+            except StateError as exc:
+                log.error("%s (tried again with the next save)", exc)
+                failed[write.name] = write
+            except BaseException:  # never leave `_busy` set: flush would wait forever
+                with self._order:
+                    self._busy = False
+                    self._idle.notify_all()
+                raise
 
     def load(self, name: str) -> dict[str, Any] | None:
         """`name`'s saved state, or None if it has none; StateError if unreadable or forged."""
@@ -90,8 +216,19 @@ class StateStore:
         return None if stored is None else stored.state
 
     def read(self, name: str) -> StoredState | None:
-        """`name`'s state file with its audit seq, its seal verified; None if it has none."""
+        """`name`'s state file with its audit seq, its seal verified; None if it has none.
+        A save of `name` waiting in the background is written first (if it can be)."""
         path = self.path(name)
+        with self._order:
+            waiting = self._pending.pop(name, None)
+        if waiting is not None:
+            try:
+                self._land(waiting)
+            except StateError as exc:
+                log.error("%s (tried again with the next save)", exc)
+                with self._order:
+                    if waiting.seq > self._landed.get(name, 0):
+                        self._pending.setdefault(name, waiting)
         raw = read_private(path, StateError, "state")
         if raw is None:
             return None
@@ -106,13 +243,21 @@ class StateStore:
         return self._unseal(path, name, doc)
 
     def delete(self, name: str) -> None:
-        """Forget `name`'s state (no error if it has none)."""
+        """Forget `name`'s state (no error if it has none), and any save of it waiting."""
         target = self.path(name)
-        try:
-            target.unlink(missing_ok=True)
-            sync_directory(self.root, fsync=self._fsync)
-        except OSError as exc:
-            raise StateError(f"{target}: cannot delete state: {exc}") from exc
+        with self._order:
+            self._seq += 1
+            seq = self._seq
+            self._pending.pop(name, None)
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            try:
+                target.unlink(missing_ok=True)
+                sync_directory(self.root, fsync=self._fsync)
+            except OSError as exc:
+                raise StateError(f"{target}: cannot delete state: {exc}") from exc
+            with self._order:
+                self._landed[name] = seq
 
     def names(self) -> list[str]:
         """The rollouts that have a state file."""

@@ -14,7 +14,10 @@ In fleet mode (`state: redis://`) state and audit live in Redis and one process 
 for the fleet: proxy/fleet/shell.py runs that part, this shell keeps the rest.
 
 Everything here runs on the event-loop thread (the tick tasks, admin handlers, the
-policy watcher), so no locks are taken. Times are wall-clock seconds, not monotonic:
+policy watcher), so no locks are taken; the state store's writer thread, which writes
+the ticks' bookkeeping saves, orders its own writes (policy/store.py). A tick runs in
+short parts with the loop serving requests in between (`tick_steps`), and decides from
+the evidence taken in its first part. Times are wall-clock seconds, not monotonic:
 step start times and approvals are persisted and must mean the same after a restart.
 """
 
@@ -23,16 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
-
 from rollguard.policy import lifecycle
 from rollguard.policy.audit import AuditLog, read_entries
+from rollguard.policy.checks import evaluate_check
 from rollguard.policy.decision import Action
 from rollguard.policy.effects import (
     Audit,
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rollguard.rollouts")
 ADMIN_ACTOR = "policy-watcher"
+_FLUSH_S = 10.0  # how long shutdown waits for the state saves still being written
 
 
 class InferenceView(Protocol):
@@ -128,7 +131,6 @@ class Rollouts:
         self._managed: dict[str, _Managed] = {}
         self._watch: asyncio.Task[None] | None = None
         self._looking: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._notifier: Notifier | None = None
         self.references = DriftReferences(inference.registry)
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept referenced
@@ -136,10 +138,8 @@ class Rollouts:
     # -- life cycle --
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
         hosts = self.settings.webhook_allowed_hosts
-        self._notifier = Notifier(
-            self._session,
+        self._notifier = Notifier(  # its HTTP client is made for the first webhook
             allowed_hosts=hosts,
             own_ports=self.own_ports,
             counter=self.inference.metrics.webhooks,
@@ -160,11 +160,12 @@ class Rollouts:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._notifier is not None:
             await self._notifier.close()
-        if self._session is not None:
-            await self._session.close()
         if self.fleet is not None:
             await self.fleet.stop()
         else:
+            # The ticks' bookkeeping saves still waiting are written before we go.
+            if not await asyncio.to_thread(self.store.close, _FLUSH_S):
+                log.error("state saves still unwritten at shutdown: the last counts are lost")
             self.audit.close()
 
     async def _watch_loop(self) -> None:
@@ -284,8 +285,14 @@ class Rollouts:
         """Run a transition's effects, once each and in order, for `rollout`; then hold its state.
 
         The first effect that raises stops the rest. Memory never runs ahead of the
-        records: a saved state is held once it and the Audit right after it are done,
-        so after a failed save the next tick decides again from the last recorded state.
+        records of a decision: a Save with an Audit right after it is written before
+        that entry is appended, and its state held once both are done, so after a failed
+        save the next tick decides again from the last recorded state. A Save with no
+        Audit after it (the tests' counts each tick, or a change no decision announces:
+        a request baseline, a hold that cleared) is bookkeeping: handed to the store's
+        writer thread (policy/store.py `save_later`), which never lets it land after a
+        later save; its state is held at once, a failed write is retried by the next
+        save, and a SIGKILL loses at most the last tick's counts, as before.
         """
         spec, windows = rollout.spec, self._windows(rollout.spec)
         recorded: RolloutState | None = None  # saved; its audit entry may still be due
@@ -293,8 +300,10 @@ class Rollouts:
             if recorded is not None and not isinstance(effect, Audit):
                 managed.rollout, managed.state, recorded = rollout, recorded, None
             if isinstance(effect, Save):
-                seq = self.audit.record_seq(rollout.name, _next_kind(transition.effects, i))
-                self.store.save(rollout.name, effect.state.to_json(), audit_seq=seq)
+                kind = _next_kind(transition.effects, i)
+                seq = self.audit.record_seq(rollout.name, kind)
+                save = self.store.save if kind is not None else self.store.save_later
+                save(rollout.name, effect.state.to_json(), audit_seq=seq)
                 recorded = effect.state
             elif isinstance(effect, Audit):
                 record = self.audit.append(effect.kind, rollout.name, effect.actor, effect.data)
@@ -354,33 +363,64 @@ class Rollouts:
         while True:
             await asyncio.sleep(managed.rollout.spec.interval)
             try:
-                self.tick(managed.rollout.name)
+                # A part at a time, the loop serving requests in between (`tick_steps`).
+                for _ in self.tick_steps(managed.rollout.name):
+                    await asyncio.sleep(0)
             except (PolicyError, ServingError, OSError) as exc:
                 log.error("rollout %s: tick failed: %s", managed.rollout.name, exc)
 
     def tick(self, name: str) -> dict[str, Any]:
-        """Run one decision for a rollout now (the loop calls this; so can tests)."""
+        """Run one decision for a rollout now (the loop runs it in steps; tests call this)."""
+        for _ in self.tick_steps(name):
+            pass
+        last = self._get(name).last
+        assert last is not None  # run at once: nothing else changed the state meanwhile
+        return last
+
+    def tick_steps(self, name: str) -> Generator[None, None, None]:
+        """One tick, pausing (a bare `yield`) between its parts: the evidence, each check,
+        the decision, its effects, the metrics. Each part is short; the tick loop lets the
+        event loop serve requests at each pause, and `tick` runs them all at once.
+
+        The decision is a function of the evidence snapshot taken in the first part (the
+        windows' copies, the state and policy then, the time then). If another writer
+        changed the rollout's state or policy meanwhile (an operator's action, an edit, a
+        failover look), the decision is dropped unrun: the next tick decides afresh.
+        """
         self.observe(name)
         managed = self._get(name)
-        rollout = managed.rollout
+        rollout, state, now = managed.rollout, managed.state, _now()
         spec, (stable, candidate) = rollout.spec, self._windows(rollout.spec)
         evidence = Evidence(
             stable=stable.evidence(),
             candidate=candidate.evidence(),
-            candidate_weight=managed.state.weight,
+            candidate_weight=state.weight,
             reference=self.reference(rollout),
         )
-        transition = lifecycle.tick(rollout, managed.state, evidence, _now())
+        ticking = lifecycle.begin_tick(rollout, state, evidence)
+        results = []
+        for check in spec.checks:
+            yield
+            results.append(evaluate_check(spec, check, ticking.evidence))
+        yield
+        transition = ticking.decide(results, now)
+        yield
+        current = self._managed.get(name)
+        if current is not managed or managed.rollout is not rollout or managed.state is not state:
+            log.info("rollout %s: changed during a tick; the next tick decides", name)
+            return
         self._run(managed, rollout, transition)
         decision = transition.decision
         managed.last = decision.to_json()
+        yield
+        if self._managed.get(name) is not managed:
+            return  # removed meanwhile: its metrics are forgotten, not to be published again
         self.inference.metrics.rollouts.checks(name, decision.evidence)
         if (agreement := evidence.candidate.agreement) is not None:
             self.inference.metrics.agreement.labels(spec.model, spec.candidate).set(agreement)
         if decision.changed:
             self.inference.metrics.decisions.labels(name, decision.action.value).inc()
             log.info("rollout %s: %s", name, decision.reason)
-        return managed.last
 
     # -- admin --
 
