@@ -1,1 +1,1 @@
-"""The aiohttp gateway: protocol, routing, shadow mirroring, windows, admin API, CLI."""
+"""The gateway: its HTTP/1.1 server, routing, shadow mirroring, windows, admin API, CLI."""

@@ -1,5 +1,7 @@
-"""The admin port: an aiohttp application for /admin/ (rollouts, actions, audit), /metrics
-and the rollout dashboard /ui (proxy/dashboard.py), which reads /admin/ with the token.
+"""The admin port: /admin/ (rollouts, actions, audit), /metrics and the rollout dashboard
+/ui (proxy/dashboard.py), which reads /admin/ with the token. It is served by the same
+HTTP/1.1 server as the data port (proxy/protocol.py) with its own, smaller limits
+(`capacity`, `MAX_BODY_BYTES`); its URL table matches as aiohttp's did (proxy/admin_urls.py).
 
 It binds to loopback by default, apart from the data port, as sidecars users know do
 (Envoy's admin port, Linkerd's 4191, MLServer's and Triton's metrics ports).
@@ -20,28 +22,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from datetime import datetime
+from urllib.parse import parse_qs
 
 import orjson
-from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from rollguard.proxy import dashboard
-from rollguard.proxy.endpoints import error_response, json_response
-from rollguard.proxy.errors import (
-    Forbidden,
-    MethodNotAllowed,
-    RateLimited,
-    RouteNotFound,
-    Unauthorized,
-)
+from rollguard.proxy.admin_urls import AdminUrls
+from rollguard.proxy.capacity import Capacity
+from rollguard.proxy.endpoints import REQUEST_ID, error_response, json_response
+from rollguard.proxy.errors import Forbidden, ProxyError, RateLimited, Unauthorized
 from rollguard.proxy.lockout import Lockout
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.rollouts import Rollouts
 from rollguard.proxy.settings import Settings, SettingsError
-from rollguard.proxy.wire import SERVER, Response
+from rollguard.proxy.urls import Params, Route
+from rollguard.proxy.wire import Request, Response
 from rollguard.serving.errors import InvalidInput
 
 ACTIONS = ("rollback", "promote", "pause", "resume", "approve")
@@ -51,8 +50,24 @@ MIN_TOKEN_CHARS = 16
 LOCKOUT_LIMIT = 10  # failed credentials per client address ...
 LOCKOUT_WINDOW_S = 60.0  # ... within this many seconds, then 429 until the oldest ages out
 _REALM = 'Bearer realm="rollguard admin"'
+# The admin port's limits. Its clients are few (the CLI, a dashboard tab or two holding
+# about six connections each, a scraper), all behind one loopback address by default, so
+# there is no per-client cap; its connections fit in the descriptors the data port leaves
+# (gateway.FD_RESERVE). Bodies are small JSON: 1 MiB each (aiohttp's client_max_size,
+# the admin port's limit so far), at most 8 arriving at once.
+MAX_BODY_BYTES = 1024 * 1024
+MAX_CONNECTIONS = 64
+MAX_ARRIVING = 8
 
-Handler = Callable[[web.Request], Awaitable[Response]]
+
+def capacity() -> Capacity:
+    """The admin port's connection and body-buffer bounds (see MAX_CONNECTIONS)."""
+    return Capacity(
+        max_connections=MAX_CONNECTIONS,
+        max_connections_per_client=0,
+        max_buffered_bytes=MAX_ARRIVING * MAX_BODY_BYTES,
+        max_inflight=MAX_ARRIVING,
+    )
 
 
 def admin_token(settings: Settings) -> str | None:
@@ -102,25 +117,37 @@ class Admin:
         self._digest = None if token is None else hashlib.sha256(token.encode()).digest()
         self._metrics_open = settings.metrics_auth == "none"
         self.lockout = Lockout(limit=LOCKOUT_LIMIT, window_s=LOCKOUT_WINDOW_S)
+        self._urls = AdminUrls(
+            [
+                Route("GET", "/admin/rollouts", self.list_rollouts),
+                Route("GET", "/admin/rollouts/{name}", self.get_rollout),
+                Route("POST", "/admin/rollouts/{name}/{action}", self.act),
+                Route("GET", "/admin/audit", self.audit),
+                Route("GET", "/metrics", self.scrape),
+                *dashboard.routes(),
+            ]
+        )
 
-    def application(self) -> web.Application:
-        app = web.Application()
-        routes: list[tuple[str, str, Handler]] = [
-            ("GET", "/admin/rollouts", self.list_rollouts),
-            ("GET", "/admin/rollouts/{name}", self.get_rollout),
-            ("POST", "/admin/rollouts/{name}/{action}", self.act),
-            ("GET", "/admin/audit", self.audit),
-            ("GET", "/metrics", self.scrape),
-        ]
-        for method, path, handler in routes:
-            app.router.add_route(method, path, _answering(handler), name=None)
-        dashboard.add_routes(app)
-        app.router.add_route("*", "/{tail:.*}", _answering(_unmatched))
-        app.on_response_prepare.append(_server_header)
-        return app
+    async def handle(self, request: Request) -> Response:
+        """The answer to any request of the admin port, errors included; never raises."""
+        given = request.headers.get(REQUEST_ID)
+        if given is not None and not given.isprintable():  # refused as on the data port
+            error = InvalidInput("the request id must not contain control characters")
+            return error_response(error, None, "admin port")
+        try:
+            handler, params = self._urls.match(request.method, request.path)
+            return await handler(request, params)
+        except Exception as exc:
+            return error_response(exc, given, f"admin port: {request.method} {request.path}")
 
-    def _authorise(self, request: web.Request) -> None:
-        client = request.remote or ""
+    def refuse(self, error: ProxyError, headers: Mapping[str, str]) -> Response:
+        """The answer to a request that could not be read (malformed, too large, late)."""
+        given = headers.get(REQUEST_ID)
+        request_id = given if given is not None and given.isprintable() else None
+        return error_response(error, request_id, "admin port: reading a request")
+
+    def _authorise(self, request: Request) -> None:
+        client = request.peer
         if self._digest is None:
             if not _loopback(client):
                 raise Forbidden("admin API answers loopback clients only while admin_auth is none")
@@ -130,7 +157,7 @@ class Admin:
             raise RateLimited(
                 f"too many failed admin credentials from this client; retry in {wait}s", wait
             )
-        given = request.headers.get("Authorization")
+        given = request.headers.get("authorization")  # names are lower-case
         if given is None:
             raise Unauthorized(
                 "admin API needs 'Authorization: Bearer <ROLLGUARD_ADMIN_TOKEN>'", _REALM
@@ -148,20 +175,20 @@ class Admin:
             self.lockout.failed(client)
             raise Forbidden("the admin token is not the one this gateway was started with")
 
-    async def list_rollouts(self, request: web.Request) -> Response:
+    async def list_rollouts(self, request: Request, params: Params) -> Response:
         self._authorise(request)
         return json_response(self.rollouts.overview())
 
-    async def get_rollout(self, request: web.Request) -> Response:
+    async def get_rollout(self, request: Request, params: Params) -> Response:
         self._authorise(request)
-        return json_response(self.rollouts.describe(request.match_info["name"]))
+        return json_response(self.rollouts.describe(params["name"]))
 
-    async def act(self, request: web.Request) -> Response:
+    async def act(self, request: Request, params: Params) -> Response:
         self._authorise(request)
-        action = request.match_info["action"]
+        action = params["action"]
         if action not in ACTIONS:
             raise InvalidInput(f"unknown action {action!r}; expected one of {list(ACTIONS)}")
-        body = await request.read()
+        body = request.body
         doc = {}
         if body.strip():
             try:
@@ -180,14 +207,12 @@ class Admin:
             raise InvalidInput(f"'reason' is longer than {MAX_REASON_CHARS} characters")
         if len(actor) > MAX_REASON_CHARS:
             raise InvalidInput(f"'actor' is longer than {MAX_REASON_CHARS} characters")
-        result = await self.rollouts.act(
-            request.match_info["name"], action, actor.strip(), reason or ""
-        )
+        result = await self.rollouts.act(params["name"], action, actor.strip(), reason or "")
         return json_response(result)
 
-    async def audit(self, request: web.Request) -> Response:
+    async def audit(self, request: Request, params: Params) -> Response:
         self._authorise(request)
-        q = request.query
+        q = {name: values[0] for name, values in _query(request.query).items()}
         entries = await self.rollouts.read_audit(
             since=_when(q.get("since"), "since"),
             until=_when(q.get("until"), "until"),
@@ -195,7 +220,7 @@ class Admin:
         )
         return json_response({"entries": entries, "chain": self.rollouts.audit_status()})
 
-    async def scrape(self, request: web.Request) -> Response:
+    async def scrape(self, request: Request, params: Params) -> Response:
         if not self._metrics_open:
             self._authorise(request)
         return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
@@ -208,6 +233,11 @@ def _loopback(remote: str) -> bool:
         return False
 
 
+def _query(query: str) -> dict[str, list[str]]:
+    """A query string's values by name, in order (blank values kept, as aiohttp did)."""
+    return parse_qs(query, keep_blank_values=True) if query else {}
+
+
 def _when(value: str | None, name: str) -> datetime | None:
     if value is None:
         return None
@@ -215,52 +245,3 @@ def _when(value: str | None, name: str) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         raise InvalidInput(f"'{name}' {value!r} is not an ISO 8601 date/time") from None
-
-
-async def _unmatched(request: web.Request) -> Response:
-    """Every path no route takes: 405 naming the allowed methods, else 404."""
-    allowed: set[str] = set()
-    for resource in request.app.router.resources():
-        if resource is request.match_info.route.resource:
-            continue
-        _, methods = await resource.resolve(request)
-        allowed |= methods
-    if allowed:
-        raise MethodNotAllowed(f"{request.method} is not allowed here", tuple(sorted(allowed)))
-    raise RouteNotFound(f"no route for {request.method} {request.path}")
-
-
-def _answering(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """An aiohttp handler for one of ours: its Response, or its error mapped by the table."""
-
-    async def answer(request: web.Request) -> web.Response:
-        try:
-            response = await handler(request)
-        except Exception as exc:
-            request_id = request.headers.get("x-request-id")
-            response = error_response(exc, request_id, f"{request.method} {request.path}")
-            _add_auth_headers(response, exc)
-        out = web.Response(body=response.body, status=response.status)
-        if response.content_type is not None:
-            out.headers["Content-Type"] = response.content_type
-        for name, value in response.headers or ():
-            out.headers[name] = value
-        return out
-
-    return answer
-
-
-def _add_auth_headers(response: Response, exc: Exception) -> None:
-    """A 401's challenge and a 429's wait, unless the shared error answer has them."""
-    headers = list(response.headers or ())
-    present = {name.lower() for name, _ in headers}
-    if isinstance(exc, Unauthorized) and "www-authenticate" not in present:
-        headers.append(("WWW-Authenticate", exc.challenge))
-    if isinstance(exc, RateLimited):
-        headers = [(n, v) for n, v in headers if n.lower() != "retry-after"]
-        headers.append(("Retry-After", str(exc.retry_after)))
-    response.headers = headers
-
-
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER  # not aiohttp's and Python's versions

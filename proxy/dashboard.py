@@ -5,16 +5,17 @@ at start: no CDN, no build step, no network at run time. They hold no data, so t
 served without credentials; everything the page shows comes from /admin/ with the
 `Authorization: Bearer` header the page's script adds from the token the operator typed
 into it (kept in the tab's sessionStorage, never in a URL). The Content-Security-Policy
-allows only this origin's script, style and fetches, no inline script and no framing.
+allows only this origin's script, style and fetches, no inline script and no framing;
+these headers take the place of the stricter ones every other answer has (proxy/wire.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from importlib.resources import files
 
-from aiohttp import web
+from rollguard.proxy.urls import Handler, Params, Route
+from rollguard.proxy.wire import Request, Response
 
 log = logging.getLogger("rollguard")
 
@@ -37,26 +38,28 @@ _HEADERS = {
 }
 
 
-def add_routes(app: web.Application) -> None:
-    """GET /ui (and /ui/) answers the page, /ui/<asset> its script and style."""
+def routes() -> list[Route]:
+    """GET (and HEAD) /ui and /ui/ answer the page, /ui/<asset> its script and style;
+    none when the files are missing."""
     folder = files("rollguard.proxy").joinpath("ui")
     try:
         assets = {name: folder.joinpath(name).read_bytes() for name in _ASSETS}
     except OSError as exc:  # a broken install: the admin API and /metrics still serve
         log.error("dashboard files missing (%s): /ui answers 404", exc)
-        return
+        return []
 
-    def serving(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def serving(name: str) -> Handler:
         body, content_type = assets[name], _ASSETS[name]
+        headers = list(_HEADERS.items())
 
-        async def answer(request: web.Request) -> web.Response:
-            response = web.Response(body=body, headers=_HEADERS)
-            response.headers["Content-Type"] = content_type
-            return response
+        async def answer(request: Request, params: Params) -> Response:
+            return Response(200, body, content_type, list(headers))
 
         return answer
 
-    app.router.add_get("/ui", serving("index.html"))
-    app.router.add_get("/ui/", serving("index.html"))
-    for name in _ASSETS:
-        app.router.add_get(f"/ui/{name}", serving(name))
+    paths = {"/ui": "index.html", "/ui/": "index.html"} | {f"/ui/{n}": n for n in _ASSETS}
+    return [
+        Route(method, path, serving(name))
+        for path, name in paths.items()
+        for method in ("GET", "HEAD")  # the connection leaves a HEAD's body out
+    ]

@@ -1,9 +1,9 @@
 """One rollguard process: its services, the data port and the admin port, started and stopped.
 
-The data port is served end to end by rollguard's own HTTP/1.1 protocol
-(proxy/protocol.py) in front of `DataPlane`; the admin port by an aiohttp application
-(proxy/admin.py), whose HTTP-level errors are answered as JSON here. Every setting comes
-from `Settings` and is handed to the constructors.
+Both ports are served end to end by rollguard's own HTTP/1.1 protocol (proxy/protocol.py):
+the data port in front of `DataPlane`, the admin port in front of `Admin` (proxy/admin.py),
+each with its own limits. Every setting comes from `Settings` and is handed to the
+constructors.
 
 Stopping (`rollguard serve` on SIGTERM): `drain()` turns readiness to 503 while both
 ports keep serving for `drain_delay_s` (answers close their connections, so clients
@@ -20,18 +20,15 @@ import ctypes.util
 import gc
 import logging
 import resource
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import orjson
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry
 
+from rollguard.proxy import admin
 from rollguard.proxy.admin import Admin
 from rollguard.proxy.auth import Authenticator
 from rollguard.proxy.capacity import Capacity
-from rollguard.proxy.endpoints import REQUEST_ID, DataPlane, error_response
+from rollguard.proxy.endpoints import DataPlane
 from rollguard.proxy.inference import Inference, RequestIds
 from rollguard.proxy.limits import RateLimiter
 from rollguard.proxy.load import LoadGauge
@@ -42,9 +39,7 @@ from rollguard.proxy.routing import Router
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.shadow import ShadowMirror
 from rollguard.proxy.windows import Windows
-from rollguard.proxy.wire import JSON, SERVER, Response
 from rollguard.serving.bulkhead import Isolation
-from rollguard.serving.errors import InvalidInput
 from rollguard.serving.registry import Registry
 
 if TYPE_CHECKING:
@@ -128,6 +123,17 @@ class Gateway:
             keepalive_s=settings.keepalive_s,
             capacity=self.capacity,
         )
+        # The admin port: the same server, with limits for a few operators' clients.
+        self.admin_capacity = admin.capacity()
+        self._admin_server = Server(
+            self.admin.handle,
+            self.admin.refuse,
+            max_body=admin.MAX_BODY_BYTES,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            keepalive_s=settings.keepalive_s,
+            capacity=self.admin_capacity,
+        )
         self._grpc: GrpcServer | None = None
         if settings.grpc_enabled:
             # Imported for the port only: grpc and protobuf take about 11 MiB and 0.1 s at
@@ -144,7 +150,6 @@ class Gateway:
         self._trimmer: asyncio.Task[None] | None = None
         self._listener: asyncio.Server | None = None
         self._admin_listener: asyncio.Server | None = None
-        self._admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port = 0
         self.grpc_port = 0  # 0 while gRPC is off
@@ -168,24 +173,8 @@ class Gateway:
             shared = settings.workers > 1
             # The data port listens last: its readiness is what probes and load balancers
             # read, and it must not say ready while the admin or gRPC port is not yet up.
-            app = self.admin.application()
-            app.middlewares.append(_admin_guard)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            self._admin_runner = runner
-            server = runner.server
-            assert server is not None  # set up
-
-            def admin_connection() -> web.RequestHandler:
-                return _AdminConnection(
-                    server,
-                    loop=loop,
-                    access_log=None,  # type: ignore[arg-type]  # None: no access log
-                    keepalive_timeout=settings.keepalive_s,
-                )
-
             self._admin_listener = await loop.create_server(
-                admin_connection, settings.admin_host, settings.admin_port, reuse_address=True
+                self._admin_server, settings.admin_host, settings.admin_port, reuse_address=True
             )
             self.admin_port = int(self._admin_listener.sockets[0].getsockname()[1])
             self.rollouts.own_ports.add(self.admin_port)  # webhooks never reach our listeners
@@ -202,6 +191,11 @@ class Gateway:
         except BaseException:
             await self.close()
             raise
+        # Start-up's garbage (parsed manifests and policies, import-time temporaries)
+        # is freed by now; hand its free heap pages back to the system (glibc).
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
         grpc_at = (
             f"{settings.grpc_host or settings.host}:{self.grpc_port}" if self.grpc_port else "off"
         )
@@ -259,11 +253,7 @@ class Gateway:
         if grpc_stopped is not None:
             await grpc_stopped
         if self._admin_listener is not None:
-            self._admin_listener.close()
-            self._admin_listener = None
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
+            await self._close_admin()
         if self._trimmer is not None:
             self._trimmer.cancel()
             self._trimmer = None
@@ -272,72 +262,27 @@ class Gateway:
         self.gauge.stop()
         await self.registry.stop()
 
-
-# --- the admin port's HTTP layer: its own errors as JSON, like the data port's ----------
-
-
-class _AdminConnection(web.RequestHandler):
-    """aiohttp's connection handler, answering its HTTP-level errors (malformed request,
-    header too large, a handler that failed outside ours) as `{"error": ...}`."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500 and not isinstance(exc, ConnectionError):
-            log.error("admin port: %s %s failed", request.method, request.path, exc_info=exc)
-        else:
-            log.debug("admin port: refused a request: %s", exc or message)
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer was already sent; cannot send the error")
-        if status >= 500:
-            text = _ADMIN_ERRORS.get(status, "the request failed")
-        else:  # aiohttp's parser says what was wrong on its first line
-            said = str(getattr(exc, "message", "") or exc or message or status)
-            text = f"malformed HTTP request: {said.strip().splitlines()[0].rstrip(':')}"
-        response = web.Response(status=status, body=orjson.dumps({"error": text}),
-                                content_type=JSON)  # fmt: skip
-        response.headers["Server"] = SERVER  # not aiohttp's and Python's versions
-        response.force_close()
-        return response
-
-
-_ADMIN_ERRORS = {500: "internal error; the gateway log has the details", 504: "timed out"}
-
-
-@web.middleware
-async def _admin_guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Before admin's handlers: a request id with control characters is 400 as on the data
-    port; the body is read here, so a client leaving mid-body or a body over aiohttp's
-    limit is a short log line or a JSON 413, never a traceback or text."""
-    given = request.headers.get(REQUEST_ID)
-    if given is not None and not given.isprintable():
-        error = InvalidInput("the request id must not contain control characters")
-        return _as_aiohttp(error_response(error, None, "admin"))
-    if request.can_read_body:
-        try:
-            await request.read()
-        except web.HTTPException as exc:
-            doc = {"error": f"{exc.reason}: {exc.text or ''}".rstrip(": ")}
-            return web.Response(status=exc.status, body=orjson.dumps(doc), content_type=JSON)
-        except ConnectionError as exc:
-            log.debug("admin port: client left mid-body: %s", exc)
-            raise
-    return await handler(request)
-
-
-def _as_aiohttp(response: Response) -> web.Response:
-    out = web.Response(status=response.status, body=response.body)
-    if response.content_type is not None:
-        out.headers["Content-Type"] = response.content_type
-    for name, value in response.headers or ():
-        out.headers[name] = value
-    return out
+    async def _close_admin(self) -> None:
+        """Stop listening on the admin port; requests being answered (an action writing
+        its state and audit entry) finish within `shutdown_grace_s`, then close."""
+        listener, self._admin_listener = self._admin_listener, None
+        assert listener is not None
+        listener.close()
+        connections = list(self._admin_server.connections)
+        for conn in connections:
+            conn.shutdown()
+        workers = [c.worker for c in connections if c.worker is not None]
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=self.settings.shutdown_grace_s)
+            for conn in connections:
+                if conn.worker in pending:
+                    conn.give_up()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for conn in list(self._admin_server.connections):
+            conn.abort()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listener.wait_closed(), 1.0)
 
 
 FD_RESERVE = 256  # descriptors kept for what is not a client: files, upstreams, admin

@@ -71,10 +71,11 @@ class KeySource:
     def extract(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
         """The key's value, or None when absent or empty (an empty key is no key).
 
-        `headers` is expected to be case-insensitive already, as aiohttp's are.
+        `headers`: the request's, by lower-case name (proxy/wire.py `Request.headers`).
         """
-        value = (headers if self.kind == "header" else cookies).get(self.name)
-        return value or None
+        if self.kind == "header":
+            return headers.get(self.name.lower()) or None
+        return cookies.get(self.name) or None
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"

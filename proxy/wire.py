@@ -20,6 +20,7 @@ SECURITY_HEADERS = (
     ("Cross-Origin-Resource-Policy", "same-origin"),
 )
 _FIXED = f"Server: {SERVER}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in SECURITY_HEADERS)
+_SECURITY_NAMES = frozenset(name.lower() for name, _ in SECURITY_HEADERS)
 _LINES = {
     (version, s.value): f"HTTP/{version} {s.value} {s.phrase}\r\n{_FIXED}"
     for s in HTTPStatus
@@ -76,10 +77,17 @@ def encode_response(
     Content-Length kept); ValueError for a header that holds a control character (CR or
     LF would split the response; the others are not HTTP).
 
-    Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones.
+    Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones. A
+    security header the response sets itself (the admin port's dashboard: its own
+    Content-Security-Policy) replaces the one every answer has.
     """
     status = response.status
     line = _LINES.get((version, status)) or f"HTTP/{version} {status}\r\n{_FIXED}"
+    own = response.headers
+    if own and any(name.lower() in _SECURITY_NAMES for name, _ in own):
+        names = {name.lower() for name, _ in own}
+        kept = "".join(f"{n}: {v}\r\n" for n, v in SECURITY_HEADERS if n.lower() not in names)
+        line = line.replace(_FIXED, f"Server: {SERVER}\r\n{kept}")
     head = f"{line}Date: {date}\r\n"
     if response.content_type is not None:
         head += f"Content-Type: {response.content_type}\r\n"

@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rollguard.serving.availability import Availability
-from rollguard.serving.batching import BatchingRunner
 from rollguard.serving.bulkhead import Bulkhead, Isolation
 from rollguard.serving.catalog import (
     Fingerprint,
@@ -46,7 +45,6 @@ from rollguard.serving.catalog import (
 )
 from rollguard.serving.deadlines import Deadline
 from rollguard.serving.errors import ModelNotFound, NotReady, ServingError, VersionNotFound
-from rollguard.serving.isolation import ProcessIsolated
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.outputs import CheckedOutputs
 from rollguard.serving.runners import LocalRunner, Runner, create_runner
@@ -261,6 +259,10 @@ class Registry:
         manifest = runner.manifest
         local = isinstance(runner, LocalRunner)
         if isinstance(runner, LocalRunner) and manifest.runtime.get("isolation") == "process":
+            # Imported here: worker processes (multiprocessing) and batching are only
+            # paid for by a gateway that serves such a version.
+            from rollguard.serving.isolation import ProcessIsolated
+
             # Worker processes of its own, killed at the deadline (serving/isolation.py).
             runner = ProcessIsolated(
                 runner,
@@ -278,6 +280,8 @@ class Registry:
                 shadow_threads=self.isolation.shadow_threads,
             )
         if manifest.batching is not None:
+            from rollguard.serving.batching import BatchingRunner
+
             batched = BatchingRunner(
                 runner,
                 max_batch_size=manifest.batching.max_batch_size,

@@ -8,6 +8,7 @@ headers, cookies, tracing and stream readers it does not need (load_tests/bench_
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 from collections import deque
@@ -20,6 +21,14 @@ from rollguard.serving.errors import UpstreamError, UpstreamTimeout
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110)
+
+
+@functools.cache
+def _system_trust() -> ssl.SSLContext:
+    """The one verifying client context every `https://` pool without its own shares:
+    each context holds the system's CA certificates parsed (about 2 MiB), and none is
+    changed once made. Read at the first https upstream, not again at each (re)load."""
+    return ssl.create_default_context()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +81,7 @@ class UpstreamPool:
             )
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl = (
-            (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
-        )
+        self._ssl = (ssl_context or _system_trust()) if parts.scheme == "https" else None
         self._host_header = parts.netloc
         self._prefix = parts.path.rstrip("/")
         self.url = f"{parts.scheme}://{parts.netloc}{self._prefix}"

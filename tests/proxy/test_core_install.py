@@ -166,6 +166,7 @@ def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstr
 # statistics of drift, sample-ratio and conditional checks, imported when one first runs),
 # Redis (fleet mode) and plotting. Each costs tens of MB of memory once imported.
 UNNEEDED = (*RUNTIMES, "scipy", "tritonclient", "redis", "pandas", "matplotlib")
+LOCAL_ONLY = ("isolation", "workerprocess", "worker", "batching")  # serving/ modules
 _RECORDING_CHILD = """
 import atexit
 import os
@@ -219,3 +220,46 @@ def test_a_proxy_only_gateway_imports_no_heavy_library(
     assert not imported & set(UNNEEDED)
     # The gRPC port is on by default and needs grpc; without it grpc is never imported.
     assert ("grpc" in imported) is grpc
+    # Worker processes (multiprocessing) and micro-batching are imported with the first
+    # version that asks for them (serving/registry.py `_compose`); a proxy has none.
+    loaded_only_for_local = {"multiprocessing", *(f"rollguard.serving.{m}" for m in LOCAL_ONLY)}
+    local_machinery = set(modules.read_text().split()) & loaded_only_for_local
+    assert not local_machinery
+
+
+def test_a_gateway_that_sends_no_webhook_never_imports_aiohttp(
+    tmp_path: Path, upstream: str
+) -> None:
+    """aiohttp is the webhooks' HTTP client (with its TLS context, about 15 MiB): both
+    ports, the admin API and the dashboard included, are served without it."""
+    registry = tmp_path / "registry"
+    write_remote_version(registry, "1", upstream)
+    (tmp_path / "policies").mkdir()
+    port, admin_port = _free_port(), _free_port()
+    modules = tmp_path / "modules.txt"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _RECORDING_CHILD, "serve", "--registry", str(registry),
+         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
+         "--port", str(port), "--admin-port", str(admin_port), "--no-grpc"],
+        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", "MODULES_FILE": str(modules)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    base, admin = f"http://127.0.0.1:{port}/v2/models", f"http://127.0.0.1:{admin_port}"
+    try:
+
+        def ready() -> bool:
+            assert process.poll() is None, process.communicate()[0]
+            return _status(f"{base}/remote/versions/1/ready") == 200
+
+        asyncio.run(eventually(ready, timeout_s=25))
+        assert _sum_via(base) == [3, 7]
+        for path in ("/metrics", "/admin/rollouts", "/admin/audit", "/ui", "/ui/app.js"):
+            assert _status(admin + path) == 200, path
+        assert _status(f"{admin}/admin/rollouts/nothing") == 404
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    imported = {name.partition(".")[0] for name in modules.read_text().split()}
+    assert "rollguard" in imported  # the record is the gateway's
+    assert not imported & {"aiohttp", "yarl", "multidict"}
