@@ -101,14 +101,16 @@ class ShadowMirror:
         copies.wanted += 1
         gauge = self.gauge
         if gauge is not None and gauge.busy and self.budget < 1.0:
-            # Every primary earns `budget` of a copy; a whole one is spent per admission.
-            credit = min(self._credit + self.budget, 1.0)
+            # Every primary earns `budget` of a copy; a whole one is spent per admission,
+            # and what is left over carries (capping it at one copy admitted 1 in 2 for
+            # any budget in (0.5, 1), and 1 in 3 for 0.4).
+            credit = self._credit + self.budget
             if credit < 1.0 - 1e-9:  # twenty additions of 0.05 make 0.999...
                 self._credit = credit
                 self.shed += 1
                 self.count(model, version, "shed")
                 return False
-            self._credit = max(credit - 1.0, 0.0)
+            self._credit = max(credit - 1.0, 0.0)  # < 1: credit was < 1 + budget <= 2
         if len(self._tasks) >= self._limit:
             self.dropped += 1
             self.count(model, version, "dropped")

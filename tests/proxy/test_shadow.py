@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from rollguard.proxy.load import LoadGauge, own_cgroup
@@ -62,6 +65,19 @@ async def test_busy_gateway_admits_only_the_budget_and_counts_the_rest() -> None
     assert admitted == ran == 100  # one copy per ten primaries, spread evenly
     assert mirror.shed == 900 and _shadow_count(metrics, "shed") == 900
     assert _shadow_count(metrics, "dropped") == 0
+
+
+@examples(max_examples=60, deadline=None)
+@given(budget=st.integers(0, 100).map(lambda p: p / 100), n=st.integers(1, 2000))
+def test_under_pressure_the_budget_is_the_share_admitted(budget: float, n: int) -> None:
+    """Any budget, not only those dividing one: 0.75 admits three copies in four (a
+    credit capped at one copy admitted one in two)."""
+    gauge = LoadGauge()
+    gauge.busy = True
+    mirror = _mirror(Metrics(CollectorRegistry()), queue=10_000, budget=budget, gauge=gauge)
+    admitted = sum(mirror.admit("m", "2") for _ in range(n))
+    assert abs(admitted - budget * n) <= 1
+    assert mirror.shed == n - admitted
 
 
 async def test_idle_gateway_or_full_budget_mirrors_everything() -> None:
