@@ -53,7 +53,7 @@ def routes() -> list[Route]:
         headers = list(_HEADERS.items())
 
         async def answer(request: Request, params: Params) -> Response:
-            return Response(200, body, content_type, list(headers))
+            return Response(200, body, content_type, list(headers), own_security=True)
 
         return answer
 

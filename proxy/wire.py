@@ -20,7 +20,6 @@ SECURITY_HEADERS = (
     ("Cross-Origin-Resource-Policy", "same-origin"),
 )
 _FIXED = f"Server: {SERVER}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in SECURITY_HEADERS)
-_SECURITY_NAMES = frozenset(name.lower() for name, _ in SECURITY_HEADERS)
 _LINES = {
     (version, s.value): f"HTTP/{version} {s.value} {s.phrase}\r\n{_FIXED}"
     for s in HTTPStatus
@@ -51,6 +50,10 @@ class Response:
     body: bytes = b""
     content_type: str | None = JSON
     headers: list[tuple[str, str]] | None = None  # beyond Content-Type and Content-Length
+    # The security headers among `headers` replace the default ones (the admin port's
+    # dashboard page: its own Content-Security-Policy). Never set for a relayed answer:
+    # an upstream's headers do not loosen the gateway's.
+    own_security: bool = False
 
 
 class HttpDate:
@@ -77,14 +80,14 @@ def encode_response(
     Content-Length kept); ValueError for a header that holds a control character (CR or
     LF would split the response; the others are not HTTP).
 
-    Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones. A
-    security header the response sets itself (the admin port's dashboard: its own
-    Content-Security-Policy) replaces the one every answer has.
+    Connection headers: `keep-alive` said to HTTP/1.0 clients, `close` to 1.1 ones. With
+    `own_security`, a security header the response sets itself (the admin port's
+    dashboard: its own Content-Security-Policy) replaces the one every answer has.
     """
     status = response.status
     line = _LINES.get((version, status)) or f"HTTP/{version} {status}\r\n{_FIXED}"
     own = response.headers
-    if own and any(name.lower() in _SECURITY_NAMES for name, _ in own):
+    if response.own_security and own:
         names = {name.lower() for name, _ in own}
         kept = "".join(f"{n}: {v}\r\n" for n, v in SECURITY_HEADERS if n.lower() not in names)
         line = line.replace(_FIXED, f"Server: {SERVER}\r\n{kept}")

@@ -141,6 +141,10 @@ async def run(
         delay = due - time.perf_counter()
         if delay > 0.0005:  # sleep only when it is worth a timer; else send at once
             await asyncio.sleep(delay)
+        while idle and idle[-1].transport is None:  # closed by the server while idle
+            idle.pop()
+        if len(conns) + opening >= max_connections:
+            conns[:] = [c for c in conns if c.transport is not None]
         if idle:
             idle.pop().send(requests[i % len(requests)], due)
         elif len(conns) + opening < max_connections:
