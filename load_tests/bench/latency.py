@@ -15,6 +15,11 @@ back to back in each round. A 100 % shadow doubles the work behind every request
 a share of bare's capacity it can already be over its own (the proxy runs at about half
 of bare's capacity on this machine's two cores).
 
+Before each open run the harness waits (up to 30 s) for the host's CPUs to be under
+15 % busy: a run that overloaded its servers (a mirror at a rate its shadow upstream
+cannot keep) leaves them working through a backlog after its client stops, and the next
+target would pay for it in its p99.
+
 Shadow targets also report, for every run (closed or open loop), the share of copies that
 were really mirrored and the answers compared per second: rollguard's from its
 `rollguard_shadow_requests_total` counters, nginx's mirror from the requests its mirror
@@ -25,9 +30,11 @@ from __future__ import annotations
 
 import re
 import statistics
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from load_tests.bench import models, openloop
@@ -113,6 +120,34 @@ class OpenRun:
     basis: str = "bare"
 
 
+SETTLED = 0.15  # host CPU busy share (of all cores) under which a run may start
+SETTLE_LIMIT_S = 30.0
+
+
+def _host_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all the host's CPUs since boot (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def settle(limit_s: float = SETTLE_LIMIT_S) -> tuple[float, float]:
+    """Wait until the host is quiet: an overloaded run (a mirror at a rate its shadow
+    upstream cannot keep) leaves its servers working through a backlog after its
+    client stops, on the cores the next target's run needs. Returns (seconds waited,
+    the last busy share); gives up after `limit_s`."""
+    began = time.monotonic()
+    busy = 1.0
+    while time.monotonic() - began < limit_s:
+        b0, t0 = _host_jiffies()
+        time.sleep(0.25)
+        b1, t1 = _host_jiffies()
+        busy = (b1 - b0) / max(t1 - t0, 1)
+        if busy < SETTLED:
+            break
+    return time.monotonic() - began, busy
+
+
 def open_rounds(
     started: list[Target],
     capacities: dict[str, float],
@@ -132,6 +167,9 @@ def open_rounds(
     def run(target: Target, share: float, rate: float, round_: int, basis: str) -> None:
         if not alive(target):
             return
+        waited, busy = settle()
+        if busy > SETTLED:
+            log(f"  (the machine stayed {busy:.0%} busy for {waited:.0f} s before {target.name})")
         before = shadow_counts(target)
         result = openloop.run_url(
             target.url, models.request_body(), models.KEY_HEADER, rate=rate, duration_s=duration_s
