@@ -51,10 +51,8 @@ class AdminUrls:
 def _template(pattern: str) -> re.Pattern[str]:
     """`/admin/rollouts/{name}` as a regular expression with a group per parameter."""
     parts = _PARAMETER.split(pattern)  # literal, name, literal, name, ...
-    return re.compile(
-        "".join(f"(?P<{part}>[^{{}}/]+)" if i % 2 else re.escape(part)
-                for i, part in enumerate(parts))
-    )  # fmt: skip
+    pieces = [f"(?P<{p}>[^{{}}/]+)" if i % 2 else re.escape(p) for i, p in enumerate(parts)]
+    return re.compile("".join(pieces))
 
 
 def _path_safe(path: str) -> str:

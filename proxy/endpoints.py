@@ -306,10 +306,7 @@ class DataPlane:
         start = _ns()
         try:
             parsed = InferRequest.decode(request.body, headers.get(_BINARY_KEY))
-            if parsed.id is not None:  # request_id_of, inline
-                request_id = _checked_id(parsed.id)
-            elif not request_id:
-                request_id = self.inference.new_request_id()
+            request_id = self.request_id_of(parsed, request_id)
             decoded = _ns()
             answer = await self.infer_decoded(
                 model, parsed, headers, request_id=request_id, pinned=pinned, caller=caller

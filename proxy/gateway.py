@@ -230,30 +230,14 @@ class Gateway:
             asyncio.ensure_future(self._grpc.stop(grace)) if self._grpc is not None else None
         )
         if self._listener is not None:
-            self._listener.close()
-            connections = list(self._server.connections)
-            for conn in connections:
-                conn.shutdown()
-            workers = [c.worker for c in connections if c.worker is not None]
-            if workers:
-                log.info("waiting up to %gs for %d request(s) in flight", grace, len(workers))
-                _, pending = await asyncio.wait(workers, timeout=grace)
-                late = [c for c in connections if c.worker in pending]
-                for conn in late:
-                    conn.give_up()
-                if pending:
-                    log.warning("%d request(s) still running after shutdown_grace_s=%g: "
-                                "answered 503", len(pending), grace)  # fmt: skip
-                    await asyncio.wait(pending, timeout=1.0)
-            for conn in list(self._server.connections):
-                conn.abort()
-            with contextlib.suppress(TimeoutError):  # let closed connections say so
-                await asyncio.wait_for(self._listener.wait_closed(), 1.0)
-            self._listener = None
+            listener, self._listener = self._listener, None
+            await _stop_serving(listener, self._server, grace, "data port")
         if grpc_stopped is not None:
             await grpc_stopped
         if self._admin_listener is not None:
-            await self._close_admin()
+            # Requests being answered (an action writing its state and entry) finish too.
+            listener, self._admin_listener = self._admin_listener, None
+            await _stop_serving(listener, self._admin_server, grace, "admin port")
         if self._trimmer is not None:
             self._trimmer.cancel()
             self._trimmer = None
@@ -262,27 +246,29 @@ class Gateway:
         self.gauge.stop()
         await self.registry.stop()
 
-    async def _close_admin(self) -> None:
-        """Stop listening on the admin port; requests being answered (an action writing
-        its state and audit entry) finish within `shutdown_grace_s`, then close."""
-        listener, self._admin_listener = self._admin_listener, None
-        assert listener is not None
-        listener.close()
-        connections = list(self._admin_server.connections)
+
+async def _stop_serving(listener: asyncio.Server, server: Server, grace: float, what: str) -> None:
+    """Stop accepting; let the requests in flight finish within `grace` (those still
+    running then are answered 503), then close every connection of `server`."""
+    listener.close()
+    connections = list(server.connections)
+    for conn in connections:
+        conn.shutdown()
+    workers = [c.worker for c in connections if c.worker is not None]
+    if workers:
+        log.info("%s: waiting up to %gs for %d request(s) in flight", what, grace, len(workers))
+        _, pending = await asyncio.wait(workers, timeout=grace)
         for conn in connections:
-            conn.shutdown()
-        workers = [c.worker for c in connections if c.worker is not None]
-        if workers:
-            _, pending = await asyncio.wait(workers, timeout=self.settings.shutdown_grace_s)
-            for conn in connections:
-                if conn.worker in pending:
-                    conn.give_up()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
-        for conn in list(self._admin_server.connections):
-            conn.abort()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(listener.wait_closed(), 1.0)
+            if conn.worker in pending:
+                conn.give_up()
+        if pending:
+            log.warning("%s: %d request(s) still running after shutdown_grace_s=%g: "
+                        "answered 503", what, len(pending), grace)  # fmt: skip
+            await asyncio.wait(pending, timeout=1.0)
+    for conn in list(server.connections):
+        conn.abort()
+    with contextlib.suppress(TimeoutError):  # let closed connections say so
+        await asyncio.wait_for(listener.wait_closed(), 1.0)
 
 
 FD_RESERVE = 256  # descriptors kept for what is not a client: files, upstreams, admin

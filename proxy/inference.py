@@ -156,11 +156,7 @@ class Inference:
             if role == "candidate":
                 loaded, failover = self._candidate(table, version)
             else:
-                try:  # _get, inline for the stable's share
-                    loaded = self.registry.get(model, version)
-                except NotReady:
-                    self._count_unavailable(model, version, role)
-                    raise
+                loaded = self._get(model, version, role)
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
         # Sample-ratio checks count the split's units: keys when it hashed one.
         unit = key if table is not None and table.split == "hash" else None

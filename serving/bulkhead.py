@@ -164,10 +164,7 @@ class Bulkhead(Wrapper):
         try:
             return await self.inner.predict(request)
         finally:
-            if slots.waiters:
-                slots.release()  # the slot goes to the next in line
-            else:
-                slots.running -= 1  # nobody waits: released without a call of its own
+            slots.release()
             if self._drained is not None and self.busy == 0:
                 self._drained.set()
 

@@ -92,14 +92,7 @@ def deferred_meta(items: Sequence[Any]) -> dict[str, TensorMeta] | None:
         if type(name) is not str or not name or name in meta or type(datatype) is not str:
             return None
         shape: Any = item.get("shape")
-        if type(shape) is not list or type(data) is not list:
-            return None
-        count = 1  # flat_count, inline: it runs for every input of every request
-        for d in shape:
-            if type(d) is not int or d < 0:
-                return None
-            count *= d
-        if len(data) != count or not numeric_data_fits(datatype, data):
+        if flat_count(shape, data) is None or not numeric_data_fits(datatype, data):
             return None
         meta[name] = TensorMeta(tuple(shape), V2_TO_NUMPY[datatype])
     return meta

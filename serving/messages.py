@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import orjson
 
 from rollguard.serving.codec import (
     BINARY_HEADER,
@@ -34,7 +33,6 @@ from rollguard.serving.prediction import DEFAULT_RULE, Predicted, Rule, read_arr
 from rollguard.serving.tensors import Shaped, Tensors
 
 _NONE: frozenset[str] = frozenset()
-_loads = orjson.loads
 
 
 class InferRequest:
@@ -100,10 +98,7 @@ class InferRequest:
             view = memoryview(body)
             doc, binary = parse_json(view[:n]), view[n:]
         else:
-            try:  # parse_json, inline: once per request
-                doc = _loads(body)
-            except orjson.JSONDecodeError:
-                doc = parse_json(body)  # raises the codec's InvalidInput
+            doc = parse_json(body)
         if type(doc) is not dict:
             raise InvalidInput("request body must be a JSON object")
         raw_inputs = doc.get("inputs")

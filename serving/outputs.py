@@ -132,11 +132,15 @@ def array_problems(
     return problems
 
 
+_isfinite = np.isfinite
+_all = np.logical_and.reduce  # ndarray.all() without numpy's Python-level wrapper
+
+
 def non_finite(outputs: Mapping[str, np.ndarray]) -> list[str]:
     """The float outputs holding NaN or infinity, one phrase each (none: an empty list)."""
     problems: list[str] = []
     for name, array in outputs.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if array.dtype.kind == "f" and not _all(_isfinite(array), None):
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             problems.append(
                 f"output '{name}': {bad} of {array.size} values are NaN or infinite, which "
@@ -175,8 +179,6 @@ def item_problems(
 
 
 _FLOATS = frozenset({"FP16", "FP32", "FP64"})
-_isfinite = np.isfinite
-_all = np.logical_and.reduce  # ndarray.all() without numpy's Python-level wrapper
 
 
 def _answered_outside(manifest: Manifest) -> str:
@@ -202,13 +204,9 @@ class CheckedOutputs(Wrapper):
             outputs = response.arrays()
             rows = request.rows()
             if not self._declared or arrays_fit(self._declared, outputs, rows):
-                # `non_finite`'s test, inline: it runs on every answer and finds nothing.
-                for array in outputs.values():
-                    if array.dtype.kind == "f" and not _all(_isfinite(array), None):
-                        break
-                else:
-                    return response
                 problems = non_finite(outputs)
+                if not problems:
+                    return response
             else:
                 problems = array_problems(self._declared, outputs, rows) + non_finite(outputs)
             raise self._failure(self._what + "; ".join(problems))

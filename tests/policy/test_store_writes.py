@@ -33,6 +33,14 @@ class Gate:
         assert self.open.wait(DEADLINE_S), "the test never opened the gate"
 
 
+def _failing_disk(root: Path) -> tuple[Gate, StateStore]:
+    """A store whose every write fails (no space left) until `gate.failing` is cleared."""
+    gate = Gate()
+    gate.open.set()
+    gate.failing = True
+    return gate, StateStore(root, fsync=gate)
+
+
 def counts(n: int) -> dict[str, int]:
     return {"seen": n}
 
@@ -91,10 +99,7 @@ def test_a_bookkeeping_save_being_written_finishes_before_a_later_save(tmp_path:
 def test_a_failed_background_write_is_logged_and_tried_again_by_the_next_save(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    gate = Gate()
-    gate.open.set()
-    gate.failing = True
-    store = StateStore(tmp_path, fsync=gate)
+    gate, store = _failing_disk(tmp_path)
     with caplog.at_level(logging.ERROR, logger="rollguard.state"):
         store.save_later("fraud", counts(1))
         assert not store.flush(DEADLINE_S)
@@ -108,10 +113,7 @@ def test_a_failed_background_write_is_logged_and_tried_again_by_the_next_save(
 
 
 def test_a_failed_background_write_is_superseded_by_a_later_one(tmp_path: Path) -> None:
-    gate = Gate()
-    gate.open.set()
-    gate.failing = True
-    store = StateStore(tmp_path, fsync=gate)
+    gate, store = _failing_disk(tmp_path)
     store.save_later("fraud", counts(1))
     assert not store.flush(DEADLINE_S)
     gate.failing = False
@@ -121,10 +123,7 @@ def test_a_failed_background_write_is_superseded_by_a_later_one(tmp_path: Path) 
 
 
 def test_flush_reports_a_write_that_keeps_failing(tmp_path: Path) -> None:
-    gate = Gate()
-    gate.open.set()
-    gate.failing = True
-    store = StateStore(tmp_path, fsync=gate)
+    gate, store = _failing_disk(tmp_path)
     store.save_later("fraud", counts(1))
     assert not store.flush(DEADLINE_S)
     assert not store.close(DEADLINE_S)

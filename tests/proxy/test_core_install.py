@@ -22,7 +22,7 @@ import threading
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -184,20 +184,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("grpc", [True, False], ids=["grpc-port", "no-grpc"])
-def test_a_proxy_only_gateway_imports_no_heavy_library(
-    tmp_path: Path, upstream: str, grpc: bool
-) -> None:
+def _modules_of_a_gateway(
+    tmp_path: Path, upstream: str, options: list[str], use: Callable[[str, str], None]
+) -> set[str]:
+    """Every module a proxy-only `rollguard serve` (one http version in front of
+    `upstream`) had imported when it exited, after `use(data_base, admin_base)` ran."""
     registry = tmp_path / "registry"
     write_remote_version(registry, "1", upstream)
     (tmp_path / "policies").mkdir()
-    port, admin_port, grpc_port = _free_port(), _free_port(), _free_port()
+    port, admin_port = _free_port(), _free_port()
     modules = tmp_path / "modules.txt"
     process = subprocess.Popen(
         [sys.executable, "-c", _RECORDING_CHILD, "serve", "--registry", str(registry),
          "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
-         "--port", str(port), "--admin-port", str(admin_port),
-         "--grpc-port", str(grpc_port), *(() if grpc else ("--no-grpc",))],
+         "--port", str(port), "--admin-port", str(admin_port), *options],
         env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", "MODULES_FILE": str(modules)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )  # fmt: skip
@@ -210,21 +210,33 @@ def test_a_proxy_only_gateway_imports_no_heavy_library(
 
         asyncio.run(eventually(ready, timeout_s=25))
         assert _sum_via(base) == [3, 7]  # the proxy path itself ran
-        assert _status(f"http://127.0.0.1:{admin_port}/metrics") == 200
+        use(base, f"http://127.0.0.1:{admin_port}")
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
-    imported = {name.partition(".")[0] for name in modules.read_text().split()}
-    assert "rollguard" in imported  # the record is the gateway's
+    recorded = set(modules.read_text().split())
+    assert "rollguard" in {name.partition(".")[0] for name in recorded}  # the gateway's
+    return recorded
+
+
+@pytest.mark.parametrize("grpc", [True, False], ids=["grpc-port", "no-grpc"])
+def test_a_proxy_only_gateway_imports_no_heavy_library(
+    tmp_path: Path, upstream: str, grpc: bool
+) -> None:
+    def scrape(base: str, admin: str) -> None:
+        assert _status(f"{admin}/metrics") == 200
+
+    options = ["--grpc-port", str(_free_port())] if grpc else ["--no-grpc"]
+    recorded = _modules_of_a_gateway(tmp_path, upstream, options, scrape)
+    imported = {name.partition(".")[0] for name in recorded}
     assert not imported & set(UNNEEDED)
     # The gRPC port is on by default and needs grpc; without it grpc is never imported.
     assert ("grpc" in imported) is grpc
     # Worker processes (multiprocessing) and micro-batching are imported with the first
     # version that asks for them (serving/registry.py `_compose`); a proxy has none.
     loaded_only_for_local = {"multiprocessing", *(f"rollguard.serving.{m}" for m in LOCAL_ONLY)}
-    local_machinery = set(modules.read_text().split()) & loaded_only_for_local
-    assert not local_machinery
+    assert not recorded & loaded_only_for_local
 
 
 def test_a_gateway_that_sends_no_webhook_never_imports_aiohttp(
@@ -232,34 +244,12 @@ def test_a_gateway_that_sends_no_webhook_never_imports_aiohttp(
 ) -> None:
     """aiohttp is the webhooks' HTTP client (with its TLS context, about 15 MiB): both
     ports, the admin API and the dashboard included, are served without it."""
-    registry = tmp_path / "registry"
-    write_remote_version(registry, "1", upstream)
-    (tmp_path / "policies").mkdir()
-    port, admin_port = _free_port(), _free_port()
-    modules = tmp_path / "modules.txt"
-    process = subprocess.Popen(
-        [sys.executable, "-c", _RECORDING_CHILD, "serve", "--registry", str(registry),
-         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
-         "--port", str(port), "--admin-port", str(admin_port), "--no-grpc"],
-        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", "MODULES_FILE": str(modules)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    base, admin = f"http://127.0.0.1:{port}/v2/models", f"http://127.0.0.1:{admin_port}"
-    try:
 
-        def ready() -> bool:
-            assert process.poll() is None, process.communicate()[0]
-            return _status(f"{base}/remote/versions/1/ready") == 200
-
-        asyncio.run(eventually(ready, timeout_s=25))
-        assert _sum_via(base) == [3, 7]
+    def every_admin_page(base: str, admin: str) -> None:
         for path in ("/metrics", "/admin/rollouts", "/admin/audit", "/ui", "/ui/app.js"):
             assert _status(admin + path) == 200, path
         assert _status(f"{admin}/admin/rollouts/nothing") == 404
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
-    assert process.returncode == 0, output
-    imported = {name.partition(".")[0] for name in modules.read_text().split()}
-    assert "rollguard" in imported  # the record is the gateway's
+
+    recorded = _modules_of_a_gateway(tmp_path, upstream, ["--no-grpc"], every_admin_page)
+    imported = {name.partition(".")[0] for name in recorded}
     assert not imported & {"aiohttp", "yarl", "multidict"}
