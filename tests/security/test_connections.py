@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import orjson
 import pytest
 
+from rollguard.proxy import admin
 from rollguard.serving.demo.build import load_eval_data
 from tests.proxy.conftest import MakeRegistry
 from tests.proxy.rawhttp import Answer, closed, connect, exchange, post, read, until
@@ -145,3 +147,16 @@ async def test_clients_leaving_mid_body_leave_no_traceback(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
     assert "Traceback" not in caplog.text
+
+
+async def test_a_client_holding_every_admin_connection_never_reaches_the_data_port(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """The admin port's connection cap is its own: idle connections filling it turn the
+    next admin client away with a JSON 503, and the data port serves as before."""
+    async with serve(tmp_path, make_registry("fraud/1.0.0")) as server, AsyncExitStack() as held:
+        for _ in range(admin.MAX_CONNECTIONS):
+            await held.enter_async_context(connect(server.admin_url))
+        await until(lambda: server.running.admin_capacity.connections == admin.MAX_CONNECTIONS)
+        _is_json_error(await exchange(server.admin_url, b"GET /metrics HTTP/1.1\r\n\r\n"), 503)
+        assert (await exchange(server.url, post(INFER, _body("served")))).status == 200
