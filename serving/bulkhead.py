@@ -222,6 +222,16 @@ class Threads:
                 self.stuck += 1
             raise
 
+    @property
+    def started(self) -> int:
+        return len(self._threads)
+
+    def start(self) -> None:
+        """Start every thread the lane may run (2 x size) now rather than on the calls
+        that would otherwise wait for them (serving/scheduling.py: the warm-up)."""
+        while len(self._threads) < 2 * self.size and not self._closed:
+            self._spawn()
+
     def close(self) -> None:
         """Let idle threads end; a stuck one ends when its call returns (daemon: or never)."""
         self._closed = True

@@ -29,6 +29,14 @@ exported torch programs may loop on a value, so those always run on threads, whe
 deadline holds. An inline call therefore costs what its batch size says, and the batch
 size is capped at what was measured.
 
+Before the version takes traffic, `load` starts every thread of both lanes and runs one
+call on each of them with inputs of zeros shaped as the manifest declares (Triton's
+model warm-up): a thread started by a call, or a model's first calls (imports, caches,
+TorchScript's profiling runs), answered milliseconds late on a busy machine, and those
+late answers counted against a candidate that had just begun to take traffic — four of
+them rolled a healthy demo candidate back on latency. A warm-up call that fails or
+outlives the deadline is logged and the version serves anyway, warmed or not.
+
 Calls on threads run on the version's own daemon threads, one set per lane
 (serving/bulkhead.py `Threads`): a hung or slow version ties up only its own threads,
 a shadow copy never one that serves a client, and once all of a lane's threads are stuck
@@ -45,13 +53,17 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 from rollguard.serving.bulkhead import Lane, Threads, current_lane
 from rollguard.serving.errors import DeadlineExceeded
+from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.onnxgraph import NotOnnx, value_dependent_operators
 from rollguard.serving.runners.base import LocalRunner, Wrapper
-from rollguard.serving.tensors import Tensors
+from rollguard.serving.tensors import V2_TO_NUMPY, Tensors
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +157,31 @@ class Scheduled(Wrapper):
                 self.inline_limit_s = 0.0
             else:
                 _COLLECTOR.install()
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """Start both lanes' threads and run one call of zeros on each (module doc)."""
+        sample = zeros_for(self.manifest)
+        manifest = self.manifest
+        for threads in self.threads.values():
+            threads.start()
+        if sample is None:
+            return
+        for threads in self.threads.values():
+            try:  # one call first: a model that fails or hangs on zeros ties up one thread
+                await self._on_thread(threads, self._untimed, sample)
+                await asyncio.gather(
+                    *(
+                        self._on_thread(threads, self._untimed, sample)
+                        for _ in range(threads.started - 1)
+                    )
+                )
+            except Exception as exc:  # whatever the model raised on zeros, or its deadline
+                log.warning(
+                    "%s/%s: a warm-up call on zeros failed (%s); serving without warm-up",
+                    manifest.name, manifest.version, exc,
+                )  # fmt: skip
+                return
 
     async def unload(self) -> None:
         for threads in self.threads.values():
@@ -154,12 +191,18 @@ class Scheduled(Wrapper):
     async def predict(self, request: InferRequest) -> InferResponse:
         if self.inline and request.rows() <= self.inline_rows:
             return InferResponse(arrays=self._inline(request.arrays()))
-        lane = current_lane()
+        outputs = await self._on_thread(self.threads[current_lane()], self._timed, request.arrays())
+        return InferResponse.of_arrays(outputs)
+
+    async def _on_thread(
+        self, threads: Threads, fn: Callable[[_Stoppable], Tensors], inputs: Tensors
+    ) -> Tensors:
+        """`fn` of the call on one of `threads`, within the deadline."""
         timeout = asyncio.timeout(self.timeout_s)
-        call = _Stoppable(request.arrays())
+        call = _Stoppable(inputs)
         try:
             async with timeout:
-                outputs = await self.threads[lane].run(self._timed, call)
+                return await threads.run(fn, call)
         except BaseException as exc:
             # Nobody waits for the call any more (its deadline, or a caller cancelled):
             # stopped where the runtime can (ONNX Runtime's terminate flag), its thread
@@ -171,7 +214,6 @@ class Scheduled(Wrapper):
             raise DeadlineExceeded(
                 f"{manifest.name}/{manifest.version} did not answer within {self.timeout_s:g}s"
             ) from None
-        return InferResponse.of_arrays(outputs)
 
     def _inline(self, inputs: Tensors) -> Tensors:
         collected = _COLLECTOR.total
@@ -189,6 +231,10 @@ class Scheduled(Wrapper):
             if mean > limit or elapsed > self.SPIKE_FACTOR * limit:
                 self.inline = False
                 self._round_length = min(2 * self._round_length, self.MAX_ROUND)
+
+    def _untimed(self, call: _Stoppable) -> Tensors:
+        """A warm-up call: not counted in the rounds that decide whether to go inline."""
+        return self.local.predict_stoppable(call.inputs, call)
 
     def _timed(self, call: _Stoppable) -> Tensors:
         """The call on one of the version's threads, stoppable by its caller, timed to
@@ -229,6 +275,18 @@ class _Stoppable:
 
     def __init__(self, inputs: Tensors) -> None:
         self.inputs = inputs
+
+
+def zeros_for(manifest: Manifest) -> Tensors | None:
+    """One row of zeros per declared input (every -1 dimension 1), or None when the
+    manifest declares no inputs or one that is not numeric."""
+    specs = manifest.input_specs
+    if not specs or any(spec.datatype == "BYTES" for spec in specs):
+        return None
+    return {
+        spec.name: np.zeros([1 if d == -1 else d for d in spec.shape], V2_TO_NUMPY[spec.datatype])
+        for spec in specs
+    }
 
 
 def _rows(inputs: Tensors) -> int:

@@ -299,3 +299,79 @@ async def test_an_onnx_call_past_its_deadline_is_stopped_and_frees_its_thread(
     answer = await sched.predict(InferRequest.of_arrays({"input": quick}))
     assert answer.arrays()["label"].shape == (1,)
     await sched.unload()
+
+
+class _Recording(OnnxRunner):
+    """The real ONNX model, recording each call's thread and inputs; `on_zeros` raises or
+    stalls on inputs of all zeros (the warm-up's), as a model might."""
+
+    on_zeros: str = ""  # "", "raise" or "stall"
+    stall_s = 0.0
+    calls: list[tuple[str, bool, tuple[int, ...]]]
+
+    def predict_sync(self, inputs: Tensors) -> Tensors:
+        zeros = all(not a.any() for a in inputs.values())
+        self.calls.append((threading.current_thread().name, zeros, inputs["input"].shape))
+        if zeros and self.on_zeros == "raise":
+            raise ModelExecutionError("this model refuses zeros")
+        if zeros and self.on_zeros == "stall":
+            time.sleep(self.stall_s)  # the model under test hanging, not synchronisation
+        return super().predict_sync(inputs)
+
+
+def _recording(registry: Path, *, on_zeros: str = "", timeout_s: float = _TIMEOUT_S) -> Scheduled:
+    directory = registry / "fraud-onnx" / "1.0.0"
+    model = _Recording(load_manifest(directory / MANIFEST_NAME), directory)
+    model.calls, model.on_zeros = [], on_zeros
+    return Scheduled(model, 2, 0, timeout_s=timeout_s)
+
+
+async def test_load_starts_every_thread_and_runs_a_call_of_zeros_on_each(registry: Path) -> None:
+    sched = _recording(registry)
+    model = sched.local
+    assert isinstance(model, _Recording)
+    await sched.load()
+    started = {lane: threads.started for lane, threads in sched.threads.items()}
+    assert started == {Lane.PRIMARY: 4, Lane.SHADOW: 2}  # 2 x size each: never on a call
+    warm = [(name, shape) for name, zeros, shape in model.calls if zeros]
+    assert len(warm) == 6 and all(shape == (1, 30) for _, shape in warm)  # declared [-1, 30]
+    assert len({name for name, _ in warm}) > 2  # spread over the threads, not one warm thread
+    assert sched._round_calls == 0  # not counted in the rounds that decide going inline
+    model.calls.clear()
+    for _ in range(8):
+        await sched.predict(_row())
+    assert {lane: t.started for lane, t in sched.threads.items()} == started  # none spawned
+    assert len(model.calls) == 8 and not any(zeros for _, zeros, _ in model.calls)
+    await sched.unload()
+
+
+async def test_a_model_that_fails_on_zeros_loads_and_serves_without_warm_up(
+    registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sched = _recording(registry, on_zeros="raise")
+    model = sched.local
+    assert isinstance(model, _Recording)
+    await sched.load()
+    assert sched.ready
+    assert "fraud-onnx/1.0.0: a warm-up call on zeros failed (this model refuses zeros)" in (
+        caplog.text
+    )
+    assert sum(zeros for _, zeros, _ in model.calls) == 1  # the first failed: no more tried
+    assert (await sched.predict(_row())).arrays()["probabilities"].shape == (1, 2)
+    await sched.unload()
+
+
+async def test_a_warm_up_call_that_hangs_ends_the_load_at_the_deadline(
+    registry: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sched = _recording(registry, on_zeros="stall", timeout_s=0.2)
+    model = sched.local
+    assert isinstance(model, _Recording)
+    model.stall_s = 2.0
+    await asyncio.wait_for(sched.load(), 60)  # not 2 s x 6 calls: one stuck thread at most
+    assert "did not answer within 0.2s" in caplog.text
+    primary = sched.threads[Lane.PRIMARY]
+    assert primary.stuck == 1 and primary.started == 4
+    assert sched.threads[Lane.SHADOW].started == 2
+    assert (await sched.predict(_row())).arrays()["probabilities"].shape == (1, 2)
+    await sched.unload()
