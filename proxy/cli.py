@@ -214,7 +214,7 @@ def _check_port_free(what: str, host: str, port: int) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from rollguard.proxy.demo import run_demo
 
-    return run_demo(workdir=args.workdir, port=args.port, quick=args.quick)
+    return run_demo(workdir=args.workdir, port=args.port)
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -489,7 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo registry, policies and state go (default rollguard-demo)",
     )
     demo.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    demo.add_argument("--quick", action="store_true", help="shorter holds (tests)")
     demo.set_defaults(func=_demo)
 
     policy = sub.add_parser("policy", help="rollout policy files")

@@ -33,6 +33,12 @@ ACTS = (
     ("a good candidate (fraud 1.1.0)", CONFIG / "policies" / "fraud-canary.yaml", "promoted"),
 )
 ACT_DEADLINE_S = 45.0
+# Steady traffic well below what 2 cores serve (~850 req/s with labels), as a sidecar
+# sees in production: a saturated gateway queues, and then a version's latency says how
+# much of the traffic it gets (a busy version's threads hold the interpreter lock and
+# run its calls back to back; a quiet version's wait for it), not how fast its model is.
+RATE_PER_S = 300.0
+CLIENTS = 8
 
 
 @dataclass
@@ -99,7 +105,16 @@ async def _act(
 
     async def client(worker: int) -> None:
         nonlocal counter
+        # Each client sends every CLIENTS / RATE_PER_S seconds, staggered so that the
+        # requests arrive evenly rather than in bursts; one that falls behind does not
+        # catch up in a burst either.
+        period = CLIENTS / RATE_PER_S
+        due = time.monotonic() + worker * period / CLIENTS
         while not done.is_set():
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            due = max(due + period, time.monotonic())
             counter += 1
             i = counter
             row = int(rng.integers(len(x)))
@@ -117,7 +132,7 @@ async def _act(
                 ) as fr:
                     await fr.read()
 
-    workers = [asyncio.create_task(client(w)) for w in range(8)]
+    workers = [asyncio.create_task(client(w)) for w in range(CLIENTS)]
     reached = False
     last_line = ""
     try:
@@ -204,6 +219,10 @@ async def _run(workdir: Path, port: int) -> int:
         ) as http:
             await gw.wait_ready(http)
             print(f"gateway ready at {gw.url}, admin at {gw.admin_url} (log: {gw.log})")
+            print(
+                f"traffic: {RATE_PER_S:.0f} requests/s from {CLIENTS} clients, 5,000 sticky "
+                "users, each answer labelled"
+            )
             results = [
                 await _act(http, gw, workdir, title, policy, goal, tally)
                 for title, policy, goal in ACTS
@@ -221,7 +240,7 @@ async def _run(workdir: Path, port: int) -> int:
     return 0 if all(results) and check.ok else 1
 
 
-def run_demo(*, workdir: Path, port: int = 0, quick: bool = False) -> int:
+def run_demo(*, workdir: Path, port: int = 0) -> int:
     """Run the whole demo; 0 when the bad candidate was rolled back and the good one promoted."""
     import logging
 
