@@ -19,7 +19,6 @@ from rollguard.proxy.shadow import ShadowMirror
 from rollguard.proxy.stats import Statistics
 from rollguard.proxy.windows import Outcome, VariantWindow, Windows
 from rollguard.serving.availability import Availability
-from rollguard.serving.bulkhead import in_shadow_lane
 from rollguard.serving.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -226,7 +225,7 @@ class Inference:
         self.feedback_index.put(model, client, request_id, window, predictions, share)
         variant.answered(latency)
         for shadow_version in mirrored:
-            self._mirror(model, shadow_version, request, response, loaded.manifest)
+            self._mirror(model, shadow_version, request, predictions)
         return Answer(response, model, version, role, request_id, loaded.manifest)
 
     def _get(self, model: str, version: str, role: str) -> LoadedVersion:
@@ -334,10 +333,11 @@ class Inference:
         model: str,
         version: str,
         request: InferRequest,
-        primary: InferResponse,
-        primary_manifest: Manifest,
+        primary: Sequence[Predicted],
     ) -> None:
-        """Start an admitted shadow call of `version` with the same request."""
+        """Start an admitted shadow call of `version` with the same request; its answer
+        is compared row by row with the primary's predictions, as the request path read
+        them for feedback (NaN where the primary's answer holds none)."""
         try:
             loaded = self.registry.get(model, version)
         except ServingError:
@@ -347,8 +347,7 @@ class Inference:
         shadow = self.shadow
         size = request.rows()
 
-        async def run() -> None:
-            in_shadow_lane()  # this task's calls take the version's shadow slots and threads
+        async def run() -> None:  # on a shadow worker: its calls take the shadow lane
             start = self._clock()
             try:
                 async with shadow.deadline():
@@ -366,13 +365,9 @@ class Inference:
             width = window.input_width
             row = None if width is None else request.first_row(width)
             window.record(latency, Outcome.OK, row=row, rows=size)
-            try:
-                primary_rows = rows_of(primary_manifest.prediction_rule, primary.arrays())
-            except ServingError:  # the primary's own answer does not convert
-                primary_rows = []
             # Every row is compared: a batch of 64 counts 64 comparisons, as it is 64 answers.
-            compared = max(len(primary_rows), len(rows), 1)
-            window.record_comparison(agreeing(primary_rows, rows, self.tolerance), compared)
+            compared = max(len(primary), len(rows), 1)
+            window.record_comparison(agreeing(primary, rows, self.tolerance), compared)
             shadow.count(model, version, "ok")
 
         shadow.start(run)

@@ -18,6 +18,8 @@ from rollguard.proxy.load import LoadGauge, own_cgroup
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.settings import Settings
 from rollguard.proxy.shadow import ShadowMirror
+from rollguard.serving.bulkhead import Lane, current_lane
+from tests.serving.support import eventually
 
 
 def _mirror(metrics: Metrics, **options: Any) -> ShadowMirror:
@@ -100,6 +102,102 @@ async def test_full_queue_drops_even_when_idle() -> None:
     admitted, ran = await _submit(mirror, 20)
     assert admitted == ran == 5
     assert mirror.dropped == 15 and _shadow_count(metrics, "dropped") == 15
+
+
+async def test_copies_run_in_the_shadow_lane_at_most_concurrency_at_once() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=3, queue=100)
+    gate = asyncio.Event()
+    lanes: list[Lane] = []
+    running = most = 0
+
+    async def run() -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        lanes.append(current_lane())
+        await gate.wait()
+        running -= 1
+
+    for _ in range(20):
+        assert mirror.admit("m", "2")
+        mirror.start(run)
+    await eventually(lambda: running == 3)
+    assert mirror.pending == 20  # 3 running, 17 waiting for a worker
+    gate.set()
+    await eventually(lambda: mirror.pending == 0)
+    await mirror.drain()
+    assert most == 3 and lanes == [Lane.SHADOW] * 20
+
+
+async def test_the_loop_runs_between_two_copies() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=100)
+    order: list[object] = []
+
+    def copy(i: int) -> Any:
+        async def run() -> None:
+            order.append(i)  # a copy that never waits (an inline model)
+
+        return run
+
+    for i in range(4):
+        assert mirror.admit("m", "2")
+        mirror.start(copy(i))
+    asyncio.get_running_loop().call_soon(order.append, "other work")
+    await eventually(lambda: len(order) == 5)
+    assert order == [0, "other work", 1, 2, 3]  # not four copies in one stretch
+    await mirror.drain()
+
+
+async def test_a_copy_past_its_time_limit_times_out_and_its_worker_runs_the_next() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, timeout_s=0.2)
+    outcomes: list[str] = []
+
+    async def hung() -> None:
+        try:
+            async with mirror.deadline():
+                await asyncio.Event().wait()  # a shadow call that never answers
+        except TimeoutError:
+            outcomes.append("timeout")
+
+    async def answered() -> None:
+        async with mirror.deadline():
+            await asyncio.sleep(0)
+        outcomes.append("ok")
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the copy itself")
+
+    for run in (hung, broken, answered):
+        assert mirror.admit("m", "2")
+        mirror.start(run)
+    started = time.monotonic()
+    await eventually(lambda: outcomes == ["timeout", "ok"])
+    assert time.monotonic() - started < 10  # the limit and a watchdog period, not forever
+    assert mirror.pending == 0
+    await mirror.drain()
+
+
+async def test_a_copy_cancelled_from_outside_is_not_a_timeout() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), timeout_s=60.0)
+    outcomes: list[str] = []
+    entered = asyncio.Event()
+
+    async def hung() -> None:
+        try:
+            async with mirror.deadline():
+                entered.set()
+                await asyncio.Event().wait()
+        except TimeoutError:
+            outcomes.append("timeout")
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            raise
+
+    assert mirror.admit("m", "2")
+    mirror.start(hung)
+    await asyncio.wait_for(entered.wait(), 20)
+    await mirror.drain(wait_s=0.05)  # shutdown: what is left is cancelled
+    assert outcomes == ["cancelled"] and mirror.pending == 0
 
 
 def test_budget_outside_zero_one_is_refused() -> None:
