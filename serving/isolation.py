@@ -51,6 +51,8 @@ from rollguard.serving.errors import (
 )
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import LocalRunner, Wrapper
+from rollguard.serving.scheduling import zeros_for
+from rollguard.serving.tensors import Tensors
 from rollguard.serving.worker import WireError, encode
 from rollguard.serving.workerprocess import WorkerProcess, describe, read_answer, reaped
 
@@ -300,12 +302,33 @@ class ProcessIsolated(Wrapper):
                 pool.load = b""
             raise
         self._loaded = True
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """A call of zeros in each primary worker before the version takes traffic (a
+        model's first calls are slow: serving/scheduling.py). One first, so that a model
+        that fails or hangs on zeros costs one call (a worker killed at the deadline is
+        restarted, cold); logged, and the version serves anyway. Workers started later
+        (the shadow lane's, replacements) are not warmed."""
+        sample = zeros_for(self.manifest)
+        if sample is None:
+            return
+        pool = self.pools[Lane.PRIMARY]
+        try:
+            await self._call(pool, sample)
+            await asyncio.gather(*(self._call(pool, sample) for _ in range(pool.size)))
+        except Exception as exc:  # whatever the model raised on zeros, or its deadline
+            log.warning("%s: a warm-up call on zeros failed (%s); serving anyway", self.label, exc)
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        inputs = request.arrays()
+        return InferResponse.of_arrays(
+            await self._call(self.pools[current_lane()], request.arrays())
+        )
+
+    async def _call(self, pool: _Pool, inputs: Tensors) -> Tensors:
+        """`inputs` computed by a worker of `pool`, within the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        pool = self.pools[current_lane()]
         worker = await pool.acquire(deadline, self._overdue)
         try:
             if loop.time() >= deadline:
@@ -314,7 +337,7 @@ class ProcessIsolated(Wrapper):
         except BaseException:
             pool.release(worker)
             raise
-        return InferResponse.of_arrays(await answer)
+        return await answer
 
     async def unload(self) -> None:
         """Kill every worker (a call still in one gets NotReady)."""

@@ -102,6 +102,7 @@ class WorkerProcess:
         self.pending: asyncio.Future[Tensors] | None = None  # the call computing in it
         self.timer: asyncio.TimerHandle | None = None  # kills it at the call's deadline
         self.overdue = ""  # why it was killed at a deadline, once it was
+        self.calls = 0  # calls sent to it
 
     @classmethod
     async def start(cls, name: str, load: bytes) -> WorkerProcess:
@@ -152,6 +153,7 @@ class WorkerProcess:
         """Send one call; the future settles with its answer, or the error of the
         worker's death or of the deadline (when the worker is killed)."""
         message = encode(("call", pack(inputs)))
+        self.calls += 1
         loop = asyncio.get_running_loop()
         self.pending = loop.create_future()
         self.timer = loop.call_at(deadline, self._kill_overdue, overdue)

@@ -257,7 +257,9 @@ async def test_a_candidate_whose_workers_keep_dying_fails_over_while_they_back_o
         stable = [s for s, v in answers if v == "1.0.0"]
         candidate = [s for s, v in answers if v == "1.1.0"]
         assert stable and set(stable) == {200}  # the stable never felt the candidate's crashes
-        assert candidate.count(500) >= 2  # each crash costs the call in it, counted there
+        # Each crash costs the call in it, counted there (the first crash was the warm-up
+        # call at load, which is no client's and counts against nothing).
+        assert candidate.count(500) >= 1
         assert set(candidate) <= {500, 503}
         counts = await requests_total(server, http)
         assert counts.get("crashy/1.0.0 500", 0) == 0

@@ -111,6 +111,15 @@ async def test_answers_what_the_model_answers_in_process(
     assert all(pid != os.getpid() for pid in runner.worker_pids())
 
 
+async def test_each_worker_answers_a_call_of_zeros_before_the_version_takes_traffic(
+    versions: Versions,
+) -> None:
+    runner = await versions.start(hanging_onnx(), workers=3)
+    live = runner.pools[Lane.PRIMARY].live
+    assert len(live) == 3 and all(worker.calls >= 1 for worker in live)  # warmed at load
+    assert (await predict_arrays(runner, {"x": ROW}))["y"].tolist() == ROW.tolist()
+
+
 async def test_a_hung_call_is_cut_off_and_the_version_serves_again(versions: Versions) -> None:
     runner = await versions.start(hanging_onnx(), timeout_s=1.0)
     (before,) = versions.seen(runner)
