@@ -1,16 +1,19 @@
 """Run `rollguard demo` N times in a row, each in a fresh work directory, and write a table.
 
-    python -m load_tests.demo_repeat --runs 10 [--quick]
+    python -m load_tests.demo_repeat --runs 10 [--busy-cores 1] [--append]
 
 Each run is the real CLI in a child process (a fresh registry build, a fresh gateway, a
 fresh state directory); a run passes when the command exits 0. The table lists every
-run's exit status and duration and the last lines it printed, so a failure can be read
-from the file alone. Exit status: 0 when every run passed.
+run's exit status and duration, each act's outcome and the last line it printed, so a
+failure can be read from the file alone. `--busy-cores N` runs the series beside N
+processes that each burn a core (a noisy neighbour); `--append` adds the table to the
+file instead of replacing it. Exit status: 0 when every run passed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -32,12 +35,10 @@ def _commit() -> str:
     return out.stdout.strip()
 
 
-def run_once(quick: bool, timeout_s: float) -> tuple[int, float, str]:
-    """(exit status, seconds, the last lines of output) of one `rollguard demo`."""
+def run_once(timeout_s: float) -> tuple[int, float, str]:
+    """(exit status, seconds, each act's outcome and the last line) of one `rollguard demo`."""
     workdir = Path(tempfile.mkdtemp(prefix="rollguard-demo-"))
     command = [sys.executable, "-m", "rollguard.proxy.cli", "demo", "--workdir", str(workdir)]
-    if quick:
-        command.append("--quick")
     started = time.perf_counter()
     try:
         done = subprocess.run(
@@ -53,14 +54,23 @@ def run_once(quick: bool, timeout_s: float) -> tuple[int, float, str]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     printed = [line.strip() for line in str(output).splitlines() if line.strip()]
-    tail = " / ".join(printed[-3:])
+    outcomes = [line for line in printed if line.startswith("->")]
+    tail = " / ".join([*outcomes, *printed[-1:]])
     return status, time.perf_counter() - started, tail
+
+
+def _burners(n: int) -> list[subprocess.Popen[bytes]]:
+    """`n` processes that each keep a core busy until killed."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="runs in a row (default 10)")
-    parser.add_argument("--quick", action="store_true", help="the demo's shorter holds")
+    parser.add_argument(
+        "--busy-cores", type=int, default=0, help="processes burning a core each meanwhile"
+    )
+    parser.add_argument("--append", action="store_true", help="add to --out, not replace it")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the table to write")
     parser.add_argument(
@@ -68,18 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rows: list[tuple[int, int, float, str]] = []
-    for run in range(1, args.runs + 1):
-        status, seconds, tail = run_once(args.quick, args.timeout)
-        rows.append((run, status, seconds, tail))
-        verdict = "pass" if status == 0 else f"FAIL (exit {status})"
-        print(f"run {run}/{args.runs}: {verdict} in {seconds:.1f} s", flush=True)
+    burners = _burners(args.busy_cores)
+    try:
+        for run in range(1, args.runs + 1):
+            status, seconds, tail = run_once(args.timeout)
+            rows.append((run, status, seconds, tail))
+            verdict = "pass" if status == 0 else f"FAIL (exit {status})"
+            print(f"run {run}/{args.runs}: {verdict} in {seconds:.1f} s", flush=True)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     passed = sum(1 for _, status, _, _ in rows if status == 0)
     total = sum(seconds for _, _, seconds, _ in rows)
+    beside = f" beside {args.busy_cores} busy core(s)" if args.busy_cores else ""
     lines = [
-        "# `rollguard demo`, run repeatedly",
+        f"# `rollguard demo`, run repeatedly{beside}",
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {args.commit or _commit()}, "
-        f"{'--quick' if args.quick else 'full demo'}: **{passed} of {len(rows)} passed** "
+        f"{os.cpu_count()} cores{beside}: **{passed} of {len(rows)} passed** "
         f"in a row, {total / 60:.1f} min in all.",
         "",
         "| run | result | seconds | last lines |",
@@ -89,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         result = "pass" if status == 0 else f"fail ({status})"
         lines.append(f"| {run} | {result} | {seconds:.1f} | {tail.replace('|', '/')} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = "\n".join(lines) + "\n"
+    if args.append and args.out.exists():
+        text = args.out.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text
+    args.out.write_text(text, encoding="utf-8")
     print(f"{passed} of {len(rows)} passed; table in {args.out}")
     return 0 if passed == len(rows) else 1
 

@@ -18,7 +18,7 @@ pooled connections of its runner), and the call takes the version's shadow lane 
 bulkhead (serving/bulkhead.py), never a slot or a thread a client's request could use.
 Copies wait in one queue for `concurrency` long-lived worker tasks, started as copies
 need them and in the shadow lane for good: a copy is a queue entry, not a task, a
-context and a semaphore of its own (~8 µs of the event loop's ~48 µs per in-process
+context and a semaphore of its own (~9 µs of the event loop's ~47 µs per in-process
 copy). A worker lets the loop run between two copies, so copies never hold it longer
 than one call does.
 
@@ -154,7 +154,7 @@ class ShadowMirror:
     def deadline(self) -> _Deadline:
         """The time limit of one shadow call, as `asyncio.timeout(timeout_s)` (TimeoutError
         out of the block once it is past), checked by one watchdog timer for all copies
-        every tenth of the limit (at most 0.1 s) instead of a timer per copy (~4 µs each)."""
+        every tenth of the limit (at most 0.1 s) instead of a timer per copy (~5 µs each)."""
         return _Deadline(self)
 
     def _watch(self) -> None:
