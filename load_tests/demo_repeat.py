@@ -51,11 +51,14 @@ def run_once(timeout_s: float) -> tuple[int, float, str]:
         if isinstance(partial, bytes):
             partial = partial.decode(errors="replace")
         output = f"timed out after {timeout_s:.0f} s\n{partial}"
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     printed = [line.strip() for line in str(output).splitlines() if line.strip()]
     outcomes = [line for line in printed if line.startswith("->")]
     tail = " / ".join([*outcomes, *printed[-1:]])
+    if status == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:  # kept to be read: what it printed, the gateway's log, the state, the audit log
+        (workdir / "demo-output.txt").write_text(str(output), encoding="utf-8")
+        tail += f" (kept: {workdir})"
     return status, time.perf_counter() - started, tail
 
 
