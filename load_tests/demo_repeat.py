@@ -25,7 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "demo_repeat.md"
 
 
-def _commit() -> str:
+def current_commit() -> str:
+    """The short hash of HEAD here, or \"unknown\" outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# `rollguard demo`, run repeatedly{beside}",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {args.commit or _commit()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {args.commit or current_commit()}, "
         f"{os.cpu_count()} cores{beside}: **{passed} of {len(rows)} passed** "
         f"in a row, {total / 60:.1f} min in all.",
         "",

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from load_tests.demo_repeat import current_commit
 from rollguard.proxy.process import GatewayProcess
 from rollguard.serving.demo.build import build_demo_registry, load_eval_data
 
@@ -120,16 +120,6 @@ def run_once(
     return {"answered": answered, **found}
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -151,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"## {load}, candidate at {args.weight:g} %",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_commit()}, {os.cpu_count()} cores, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {current_commit()}, "
+        f"{os.cpu_count()} cores, "
         f"{args.seconds:g} s a run. Slower than T: requests slower than the stable's p99 "
         "frozen as T, over those counted since; ratio: the candidate's rate over the "
         "stable's (1 when neither is slower); CI: the always-valid bounds FAIL rests on.",

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from functools import partial
 from typing import Any
 
 from rollguard.serving.bulkhead import Lane, current_lane
@@ -51,7 +52,7 @@ from rollguard.serving.errors import (
 )
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import LocalRunner, Wrapper
-from rollguard.serving.scheduling import zeros_for
+from rollguard.serving.scheduling import warm_up, zeros_for
 from rollguard.serving.tensors import Tensors
 from rollguard.serving.worker import WireError, encode
 from rollguard.serving.workerprocess import WorkerProcess, describe, read_answer, reaped
@@ -314,11 +315,8 @@ class ProcessIsolated(Wrapper):
         if sample is None:
             return
         pool = self.pools[Lane.PRIMARY]
-        try:
-            await self._call(pool, sample)
-            await asyncio.gather(*(self._call(pool, sample) for _ in range(pool.size)))
-        except Exception as exc:  # whatever the model raised on zeros, or its deadline
-            log.warning("%s: a warm-up call on zeros failed (%s); serving anyway", self.label, exc)
+        # `size` at once after the first: each takes an idle worker, so every one is warmed.
+        await warm_up(self.label, partial(self._call, pool, sample), pool.size)
 
     async def predict(self, request: InferRequest) -> InferResponse:
         return InferResponse.of_arrays(

@@ -53,7 +53,8 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import numpy as np
 
@@ -162,25 +163,15 @@ class Scheduled(Wrapper):
     async def _warm_up(self) -> None:
         """Start both lanes' threads and run one call of zeros on each (module doc)."""
         sample = zeros_for(self.manifest)
-        manifest = self.manifest
         for threads in self.threads.values():
             threads.start()
         if sample is None:
             return
+        manifest = self.manifest
+        label = f"{manifest.name}/{manifest.version}"
         for threads in self.threads.values():
-            try:  # one call first: a model that fails or hangs on zeros ties up one thread
-                await self._on_thread(threads, self._untimed, sample)
-                await asyncio.gather(
-                    *(
-                        self._on_thread(threads, self._untimed, sample)
-                        for _ in range(threads.started - 1)
-                    )
-                )
-            except Exception as exc:  # whatever the model raised on zeros, or its deadline
-                log.warning(
-                    "%s/%s: a warm-up call on zeros failed (%s); serving without warm-up",
-                    manifest.name, manifest.version, exc,
-                )  # fmt: skip
+            call = partial(self._on_thread, threads, self._untimed, sample)
+            if not await warm_up(label, call, threads.started - 1):
                 return
 
     async def unload(self) -> None:
@@ -275,6 +266,19 @@ class _Stoppable:
 
     def __init__(self, inputs: Tensors) -> None:
         self.inputs = inputs
+
+
+async def warm_up(label: str, call: Callable[[], Awaitable[object]], then: int) -> bool:
+    """One warm-up `call`, then `then` more at once (one first: a model that fails or
+    hangs on zeros costs one call); False, logged, when one failed or outlived its
+    deadline, and the version serves anyway."""
+    try:
+        await call()
+        await asyncio.gather(*(call() for _ in range(then)))
+    except Exception as exc:  # whatever the model raised on zeros, or its deadline
+        log.warning("%s: a warm-up call on zeros failed (%s); serving anyway", label, exc)
+        return False
+    return True
 
 
 def zeros_for(manifest: Manifest) -> Tensors | None:
