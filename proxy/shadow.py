@@ -20,7 +20,10 @@ Copies wait in one queue for `concurrency` long-lived worker tasks, started as c
 need them and in the shadow lane for good: a copy is a queue entry, not a task, a
 context and a semaphore of its own (~9 µs of the event loop's ~47 µs per in-process
 copy). A worker lets the loop run between two copies, so copies never hold it longer
-than one call does.
+than one call does. A copy of a version that runs inline (a model measured cheap,
+serving/scheduling.py) needs no worker at all: `soon` completes it in a plain callback
+once the request that made it is answered (~4 µs less loop CPU a copy), and hands it
+to a worker only when its version cannot answer at once.
 
 Exported per (model, shadow version), beside `rollguard_shadow_requests_total`:
 `rollguard_shadow_mirrored_ratio` (copies started over copies wanted, since start) and,
@@ -32,6 +35,7 @@ pressure) and `rollguard_shadow_budget_ratio`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -81,6 +85,10 @@ class ShadowMirror:
         self._concurrency = concurrency
         self._queued: deque[Callable[[], Awaitable[None]]] = deque()
         self._running = 0
+        self._soon = 0  # copies handed to `soon` whose callback has not run yet
+        # The context `soon`'s callbacks run in: the shadow lane, as a worker's.
+        self._context = contextvars.copy_context()
+        self._context.run(in_shadow_lane)
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a copy
         self._workers: set[asyncio.Task[None]] = set()
         self._settled: asyncio.Future[None] | None = None  # drain's: nothing pending
@@ -100,7 +108,7 @@ class ShadowMirror:
     @property
     def pending(self) -> int:
         """Copies waiting or running."""
-        return len(self._queued) + self._running
+        return len(self._queued) + self._running + self._soon
 
     def mirrored_share(self, model: str, version: str) -> float:
         """Copies started over copies wanted for `version` of `model`, since start (1.0
@@ -130,7 +138,7 @@ class ShadowMirror:
                 self.count(model, version, "shed")
                 return False
             self._credit = max(credit - 1.0, 0.0)  # < 1: credit was < 1 + budget <= 2
-        if len(self._queued) + self._running >= self._limit:
+        if len(self._queued) + self._running + self._soon >= self._limit:
             self.dropped += 1
             self.count(model, version, "dropped")
             return False
@@ -150,6 +158,31 @@ class ShadowMirror:
             worker = asyncio.get_running_loop().create_task(self._work())
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
+
+    def soon(self, now: Callable[[], bool], run: Callable[[], Awaitable[None]]) -> None:
+        """Queue an admitted copy that may complete synchronously: `now` runs as a plain
+        callback once the loop is done with the current request (its answer written),
+        in the shadow lane, and returns False when the copy must be awaited instead:
+        then `run` goes to a worker as `start` sends it. For a version that runs inline
+        this skips a worker's wake-up, the deadline (an inline call cannot be stopped
+        part way; scheduling.py takes a slow model off the loop) and the coroutines of
+        the runner's wrappers: about a third of an in-process copy's loop CPU."""
+        self._soon += 1
+        asyncio.get_running_loop().call_soon(self._now, now, run, context=self._context)
+
+    def _now(self, now: Callable[[], bool], run: Callable[[], Awaitable[None]]) -> None:
+        self._soon -= 1
+        try:
+            done = now()
+        except Exception:  # a copy's own bug: logged, as a worker logs it
+            log.exception("a shadow copy failed outside its version's call")
+            done = True
+        if not done:
+            self.start(run)
+            return
+        settled = self._settled
+        if settled is not None and not self.pending and not settled.done():
+            settled.set_result(None)
 
     def deadline(self) -> _Deadline:
         """The time limit of one shadow call, as `asyncio.timeout(timeout_s)` (TimeoutError

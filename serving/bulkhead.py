@@ -168,6 +168,20 @@ class Bulkhead(Wrapper):
             if self._drained is not None and self.busy == 0:
                 self._drained.set()
 
+    def predict_now(self, request: InferRequest) -> InferResponse | None:
+        """The inner runner's answer right now when its lane has a free slot (taken for
+        the length of the call); None when the call would wait for one, or the load is
+        retiring (then `predict` handles it)."""
+        lane = _LANE.get()
+        slots = self._primary if lane is Lane.PRIMARY else self.lanes[lane]
+        if slots.running >= slots.concurrency or slots.waiters or self._drained is not None:
+            return None
+        slots.running += 1
+        try:
+            return self.inner.predict_now(request)
+        finally:
+            slots.running -= 1
+
     @property
     def busy(self) -> int:
         """Calls running or waiting in either lane."""

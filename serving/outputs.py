@@ -33,6 +33,7 @@ letting numpy turn them into arbitrary integers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -136,11 +137,28 @@ _isfinite = np.isfinite
 _all = np.logical_and.reduce  # ndarray.all() without numpy's Python-level wrapper
 
 
+_SUMMED = 64  # float outputs up to this size are checked by one Python sum (all_finite)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether a float array holds no NaN and no infinity.
+
+    A small one is summed as Python floats, with no numpy call beyond `tolist` (the
+    usual answer, a class's probabilities, costs a quarter of numpy's isfinite-and-reduce
+    this way): a sum of finite numbers that comes out finite says every number was, and a
+    NaN or an infinity anywhere makes the sum NaN or infinite. Only a sum that is not
+    finite needs the exact test: finite float64 values can add up past the largest
+    double (float32 ones cannot, 64 of them)."""
+    if array.size <= _SUMMED and math.isfinite(sum(array.ravel().tolist())):
+        return True
+    return bool(_all(_isfinite(array), None))
+
+
 def non_finite(outputs: Mapping[str, np.ndarray]) -> list[str]:
     """The float outputs holding NaN or infinity, one phrase each (none: an empty list)."""
     problems: list[str] = []
     for name, array in outputs.items():
-        if array.dtype.kind == "f" and not _all(_isfinite(array), None):
+        if array.dtype.kind == "f" and not all_finite(array):
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             problems.append(
                 f"output '{name}': {bad} of {array.size} values are NaN or infinite, which "
@@ -199,7 +217,14 @@ class CheckedOutputs(Wrapper):
         self._what = _answered_outside(manifest)
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        response = await self.inner.predict(request)
+        return self._checked(request, await self.inner.predict(request))
+
+    def predict_now(self, request: InferRequest) -> InferResponse | None:
+        response = self.inner.predict_now(request)
+        return None if response is None else self._checked(request, response)
+
+    def _checked(self, request: InferRequest, response: InferResponse) -> InferResponse:
+        """`response`, or the version's failure naming what is outside its manifest."""
         if self.local:
             outputs = response.arrays()
             rows = request.rows()

@@ -129,7 +129,7 @@ def read_arrays(rule: Rule, outputs: Mapping[str, np.ndarray], row: int = 0) -> 
     if row >= array.shape[0]:
         return NAN
     if read == "label" and array.size == array.shape[0] and array.dtype.kind in "biuf":
-        return float(array.reshape(-1)[row])  # one number a row: what _read_row reads
+        return float(array.item(row))  # one number a row: what _read_row reads
     row_array = array[row : row + 1]  # a slice keeps an array (and its dtype) for any ndim
     return _read_row(rule, read, row_array, rule.output is None and read == "label")
 
@@ -145,6 +145,8 @@ def rows_of(rule: Rule, outputs: Mapping[str, np.ndarray]) -> list[Predicted]:
     if array.ndim == 0:
         return [read_arrays(rule, outputs, 0)]
     n = array.shape[0]
+    if read == "label" and array.size == n and array.dtype.kind in "biuf":
+        return [float(v) for v in array.ravel().tolist()]  # one number a row, as below
     flat = array.reshape(n, -1)
     width = flat.shape[1]
     numeric = flat.dtype.kind not in "OUS"

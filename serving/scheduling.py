@@ -185,6 +185,11 @@ class Scheduled(Wrapper):
         outputs = await self._on_thread(self.threads[current_lane()], self._timed, request.arrays())
         return InferResponse.of_arrays(outputs)
 
+    def predict_now(self, request: InferRequest) -> InferResponse | None:
+        if self.inline and request.rows() <= self.inline_rows:
+            return InferResponse(arrays=self._inline(request.arrays()))
+        return None
+
     async def _on_thread(
         self, threads: Threads, fn: Callable[[_Stoppable], Tensors], inputs: Tensors
     ) -> Tensors:

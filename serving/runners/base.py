@@ -54,6 +54,15 @@ class Runner(ABC):
     async def predict(self, request: InferRequest) -> InferResponse:
         """Answer one request; ModelExecutionError / UpstreamError on failure."""
 
+    def predict_now(self, request: InferRequest) -> InferResponse | None:
+        """The answer computed right now on the calling (event-loop) thread, when `predict`
+        would compute it there anyway without waiting for anything (a model measured
+        cheap enough to run inline, with a free slot); None when the call must be awaited
+        through `predict`. Same answers and failures as `predict`: a shadow copy takes
+        this way to skip a task, a deadline and the coroutines of the wrappers around an
+        inline call (proxy/shadow.py)."""
+        return None
+
     async def unload(self) -> None:
         """Release what load() took."""
         self._ready = False

@@ -326,3 +326,66 @@ async def test_mirrored_share_and_the_shed_decision_are_exported() -> None:
     assert sample("rollguard_shadow_pressure_threshold_ratio") == 0.8
     assert sample("rollguard_shadow_budget_ratio") == 0.25
     assert sample("rollguard_shadow_pressure_ratio", {"signal": "cgroup"}) == 0.0
+
+
+async def test_a_copy_at_hand_completes_in_a_callback_after_the_request_in_the_shadow_lane() -> (
+    None
+):
+    """`soon`: a copy whose answer is at hand (an inline version) runs as a plain callback
+    once the current step is done, in the shadow lane; one that must be awaited goes to a
+    worker; a bug in either is logged and the copy is settled; drain waits for them all."""
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=4)
+    order: list[object] = []
+    lanes: list[Lane] = []
+
+    def at_hand(i: int) -> Any:
+        def now() -> bool:
+            lanes.append(current_lane())
+            order.append(i)
+            return True
+
+        return now
+
+    def deferred(i: int) -> tuple[Any, Any]:
+        def now() -> bool:
+            return False
+
+        async def run() -> None:
+            lanes.append(current_lane())
+            order.append(f"awaited {i}")
+
+        return now, run
+
+    async def never() -> None:
+        raise AssertionError("a copy completed now is never awaited")
+
+    def broken() -> bool:
+        raise RuntimeError("a bug in the copy itself")
+
+    assert mirror.admit("m", "2")
+    mirror.soon(at_hand(0), never)
+    assert mirror.admit("m", "2")
+    mirror.soon(*deferred(1))
+    assert mirror.admit("m", "2")
+    mirror.soon(broken, never)
+    assert mirror.admit("m", "2")
+    mirror.soon(at_hand(2), never)
+    order.append("the request's own step")
+    assert mirror.pending == 4
+    await mirror.drain()
+    assert order == ["the request's own step", 0, 2, "awaited 1"]
+    assert lanes == [Lane.SHADOW] * 3 and mirror.pending == 0
+
+
+async def test_copies_waiting_for_their_callback_count_against_the_queue() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=2)
+    for _ in range(3):
+        assert mirror.admit("m", "2")
+        mirror.soon(lambda: True, _never_awaited)
+    assert not mirror.admit("m", "2") and mirror.dropped == 1
+    await mirror.drain()
+    assert mirror.pending == 0 and mirror.admit("m", "2")
+
+
+async def _never_awaited() -> None:
+    raise AssertionError("a copy completed now is never awaited")

@@ -13,7 +13,14 @@ from hypothesis.extra import numpy as hnp
 
 from rollguard.serving.errors import ModelExecutionError
 from rollguard.serving.manifest import Manifest, parse_manifest
-from rollguard.serving.outputs import array_problems, arrays_fit, cast_output, declared_outputs
+from rollguard.serving.outputs import (
+    all_finite,
+    array_problems,
+    arrays_fit,
+    cast_output,
+    declared_outputs,
+    non_finite,
+)
 
 
 def _manifest(outputs: list[dict[str, Any]]) -> Manifest:
@@ -112,3 +119,41 @@ def test_what_fits() -> None:
         "output 'probabilities': 2 rows for a request of 3",
         "output 'names': 2 rows for a request of 3",
     ]
+
+
+def _floats_of(width: int) -> st.SearchStrategy[np.ndarray]:
+    dtype = np.dtype(f"float{width}")
+    largest = float(np.finfo(dtype).max)
+    return hnp.arrays(
+        dtype,
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9),
+        elements=st.one_of(
+            st.floats(width=width),  # type: ignore[arg-type]  # 16, 32 or 64
+            st.sampled_from([largest, -largest, np.nan, np.inf, -np.inf]),
+        ),
+    )
+
+
+ANY_FLOATS = st.sampled_from([16, 32, 64]).flatmap(_floats_of)
+
+
+@given(ANY_FLOATS)
+def test_the_finite_check_agrees_with_numpys(value: np.ndarray) -> None:
+    """The summed fast path is exact: finite values that overflow the sum (float64's
+    largest, added) and every NaN or infinity, in arrays small and large."""
+    expected = bool(np.isfinite(value).all())
+    assert all_finite(value) is expected
+    problems = non_finite({"p": value})
+    assert (not problems) is expected
+    if not expected:
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        assert problems == [
+            f"output 'p': {bad} of {value.size} values are NaN or infinite, which a V2 "
+            "answer cannot carry"
+        ]
+
+
+def test_finite_float64_values_whose_sum_overflows_are_finite() -> None:
+    big = np.full((1, 4), np.finfo(np.float64).max)
+    assert all_finite(big)
+    assert not all_finite(np.array([[np.inf, -np.inf]]))

@@ -4,6 +4,7 @@ on it, and big batches never run inline."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Iterator
@@ -13,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rollguard.serving.bulkhead import Lane
+from rollguard.serving.bulkhead import Bulkhead, Lane, in_shadow_lane
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import DeadlineExceeded, ModelExecutionError
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
 from rollguard.serving.messages import InferRequest
+from rollguard.serving.outputs import CheckedOutputs
 from rollguard.serving.runners import LocalRunner
 from rollguard.serving.runners.onnx import OnnxRunner
 from rollguard.serving.runners.sklearn import SklearnRunner
 from rollguard.serving.scheduling import Scheduled
 from rollguard.serving.tensors import Tensors
+from tests.serving.support import eventually
 
 _TIMEOUT_S = 60.0  # far beyond any call here: the limit is tested on its own
 
@@ -375,3 +378,49 @@ async def test_a_warm_up_call_that_hangs_ends_the_load_at_the_deadline(
     assert sched.threads[Lane.SHADOW].started == 2
     assert (await sched.predict(_row())).arrays()["probabilities"].shape == (1, 2)
     await sched.unload()
+
+
+async def test_an_answer_now_comes_only_from_an_inline_call_with_a_free_slot(
+    registry: Path, executor: ThreadPoolExecutor
+) -> None:
+    """`predict_now` (a shadow copy's synchronous way, proxy/shadow.py) answers exactly when
+    `predict` would compute on the caller's thread at once: inline, a batch the rounds
+    measured, a free slot in the caller's lane, a load not retiring. Otherwise None, and
+    the caller awaits `predict`."""
+    sched, model = await _stalling(registry, executor, 50_000)
+    bulkhead = Bulkhead(
+        CheckedOutputs(sched, local=True),
+        concurrency=1,
+        queue=4,
+        shadow_concurrency=1,
+        shadow_queue=4,
+    )
+    row = _row()
+    assert bulkhead.predict_now(row) is None  # still measuring on threads
+    for _ in range(sched.WARMUP_CALLS):
+        await bulkhead.predict(row)
+    assert sched.inline
+    model.threads.clear()
+    now = bulkhead.predict_now(row)
+    assert now is not None and model.threads == {threading.current_thread().name}
+    want = model.predict_sync(row.arrays())
+    np.testing.assert_array_equal(now.arrays()["probabilities"], want["probabilities"])
+    assert bulkhead.busy == 0  # the slot was held for the call only
+    assert bulkhead.predict_now(_rows(64)) is None  # a batch bigger than any measured
+
+    # The primary lane's one slot held by a call on a thread: no answer now in that
+    # lane, one in the shadow lane (its own slot).
+    model.stall_s = 0.3
+    holding = asyncio.create_task(bulkhead.predict(_rows(64)))
+    await eventually(lambda: bulkhead.busy == 1)
+    assert bulkhead.predict_now(row) is None
+    model.stall_s = 0.0
+
+    def in_shadow_lane_now() -> object:
+        in_shadow_lane()
+        return bulkhead.predict_now(row)
+
+    assert contextvars.copy_context().run(in_shadow_lane_now) is not None
+    await holding
+    assert bulkhead.predict_now(row) is not None
+    await bulkhead.unload()

@@ -333,6 +333,41 @@ async def test_silence_is_a_timeout_and_the_connection_is_closed() -> None:
         await pool.close()
 
 
+async def test_each_silent_request_times_out_by_its_own_deadline_and_others_are_answered() -> None:
+    """One watchdog for the pool: requests sent at different times each give up at their
+    own deadline, within a watchdog period (a tenth of the limit) after it; a request
+    answered meanwhile on another connection is not touched."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            if " /answer " in request[0]:
+                writer.write(ok(b"{}"))
+                await writer.drain()
+            else:
+                await reader.read()  # never answers; returns when the client closes
+                return
+
+    limit = 0.5
+    async with RawServer(handler) as server:
+        pool = UpstreamPool(server.url, timeout_s=limit)
+        loop = asyncio.get_running_loop()
+
+        async def timed(path: str) -> float:
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout, match=r"no answer within 0\.5 s"):
+                await pool.request("GET", path)
+            return loop.time() - started
+
+        first = asyncio.create_task(timed("/silent/1"))
+        await asyncio.sleep(0.2)  # the second request starts later: a deadline of its own
+        second = asyncio.create_task(timed("/silent/2"))
+        status, _ = await pool.request("GET", "/answer")
+        assert status == 200
+        for took in (await first, await second):
+            assert limit <= took < limit + limit / 10 + 0.25  # a period, plus a busy machine
+        await pool.close()
+
+
 async def test_refused_port_is_an_upstream_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
