@@ -526,3 +526,18 @@ async def test_crlf_in_a_request_field_is_refused() -> None:
 def test_on_the_default_event_loop(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         runner.run(scenario())
+
+
+def test_forwarded_header_lines_refuse_what_could_split_or_is_not_a_field() -> None:
+    lines = UpstreamPool.header_lines([("X-Request-Id", "abc"), ("traceparent", "00-ab-cd-01")])
+    assert lines == b"X-Request-Id: abc\r\ntraceparent: 00-ab-cd-01\r\n"
+    for name, value in [
+        ("X Request", "a"),  # not a token
+        ("X-Id:", "a"),
+        ("", "a"),
+        ("X-Request-Id", "a\r\nX-Evil: 1"),  # a name seen before, a value that splits
+        ("X-Request-Id", "a\nb"),
+        ("X-Request-Id", "caf\u00e9\u20ac"),  # not latin-1
+    ]:
+        with pytest.raises(ValueError, match="forward"):
+            UpstreamPool.header_lines([(name, value)])
