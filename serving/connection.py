@@ -1,10 +1,9 @@
 """One keep-alive HTTP/1.1 connection to an upstream: asyncio.Protocol + httptools.
 
 The pool (serving/upstream.py) sends one request at a time on it with `exchange`: one
-pre-built bytes buffer written with one `transport.write` and one Future; the pool's
-watchdog expires it past its deadline (no timer of its own: a loop timer made and
-cancelled per request costs ~2 µs). The parser (llhttp in C) calls back into Python
-only for the handful of headers, the body and the end of the message.
+pre-built bytes buffer written with one `transport.write`, one Future and one timer
+handle. The parser (llhttp in C) calls back into Python only for the handful of
+headers, the body and the end of the message.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Reply] | None = None
-        self.deadline = 0.0  # loop time by which the request in flight must be answered
+        self._timer: asyncio.TimerHandle | None = None
         self._chunks: list[bytes] = []
         self._size = 0
         self._got_bytes = False
@@ -78,7 +77,7 @@ class Connection(asyncio.Protocol):
         self._binary_header = None
         self._content_type = ""
         self._got_bytes = self._headers_done = self._delimited = self.reusable = False
-        self.deadline = deadline
+        self._timer = self._loop.call_at(deadline, self._expire)
         assert self._transport is not None
         if self._transport.is_closing():  # the server's FIN is in, connection_lost is not yet
             self._fail(Stale("kept-alive connection closed before the request"))
@@ -88,6 +87,8 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
         if self._transport is not None:
             self._transport.abort()
 
@@ -97,10 +98,8 @@ class Connection(asyncio.Protocol):
             waiter.set_exception(error)
         self.abort()
 
-    def expire(self) -> None:
-        """The deadline passed (the pool's watchdog): fail the request in flight, if any."""
-        if self._waiter is not None:
-            self._fail(Expired())
+    def _expire(self) -> None:
+        self._fail(Expired())
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -123,6 +122,8 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         if not self.lost.done():
             self.lost.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
         if self._waiter is None:
             if self.idle:
                 self._on_idle_lost(self)
@@ -181,7 +182,8 @@ class Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         waiter, self._waiter = self._waiter, None
-        assert self._transport is not None
+        assert self._timer is not None and self._transport is not None
+        self._timer.cancel()
         chunks = self._chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.reused = True

@@ -50,10 +50,8 @@ class UpstreamPool:
     Idle connections are reused newest first; with none idle a new one is opened, up to
     `max_connections`, beyond which requests wait in FIFO order. One deadline of
     `timeout_s` covers waiting for a connection, connecting, writing and the whole
-    response; once a request is written, one watchdog timer for the whole pool fails
-    it past that deadline, checking every tenth of `timeout_s` (at most every 0.1 s),
-    so a request gives up at most that much after its deadline. A connection that timed
-    out, failed or whose request was cancelled is closed, never reused.
+    response. A connection that timed out, failed or whose request was cancelled is
+    closed, never reused.
 
     Retries: a request whose *reused* keep-alive connection turns out closed before any
     byte of the response (the server dropped the idle connection as the request went
@@ -96,9 +94,6 @@ class UpstreamPool:
         self._connections: set[Connection] = set()
         self._slots = 0  # connections open or being opened, each held by a request or idle
         self._closed = False
-        self._exchanging: set[Connection] = set()  # requests written, not yet answered
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._period = min(timeout_s / 10, 0.1)
 
     async def request(
         self,
@@ -146,14 +141,7 @@ class UpstreamPool:
                 else:
                     conn.idle = False
                 try:
-                    answer = conn.exchange(payload, deadline)
-                    self._exchanging.add(conn)
-                    if self._watchdog is None:
-                        self._watchdog = loop.call_later(self._period, self._watch)
-                    try:
-                        return await answer
-                    finally:
-                        self._exchanging.discard(conn)
+                    return await conn.exchange(payload, deadline)
                 except Stale:
                     if retried:
                         raise
@@ -191,23 +179,9 @@ class UpstreamPool:
         except UnicodeEncodeError:
             raise ValueError("a forwarded header value is not latin-1 text") from None
 
-    def _watch(self) -> None:
-        """The watchdog: expire each request past its deadline; again while any is out."""
-        self._watchdog = None
-        if not self._exchanging:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for conn in [c for c in self._exchanging if c.deadline <= now]:
-            conn.expire()
-        self._watchdog = loop.call_later(self._period, self._watch)
-
     async def close(self) -> None:
         """Close every connection; requests in flight, waiting or later raise UpstreamError."""
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

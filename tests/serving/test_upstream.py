@@ -334,8 +334,7 @@ async def test_silence_is_a_timeout_and_the_connection_is_closed() -> None:
 
 
 async def test_each_silent_request_times_out_by_its_own_deadline_and_others_are_answered() -> None:
-    """One watchdog for the pool: requests sent at different times each give up at their
-    own deadline, within a watchdog period (a tenth of the limit) after it; a request
+    """Requests sent at different times each give up at their own deadline; a request
     answered meanwhile on another connection is not touched."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -364,7 +363,7 @@ async def test_each_silent_request_times_out_by_its_own_deadline_and_others_are_
         status, _ = await pool.request("GET", "/answer")
         assert status == 200
         for took in (await first, await second):
-            assert limit <= took < limit + limit / 10 + 0.25  # a period, plus a busy machine
+            assert limit <= took < limit + 0.25  # plus a busy machine's delay
         await pool.close()
 
 
