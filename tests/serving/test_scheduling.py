@@ -423,4 +423,18 @@ async def test_an_answer_now_comes_only_from_an_inline_call_with_a_free_slot(
     assert contextvars.copy_context().run(in_shadow_lane_now) is not None
     await holding
     assert bulkhead.predict_now(row) is not None
-    await bulkhead.unload()
+
+    # Retiring (a reload replaced this load while a call ran): no answer now; `predict`
+    # still serves the calls routed to it until it has drained.
+    model.stall_s = 1.0
+    holding = asyncio.create_task(bulkhead.predict(_rows(64)))
+    await eventually(lambda: bulkhead.busy == 1)
+    model.stall_s = 0.0
+    shadow_lane = contextvars.copy_context()
+    assert shadow_lane.run(in_shadow_lane_now) is not None  # its lane has a free slot
+    retiring = asyncio.create_task(bulkhead.retire(within_s=30))
+    await eventually(lambda: shadow_lane.run(in_shadow_lane_now) is None)
+    assert not retiring.done()  # still waiting for the call on a thread
+    await holding
+    await retiring
+    assert not sched.ready
