@@ -180,8 +180,9 @@ class Scheduled(Wrapper):
         await self.inner.unload()
 
     async def predict(self, request: InferRequest) -> InferResponse:
-        if self.inline and request.rows() <= self.inline_rows:
-            return InferResponse(arrays=self._inline(request.arrays()))
+        now = self.predict_now(request)
+        if now is not None:
+            return now
         outputs = await self._on_thread(self.threads[current_lane()], self._timed, request.arrays())
         return InferResponse.of_arrays(outputs)
 
