@@ -38,7 +38,11 @@ policy/srm.py and policy/drift.py. Semantics, per metric:
               it by default). 0.005 (half a point) is a usual practical margin: it
               ignores differences nobody would hold a rollout for.
   latency_pNN the engine freezes a threshold T (latency_threshold below) on both variants
-              and counts requests slower than T since then. max_ratio_to_stable, test
+              and counts requests slower than T since then. Latency is about answers:
+              a request the model failed counts in error_rate only (how fast a version
+              fails says nothing of how fast it answers), a timeout counts as slow
+              (proxy/windows.py Outcome); T and the window's percentiles leave the
+              failures out too. max_ratio_to_stable, test
               conditional (the default): T = stable's window pNN, and "slower than T" is
               a bad event tested like errors: FAIL when the candidate is shown slower
               than T more often than the stable (more than 1 + fail_margin times as

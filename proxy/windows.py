@@ -25,11 +25,21 @@ _GENERATIONS = itertools.count(1)
 
 
 class Outcome(IntEnum):
-    """How a routed request ended; bad input is never recorded at all."""
+    """How a routed request ended; bad input is never recorded at all.
+
+    Latency is about answers. A MODEL_ERROR's time says how fast a version fails, not how
+    fast it answers: it counts in the error rate only, never against a latency threshold
+    nor in the latency percentiles (fast failures would hide a slow model, slow ones
+    would blame its latency for its errors; the error latency is reported on its own).
+    A TIMEOUT (a deadline, a full bulkhead) is an answer that came too late: it counts
+    in both, as a request slower than any threshold below its deadline."""
 
     OK = 0
     MODEL_ERROR = 1
     TIMEOUT = 2
+
+
+_FAILED = Outcome.MODEL_ERROR.value
 
 
 class VariantWindow:
@@ -168,7 +178,7 @@ class VariantWindow:
             if key is None or self._bad_keys[0].add(key):
                 stratum[4] += 1
         threshold = self._threshold
-        if threshold is not None and rows <= self._threshold_rows:
+        if threshold is not None and rows <= self._threshold_rows and outcome != _FAILED:
             self._since_threshold += 1
             stratum[2] += 1
             if self._tolerance is not None and latency_s > self._tolerance:
@@ -244,7 +254,10 @@ class VariantWindow:
         return np.concatenate((array[start:], array[:start]))
 
     def evidence(self) -> VariantEvidence:
-        """A snapshot for the policy engine (copies the window; not for the hot path)."""
+        """A snapshot for the policy engine (copies the window; not for the hot path).
+        Its latencies and rows are the recent requests that answered or timed out, not
+        the model errors (Outcome)."""
+        answered = self._chronological(self._outcome) != _FAILED
         inputs = None
         if self._inputs is not None and self._has_row is not None:
             inputs = self._chronological(self._inputs)[self._chronological(self._has_row)]
@@ -269,8 +282,8 @@ class VariantWindow:
                 (w, n[0], n[1], n[2], n[3], n[4], n[5]) for w, n in sorted(self._strata.items())
             ),
             label_strata=tuple((w, n[0], n[1]) for w, n in sorted(self._label_strata.items())),
-            latencies=self._chronological(self._latency),
-            rows=self._chronological(self._rows),
+            latencies=self._chronological(self._latency)[answered],
+            rows=self._chronological(self._rows)[answered],
             inputs=inputs,
         )
 
@@ -286,18 +299,21 @@ class VariantWindow:
         row_p50, row_p99 = (
             (float(q) for q in np.percentile(per_row, (50, 99))) if per_row.size else (None, None)
         )
+        failed = self._chronological(self._latency)[self._chronological(self._outcome) == _FAILED]
         return {
             "version": self.version,
             "requests": ev.requests,
             "errors": ev.errors,
             "error_rate": ev.error_rate,
             "routed": ev.routed,
-            "window": int(ev.latencies.size),
+            "window": min(self._next, self.size),
             "latency_p50": p50,
             "latency_p95": p95,
             "latency_p99": p99,
             "latency_per_row_p50": row_p50,
             "latency_per_row_p99": row_p99,
+            # How fast the recent model errors failed (Outcome: not in the percentiles above).
+            "error_latency_p99": float(np.percentile(failed, 99)) if failed.size else None,
             "rows_p50": float(np.median(ev.rows)) if ev.rows.size else None,
             "labelled": ev.labelled,
             "labelled_requests": ev.labelled_requests,

@@ -19,7 +19,10 @@ def test_window_holds_the_last_size_records_in_order(size: int, k: int) -> None:
     assert seqs == list(range(k))
     ev = window.evidence()
     kept = min(k, size)
-    assert ev.latencies.tolist() == [float(i) for i in range(k - kept, k)]
+    # The recent latencies of what answered or timed out: model errors (1) are left out.
+    recent = range(k - kept, k)
+    assert ev.latencies.tolist() == [float(i) for i in recent if i % 3 != Outcome.MODEL_ERROR]
+    assert window.summary()["window"] == kept
     assert ev.requests == k
     assert ev.errors == sum(1 for i in range(k) if i % 3)
     assert window.recorded == k
@@ -55,7 +58,7 @@ def test_rows_without_a_prediction_are_not_counted() -> None:
 
 def test_reset_zeroes_counters_keeps_samples_and_old_labels_do_not_count() -> None:
     window = VariantWindow("v1", 10)
-    old = window.record(0.02, Outcome.MODEL_ERROR)
+    old = window.record(0.02, Outcome.TIMEOUT)
     before = window.generation
     window.count_routed()
     window.record_comparison(True)
@@ -123,6 +126,29 @@ def test_inputs_kept_in_order_and_only_where_recorded() -> None:
         window.record(0.01, Outcome.OK, row=np.zeros(3))
 
 
+@given(
+    outcomes=st.lists(st.sampled_from(list(Outcome)), max_size=60),
+    latencies=st.lists(st.floats(0.0, 10.0), min_size=60, max_size=60),
+)
+def test_model_errors_never_count_against_the_latency_threshold(
+    outcomes: list[Outcome], latencies: list[float]
+) -> None:
+    """A model error says how fast a version fails, not how fast it answers: it is in
+    the error counts only. A timeout is an answer too late: it counts as slow."""
+    window = VariantWindow("v1", 1000)
+    window.set_latency_threshold(0.5)
+    for outcome, latency in zip(outcomes, latencies, strict=False):
+        window.record(latency, outcome)
+    ev = window.evidence()
+    timed = [(o, t) for o, t in zip(outcomes, latencies, strict=False) if o != Outcome.MODEL_ERROR]
+    assert ev.since_threshold == len(timed)
+    assert ev.over_threshold == sum(1 for _, t in timed if t > 0.5)
+    assert ev.latencies.tolist() == [t for _, t in timed]
+    assert ev.errors == sum(1 for o in outcomes if o != Outcome.OK)
+    (stratum,) = ev.strata or ((0.0, 0, 0, 0, 0, 0, 0),)
+    assert stratum[3:5] == (len(timed), ev.over_threshold)
+
+
 def test_summary() -> None:
     window = VariantWindow("v1", 1000)
     assert window.summary()["latency_p99"] is None
@@ -132,8 +158,12 @@ def test_summary() -> None:
     summary = window.summary()
     assert summary["requests"] == 100
     assert summary["error_rate"] == pytest.approx(0.05)
-    assert summary["latency_p50"] == pytest.approx(np.percentile(np.arange(1, 101) / 1000, 50))
-    assert summary["latency_p99"] == pytest.approx(0.09901)
+    # The percentiles are of the answers; the five model errors are reported on their own.
+    answered = np.arange(6, 101) / 1000
+    assert summary["latency_p50"] == pytest.approx(np.percentile(answered, 50))
+    assert summary["latency_p99"] == pytest.approx(np.percentile(answered, 99))
+    assert summary["error_latency_p99"] == pytest.approx(np.percentile(np.arange(1, 6) / 1000, 99))
+    assert summary["window"] == 100
     assert summary["accuracy"] == 1.0
     assert summary["agreement"] is None
 
