@@ -278,6 +278,9 @@ class Registry:
                 inline,
                 self.timeout_s,
                 shadow_threads=self.isolation.shadow_threads,
+                # Half the version's slots at most wait for a coalesced call: the rest
+                # answer at once once it is full, and never queue for a slot.
+                coalesce_rows=min(Scheduled.COALESCE_ROWS, self.isolation.concurrency // 2),
             )
         if manifest.batching is not None:
             from rollguard.serving.batching import BatchingRunner

@@ -37,6 +37,16 @@ late answers counted against a candidate that had just begun to take traffic —
 them rolled a healthy demo candidate back on latency. A warm-up call that fails or
 outlives the deadline is logged and the version serves anyway, warmed or not.
 
+An inline version under concurrent load coalesces its primaries (docs/performance.md):
+once `BUSY_TURNS` turns of the event loop in a row have each made more than one inline
+call, a primary joins the call that a callback makes for every primary of its turn
+(`coalesce_rows` rows at most, the turn's others then answered at once; requests are
+never split), and each caller gets its own rows: a model call of one row costs about
+what one of 16 does. After `LONELY_FLUSHES` calls in a row of one request each, calls
+are made at once again. A shared call that fails is made again per request, so a
+request fails alone; outputs that are not a row per input row end coalescing for the
+version. Shadow copies are never coalesced (their callbacks answer them at once).
+
 Calls on threads run on the version's own daemon threads, one set per lane
 (serving/bulkhead.py `Threads`): a hung or slow version ties up only its own threads,
 a shadow copy never one that serves a client, and once all of a lane's threads are stuck
@@ -55,6 +65,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +127,9 @@ class Scheduled(Wrapper):
     MAX_ROUND = 4096
     SPIKE_FACTOR = 1000.0
     _SMOOTHING = 0.05  # weight of the newest inline call in the moving average
+    BUSY_TURNS = 3  # turns of the loop in a row with more than one inline call: coalesce
+    LONELY_FLUSHES = 3  # flushes in a row of one primary: stop coalescing
+    COALESCE_ROWS = 32  # the most rows one coalesced call holds, by default
 
     def __init__(
         self,
@@ -125,11 +139,15 @@ class Scheduled(Wrapper):
         timeout_s: float,
         *,
         shadow_threads: int = 1,
+        coalesce_rows: int = COALESCE_ROWS,
     ) -> None:
         """`threads` compute the version's calls (`shadow_threads` its shadow copies);
         `inline_below_us` 0 keeps every call on them; a manifest's
         `runtime.inline_below_us` overrides it for its version. `timeout_s` bounds each
-        call on a thread."""
+        call on a thread. `coalesce_rows`: the most rows of primaries one coalesced call
+        holds (0: none coalesce). Each waiting primary holds its bulkhead slot, so keep
+        it below the version's concurrency: the turn's other primaries, answered at once
+        once the call is full, find a slot free."""
         super().__init__(inner)
         self.local = inner
         label = f"{inner.manifest.name}/{inner.manifest.version}"
@@ -147,6 +165,18 @@ class Scheduled(Wrapper):
         self._round_calls = 0
         self._round_fastest = math.inf
         self._round_rows = 0  # the largest batch of this round that ran under the limit
+        # Coalescing (module doc): primaries of one turn of the loop in one inline call.
+        self.coalescing = False
+        self.coalesce_rows = coalesce_rows
+        # False once a model's outputs were not a row per input row (or none may coalesce)
+        self.splittable = coalesce_rows > 1
+        self._pending: list[_Waiting] = []
+        self._pending_rows = 0
+        self._turn_calls = 0
+        self._counting = False
+        self._busy_turns = 0
+        self._lonely = 0
+        self._fallbacks: set[asyncio.Future[None]] = set()
 
     async def load(self) -> None:
         await self.inner.load()
@@ -180,6 +210,11 @@ class Scheduled(Wrapper):
         await self.inner.unload()
 
     async def predict(self, request: InferRequest) -> InferResponse:
+        rows = request.rows()
+        if self.coalescing and self.inline and rows <= self.inline_rows and _primary():
+            if self._pending_rows + rows <= self.coalesce_rows:
+                return InferResponse(arrays=await self._join(request.arrays(), rows))
+            return InferResponse(arrays=self._inline(request.arrays()))  # the turn's is full
         now = self.predict_now(request)
         if now is not None:
             return now
@@ -188,8 +223,104 @@ class Scheduled(Wrapper):
 
     def predict_now(self, request: InferRequest) -> InferResponse | None:
         if self.inline and request.rows() <= self.inline_rows:
+            if self.coalescing:
+                if _primary():
+                    return None  # to `predict`, which joins the turn's batch
+            elif self.splittable:
+                self._count_turn()
             return InferResponse(arrays=self._inline(request.arrays()))
         return None
+
+    # --- coalescing: one inline call for the primaries of a turn of the event loop ---------
+
+    def _count_turn(self) -> None:
+        """Count an inline call of this turn of the loop (a callback ends the turn); after
+        `BUSY_TURNS` turns in a row of more than one, primaries coalesce."""
+        self._turn_calls += 1
+        if not self._counting:
+            self._counting = True
+            asyncio.get_running_loop().call_soon(self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._counting = False
+        self._busy_turns = self._busy_turns + 1 if self._turn_calls > 1 else 0
+        self._turn_calls = 0
+        if self._busy_turns >= self.BUSY_TURNS:
+            self._busy_turns = 0
+            self._lonely = 0
+            self.coalescing = True
+
+    def _join(self, inputs: Tensors, rows: int) -> asyncio.Future[Tensors]:
+        """This primary's place in the batch the next turn of the loop computes."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Tensors] = loop.create_future()
+        pending = self._pending
+        pending.append((inputs, rows, answer))
+        self._pending_rows += rows
+        if len(pending) == 1:
+            loop.call_soon(self._flush)
+        return answer
+
+    def _flush(self) -> None:
+        """Answer every primary that joined since the last flush: compatible neighbours
+        in one inline call (a call of its own for one that is not)."""
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if len(pending) == 1:
+            self._lonely += 1
+            if self._lonely >= self.LONELY_FLUSHES:  # the load fell: each call on its own
+                self.coalescing = False
+        else:
+            self._lonely = 0
+        start = 0
+        while start < len(pending):
+            kind = _kind(pending[start][0])
+            end = start + 1
+            while end < len(pending) and _kind(pending[end][0]) == kind:
+                end += 1
+            self._answer(pending[start:end])
+            start = end
+
+    def _answer(self, group: list[_Waiting]) -> None:
+        live = [waiting for waiting in group if not waiting[2].done()]  # a caller gone
+        if len(live) > 1 and self.splittable:
+            try:
+                names = live[0][0].keys()
+                batch = {n: np.concatenate([inputs[n] for inputs, _, _ in live]) for n in names}
+                outputs = self._inline(batch, calls=len(live))
+            except Exception:
+                outputs = None  # every caller gets a call of its own, and its own error
+            if outputs is not None:
+                rows = sum(waiting[1] for waiting in live)
+                if all(a.ndim and a.shape[0] == rows for a in outputs.values()):
+                    offset = 0
+                    for _, size, answer in live:
+                        end = offset + size
+                        answer.set_result({n: a[offset:end] for n, a in outputs.items()})
+                        offset += size
+                    return
+                # Outputs that are not a row per input row cannot be split: never again.
+                self.splittable = False
+                self.coalescing = False
+        for inputs, _, answer in live:
+            if self.inline:
+                try:
+                    answer.set_result(self._inline(inputs))
+                except Exception as exc:  # this caller's own failure
+                    answer.set_exception(exc)
+            else:  # sent back to the threads meanwhile: a task waits for its thread there
+                task = asyncio.ensure_future(self._on_thread_for(inputs, answer))
+                self._fallbacks.add(task)
+                task.add_done_callback(self._fallbacks.discard)
+
+    async def _on_thread_for(self, inputs: Tensors, answer: asyncio.Future[Tensors]) -> None:
+        try:
+            outputs = await self._on_thread(self.threads[Lane.PRIMARY], self._timed, inputs)
+        except Exception as exc:
+            if not answer.done():
+                answer.set_exception(exc)
+            return
+        if not answer.done():
+            answer.set_result(outputs)
 
     async def _on_thread(
         self, threads: Threads, fn: Callable[[_Stoppable], Tensors], inputs: Tensors
@@ -212,14 +343,16 @@ class Scheduled(Wrapper):
                 f"{manifest.name}/{manifest.version} did not answer within {self.timeout_s:g}s"
             ) from None
 
-    def _inline(self, inputs: Tensors) -> Tensors:
+    def _inline(self, inputs: Tensors, calls: int = 1) -> Tensors:
+        """`calls`: how many callers' requests `inputs` holds (coalesced): each is
+        charged its share of the call in the moving average."""
         collected = _COLLECTOR.total
         start, start_cpu = time.perf_counter(), time.thread_time()
         try:
             return self.local.predict_sync(inputs)
         finally:
             paused = _COLLECTOR.total - collected
-            spent = time.thread_time() - start_cpu - paused
+            spent = (time.thread_time() - start_cpu - paused) / calls
             elapsed = time.perf_counter() - start - paused
             limit = self.inline_limit_s
             sample = spent if spent < 4.0 * limit else 4.0 * limit
@@ -261,6 +394,19 @@ class Scheduled(Wrapper):
                 # else: a round of batches too big to go inline while smaller calls do;
                 # their cost must not count against the calls that run inline (one
                 # client's big batches would push every small call onto the threads).
+
+
+def _primary() -> bool:
+    return current_lane() is Lane.PRIMARY
+
+
+_Waiting = tuple[Tensors, int, "asyncio.Future[Tensors]"]  # inputs, rows, the caller's answer
+
+
+def _kind(inputs: Tensors) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]:
+    """What must match for two requests' inputs to be concatenated: names, dtypes and
+    every dimension but the first."""
+    return tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
 
 
 class _Stoppable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -438,3 +439,139 @@ async def test_an_answer_now_comes_only_from_an_inline_call_with_a_free_slot(
     await holding
     await retiring
     assert not sched.ready
+
+
+# --- coalescing: the primaries of one turn of the event loop in one inline call --------
+
+
+class _Counting(_Stalling):
+    """The real ONNX model, counting its calls; failing on any row whose first feature is
+    `poison`; `extra` adds an output that is not a row per input row."""
+
+    calls = 0
+    poison = -1.0
+    extra = False
+
+    def predict_sync(self, inputs: Tensors) -> Tensors:
+        self.calls += 1
+        if (inputs["input"][:, 0] == self.poison).any():
+            raise ModelExecutionError("a row this model cannot take")
+        outputs = super().predict_sync(inputs)
+        if self.extra:
+            outputs["summary"] = np.zeros(7, np.float32)  # 7 however many rows
+        return outputs
+
+
+async def _coalescing(registry: Path, rows: int = 1) -> tuple[Scheduled, _Counting]:
+    """fraud-onnx 1.0.0 inline for batches up to `rows`, then busy turns of the loop (more
+    than one inline call each) until its primaries coalesce."""
+    directory = registry / "fraud-onnx" / "1.0.0"
+    model = _Counting(load_manifest(directory / MANIFEST_NAME), directory)
+    model.threads = set()
+    sched = Scheduled(model, 2, 50_000, timeout_s=_TIMEOUT_S)
+    await sched.load()
+    for i in range(sched.WARMUP_CALLS):
+        await sched.predict(_rows(rows) if i == 0 else _row())
+    assert sched.inline and sched.inline_rows == rows
+    for _ in range(sched.BUSY_TURNS):
+        assert not sched.coalescing
+        assert sched.predict_now(_row()) is not None and sched.predict_now(_row()) is not None
+        await asyncio.sleep(0)  # the turn ends
+    assert sched.coalescing
+    return sched, model
+
+
+def _requests(rows: list[int]) -> list[InferRequest]:
+    x, _ = load_eval_data()
+    starts = np.cumsum([0, *rows])
+    return [InferRequest.of_arrays({"input": x[a:b]}) for a, b in itertools.pairwise(starts)]
+
+
+async def test_one_call_answers_a_turns_primaries_each_with_its_own_rows(registry: Path) -> None:
+    sched, model = await _coalescing(registry, rows=3)
+    requests = _requests([1, 3, 2, 1, 1, 3])
+    lone = [model.predict_sync(r.arrays()) for r in requests]
+    model.calls = 0
+    answers = await asyncio.gather(*(sched.predict(r) for r in requests))
+    assert model.calls == 1
+    for request, answer, want in zip(requests, answers, lone, strict=True):
+        got = answer.arrays()
+        assert got["label"].shape == (request.rows(),)
+        np.testing.assert_array_equal(got["label"], want["label"])
+        # One call of many rows may round the last bit of a float otherwise than a lone
+        # call does (ONNX Runtime's kernels), as any dynamic batcher's answers.
+        np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=1e-5)
+    assert sched.predict_now(_row()) is None  # primaries wait for the turn's call...
+
+    def in_shadow_lane_now() -> object:
+        in_shadow_lane()
+        return sched.predict_now(_row())
+
+    assert contextvars.copy_context().run(in_shadow_lane_now) is not None  # ...copies do not
+
+
+async def test_a_request_the_model_fails_on_fails_alone(registry: Path) -> None:
+    sched, model = await _coalescing(registry)
+    requests = _requests([1, 1, 1, 1])
+    model.poison = float(requests[2].arrays()["input"][0, 0])
+    model.calls = 0
+    answers = await asyncio.gather(*(sched.predict(r) for r in requests), return_exceptions=True)
+    assert isinstance(answers[2], ModelExecutionError)
+    assert all(not isinstance(a, BaseException) for i, a in enumerate(answers) if i != 2)
+    assert model.calls == 1 + len(requests)  # the shared call, then one each
+
+
+async def test_answers_that_are_not_a_row_per_row_are_never_coalesced_again(
+    registry: Path,
+) -> None:
+    sched, model = await _coalescing(registry)
+    model.extra = True
+    requests = _requests([1, 1, 1])
+    model.calls = 0
+    answers = await asyncio.gather(*(sched.predict(r) for r in requests))
+    assert all(a.arrays()["summary"].shape == (7,) for a in answers)  # each its own call's
+    assert model.calls == 1 + len(requests)
+    assert not sched.coalescing and not sched.splittable
+    for _ in range(sched.BUSY_TURNS + 1):
+        sched.predict_now(_row())
+        sched.predict_now(_row())
+        await asyncio.sleep(0)
+    assert not sched.coalescing
+
+
+async def test_coalescing_ends_when_the_turns_hold_one_primary_each(registry: Path) -> None:
+    sched, _ = await _coalescing(registry)
+    for _ in range(sched.LONELY_FLUSHES):
+        assert sched.coalescing
+        await sched.predict(_row())
+    assert not sched.coalescing
+    assert sched.predict_now(_row()) is not None  # at once again
+
+
+async def test_a_caller_that_gave_up_is_left_out_of_the_call(registry: Path) -> None:
+    sched, model = await _coalescing(registry)
+    requests = _requests([1, 1, 1])
+    tasks = [asyncio.create_task(sched.predict(r)) for r in requests]
+    await asyncio.sleep(0)  # every one has joined the turn's call
+    tasks[1].cancel()
+    model.calls = 0
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError)
+    answered = [a for a in done if not isinstance(a, BaseException)]
+    assert [a.arrays()["label"].shape for a in answered] == [(1,), (1,)]
+    assert model.calls == 1
+
+
+async def test_a_full_call_leaves_the_turns_other_primaries_to_be_answered_at_once(
+    registry: Path,
+) -> None:
+    """Each primary waiting for the call holds its bulkhead slot: past `coalesce_rows`
+    rows the others are answered at once, so that they never queue for a slot (the
+    registry keeps `coalesce_rows` at half the version's concurrency)."""
+    sched, model = await _coalescing(registry)
+    sched.coalesce_rows = 4
+    requests = _requests([1, 1, 1, 1, 1, 1])
+    model.calls = 0
+    answers = await asyncio.gather(*(sched.predict(r) for r in requests))
+    assert model.calls == 1 + 2  # four rows in the shared call, two at once
+    assert [a.arrays()["label"].shape for a in answers] == [(1,)] * 6
