@@ -271,14 +271,20 @@ class Scheduled(Wrapper):
                 self.coalescing = False
         else:
             self._lonely = 0
-        start = 0
-        while start < len(pending):
-            kind = _kind(pending[start][0])
-            end = start + 1
-            while end < len(pending) and _kind(pending[end][0]) == kind:
-                end += 1
-            self._answer(pending[start:end])
-            start = end
+        try:
+            start = 0
+            while start < len(pending):
+                kind = _kind(pending[start][0])
+                end = start + 1
+                while end < len(pending) and _kind(pending[end][0]) == kind:
+                    end += 1
+                self._answer(pending[start:end])
+                start = end
+        except Exception as exc:  # a bug of ours: no caller is left waiting for ever
+            log.exception("coalesced inline call failed")
+            for _, _, answer in pending:
+                if not answer.done():
+                    answer.set_exception(exc)
 
     def _answer(self, group: list[_Waiting]) -> None:
         live = [waiting for waiting in group if not waiting[2].done()]  # a caller gone

@@ -575,3 +575,18 @@ async def test_a_full_call_leaves_the_turns_other_primaries_to_be_answered_at_on
     answers = await asyncio.gather(*(sched.predict(r) for r in requests))
     assert model.calls == 1 + 2  # four rows in the shared call, two at once
     assert [a.arrays()["label"].shape for a in answers] == [(1,)] * 6
+
+
+async def test_a_bug_in_the_shared_call_fails_its_callers_and_leaves_none_waiting(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched, _ = await _coalescing(registry)
+
+    def broken(group: object) -> None:
+        raise RuntimeError("a bug in coalescing")
+
+    monkeypatch.setattr(sched, "_answer", broken)
+    done = await asyncio.gather(
+        *(sched.predict(r) for r in _requests([1, 1, 1])), return_exceptions=True
+    )
+    assert all(isinstance(d, RuntimeError) for d in done)
