@@ -220,7 +220,10 @@ class Inference:
         width = window.input_width
         row = None if width is None else request.first_row(width)
         rows = request.rows()
-        window.record(latency, _OK, row=row, rows=rows, share=share, key=unit)
+        # The version's time: not the turn's other requests' while it waited for a call
+        # shared with them (serving/scheduling.py), which the busier arm would pay more.
+        window.record(latency - request.shared_wait_s, _OK, row=row, rows=rows, share=share,
+                      key=unit)  # fmt: skip
         rule = loaded.manifest.prediction_rule
         predictions = (
             (response.prediction(rule),) if rows == 1 else _row_predictions(rule, response, rows)

@@ -51,6 +51,7 @@ class InferRequest:
         "id",
         "outputs",
         "queue_ns",
+        "shared_wait_s",
     )
 
     def __init__(
@@ -79,6 +80,9 @@ class InferRequest:
         self.outputs = outputs
         self.binary_outputs = binary_outputs
         self.queue_ns = 0  # waited for its version's slot and batch (bulkhead.py, batching.py)
+        # Of that, waited for the shared call of its turn of the loop (scheduling.py): the
+        # loop's time for the turn's other requests, left out of the rollout's latency.
+        self.shared_wait_s = 0.0
         # Client headers an upstream gets (the gateway's allow-list), as (name, value);
         # a shared empty tuple until the gateway sets some (most requests forward none).
         self.forward: Sequence[tuple[str, str]] = ()

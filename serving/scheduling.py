@@ -213,7 +213,7 @@ class Scheduled(Wrapper):
         rows = request.rows()
         if self.coalescing and self.inline and rows <= self.inline_rows and _primary():
             if self._pending_rows + rows <= self.coalesce_rows:
-                return InferResponse(arrays=await self._join(request.arrays(), rows))
+                return InferResponse(arrays=await self._join(request, rows))
             return InferResponse(arrays=self._inline(request.arrays()))  # the turn's is full
         now = self.predict_now(request)
         if now is not None:
@@ -250,12 +250,12 @@ class Scheduled(Wrapper):
             self._lonely = 0
             self.coalescing = True
 
-    def _join(self, inputs: Tensors, rows: int) -> asyncio.Future[Tensors]:
+    def _join(self, request: InferRequest, rows: int) -> asyncio.Future[Tensors]:
         """This primary's place in the batch the next turn of the loop computes."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Tensors] = loop.create_future()
         pending = self._pending
-        pending.append((inputs, rows, answer))
+        pending.append((request.arrays(), rows, answer, request, time.perf_counter()))
         self._pending_rows += rows
         if len(pending) == 1:
             loop.call_soon(self._flush)
@@ -265,6 +265,11 @@ class Scheduled(Wrapper):
         """Answer every primary that joined since the last flush: compatible neighbours
         in one inline call (a call of its own for one that is not)."""
         pending, self._pending, self._pending_rows = self._pending, [], 0
+        now = time.perf_counter()
+        for waiting in pending:  # the turn's other requests' time: a queue (Triton's "queue")
+            request, waited = waiting[3], now - waiting[4]
+            request.shared_wait_s += waited
+            request.queue_ns += int(waited * 1e9)
         if len(pending) == 1:
             self._lonely += 1
             if self._lonely >= self.LONELY_FLUSHES:  # the load fell: each call on its own
@@ -282,16 +287,16 @@ class Scheduled(Wrapper):
                 start = end
         except Exception as exc:  # a bug of ours: no caller is left waiting for ever
             log.exception("coalesced inline call failed")
-            for _, _, answer in pending:
-                if not answer.done():
-                    answer.set_exception(exc)
+            for waiting in pending:
+                if not waiting[2].done():
+                    waiting[2].set_exception(exc)
 
     def _answer(self, group: list[_Waiting]) -> None:
         live = [waiting for waiting in group if not waiting[2].done()]  # a caller gone
         if len(live) > 1 and self.splittable:
             try:
                 names = live[0][0].keys()
-                batch = {n: np.concatenate([inputs[n] for inputs, _, _ in live]) for n in names}
+                batch = {n: np.concatenate([waiting[0][n] for waiting in live]) for n in names}
                 outputs = self._inline(batch, calls=len(live))
             except Exception:
                 outputs = None  # every caller gets a call of its own, and its own error
@@ -299,7 +304,7 @@ class Scheduled(Wrapper):
                 rows = sum(waiting[1] for waiting in live)
                 if all(a.ndim and a.shape[0] == rows for a in outputs.values()):
                     offset = 0
-                    for _, size, answer in live:
+                    for _, size, answer, _, _ in live:
                         end = offset + size
                         answer.set_result({n: a[offset:end] for n, a in outputs.items()})
                         offset += size
@@ -307,7 +312,7 @@ class Scheduled(Wrapper):
                 # Outputs that are not a row per input row cannot be split: never again.
                 self.splittable = False
                 self.coalescing = False
-        for inputs, _, answer in live:
+        for inputs, _, answer, _, _ in live:
             if self.inline:
                 try:
                     answer.set_result(self._inline(inputs))
@@ -406,7 +411,8 @@ def _primary() -> bool:
     return current_lane() is Lane.PRIMARY
 
 
-_Waiting = tuple[Tensors, int, "asyncio.Future[Tensors]"]  # inputs, rows, the caller's answer
+# Inputs, rows, the caller's answer, its request, when it joined (perf_counter).
+_Waiting = tuple[Tensors, int, "asyncio.Future[Tensors]", InferRequest, float]
 
 
 def _kind(inputs: Tensors) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]:

@@ -590,3 +590,21 @@ async def test_a_bug_in_the_shared_call_fails_its_callers_and_leaves_none_waitin
         *(sched.predict(r) for r in _requests([1, 1, 1])), return_exceptions=True
     )
     assert all(isinstance(d, RuntimeError) for d in done)
+
+
+async def test_the_wait_for_a_shared_call_is_told_apart_from_the_call(registry: Path) -> None:
+    """The turn's other requests' time is a queue (Triton's statistics) and is left out
+    of the rollout's latency (proxy/inference.py): a busy arm that coalesces would
+    otherwise look slower than a quiet one answered at once."""
+    sched, _ = await _coalescing(registry)
+    requests = _requests([1, 1, 1])
+    started = time.perf_counter()
+    await asyncio.gather(*(sched.predict(r) for r in requests))
+    elapsed = time.perf_counter() - started
+    for request in requests:
+        assert 0.0 < request.shared_wait_s < elapsed
+        assert request.queue_ns == pytest.approx(request.shared_wait_s * 1e9, abs=1)
+    lone = _row()
+    sched.coalescing = False
+    await sched.predict(lone)
+    assert lone.shared_wait_s == 0.0 and lone.queue_ns == 0
