@@ -156,10 +156,12 @@ def open_rounds(
     duration_s: float,
     log: Callable[[str], None],
     alive: Callable[[Target], bool],
+    settle_s: float = SETTLE_LIMIT_S,
 ) -> list[OpenRun]:
     """Every latency target at each share of bare's capacity, then each shadow pair at
     half its no-shadow twin's, interleaved. `capacities`: req/s of each target in its
-    slowest closed-loop round (bare's is required)."""
+    slowest closed-loop round (bare's is required). `settle_s`: the longest wait for a
+    quiet host before each run."""
     chosen = [t for t in started if t.name in OPEN_TARGETS]
     by_name = {t.name: t for t in chosen}
     runs: list[OpenRun] = []
@@ -167,7 +169,7 @@ def open_rounds(
     def run(target: Target, share: float, rate: float, round_: int, basis: str) -> None:
         if not alive(target):
             return
-        waited, busy = settle()
+        waited, busy = settle(settle_s)
         if busy > SETTLED:
             log(f"  (the machine stayed {busy:.0%} busy for {waited:.0f} s before {target.name})")
         before = shadow_counts(target)
