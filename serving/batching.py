@@ -21,34 +21,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from rollguard.serving.bulkhead import Lane, current_lane
 from rollguard.serving.errors import ModelExecutionError, NotReady, Overloaded
+from rollguard.serving.merging import Waiting, hand_back, key, merged, resolve, unsplittable
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import Runner, Wrapper
 from rollguard.serving.tensors import Tensors, batch_size
-
-# Input names, dtypes and trailing dimensions: requests with equal keys concatenate.
-_Key = tuple[tuple[str, str, tuple[int, ...]], ...]
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    inputs: Tensors
-    rows: int
-    key: _Key | None  # None: cannot be concatenated with anything (0-d inputs)
-    arrived: float  # clock() when queued
-    future: asyncio.Future[Tensors] = field(repr=False)
-    caller: InferRequest | None = field(default=None, repr=False)  # a client's: its queue_ns
-
-
-def _key(inputs: Tensors) -> _Key | None:
-    if any(a.ndim == 0 for a in inputs.values()):
-        return None
-    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
 class BatchingRunner(Wrapper):
@@ -76,7 +55,7 @@ class BatchingRunner(Wrapper):
         self.max_queued = max_queued or max(64, 16 * max_batch_size)
         self.max_concurrent_batches = max_concurrent_batches or os.cpu_count() or 1
         self._clock = clock
-        self._queue: deque[_Request] = deque()
+        self._queue: deque[Waiting] = deque()
         self._arrived = asyncio.Event()
         self._waiting = 0  # requests accepted but not yet handed to the inner runner
         self._slots: asyncio.Semaphore | None = None
@@ -129,7 +108,7 @@ class BatchingRunner(Wrapper):
         # A client's request learns how long it waited for its batch (the statistics'
         # `queue`); a shadow copy shares the client's request object and must not.
         caller = request if current_lane() is Lane.PRIMARY else None
-        self._queue.append(_Request(inputs, rows, _key(inputs), self._clock(), future, caller))
+        self._queue.append(Waiting(inputs, rows, key(inputs), self._clock(), future, caller))
         self._waiting += 1
         self._arrived.set()
         return InferResponse.of_arrays(await future)
@@ -148,12 +127,12 @@ class BatchingRunner(Wrapper):
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _next_batch(self) -> list[_Request]:
+    async def _next_batch(self) -> list[Waiting]:
         first = await self._take_first()
         batch, rows = [first], first.rows
         if first.key is None or rows >= self.max_batch_size:
             return batch
-        deferred: list[_Request] = []
+        deferred: list[Waiting] = []
         # Counted from the oldest request's arrival: one that already waited for a free
         # batch slot does not wait again, so max_delay bounds the added latency.
         deadline = first.arrived + self.max_delay
@@ -185,7 +164,7 @@ class BatchingRunner(Wrapper):
             # Deferred requests go back to the head, in their original order.
             self._queue.extendleft(reversed(deferred))
 
-    async def _take_first(self) -> _Request:
+    async def _take_first(self) -> Waiting:
         while True:
             while self._queue:
                 request = self._queue.popleft()
@@ -195,7 +174,7 @@ class BatchingRunner(Wrapper):
             self._arrived.clear()
             await self._arrived.wait()
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, batch: list[Waiting]) -> None:
         started = self._clock()
         for queued in batch:
             if queued.caller is not None:
@@ -203,24 +182,17 @@ class BatchingRunner(Wrapper):
         try:
             if len(batch) == 1:
                 answer = await self.inner.predict(InferRequest.of_arrays(batch[0].inputs))
-                _resolve(batch[0].future, answer.arrays())
+                resolve(batch[0].future, answer.arrays())
                 return
-            merged = {
-                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs
-            }
-            outputs = (await self.inner.predict(InferRequest.of_arrays(merged))).arrays()
+            outputs = (await self.inner.predict(InferRequest.of_arrays(merged(batch)))).arrays()
             total = sum(r.rows for r in batch)
-            for name, array in outputs.items():
-                if array.ndim == 0 or array.shape[0] != total:
-                    raise ModelExecutionError(
-                        f"output '{name}' has shape {list(array.shape)}, which cannot be split "
-                        f"back into a batch of {total} rows"
-                    )
-            offset = 0
-            for request in batch:
-                end = offset + request.rows
-                _resolve(request.future, {n: a[offset:end] for n, a in outputs.items()})
-                offset = end
+            name = unsplittable(outputs, total)
+            if name is not None:
+                raise ModelExecutionError(
+                    f"output '{name}' has shape {list(outputs[name].shape)}, which cannot be "
+                    f"split back into a batch of {total} rows"
+                )
+            hand_back(batch, outputs)
         except Exception as exc:
             for request in batch:
                 if not request.future.done():
@@ -228,8 +200,3 @@ class BatchingRunner(Wrapper):
         finally:
             assert self._slots is not None
             self._slots.release()
-
-
-def _resolve(future: asyncio.Future[Tensors], outputs: Tensors) -> None:
-    if not future.done():
-        future.set_result(outputs)

@@ -65,13 +65,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import numpy as np
 
 from rollguard.serving.bulkhead import Lane, Threads, current_lane
 from rollguard.serving.errors import DeadlineExceeded
 from rollguard.serving.manifest import Manifest
+from rollguard.serving.merging import Waiting, hand_back, key, merged, resolve, unsplittable
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.onnxgraph import NotOnnx, value_dependent_operators
 from rollguard.serving.runners.base import LocalRunner, Wrapper
@@ -170,7 +170,7 @@ class Scheduled(Wrapper):
         self.coalesce_rows = coalesce_rows
         # False once a model's outputs were not a row per input row (or none may coalesce)
         self.splittable = coalesce_rows > 1
-        self._pending: list[_Waiting] = []
+        self._pending: list[Waiting] = []
         self._pending_rows = 0
         self._turn_calls = 0
         self._counting = False
@@ -254,8 +254,9 @@ class Scheduled(Wrapper):
         """This primary's place in the batch the next turn of the loop computes."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Tensors] = loop.create_future()
+        inputs = request.arrays()
         pending = self._pending
-        pending.append((request.arrays(), rows, answer, request, time.perf_counter()))
+        pending.append(Waiting(inputs, rows, key(inputs), time.perf_counter(), answer, request))
         self._pending_rows += rows
         if len(pending) == 1:
             loop.call_soon(self._flush)
@@ -267,9 +268,10 @@ class Scheduled(Wrapper):
         pending, self._pending, self._pending_rows = self._pending, [], 0
         now = time.perf_counter()
         for waiting in pending:  # the turn's other requests' time: a queue (Triton's "queue")
-            request, waited = waiting[3], now - waiting[4]
-            request.shared_wait_s += waited
-            request.queue_ns += int(waited * 1e9)
+            assert waiting.caller is not None  # a primary's request, always
+            waited = now - waiting.arrived
+            waiting.caller.shared_wait_s += waited
+            waiting.caller.queue_ns += int(waited * 1e9)
         if len(pending) == 1:
             self._lonely += 1
             if self._lonely >= self.LONELY_FLUSHES:  # the load fell: each call on its own
@@ -279,47 +281,40 @@ class Scheduled(Wrapper):
         try:
             start = 0
             while start < len(pending):
-                kind = _kind(pending[start][0])
                 end = start + 1
-                while end < len(pending) and _kind(pending[end][0]) == kind:
+                first = pending[start].key
+                while end < len(pending) and first is not None and pending[end].key == first:
                     end += 1
                 self._answer(pending[start:end])
                 start = end
         except Exception as exc:  # a bug of ours: no caller is left waiting for ever
             log.exception("coalesced inline call failed")
             for waiting in pending:
-                if not waiting[2].done():
-                    waiting[2].set_exception(exc)
+                if not waiting.future.done():
+                    waiting.future.set_exception(exc)
 
-    def _answer(self, group: list[_Waiting]) -> None:
-        live = [waiting for waiting in group if not waiting[2].done()]  # a caller gone
+    def _answer(self, group: list[Waiting]) -> None:
+        live = [waiting for waiting in group if not waiting.future.done()]  # a caller gone
         if len(live) > 1 and self.splittable:
             try:
-                names = live[0][0].keys()
-                batch = {n: np.concatenate([waiting[0][n] for waiting in live]) for n in names}
-                outputs = self._inline(batch, calls=len(live))
+                outputs: Tensors | None = self._inline(merged(live), calls=len(live))
             except Exception:
                 outputs = None  # every caller gets a call of its own, and its own error
             if outputs is not None:
-                rows = sum(waiting[1] for waiting in live)
-                if all(a.ndim and a.shape[0] == rows for a in outputs.values()):
-                    offset = 0
-                    for _, size, answer, _, _ in live:
-                        end = offset + size
-                        answer.set_result({n: a[offset:end] for n, a in outputs.items()})
-                        offset += size
+                if unsplittable(outputs, sum(waiting.rows for waiting in live)) is None:
+                    hand_back(live, outputs)
                     return
                 # Outputs that are not a row per input row cannot be split: never again.
                 self.splittable = False
                 self.coalescing = False
-        for inputs, _, answer, _, _ in live:
+        for waiting in live:
             if self.inline:
                 try:
-                    answer.set_result(self._inline(inputs))
+                    resolve(waiting.future, self._inline(waiting.inputs))
                 except Exception as exc:  # this caller's own failure
-                    answer.set_exception(exc)
+                    waiting.future.set_exception(exc)
             else:  # sent back to the threads meanwhile: a task waits for its thread there
-                task = asyncio.ensure_future(self._on_thread_for(inputs, answer))
+                task = asyncio.ensure_future(self._on_thread_for(waiting.inputs, waiting.future))
                 self._fallbacks.add(task)
                 task.add_done_callback(self._fallbacks.discard)
 
@@ -409,16 +404,6 @@ class Scheduled(Wrapper):
 
 def _primary() -> bool:
     return current_lane() is Lane.PRIMARY
-
-
-# Inputs, rows, the caller's answer, its request, when it joined (perf_counter).
-_Waiting = tuple[Tensors, int, "asyncio.Future[Tensors]", InferRequest, float]
-
-
-def _kind(inputs: Tensors) -> tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]:
-    """What must match for two requests' inputs to be concatenated: names, dtypes and
-    every dimension but the first."""
-    return tuple((name, a.dtype, a.shape[1:]) for name, a in inputs.items())
 
 
 class _Stoppable:

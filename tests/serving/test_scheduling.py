@@ -608,3 +608,21 @@ async def test_the_wait_for_a_shared_call_is_told_apart_from_the_call(registry: 
     sched.coalescing = False
     await sched.predict(lone)
     assert lone.shared_wait_s == 0.0 and lone.queue_ns == 0
+
+
+async def test_callers_of_a_failed_call_go_to_the_threads_when_the_model_left_the_loop(
+    registry: Path,
+) -> None:
+    """The shared call failed and, meanwhile, the model was sent back to its threads: each
+    caller's own call runs there, with its deadline, not on the loop."""
+    sched, model = await _coalescing(registry)
+    requests = _requests([1, 1, 1])
+    model.poison = float(requests[0].arrays()["input"][0, 0])
+    tasks = [asyncio.create_task(sched.predict(r)) for r in requests]
+    await asyncio.sleep(0)  # every one has joined the turn's call
+    sched.inline = False
+    model.threads.clear()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[0], ModelExecutionError)
+    assert all(not isinstance(d, BaseException) for d in done[1:])
+    assert model.threads and threading.current_thread().name not in model.threads
