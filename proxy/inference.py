@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from rollguard.proxy.feedback import FeedbackIndex, Missing
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.routing import Router, SplitTable
-from rollguard.proxy.shadow import ShadowMirror
+from rollguard.proxy.shadow import Held, ShadowMirror
 from rollguard.proxy.stats import Statistics
 from rollguard.proxy.windows import Outcome, VariantWindow, Windows
 from rollguard.serving.availability import Availability
@@ -355,9 +355,8 @@ class Inference:
         rule = loaded.manifest.prediction_rule
         runner = loaded.runner
 
-        def answered(start: float, response: InferResponse) -> None:
+        def answered(latency: float, response: InferResponse) -> None:
             rows = rows_of(rule, response.arrays())
-            latency = self._clock() - start
             width = window.input_width
             row = None if width is None else request.first_row(width)
             window.record(latency, Outcome.OK, row=row, rows=size)
@@ -366,9 +365,25 @@ class Inference:
             window.record_comparison(agreeing(primary, rows, self.tolerance), compared)
             shadow.count(model, version, "ok")
 
-        def failed(start: float) -> None:  # the shadow's own failure, whatever raised it
-            window.record(self._clock() - start, Outcome.MODEL_ERROR, rows=size)
+        def failed(latency: float) -> None:  # the shadow's own failure, whatever raised it
+            window.record(latency, Outcome.MODEL_ERROR, rows=size)
             shadow.count(model, version, "error")
+
+        async def run() -> None:  # on a shadow worker: its calls take the shadow lane
+            start = self._clock()
+            try:
+                async with shadow.deadline():
+                    response = await runner.predict(request)
+                answered(self._clock() - start, response)
+            except (DeadlineExceeded, UpstreamTimeout, TimeoutError):
+                window.record(self._clock() - start, Outcome.TIMEOUT, rows=size)
+                shadow.count(model, version, "timeout")
+            except Exception:
+                failed(self._clock() - start)
+
+        if runner.batches_now:  # answered with the copies held with it, in one call
+            shadow.hold(Held(runner, request, answered, failed, run))
+            return
 
         def now() -> bool:  # a callback in the shadow lane: the answer if it is at hand
             start = self._clock()
@@ -376,22 +391,10 @@ class Inference:
                 response = runner.predict_now(request)
                 if response is None:
                     return False
-                answered(start, response)
+                answered(self._clock() - start, response)
             except Exception:
-                failed(start)
+                failed(self._clock() - start)
             return True
-
-        async def run() -> None:  # on a shadow worker: its calls take the shadow lane
-            start = self._clock()
-            try:
-                async with shadow.deadline():
-                    response = await runner.predict(request)
-                answered(start, response)
-            except (DeadlineExceeded, UpstreamTimeout, TimeoutError):
-                window.record(self._clock() - start, Outcome.TIMEOUT, rows=size)
-                shadow.count(model, version, "timeout")
-            except Exception:
-                failed(start)
 
         shadow.soon(now, run)
 

@@ -39,6 +39,7 @@ import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
@@ -48,6 +49,8 @@ from prometheus_client.registry import Collector
 from rollguard.proxy.load import SIGNALS, LoadGauge
 from rollguard.proxy.metrics import Metrics
 from rollguard.serving.bulkhead import in_shadow_lane
+from rollguard.serving.messages import InferRequest, InferResponse
+from rollguard.serving.runners.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,24 @@ class _Copies:
         self.started = 0
 
 
+@dataclass(slots=True, eq=False)
+class Held:
+    """A copy `ShadowMirror.hold` keeps to answer with others: what answers it, and what
+    to do with the answer (`answered`, `failed`: given the seconds the call took) or,
+    when it must be awaited after all, the copy to run on a worker."""
+
+    runner: Runner
+    request: InferRequest
+    answered: Callable[[float, InferResponse], None]
+    failed: Callable[[float], None]
+    run: Callable[[], Awaitable[None]]
+
+
 class ShadowMirror:
     """Runs shadow calls at most `concurrency` at a time, `queue` more waiting."""
+
+    HOLD_S = 0.002  # the longest a copy of a version that batches on the loop is held
+    HOLD_COPIES = 16  # held copies answered at once, however recent
 
     def __init__(
         self,
@@ -86,6 +105,9 @@ class ShadowMirror:
         self._queued: deque[Callable[[], Awaitable[None]]] = deque()
         self._running = 0
         self._soon = 0  # copies handed to `soon` whose callback has not run yet
+        self._held: list[Held] = []  # copies `hold` keeps for one call
+        self._release: asyncio.Handle | None = None  # when the held copies are answered
+        self._release_soon = False  # at the loop's next turn (enough are held)
         # The context `soon`'s callbacks run in: the shadow lane, as a worker's.
         self._context = contextvars.copy_context()
         self._context.run(in_shadow_lane)
@@ -108,7 +130,7 @@ class ShadowMirror:
     @property
     def pending(self) -> int:
         """Copies waiting or running."""
-        return len(self._queued) + self._running + self._soon
+        return len(self._queued) + self._running + self._soon + len(self._held)
 
     def mirrored_share(self, model: str, version: str) -> float:
         """Copies started over copies wanted for `version` of `model`, since start (1.0
@@ -138,7 +160,7 @@ class ShadowMirror:
                 self.count(model, version, "shed")
                 return False
             self._credit = max(credit - 1.0, 0.0)  # < 1: credit was < 1 + budget <= 2
-        if len(self._queued) + self._running + self._soon >= self._limit:
+        if self.pending >= self._limit:
             self.dropped += 1
             self.count(model, version, "dropped")
             return False
@@ -169,6 +191,52 @@ class ShadowMirror:
         the runner's wrappers: ~4 µs of an in-process copy's ~34 µs of loop CPU."""
         self._soon += 1
         asyncio.get_running_loop().call_soon(self._now, now, run, context=self._context)
+
+    def hold(self, copy: Held) -> None:
+        """Queue an admitted copy of a version whose calls batch on the loop
+        (`Runner.batches_now`): held up to `HOLD_S`, or until `HOLD_COPIES` are, then all
+        held copies answered in one callback in the shadow lane, a version's compatible
+        ones in one call (`Runner.predict_now_many`); one that must be awaited after all
+        goes to a worker as `start` sends it."""
+        held = self._held
+        held.append(copy)
+        loop = asyncio.get_running_loop()
+        if len(held) >= self.HOLD_COPIES:
+            if not self._release_soon:
+                if self._release is not None:
+                    self._release.cancel()
+                self._release = loop.call_soon(self._answer_held, context=self._context)
+                self._release_soon = True
+        elif self._release is None:
+            self._release = loop.call_later(self.HOLD_S, self._answer_held, context=self._context)
+
+    def _answer_held(self) -> None:
+        held, self._held = self._held, []
+        self._release, self._release_soon = None, False
+        by_runner: dict[int, list[Held]] = {}
+        for copy in held:
+            by_runner.setdefault(id(copy.runner), []).append(copy)
+        for copies in by_runner.values():
+            try:
+                answers = copies[0].runner.predict_now_many([copy.request for copy in copies])
+            except Exception:  # a bug of ours: each copy is awaited on its own instead
+                log.exception("held shadow copies could not be answered together")
+                answers = [(None, 0.0)] * len(copies)
+            for copy, (answer, seconds) in zip(copies, answers, strict=True):
+                if answer is None:
+                    self.start(copy.run)
+                    continue
+                try:
+                    if not isinstance(answer, Exception):
+                        try:
+                            copy.answered(seconds, answer)
+                            continue
+                        except Exception:  # an answer that does not read: the version's
+                            pass
+                    copy.failed(seconds)
+                except Exception:  # a copy's own bug: logged, as a worker logs it
+                    log.exception("a shadow copy failed outside its version's call")
+        self._settle()
 
     def _now(self, now: Callable[[], bool], run: Callable[[], Awaitable[None]]) -> None:
         self._soon -= 1
@@ -257,6 +325,10 @@ class ShadowMirror:
             await asyncio.gather(*workers, return_exceptions=True)
         self._queued.clear()
         self._idle.clear()
+        self._held.clear()
+        if self._release is not None:
+            self._release.cancel()
+            self._release, self._release_soon = None, False
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

@@ -184,7 +184,8 @@ class BatchingRunner(Wrapper):
                 answer = await self.inner.predict(InferRequest.of_arrays(batch[0].inputs))
                 resolve(batch[0].future, answer.arrays())
                 return
-            outputs = (await self.inner.predict(InferRequest.of_arrays(merged(batch)))).arrays()
+            shared = InferRequest.of_arrays(merged([waiting.inputs for waiting in batch]))
+            outputs = (await self.inner.predict(shared)).arrays()
             total = sum(r.rows for r in batch)
             name = unsplittable(outputs, total)
             if name is not None:

@@ -26,14 +26,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from rollguard.serving.errors import Overloaded
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.runners.base import Runner, Wrapper
+from rollguard.serving.runners.base import Now, Runner, Wrapper
 
 T = TypeVar("T")
 A = TypeVar("A")
@@ -179,6 +179,22 @@ class Bulkhead(Wrapper):
         slots.running += 1
         try:
             return self.inner.predict_now(request)
+        finally:
+            slots.running -= 1
+
+    @property
+    def batches_now(self) -> bool:
+        return self.inner.batches_now
+
+    def predict_now_many(self, requests: Sequence[InferRequest]) -> list[Now]:
+        """As `predict_now`, one slot for the one call they share."""
+        lane = _LANE.get()
+        slots = self._primary if lane is Lane.PRIMARY else self.lanes[lane]
+        if slots.running >= slots.concurrency or slots.waiters or self._drained is not None:
+            return [(None, 0.0)] * len(requests)
+        slots.running += 1
+        try:
+            return self.inner.predict_now_many(requests)
         finally:
             slots.running -= 1
 

@@ -35,9 +35,9 @@ def key(inputs: Tensors) -> Key | None:
     return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
 
 
-def merged(group: Sequence[Waiting]) -> Tensors:
-    """The group's inputs, one array per name, rows in the group's order."""
-    return {name: np.concatenate([w.inputs[name] for w in group]) for name in group[0].inputs}
+def merged(inputs: Sequence[Tensors]) -> Tensors:
+    """The requests' inputs, one array per name, rows in their order."""
+    return {name: np.concatenate([each[name] for each in inputs]) for name in inputs[0]}
 
 
 def unsplittable(outputs: Tensors, rows: int) -> str | None:
@@ -48,13 +48,21 @@ def unsplittable(outputs: Tensors, rows: int) -> str | None:
     return None
 
 
+def split(outputs: Tensors, rows: Sequence[int]) -> list[Tensors]:
+    """Each request's own rows of `outputs` (checked with `unsplittable`), in order."""
+    parts = []
+    offset = 0
+    for count in rows:
+        end = offset + count
+        parts.append({n: a[offset:end] for n, a in outputs.items()})
+        offset = end
+    return parts
+
+
 def hand_back(group: Sequence[Waiting], outputs: Tensors) -> None:
     """Each caller its own rows of `outputs` (checked with `unsplittable`)."""
-    offset = 0
-    for waiting in group:
-        end = offset + waiting.rows
-        resolve(waiting.future, {n: a[offset:end] for n, a in outputs.items()})
-        offset = end
+    for waiting, part in zip(group, split(outputs, [w.rows for w in group]), strict=True):
+        resolve(waiting.future, part)
 
 
 def resolve(future: asyncio.Future[Tensors], outputs: Tensors) -> None:

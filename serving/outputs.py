@@ -34,6 +34,7 @@ letting numpy turn them into arbitrary integers.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ import numpy as np
 from rollguard.serving.errors import ModelExecutionError, ServingError, UpstreamError
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
-from rollguard.serving.runners.base import Runner, Wrapper
+from rollguard.serving.runners.base import Now, Runner, Wrapper
 from rollguard.serving.tensors import NUMPY_TO_V2, TensorSpec
 
 
@@ -222,6 +223,23 @@ class CheckedOutputs(Wrapper):
     def predict_now(self, request: InferRequest) -> InferResponse | None:
         response = self.inner.predict_now(request)
         return None if response is None else self._checked(request, response)
+
+    @property
+    def batches_now(self) -> bool:
+        return self.inner.batches_now
+
+    def predict_now_many(self, requests: Sequence[InferRequest]) -> list[Now]:
+        answers = self.inner.predict_now_many(requests)
+        for i, (request, (answer, seconds)) in enumerate(zip(requests, answers, strict=True)):
+            if isinstance(answer, InferResponse):
+                start = time.perf_counter()
+                try:
+                    self._checked(request, answer)
+                except ServingError as exc:
+                    answers[i] = (exc, seconds + time.perf_counter() - start)
+                else:
+                    answers[i] = (answer, seconds + time.perf_counter() - start)
+        return answers
 
     def _checked(self, request: InferRequest, response: InferResponse) -> InferResponse:
         """`response`, or the version's failure naming what is outside its manifest."""

@@ -63,7 +63,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -71,10 +71,10 @@ import numpy as np
 from rollguard.serving.bulkhead import Lane, Threads, current_lane
 from rollguard.serving.errors import DeadlineExceeded
 from rollguard.serving.manifest import Manifest
-from rollguard.serving.merging import Waiting, hand_back, key, merged, resolve, unsplittable
+from rollguard.serving.merging import Key, Waiting, key, merged, resolve, split, unsplittable
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.onnxgraph import NotOnnx, value_dependent_operators
-from rollguard.serving.runners.base import LocalRunner, Wrapper
+from rollguard.serving.runners.base import LocalRunner, Now, Wrapper
 from rollguard.serving.tensors import V2_TO_NUMPY, Tensors
 
 log = logging.getLogger(__name__)
@@ -295,18 +295,11 @@ class Scheduled(Wrapper):
 
     def _answer(self, group: list[Waiting]) -> None:
         live = [waiting for waiting in group if not waiting.future.done()]  # a caller gone
-        if len(live) > 1 and self.splittable:
-            try:
-                outputs: Tensors | None = self._inline(merged(live), calls=len(live))
-            except Exception:
-                outputs = None  # every caller gets a call of its own, and its own error
-            if outputs is not None:
-                if unsplittable(outputs, sum(waiting.rows for waiting in live)) is None:
-                    hand_back(live, outputs)
-                    return
-                # Outputs that are not a row per input row cannot be split: never again.
-                self.splittable = False
-                self.coalescing = False
+        parts = self._shared([waiting.inputs for waiting in live], [w.rows for w in live])
+        if parts is not None:
+            for waiting, part in zip(live, parts, strict=True):
+                resolve(waiting.future, part)
+            return
         for waiting in live:
             if self.inline:
                 try:
@@ -317,6 +310,74 @@ class Scheduled(Wrapper):
                 task = asyncio.ensure_future(self._on_thread_for(waiting.inputs, waiting.future))
                 self._fallbacks.add(task)
                 task.add_done_callback(self._fallbacks.discard)
+
+    def _shared(self, inputs: list[Tensors], rows: list[int]) -> list[Tensors] | None:
+        """One inline call for several requests' `inputs`, split back into each one's
+        rows; None when there was no such call (one request, or the call failed: then
+        each gets a call of its own, and its own error)."""
+        if len(inputs) < 2 or not self.splittable:
+            return None
+        try:
+            outputs = self._inline(merged(inputs), calls=len(inputs))
+        except Exception:
+            return None
+        if unsplittable(outputs, sum(rows)) is not None:
+            # Outputs that are not a row per input row cannot be split: never again.
+            self.splittable = False
+            self.coalescing = False
+            return None
+        return split(outputs, rows)
+
+    @property
+    def batches_now(self) -> bool:
+        return self.inline and self.splittable
+
+    def predict_now_many(self, requests: Sequence[InferRequest]) -> list[Now]:
+        """Shadow copies held together (proxy/shadow.py): compatible neighbours in one
+        inline call of `coalesce_rows` rows at most, as a turn's primaries are; a request
+        too large to run inline, or met once the version has left the loop, is None."""
+        answers: list[Now] = [(None, 0.0)] * len(requests)
+        if not self.inline:
+            return answers
+        group: list[tuple[int, Tensors, int]] = []  # (the request's place, inputs, rows)
+        held = 0
+        first: Key | None = None
+        for place, request in enumerate(requests):
+            rows = request.rows()
+            if rows > self.inline_rows:
+                continue  # awaited on a thread
+            inputs = request.arrays()
+            found = key(inputs)
+            if group and (found is None or found != first or held + rows > self.coalesce_rows):
+                self._answer_now(group, answers)
+                group, held = [], 0
+            group.append((place, inputs, rows))
+            first = found
+            held += rows
+        self._answer_now(group, answers)
+        return answers
+
+    def _answer_now(self, group: list[tuple[int, Tensors, int]], answers: list[Now]) -> None:
+        """`predict_now_many`'s answers for one group of compatible requests: each of a
+        shared call took all of it."""
+        if not group:
+            return
+        start = time.perf_counter()
+        parts = self._shared([inputs for _, inputs, _ in group], [rows for _, _, rows in group])
+        if parts is not None:
+            seconds = time.perf_counter() - start
+            for (place, _, _), part in zip(group, parts, strict=True):
+                answers[place] = (InferResponse(arrays=part), seconds)
+            return
+        for place, inputs, _ in group:
+            if not self.inline:
+                return  # left the loop meanwhile: the rest are awaited on threads
+            start = time.perf_counter()
+            try:
+                answer: InferResponse | Exception = InferResponse(arrays=self._inline(inputs))
+            except Exception as exc:  # this request's own failure
+                answer = exc
+            answers[place] = (answer, time.perf_counter() - start)
 
     async def _on_thread_for(self, inputs: Tensors, answer: asyncio.Future[Tensors]) -> None:
         try:

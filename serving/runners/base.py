@@ -17,12 +17,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from rollguard.serving.hashing import PinnedBytes
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.tensors import Tensors
+
+# One request's answer from `Runner.predict_now_many`, and the seconds it took.
+Now = tuple[InferResponse | Exception | None, float]
 
 # One per process: imports are process-wide, so is the race they can lose.
 IMPORT_LOCK = threading.RLock()
@@ -62,6 +66,21 @@ class Runner(ABC):
         this way to skip a task, a deadline and the coroutines of the wrappers around an
         inline call (proxy/shadow.py)."""
         return None
+
+    @property
+    def batches_now(self) -> bool:
+        """Whether `predict_now_many` may answer several requests in one call right now
+        (a model that runs inline and whose outputs split by rows)."""
+        return False
+
+    def predict_now_many(self, requests: Sequence[InferRequest]) -> list[Now]:
+        """`predict_now` for several requests at once, in as few calls as their inputs
+        allow: for each request its answer, its own failure, or None where that one must
+        be awaited through `predict` after all, and the seconds it took (the call it
+        shared, as a coalesced caller waits for all of it, and its own part). Shadow
+        copies held together take this way (proxy/shadow.py); a request never fails for
+        another's inputs."""
+        return [(None, 0.0)] * len(requests)
 
     async def unload(self) -> None:
         """Release what load() took."""

@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from rollguard.proxy.load import LoadGauge, own_cgroup
 from rollguard.proxy.metrics import Metrics
 from rollguard.proxy.settings import Settings
-from rollguard.proxy.shadow import ShadowMirror
+from rollguard.proxy.shadow import Held, ShadowMirror
 from rollguard.serving.bulkhead import Lane, current_lane
+from rollguard.serving.errors import ModelExecutionError
 from tests.serving.support import eventually
 
 
@@ -389,3 +390,105 @@ async def test_copies_waiting_for_their_callback_count_against_the_queue() -> No
 
 async def _never_awaited() -> None:
     raise AssertionError("a copy completed now is never awaited")
+
+
+class _Batching:
+    """A runner whose calls batch on the loop, as far as `hold` needs one: it records each
+    `predict_now_many` and its lane; `later` requests must be awaited after all, `failing`
+    ones fail; `broken` raises out of the call itself."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.lanes: list[Lane] = []
+        self.later: set[int] = set()
+        self.failing: set[int] = set()
+        self.broken = False
+
+    def predict_now_many(self, requests: list[Any]) -> list[tuple[Any, float]]:
+        self.lanes.append(current_lane())
+        if self.broken:
+            raise RuntimeError("a bug in the shared call")
+        self.calls.append(list(requests))
+        return [
+            (None, 0.0)
+            if r in self.later
+            else (ModelExecutionError("no"), 0.5)
+            if r in self.failing
+            else (f"answer {r}", 0.25)
+            for r in requests
+        ]
+
+
+def _held(runner: _Batching, request: int, seen: list[tuple[str, object, float]]) -> Held:
+    async def run() -> None:
+        seen.append(("awaited", request, 0.0))
+
+    return Held(
+        runner,  # type: ignore[arg-type]
+        request,  # type: ignore[arg-type]
+        lambda seconds, answer: seen.append(("answered", answer, seconds)),
+        lambda seconds: seen.append(("failed", request, seconds)),
+        run,
+    )
+
+
+async def test_held_copies_are_answered_together_after_the_hold_or_once_enough_are_held() -> None:
+    """`hold`: copies of a version that batches on the loop wait up to HOLD_S, or until
+    HOLD_COPIES are held, then each version's held copies go to it in one
+    `predict_now_many`, in the shadow lane; one it cannot answer now is awaited on a
+    worker, one it failed on counts as failed; they are pending until answered."""
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=64)
+    one, other = _Batching(), _Batching()
+    one.later, one.failing = {2}, {3}
+    seen: list[tuple[str, object, float]] = []
+    for request in range(5):
+        assert mirror.admit("m", "2")
+        mirror.hold(_held(one if request != 1 else other, request, seen))
+    assert mirror.pending == 5 and not seen
+    await eventually(lambda: not mirror.pending)
+    assert one.calls == [[0, 2, 3, 4]] and other.calls == [[1]]
+    assert one.lanes == other.lanes == [Lane.SHADOW]
+    assert sorted(seen, key=str) == sorted(
+        [
+            ("answered", "answer 0", 0.25),
+            ("answered", "answer 1", 0.25),
+            ("awaited", 2, 0.0),
+            ("failed", 3, 0.5),
+            ("answered", "answer 4", 0.25),
+        ],
+        key=str,
+    )
+
+    # HOLD_COPIES held: answered at the loop's next turn, not after the hold.
+    one.calls.clear()
+    mirror.HOLD_S = 3600.0
+    for request in range(10, 10 + mirror.HOLD_COPIES):
+        assert mirror.admit("m", "2")
+        mirror.hold(_held(one, request, seen))
+    await eventually(lambda: not mirror.pending)
+    assert one.calls == [list(range(10, 10 + mirror.HOLD_COPIES))]
+
+
+async def test_a_bug_in_the_shared_call_sends_each_held_copy_to_a_worker() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=8)
+    runner = _Batching()
+    runner.broken = True
+    seen: list[tuple[str, object, float]] = []
+    for request in range(3):
+        assert mirror.admit("m", "2")
+        mirror.hold(_held(runner, request, seen))
+    await mirror.drain()
+    assert sorted(seen, key=str) == [("awaited", r, 0.0) for r in range(3)]
+    assert mirror.pending == 0
+
+
+async def test_held_copies_count_against_the_queue_and_drain_waits_for_them() -> None:
+    mirror = _mirror(Metrics(CollectorRegistry()), concurrency=1, queue=1)
+    runner = _Batching()
+    seen: list[tuple[str, object, float]] = []
+    for request in range(2):
+        assert mirror.admit("m", "2")
+        mirror.hold(_held(runner, request, seen))
+    assert not mirror.admit("m", "2") and mirror.dropped == 1
+    await mirror.drain()
+    assert len(seen) == 2 and mirror.pending == 0

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from rollguard.serving.bulkhead import Bulkhead, Lane, in_shadow_lane
 from rollguard.serving.demo import build_demo_registry, load_eval_data
 from rollguard.serving.errors import DeadlineExceeded, ModelExecutionError
 from rollguard.serving.manifest import MANIFEST_NAME, Manifest, load_manifest
-from rollguard.serving.messages import InferRequest
+from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.outputs import CheckedOutputs
 from rollguard.serving.runners import LocalRunner
 from rollguard.serving.runners.onnx import OnnxRunner
@@ -626,3 +627,88 @@ async def test_callers_of_a_failed_call_go_to_the_threads_when_the_model_left_th
     assert isinstance(done[0], ModelExecutionError)
     assert all(not isinstance(d, BaseException) for d in done[1:])
     assert model.threads and threading.current_thread().name not in model.threads
+
+
+# --- shadow copies held together (proxy/shadow.py `hold`): `predict_now_many` ----------
+
+
+async def test_held_copies_share_one_call_each_with_its_own_rows_and_time(registry: Path) -> None:
+    """Compatible copies in one call of `coalesce_rows` rows at most, each answered its own
+    rows and the time of the call it shared; a request too big to run inline is left to
+    be awaited (None); through the bulkhead and the output checks, in the shadow lane."""
+    sched, model = await _coalescing(registry, rows=3)
+    sched.coalesce_rows = 6
+    checked = Bulkhead(
+        CheckedOutputs(sched, local=True),
+        concurrency=1,
+        queue=0,
+        shadow_concurrency=1,
+        shadow_queue=0,
+    )
+    assert checked.batches_now
+    requests = _requests([1, 3, 2, 64, 1, 3, 1])
+    lone = [model.predict_sync(r.arrays()) for r in requests]
+    model.calls = 0
+
+    def in_shadow_lane_now() -> list[Any]:
+        in_shadow_lane()
+        return checked.predict_now_many(requests)
+
+    answers = contextvars.copy_context().run(in_shadow_lane_now)
+    assert model.calls == 2  # rows 1+3+2, then 1+3+1: six at most per call
+    assert answers[3] == (None, 0.0)  # 64 rows: never inline
+    for i, (answer, seconds) in enumerate(answers):
+        if i == 3:
+            continue
+        assert seconds > 0.0
+        got = answer.arrays()
+        np.testing.assert_array_equal(got["label"], lone[i]["label"])
+        np.testing.assert_allclose(got["probabilities"], lone[i]["probabilities"], rtol=1e-5)
+    assert checked.busy == 0
+    # Each answer of a shared call took all of it (the output checks add each its own).
+    shared = sched.predict_now_many(requests[:3])
+    assert shared[0][1] == shared[1][1] == shared[2][1] > 0.0
+
+
+def _answered(answer: object) -> Tensors:
+    assert isinstance(answer, InferResponse)
+    return answer.arrays()
+
+
+def _labels(answer: object) -> np.ndarray:
+    return _answered(answer)["label"]
+
+
+async def test_a_held_copy_the_model_fails_on_fails_alone_and_odd_outputs_end_sharing(
+    registry: Path,
+) -> None:
+    sched, model = await _coalescing(registry)
+    requests = _requests([1, 1, 1, 1])
+    model.poison = float(requests[1].arrays()["input"][0, 0])
+    model.calls = 0
+    answers = sched.predict_now_many(requests)
+    assert isinstance(answers[1][0], ModelExecutionError)
+    assert all(_labels(a).shape == (1,) for i, (a, _) in enumerate(answers) if i != 1)
+    assert model.calls == 1 + len(requests)  # the shared call, then one each
+
+    model.poison = -1.0
+    model.extra = True
+    model.calls = 0
+    answers = sched.predict_now_many(requests)
+    assert all(_answered(a)["summary"].shape == (7,) for a, _ in answers)  # each its own call's
+    assert not sched.splittable and not sched.batches_now
+    assert model.calls == 1 + len(requests)
+
+
+async def test_no_copy_is_answered_now_once_the_model_left_the_loop(registry: Path) -> None:
+    sched, model = await _coalescing(registry)
+    requests = _requests([1, 1])
+    sched.inline = False
+    model.calls = 0
+    assert not sched.batches_now
+    assert sched.predict_now_many(requests) == [(None, 0.0), (None, 0.0)]
+    assert model.calls == 0
+    # Inputs that do not concatenate (a 0-d input) are answered each in a call of its own.
+    sched.inline = True
+    odd = InferRequest.of_arrays({"input": np.float32(1.0)})  # type: ignore[dict-item]
+    assert sched.predict_now_many([odd, requests[0]])[1][0] is not None
