@@ -45,7 +45,8 @@ never split), and each caller gets its own rows: a model call of one row costs a
 what one of 16 does. After `LONELY_FLUSHES` calls in a row of one request each, calls
 are made at once again. A shared call that fails is made again per request, so a
 request fails alone; outputs that are not a row per input row end coalescing for the
-version. Shadow copies are never coalesced (their callbacks answer them at once).
+version. Shadow copies are not primaries: those the mirror held together
+(proxy/shadow.py `hold`) come in one `predict_now_many` and share calls the same way.
 
 Calls on threads run on the version's own daemon threads, one set per lane
 (serving/bulkhead.py `Threads`): a hung or slow version ties up only its own threads,
