@@ -490,7 +490,8 @@ def _shadow_section(runs: list[dict[str, Any]]) -> list[str]:
         "Shadows at half their own capacity (the issue's shadow goal): each shadow target "
         "and its no-shadow twin, back to back in each round, at 50 % of the twin's "
         "closed-loop capacity in its slowest round; p99 x twin is the median of the "
-        "per-round ratios.",
+        "per-round ratios. nginx's mirror and proxy are the same pair for nginx, a reference "
+        "for what two upstream calls a request cost on this machine.",
         "",
         *table,
     ]

@@ -119,3 +119,21 @@ def test_dataplane_micro_benchmark_runs(tmp_path: Path) -> None:
         )
     )
     assert 0 < found["least_us"] <= found["median_us"]
+
+
+def test_nginx_mirror_at_half_its_twin_is_a_reference_not_a_goal() -> None:
+    """The shadow goal's figures for nginx's mirror beside rollguard's: what the machine
+    allows a proxy whose copies are second upstream calls, never judged met or not."""
+
+    def run(target: str, p99: float) -> dict[str, object]:
+        figures = {"p50_ms": 1.0, "p99_ms": p99, "errors": 0.0, "mirrored_share": 1.0}
+        return {"target": target, "share": 0.5, "rate": 3000.0, "round": 1,
+                "figures": figures, "basis": "nginx-proxy"}  # fmt: skip
+
+    docs = [run("nginx-proxy", 2.0), run("nginx-mirror", 9.0)]
+    assert "| nginx-mirror | 3,000 |" in "\n".join(latency.shadow_table(docs))
+    shown = latency.must_show(docs, {})
+    assert shown == [
+        "- reference, not judged: nginx-mirror at 50 % of nginx-proxy's capacity: mirrored "
+        "100.0% (goal >= 99 %), primary p99 4.50 x nginx-proxy's at that rate (goal <= 1.2)"
+    ]
