@@ -366,6 +366,9 @@ class Inference:
             shadow.count(model, version, "ok")
 
         def failed(latency: float) -> None:  # the shadow's own failure, whatever raised it
+            if not runner.ready:  # unloaded under the copy (a reload): not its failure
+                shadow.count(model, version, "unavailable")
+                return
             window.record(latency, Outcome.MODEL_ERROR, rows=size)
             shadow.count(model, version, "error")
 

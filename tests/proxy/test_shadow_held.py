@@ -86,3 +86,55 @@ async def test_held_copies_are_each_compared_with_their_own_primary(
         assert evidence.agreed == evidence.compared
         assert server.gateway.shadow.mirrored_share("fraud-onnx", "1.0.1") == 1.0
         assert shadow.batches_now  # still inline: the held copies went the shared way
+
+
+async def test_copies_held_while_their_version_is_unloaded_are_not_its_failures(
+    tmp_path: Path, make_registry: MakeRegistry, demo_registry: Path
+) -> None:
+    """A reload unloads the shadow's old load while copies wait to be answered: they find
+    no model, and are counted `unavailable`, never as errors in the version's window."""
+    registry = make_registry("fraud-onnx/1.0.0")
+    twin = registry / "fraud-onnx" / "1.0.1"
+    shutil.copytree(demo_registry / "fraud-onnx" / "1.0.0", twin)
+    manifest = twin / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "twin.yaml").write_text(SHADOW)
+    x, _ = load_eval_data()
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30],
+                     "data": x[0].tolist()}]}
+    )  # fmt: skip
+    async with (
+        serve(tmp_path, registry, policies=policies, shadow_budget=1.0) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: server.gateway.router.table("fraud-onnx") is not None)
+        url = f"{server.url}/v2/models/fraud-onnx/infer"
+        loaded = server.gateway.registry.get("fraud-onnx", "1.0.1")
+        shadow = _scheduled(loaded.runner)
+        while not shadow.batches_now:
+            async with http.post(url, data=body) as resp:
+                assert resp.status == 200
+        mirror = server.gateway.shadow
+        await mirror.drain()
+        before = server.gateway.windows.get("fraud-onnx", "1.0.1").evidence()
+        mirror.HOLD_S = 3600.0  # held until HOLD_COPIES are
+        for _ in range(mirror.HOLD_COPIES - 1):
+            async with http.post(url, data=body) as resp:
+                assert resp.status == 200
+        assert mirror.pending == mirror.HOLD_COPIES - 1
+        await loaded.runner.unload()  # what a reload does to the load it replaced
+        async with http.post(url, data=body) as resp:
+            assert resp.status == 200  # the stable answers; the last copy releases them all
+        await eventually(lambda: mirror.pending == 0)
+        after = server.gateway.windows.get("fraud-onnx", "1.0.1").evidence()
+        assert (after.requests, after.errors) == (before.requests, before.errors)
+        async with http.get(f"{server.admin_url}/metrics") as resp:
+            text = await resp.text()
+        unavailable = (
+            'rollguard_shadow_requests_total{model="fraud-onnx",result="unavailable",'
+            f'version="1.0.1"}} {float(mirror.HOLD_COPIES)}'
+        )
+        assert unavailable in text
