@@ -336,8 +336,11 @@ def goal_lines(checked: list[dict[str, Any]]) -> list[str]:
         if c["met"] is None:
             lines.append(f"- {c['goal']}: {c['ratio']:.2f}{spread}")
             continue
-        verdict = "met" if c["met"] else f"MISSED by {abs(c['gap_percent']):.0f}%"
-        lines.append(f"- {c['goal']}: {c['ratio']:.2f}{spread} — {verdict}")
+        gap = abs(c["gap_percent"])
+        verdict = "met" if c["met"] else f"MISSED by {gap:.0f}%" if gap >= 0.5 else "MISSED"
+        # A ratio just under its goal would print as the goal itself at two places.
+        ratio = f"{c['ratio']:.2f}" if c["met"] or gap >= 0.5 else f"{c['ratio']:.3f}"
+        lines.append(f"- {c['goal']}: {ratio}{spread} — {verdict}")
     return lines
 
 

@@ -102,3 +102,16 @@ def test_goals_are_judged_on_the_median_of_per_round_ratios() -> None:
         "- rollguard proxy: throughput >= 1.5 x naive aiohttp proxy: 1.50 (rounds 1.41–1.54; "
         "ratio of the table's medians 1.50) — met" in report.goal_lines(list(checked.values()))
     )
+
+
+def test_a_ratio_just_under_its_goal_is_not_printed_as_the_goal() -> None:
+    """0.848 against 0.85 read "0.85 — MISSED by 0%": such a miss shows its third place."""
+    goal = "proxy >= 0.85 x nginx"
+    near = {"goal": goal, "ratio": 0.848, "per_round": [], "met": False, "gap_percent": -0.2}
+    far = {"goal": goal, "ratio": 0.80, "per_round": [], "met": False, "gap_percent": -5.9}
+    met = {"goal": goal, "ratio": 0.851, "per_round": [], "met": True, "gap_percent": 0.1}
+    assert report.goal_lines([near, far, met]) == [
+        f"- {goal}: 0.848 — MISSED",
+        f"- {goal}: 0.80 — MISSED by 6%",
+        f"- {goal}: 0.85 — met",
+    ]
