@@ -365,12 +365,16 @@ class Inference:
             window.record_comparison(agreeing(primary, rows, self.tolerance), compared)
             shadow.count(model, version, "ok")
 
+        def unloaded() -> bool:  # under the copy (a reload): no failure of the version's
+            if runner.ready:
+                return False
+            shadow.count(model, version, "unavailable")
+            return True
+
         def failed(latency: float) -> None:  # the shadow's own failure, whatever raised it
-            if not runner.ready:  # unloaded under the copy (a reload): not its failure
-                shadow.count(model, version, "unavailable")
-                return
-            window.record(latency, Outcome.MODEL_ERROR, rows=size)
-            shadow.count(model, version, "error")
+            if not unloaded():
+                window.record(latency, Outcome.MODEL_ERROR, rows=size)
+                shadow.count(model, version, "error")
 
         async def run() -> None:  # on a shadow worker: its calls take the shadow lane
             start = self._clock()
@@ -379,8 +383,9 @@ class Inference:
                     response = await runner.predict(request)
                 answered(self._clock() - start, response)
             except (DeadlineExceeded, UpstreamTimeout, TimeoutError):
-                window.record(self._clock() - start, Outcome.TIMEOUT, rows=size)
-                shadow.count(model, version, "timeout")
+                if not unloaded():
+                    window.record(self._clock() - start, Outcome.TIMEOUT, rows=size)
+                    shadow.count(model, version, "timeout")
             except Exception:
                 failed(self._clock() - start)
 
