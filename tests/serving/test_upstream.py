@@ -367,6 +367,37 @@ async def test_each_silent_request_times_out_by_its_own_deadline_and_others_are_
         await pool.close()
 
 
+async def test_a_kept_alive_connection_times_out_each_request_by_its_own_deadline() -> None:
+    """One connection's timer outlives the request it was set for (it moves only when a
+    deadline comes earlier): a request answered, then a silent one on the same
+    connection, which gives up at its own deadline, never at the first one's."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while (request := await read_request(reader)) is not None:
+            if " /answer " in request[0]:
+                writer.write(ok(b"{}"))
+                await writer.drain()
+            else:
+                await reader.read()  # never answers; returns when the client closes
+                return
+
+    limit = 0.5
+    async with RawServer(handler) as server:
+        pool = UpstreamPool(server.url, timeout_s=limit, max_connections=1)
+        loop = asyncio.get_running_loop()
+        status, _ = await pool.request("GET", "/answer")
+        assert status == 200
+        await asyncio.sleep(0.3)  # the next request's deadline is 0.3 s past the first's
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match=r"no answer within 0\.5 s"):
+            await pool.request("GET", "/silent")
+        assert limit <= loop.time() - started < limit + 5
+        assert server.connections == 1  # the same connection: its timer, re-armed
+        status, _ = await pool.request("GET", "/answer")  # a new connection answers
+        assert status == 200
+        await pool.close()
+
+
 async def test_refused_port_is_an_upstream_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
