@@ -13,7 +13,7 @@ import orjson
 from rollguard.serving.demo import load_eval_data
 from rollguard.serving.scheduling import Scheduled
 from tests.proxy.conftest import MakeRegistry
-from tests.proxy.support import serve
+from tests.proxy.support import serve, start_upstream, write_remote_version
 from tests.serving.support import eventually
 
 SHADOW = """\
@@ -138,3 +138,65 @@ async def test_copies_held_while_their_version_is_unloaded_are_not_its_failures(
             f'version="1.0.1"}} {float(mirror.HOLD_COPIES)}'
         )
         assert unavailable in text
+
+
+async def test_copies_in_flight_when_their_version_is_unloaded_are_not_its_failures(
+    tmp_path: Path,
+) -> None:
+    """A remote shadow's copies are mid-call (its upstream is slow) when a reload unloads
+    the load they run on: its connection pool closes under them, and they count as
+    `unavailable`, never as errors or timeouts in the version's window."""
+    from aiohttp import web
+
+    arrived: list[bytes] = []
+    release = asyncio.Event()
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path.startswith("/slow/"):
+            arrived.append(await request.read())
+            await release.wait()  # the shadow's upstream, slow to answer
+        label = {"name": "label", "datatype": "INT64", "shape": [1], "data": [1]}
+        return web.json_response({"model_name": "m", "outputs": [label]})
+
+    app = web.Application()
+    for prefix in ("fast", "slow"):
+        app.router.add_get(f"/{prefix}/v2/models/m/ready", ready)
+        app.router.add_post(f"/{prefix}/v2/models/m/infer", answer)
+    upstream, base = await start_upstream(app)
+    write_remote_version(tmp_path / "registry", "1", f"{base}/fast/v2/models/m")
+    write_remote_version(tmp_path / "registry", "2", f"{base}/slow/v2/models/m")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "remote.yaml").write_text(
+        "apiVersion: rollguard/v1\nkind: Rollout\nmetadata: {name: remote}\n"
+        "spec: {model: remote, stable: '1', candidate: '2', strategy: shadow, interval: 0.2s}\n"
+    )
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}]}
+    )
+    try:
+        async with (
+            serve(tmp_path, tmp_path / "registry", policies=policies, shadow_budget=1.0) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            await eventually(lambda: server.gateway.router.table("remote") is not None)
+            for _ in range(3):
+                async with http.post(f"{server.url}/v2/models/remote/infer", data=body) as resp:
+                    assert resp.status == 200
+            await eventually(lambda: len(arrived) == 3)  # every copy is mid-call
+            await server.gateway.registry.get("remote", "2").runner.unload()
+            await eventually(lambda: server.gateway.shadow.pending == 0)
+            evidence = server.gateway.windows.get("remote", "2").evidence()
+            assert (evidence.requests, evidence.errors) == (0, 0)
+            async with http.get(f"{server.admin_url}/metrics") as resp:
+                text = await resp.text()
+            assert (
+                'rollguard_shadow_requests_total{model="remote",result="unavailable",'
+                'version="2"} 3.0'
+            ) in text
+    finally:
+        release.set()
+        await upstream.cleanup()
