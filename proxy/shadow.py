@@ -87,6 +87,17 @@ class Held:
     run: Callable[[], Awaitable[None]]
 
 
+def _complete(copy: Held, answer: InferResponse | Exception, seconds: float) -> None:
+    """A held copy's answer, or its version's failure (one whose answer does not read)."""
+    if not isinstance(answer, Exception):
+        try:
+            copy.answered(seconds, answer)
+            return
+        except Exception:
+            pass
+    copy.failed(seconds)
+
+
 class ShadowMirror:
     """Runs shadow calls at most `concurrency` at a time, `queue` more waiting."""
 
@@ -236,13 +247,7 @@ class ShadowMirror:
                     self.start(copy.run)
                     continue
                 try:
-                    if not isinstance(answer, Exception):
-                        try:
-                            copy.answered(seconds, answer)
-                            continue
-                        except Exception:  # an answer that does not read: the version's
-                            pass
-                    copy.failed(seconds)
+                    _complete(copy, answer, seconds)
                 except Exception:  # a copy's own bug: logged, as a worker logs it
                     log.exception("a shadow copy failed outside its version's call")
         self._settle()

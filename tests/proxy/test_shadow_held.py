@@ -37,6 +37,20 @@ def _scheduled(runner: object) -> Scheduled:
     return runner
 
 
+def _twin(tmp_path: Path, make_registry: MakeRegistry, demo: Path) -> tuple[Path, Path]:
+    """A registry of fraud-onnx 1.0.0 and 1.0.1, its very model under another version, and
+    a policies directory shadowing 1.0.0 with 1.0.1."""
+    registry = make_registry("fraud-onnx/1.0.0")
+    twin = registry / "fraud-onnx" / "1.0.1"
+    shutil.copytree(demo / "fraud-onnx" / "1.0.0", twin)
+    manifest = twin / "model.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "twin.yaml").write_text(SHADOW)
+    return registry, policies
+
+
 async def test_held_copies_are_each_compared_with_their_own_primary(
     tmp_path: Path, make_registry: MakeRegistry, demo_registry: Path
 ) -> None:
@@ -44,14 +58,7 @@ async def test_held_copies_are_each_compared_with_their_own_primary(
     primary. Requests of 1 to 3 rows, 16 at a time, once the shadow runs inline (its
     copies then held and answered in shared calls): all copies compared, all agree, each
     row counted once, and each copy's latency recorded."""
-    registry = make_registry("fraud-onnx/1.0.0")
-    twin = registry / "fraud-onnx" / "1.0.1"
-    shutil.copytree(demo_registry / "fraud-onnx" / "1.0.0", twin)
-    manifest = twin / "model.yaml"
-    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "twin.yaml").write_text(SHADOW)
+    registry, policies = _twin(tmp_path, make_registry, demo_registry)
     x, _ = load_eval_data()
     sizes = [1 + i % 3 for i in range(240)]
     async with (
@@ -93,14 +100,7 @@ async def test_copies_held_while_their_version_is_unloaded_are_not_its_failures(
 ) -> None:
     """A reload unloads the shadow's old load while copies wait to be answered: they find
     no model, and are counted `unavailable`, never as errors in the version's window."""
-    registry = make_registry("fraud-onnx/1.0.0")
-    twin = registry / "fraud-onnx" / "1.0.1"
-    shutil.copytree(demo_registry / "fraud-onnx" / "1.0.0", twin)
-    manifest = twin / "model.yaml"
-    manifest.write_text(manifest.read_text().replace("version: 1.0.0", "version: 1.0.1"))
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "twin.yaml").write_text(SHADOW)
+    registry, policies = _twin(tmp_path, make_registry, demo_registry)
     x, _ = load_eval_data()
     body = orjson.dumps(
         {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30],

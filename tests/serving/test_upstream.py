@@ -333,21 +333,26 @@ async def test_silence_is_a_timeout_and_the_connection_is_closed() -> None:
         await pool.close()
 
 
+async def answer_or_hang(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+) -> None:
+    """Keep-alive: answers `/answer` at once; any other request never (returns when the
+    client closes)."""
+    while (request := await read_request(reader)) is not None:
+        if " /answer " in request[0]:
+            writer.write(ok(b"{}"))
+            await writer.drain()
+        else:
+            await reader.read()
+            return
+
+
 async def test_each_silent_request_times_out_by_its_own_deadline_and_others_are_answered() -> None:
     """Requests sent at different times each give up at their own deadline; a request
     answered meanwhile on another connection is not touched."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while (request := await read_request(reader)) is not None:
-            if " /answer " in request[0]:
-                writer.write(ok(b"{}"))
-                await writer.drain()
-            else:
-                await reader.read()  # never answers; returns when the client closes
-                return
-
     limit = 0.5
-    async with RawServer(handler) as server:
+    async with RawServer(answer_or_hang) as server:
         pool = UpstreamPool(server.url, timeout_s=limit)
         loop = asyncio.get_running_loop()
 
@@ -372,17 +377,8 @@ async def test_a_kept_alive_connection_times_out_each_request_by_its_own_deadlin
     deadline comes earlier): a request answered, then a silent one on the same
     connection, which gives up at its own deadline, never at the first one's."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while (request := await read_request(reader)) is not None:
-            if " /answer " in request[0]:
-                writer.write(ok(b"{}"))
-                await writer.drain()
-            else:
-                await reader.read()  # never answers; returns when the client closes
-                return
-
     limit = 0.5
-    async with RawServer(handler) as server:
+    async with RawServer(answer_or_hang) as server:
         pool = UpstreamPool(server.url, timeout_s=limit, max_connections=1)
         loop = asyncio.get_running_loop()
         status, _ = await pool.request("GET", "/answer")
