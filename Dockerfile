@@ -13,6 +13,7 @@ RUN python -m venv /opt/rollguard
 # files in the gateway: --build-arg EXTRAS=onnx,sklearn (or all; torch also wants
 # PIP_EXTRA_INDEX_URL pointing at PyTorch's CPU wheels, or it pulls a CUDA build).
 # Fleet mode (`state: redis://`, several gateways sharing one rollout): EXTRAS=fleet.
+# Drift checks (`metric: drift`, scipy's KS test): EXTRAS=drift.
 ARG EXTRAS=""
 # Dependencies first, from pyproject.toml alone: a source change does not reinstall them.
 COPY pyproject.toml scripts/requirements.py ./

@@ -9,7 +9,9 @@ with no drift at all), so windows of fewer than 500 rows are not judged.
 
 KS: scipy.stats.ks_2samp per feature, its p-values Bonferroni-adjusted across features.
 With thousands of rows KS flags differences too small to matter, so the drift check pairs
-it with a minimum statistic (see policy/checks.py).
+it with a minimum statistic (see policy/checks.py). scipy is the `drift` extra (143 MB
+installed, most of a proxy-only install without it): a policy with a drift check is
+refused at load, naming the extra, where it is not installed (`drift_unavailable`).
 
 Drift is a property of the inputs, not evidence that the candidate is worse, and these
 are not sequential tests: use them to alert or hold, not to roll back.
@@ -17,18 +19,21 @@ are not sequential tests: use them to alert or hold, not to roll back.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "DRIFT_EXTRA",
     "DRIFT_MIN_ROWS",
     "PSI_ALERT",
     "PSI_WARN",
     "DriftReport",
     "FeatureDrift",
     "drift_report",
+    "drift_unavailable",
     "ks_test",
     "psi",
 ]
@@ -36,6 +41,7 @@ __all__ = [
 PSI_WARN = 0.1
 PSI_ALERT = 0.25
 DRIFT_MIN_ROWS = 500
+DRIFT_EXTRA = "rollguard[drift]"
 _FLOOR = 1e-4  # share given to an empty bin, so ln(a/e) stays finite (a common convention)
 
 
@@ -62,6 +68,18 @@ def _shares(edges: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.N
     on_edge = np.searchsorted(edges, x, side="right") != left
     counts = np.bincount(2 * left + on_edge, minlength=2 * edges.size + 1)
     return np.maximum(counts / x.size, _FLOOR)
+
+
+def drift_unavailable() -> str | None:
+    """Why this install cannot compute drift (scipy missing), else None. Looks the package
+    up without importing it (scipy.stats costs half a second at start-up)."""
+    try:
+        found = importlib.util.find_spec("scipy") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        found = False
+    if found:
+        return None
+    return f"the drift metric needs scipy, which is not installed (pip install '{DRIFT_EXTRA}')"
 
 
 def ks_test(reference: npt.ArrayLike, current: npt.ArrayLike) -> tuple[float, float]:

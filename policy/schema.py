@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from rollguard.policy import webhooks
+from rollguard.policy.drift import drift_unavailable
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -176,6 +177,8 @@ class Check(_Frozen):
             allowed = {"min"}
         elif metric == "drift":
             allowed = {"threshold"}
+            if (missing := drift_unavailable()) is not None:
+                raise ValueError(missing)
         elif metric == "srm":
             allowed = set()
         else:

@@ -12,6 +12,7 @@ from rollguard.policy.srm import (
     SRM_CONCENTRATION,
     SRM_MIN_PER_ARM,
     SRM_PVALUE,
+    chi_square_sf,
     sequential_srm_pvalue,
     srm_alarm,
     srm_pvalue,
@@ -57,6 +58,30 @@ def test_agrees_with_scipy_for_any_counts_and_weights(
     expected = [total * w / wsum for w in weights]
     reference = chisquare(counts, f_exp=expected).pvalue
     assert srm_pvalue(counts, weights) == pytest.approx(reference, rel=1e-9, abs=1e-300)
+
+
+@given(
+    st.integers(1, 2_000),
+    st.one_of(st.floats(0.0, 5_000.0), st.floats(1e-12, 1e-3), st.floats(0.5, 3.0)),
+)
+def test_chi_square_sf_is_scipys(df: int, scale: float) -> None:
+    """Our survival function against scipy's chdtrc, around the mean and deep in both tails
+    (scipy is a test dependency only: the gateway computes it without scipy)."""
+    from scipy.special import chdtrc
+
+    statistic = scale * df if scale < 4.0 else scale
+    assert chi_square_sf(statistic, df) == pytest.approx(
+        float(chdtrc(df, statistic)), rel=1e-10, abs=1e-300
+    )
+
+
+def test_chi_square_sf_edges() -> None:
+    assert chi_square_sf(0.0, 3) == 1.0
+    assert chi_square_sf(-1.0, 3) == 1.0
+    assert chi_square_sf(1e6, 1) == 0.0  # below the smallest double
+    assert chi_square_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-12)
+    with pytest.raises(ValueError, match="df"):
+        chi_square_sf(1.0, 0)
 
 
 def test_weights_are_scale_free_and_nothing_to_test_is_p_one() -> None:

@@ -1,11 +1,12 @@
 """A proxy-only install: the core serves `framework: http` with no model runtime importable.
 
 The core distribution (`pip install rollguard`, no extras) has no onnxruntime,
-scikit-learn, skops, joblib or torch. Here they are made unimportable in a child process
+scikit-learn, skops, joblib, torch or scipy. Here they are made unimportable in a child process
 (a finder first on sys.meta_path answers ModuleNotFoundError, as when not installed) and the real
 `rollguard serve` is started on a registry holding an http version and an ONNX and a
 scikit-learn one: the http version serves, the local ones are refused with the extra to
-install, and the gateway runs on. A gateway serving only an http version, from start to
+install, and the gateway runs on; a policy's sample-ratio check runs without scipy and
+a drift check is refused naming its extra. A gateway serving only an http version, from start to
 exit, imports none of the heavy libraries it has no use for (its memory at idle).
 """
 
@@ -25,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,13 +35,14 @@ from tests.serving.support import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIMES = ("onnxruntime", "sklearn", "skops", "joblib", "torch", "onnx", "skl2onnx")
+NOT_IN_THE_CORE = (*RUNTIMES, "scipy")  # scipy: the drift extra
 _CHILD = f"""
 import sys
 
 
 class NotInstalled:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {RUNTIMES!r}:
+        if name.partition(".")[0] in {NOT_IN_THE_CORE!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
@@ -56,7 +59,9 @@ def test_the_core_requires_no_model_runtime() -> None:
     for runtime in ("onnxruntime", "scikit-learn", "skops", "torch"):
         assert runtime not in core
     extras = project["optional-dependencies"]
-    assert extras["all"] == ["rollguard[onnx,sklearn,torch]"]
+    assert extras["all"] == ["rollguard[onnx,sklearn,torch,drift]"]
+    assert "scipy" not in core  # the drift extra: 143 MB a proxy-only install does without
+    assert extras["drift"] == ["scipy>=1.11"]
 
 
 def _free_port() -> int:
@@ -113,13 +118,13 @@ def upstream() -> Iterator[str]:
     thread.join()
 
 
-def _sum_via(base: str) -> list[float]:
+def _sum_via(base: str, headers: dict[str, str] | None = None) -> list[float]:
     """The gateway's answer to one request for the remote model (two rows)."""
     row = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
     request = urllib.request.Request(
         f"{base}/remote/infer",
         data=json.dumps({"inputs": [row]}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     with urllib.request.urlopen(request, timeout=10) as answer:
         (output,) = json.loads(answer.read())["outputs"]
@@ -160,6 +165,84 @@ def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstr
     assert "needs onnxruntime, which is not installed (pip install 'rollguard[onnx]')" in output
     assert "framework 'sklearn' needs scikit-learn and skops" in output
     assert "rollguard[sklearn]" in output
+
+
+SRM_POLICY = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {name: remote}
+spec:
+  model: remote
+  stable: "1"
+  candidate: "2"
+  key: header:x-user-id
+  interval: 0.1s
+  steps:
+    - {weight: 50, hold: 1h}
+    - {weight: 100}
+  checks:
+    - {metric: srm, on_fail: alert}
+"""
+DRIFT_POLICY = SRM_POLICY.replace("{name: remote}", "{name: drifting}").replace(
+    "{metric: srm, on_fail: alert}", "{metric: drift, on_fail: alert}"
+)
+
+
+def _json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        found: dict[str, Any] = json.loads(answer.read())
+        return found
+
+
+def test_policies_without_scipy(tmp_path: Path, upstream: str) -> None:
+    """The core install's statistics: a sample-ratio check (both of its p-values) is
+    computed with scipy unimportable; a drift check, which needs scipy's KS test, is
+    refused at load with the extra to install, and the other rollout runs on."""
+    registry = tmp_path / "registry"
+    for version in ("1", "2"):
+        write_remote_version(registry, version, upstream)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "remote.yaml").write_text(SRM_POLICY)
+    (policies / "drifting.yaml").write_text(DRIFT_POLICY)
+    port, admin_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "serve", "--registry", str(registry),
+         "--policies", str(policies), "--state", str(tmp_path / "state"),
+         "--port", str(port), "--admin-port", str(admin_port)],
+        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    admin = f"http://127.0.0.1:{admin_port}/admin/rollouts/remote"
+    try:
+
+        def routing() -> bool:
+            assert process.poll() is None, process.communicate()[0]
+            return (
+                _status(admin) == 200
+                and _status(f"http://127.0.0.1:{port}/v2/models/remote/versions/2/ready") == 200
+            )
+
+        asyncio.run(eventually(routing, timeout_s=25))
+        base = f"http://127.0.0.1:{port}/v2/models"
+        for user in range(60):  # 60 users: 30 expected an arm, past the 8 the check needs
+            assert _sum_via(base, {"x-user-id": f"user-{user}"}) == [3, 7]
+
+        def srm_detail() -> dict[str, Any]:
+            last = _json(admin).get("last_decision") or {"checks": []}
+            found = [c["detail"] for c in last["checks"] if c["metric"] == "srm"]
+            return found[0] if found else {}
+
+        asyncio.run(eventually(lambda: "pearson_pvalue" in srm_detail(), timeout_s=25))
+        detail = srm_detail()
+        assert 0.0 < detail["pearson_pvalue"] <= 1.0 and 0.0 < detail["pvalue_now"] <= 1.0
+        assert _status(f"http://127.0.0.1:{admin_port}/admin/rollouts/drifting") == 404
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "the drift metric needs scipy, which is not installed" in output
+    assert "pip install 'rollguard[drift]'" in output
 
 
 # Libraries a proxy-only gateway has no use for: model runtimes (their extras), scipy (the
