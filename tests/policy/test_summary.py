@@ -193,7 +193,7 @@ CHECKS = [
 ]
 
 
-@settings(max_examples=60, deadline=None)  # the first example imports scipy
+@settings(max_examples=60, deadline=None)  # no per-example deadline on a shared machine
 @given(st.lists(st.tuples(STREAM, STREAM), min_size=1, max_size=3))
 def test_checks_decide_merged_summaries_as_one_process_decides_the_pooled_streams(
     processes: list[tuple[list[Any], list[Any]]],
