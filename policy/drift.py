@@ -9,7 +9,7 @@ with no drift at all), so windows of fewer than 500 rows are not judged.
 
 KS: scipy.stats.ks_2samp per feature, its p-values Bonferroni-adjusted across features.
 With thousands of rows KS flags differences too small to matter, so the drift check pairs
-it with a minimum statistic (see policy/checks.py). scipy is the `drift` extra (143 MB
+it with a minimum statistic (see policy/checks.py). scipy is the `drift` extra (136 MiB
 installed, most of a proxy-only install without it): a policy with a drift check is
 refused at load, naming the extra, where it is not installed (`drift_unavailable`).
 

@@ -60,7 +60,7 @@ def test_the_core_requires_no_model_runtime() -> None:
         assert runtime not in core
     extras = project["optional-dependencies"]
     assert extras["all"] == ["rollguard[onnx,sklearn,torch,drift]"]
-    assert "scipy" not in core  # the drift extra: 143 MB a proxy-only install does without
+    assert "scipy" not in core  # the drift extra: 136 MiB a proxy-only install does without
     assert extras["drift"] == ["scipy>=1.11"]
 
 
