@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+from functools import partial
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -113,12 +114,16 @@ class WorkerProcess:
         starting = loop.run_in_executor(None, _start_process, child, name)
         try:
             process = await asyncio.shield(starting)
-        except asyncio.CancelledError:  # unloaded while starting: end what starts anyway
-            starting.add_done_callback(_kill_started)
+        except asyncio.CancelledError:  # unloaded while starting: end what starts anyway.
+            # The thread is still handing `child` to the fork server: closed under it, the
+            # hand-over fails, the fork server dies of it and reaps no worker any more.
+            starting.add_done_callback(partial(_end_started, child))
             parent.close()
             raise
-        finally:
+        except BaseException:
             child.close()
+            raise
+        child.close()
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=parent)
@@ -209,7 +214,10 @@ class WorkerProcess:
             self.timer = None
 
 
-def _kill_started(starting: asyncio.Future[BaseProcess]) -> None:
+def _end_started(child: socket.socket, starting: asyncio.Future[BaseProcess]) -> None:
+    """A start given up: once its thread is done with the child's socket, close it and
+    kill the process if one started."""
+    child.close()
     if not starting.cancelled() and starting.exception() is None:
         _kill(starting.result())
 
