@@ -120,8 +120,9 @@ class WorkerProcess:
             starting.add_done_callback(partial(_end_started, child))
             parent.close()
             raise
-        except BaseException:
+        except BaseException:  # the thread failed to start it: it is done with `child`
             child.close()
+            parent.close()
             raise
         child.close()
         writer: asyncio.StreamWriter | None = None
