@@ -132,20 +132,36 @@ def _sum_via(base: str, headers: dict[str, str] | None = None) -> list[float]:
     return data
 
 
+def _serve(
+    script: str, tmp_path: Path, registry: Path, policies: Path, *options: str, **env: str
+) -> tuple[subprocess.Popen[str], int, int]:
+    """`rollguard serve` run by `script` in a child (admin without auth): the process,
+    its data port and its admin port."""
+    port, admin_port = _free_port(), _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--registry", str(registry),
+         "--policies", str(policies), "--state", str(tmp_path / "state"),
+         "--port", str(port), "--admin-port", str(admin_port), *options],
+        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    return process, port, admin_port
+
+
+def _stopped(process: subprocess.Popen[str]) -> str:
+    """Terminate the child gateway; its output once it has exited."""
+    process.terminate()
+    output: str = process.communicate(timeout=30)[0]
+    return output
+
+
 def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstream: str) -> None:
     registry = tmp_path / "registry"
     for model in ("fraud-onnx", "fraud"):  # ONNX and scikit-learn (skops) versions
         shutil.copytree(demo_registry / model / "1.0.0", registry / model / "1.0.0")
     write_remote_version(registry, "1", upstream)
-    port, admin_port = _free_port(), _free_port()
     (tmp_path / "policies").mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, "serve", "--registry", str(registry),
-         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
-         "--port", str(port), "--admin-port", str(admin_port)],
-        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )  # fmt: skip
+    process, port, _ = _serve(_CHILD, tmp_path, registry, tmp_path / "policies")
     base = f"http://127.0.0.1:{port}/v2/models"
     try:
 
@@ -159,8 +175,7 @@ def test_serve_without_model_runtimes(tmp_path: Path, demo_registry: Path, upstr
         asyncio.run(eventually(settled, timeout_s=25))
         assert _sum_via(base) == [3, 7]  # proxied to the upstream and back
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+        output = _stopped(process)
     assert process.returncode == 0, output
     assert "needs onnxruntime, which is not installed (pip install 'rollguard[onnx]')" in output
     assert "framework 'sklearn' needs scikit-learn and skops" in output
@@ -205,14 +220,7 @@ def test_policies_without_scipy(tmp_path: Path, upstream: str) -> None:
     policies.mkdir()
     (policies / "remote.yaml").write_text(SRM_POLICY)
     (policies / "drifting.yaml").write_text(DRIFT_POLICY)
-    port, admin_port = _free_port(), _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, "serve", "--registry", str(registry),
-         "--policies", str(policies), "--state", str(tmp_path / "state"),
-         "--port", str(port), "--admin-port", str(admin_port)],
-        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )  # fmt: skip
+    process, port, admin_port = _serve(_CHILD, tmp_path, registry, policies)
     admin = f"http://127.0.0.1:{admin_port}/admin/rollouts/remote"
     try:
 
@@ -238,16 +246,15 @@ def test_policies_without_scipy(tmp_path: Path, upstream: str) -> None:
         assert 0.0 < detail["pearson_pvalue"] <= 1.0 and 0.0 < detail["pvalue_now"] <= 1.0
         assert _status(f"http://127.0.0.1:{admin_port}/admin/rollouts/drifting") == 404
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+        output = _stopped(process)
     assert process.returncode == 0, output
     assert "the drift metric needs scipy, which is not installed" in output
     assert "pip install 'rollguard[drift]'" in output
 
 
 # Libraries a proxy-only gateway has no use for: model runtimes (their extras), scipy (the
-# statistics of drift, sample-ratio and conditional checks, imported when one first runs),
-# Redis (fleet mode) and plotting. Each costs tens of MB of memory once imported.
+# drift extra's KS test, imported when a drift policy arrives), Redis (fleet mode) and
+# plotting. Each costs tens of MB of memory once imported.
 UNNEEDED = (*RUNTIMES, "scipy", "tritonclient", "redis", "pandas", "matplotlib")
 LOCAL_ONLY = ("isolation", "workerprocess", "worker", "batching")  # serving/ modules
 _RECORDING_CHILD = """
@@ -275,14 +282,10 @@ def _modules_of_a_gateway(
     registry = tmp_path / "registry"
     write_remote_version(registry, "1", upstream)
     (tmp_path / "policies").mkdir()
-    port, admin_port = _free_port(), _free_port()
     modules = tmp_path / "modules.txt"
-    process = subprocess.Popen(
-        [sys.executable, "-c", _RECORDING_CHILD, "serve", "--registry", str(registry),
-         "--policies", str(tmp_path / "policies"), "--state", str(tmp_path / "state"),
-         "--port", str(port), "--admin-port", str(admin_port), *options],
-        env={**os.environ, "ROLLGUARD_ADMIN_AUTH": "none", "MODULES_FILE": str(modules)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    process, port, admin_port = _serve(
+        _RECORDING_CHILD, tmp_path, registry, tmp_path / "policies", *options,
+        MODULES_FILE=str(modules),
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}/v2/models"
     try:
@@ -295,8 +298,7 @@ def _modules_of_a_gateway(
         assert _sum_via(base) == [3, 7]  # the proxy path itself ran
         use(base, f"http://127.0.0.1:{admin_port}")
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
+        output = _stopped(process)
     assert process.returncode == 0, output
     recorded = set(modules.read_text().split())
     assert "rollguard" in {name.partition(".")[0] for name in recorded}  # the gateway's
