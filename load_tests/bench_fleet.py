@@ -40,7 +40,7 @@ from pathlib import Path
 
 from load_tests.bench import models, procs, wrk
 from load_tests.redis_server import RedisServer
-from rollguard.proxy.process import GatewayProcess, free_port
+from rollguard.proxy.process import GatewayProcess, free_port_run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_fleet.md"
 ROLLOUT = "bench-canary"
@@ -115,7 +115,9 @@ def start(
     name: str, work: Path, registry: Path, policies: Path, state: str, workers: int
 ) -> Target:
     """`rollguard serve` with `workers` workers; returns once every worker routes the canary."""
-    admin_port = free_port()
+    # Worker K listens on admin_port + K: the run is taken below the ephemeral range, where
+    # no outgoing connection (wrk's, Redis's) can hold one of its ports.
+    admin_port = free_port_run(workers)
     env = {
         **os.environ,
         "ROLLGUARD_ADMIN_TOKEN": TOKEN,
@@ -128,6 +130,7 @@ def start(
         policies=policies,
         state=state,
         log=work / f"{name}.log",
+        port=free_port_run(1),
         admin_port=admin_port,
         env=env,
     )
@@ -136,7 +139,8 @@ def start(
 
     def routing() -> bool:
         if gateway.proc.poll() is not None:
-            raise RuntimeError(f"{name} exited; see {gateway.log}")
+            tail = gateway.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited; the end of {gateway.log}:\n{tail}")
         return all(_phase(url) == "progressing" for url in admins)
 
     _wait(routing, 120.0, name)

@@ -7,7 +7,9 @@ need a real gateway process they can kill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import secrets
 import signal
 import socket
@@ -29,6 +31,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive loopback ports free right now, below the
+    ephemeral range: `serve --workers N` listens on admin_port..admin_port + N - 1, and a
+    port inside that range may be taken at any moment as the local end of an outgoing
+    connection (to Redis, to an upstream, a load generator's), as a worker restarted later
+    must bind it again."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(max(low - 12000, 1024), low - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"no run of {count} free loopback ports below {low}")
 
 
 class GatewayProcess:

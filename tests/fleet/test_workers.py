@@ -5,13 +5,10 @@ worker is restarted, SIGTERM stops them all; and the supervisor on its own."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +21,7 @@ import aiohttp
 import pytest
 
 from load_tests.redis_server import RedisServer
-from rollguard.proxy.process import free_port
+from rollguard.proxy.process import free_port, free_port_run
 from rollguard.proxy.workers import Supervisor
 from tests.fleet.support import (
     ROW,
@@ -69,25 +66,6 @@ class Served:
             return set()
 
 
-def _ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports, below the ephemeral range:
-    a port in it may be taken at any moment as the local end of an outgoing connection
-    (to Redis, to the upstream), and a worker restarted later must bind it again."""
-    low, _ = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(max(low - 12000, 1024), low - count)
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first, first + count):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return first
-    raise RuntimeError("no run of free ports")
-
-
 async def _pid(http: aiohttp.ClientSession, served: Served, worker: int) -> int | None:
     """The pid of the worker on admin port admin_port + worker (fleet.process is
     host/pid/random), None while nothing answers there."""
@@ -118,7 +96,7 @@ async def _serve(
     """`rollguard serve --workers N` as a user runs it, every worker ready; stopped with
     SIGTERM at the end, which must end the supervisor and every worker with status 0."""
     registry, policies = tmp_path / "registry", write_policy(tmp_path, POLICY)
-    port, grpc_port, admin_port = _ports(1), _ports(1), _ports(workers)
+    port, grpc_port, admin_port = free_port_run(1), free_port_run(1), free_port_run(workers)
     env = serve_env({"ROLLGUARD_DRAIN_DELAY_S": "0"})
     log = tmp_path / "serve.log"
     command = [
@@ -280,7 +258,7 @@ def test_workers_with_a_state_directory_are_refused_in_one_line(tmp_path: Path) 
 
 def test_workers_sharing_a_port_with_their_admin_ports_are_refused(tmp_path: Path) -> None:
     (tmp_path / "registry").mkdir()
-    admin = _ports(3)
+    admin = free_port_run(3)
     done = cli(
         "serve", "--workers", "3", "--registry", str(tmp_path / "registry"),
         "--state", "redis://127.0.0.1:1/0", "--port", str(admin + 2),
