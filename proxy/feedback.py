@@ -26,16 +26,18 @@ tombstones come in two generations of at most `capacity` each, the older dropped
 when the newer fills, so the last `capacity` forgotten ids are always remembered, and at
 most 2 × `capacity`. A label for an id put again meanwhile reaches the new request.
 
-The hot path is `put`, once per answered request: a tuple, a dict entry and a deque
-entry, no Python object of its own (1.1 µs a put with eviction and tombstone, against
-0.45 µs for the ring buffer it replaced, measured side by side on the 2-core CI box).
+The hot path is `put`, once per answered request: the key and what is kept of the
+request are two tuples, and a dict entry and a deque entry share the second. About 310
+bytes a request besides its id (390 with a 32-character id), tombstones aside; 390 (470)
+when the deque held (key, kept) pairs and the window was named by its `id()`, a new int
+each put.
 
-What is kept per request holds only strings and numbers: the window is named by a
-number (`id` of a window the index holds on to), not referenced. The collector untracks
-such tuples the first time it looks at them, so the 100,000 requests of a full index
-cost it nothing. With the window in the tuple, each request kept two tracked tuples: a
-full collection walked all 200,000 (~10 ms with the event loop stopped, a few times a
-minute at 5,000 requests a second), which showed as the gateway's p99.
+What is kept per request holds only strings and numbers: the window is named by a small
+number the index gives it, not referenced. The collector untracks such tuples the first
+time it looks at them, so the 100,000 requests of a full index cost it nothing. With the
+window in the tuple, each request kept two tracked tuples: a full collection walked all
+200,000 (~10 ms with the event loop stopped, a few times a minute at 5,000 requests a
+second), which showed as the gateway's p99.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ from rollguard.serving.prediction import Predicted
 
 Key = tuple[str, str, str]  # (model, client or "", request id)
 Rows = tuple[Predicted, ...]  # a request's prediction per row
-# What the index keeps of one request: (its window's number in `_windows`, the window's
-# generation then, rows, put at, candidate weight): no reference the collector tracks.
-_Kept = tuple[int, int, Rows, float, float]
+# What the index keeps of one request: (its key, its window's number in `_windows`, the
+# window's generation then, rows, put at, candidate weight): no reference the collector
+# tracks.
+_Kept = tuple[Key, int, int, Rows, float, float]
 
 
 class Missing(Enum):
@@ -70,6 +73,7 @@ class FeedbackIndex:
         "_clock",
         "_dropped",
         "_live",
+        "_numbers",
         "_older",
         "_order",
         "_rows",
@@ -90,13 +94,15 @@ class FeedbackIndex:
         self.max_age_s = max_age_s
         self._clock = clock
         self._live: dict[Key, _Kept] = {}  # the requests that can still take a label
-        self._order: deque[tuple[Key, _Kept]] = deque()  # every request held, oldest first
+        self._order: deque[_Kept] = deque()  # every request held, oldest first
         self._rows = 0  # rows of the requests in the order, labelled or not
         self._tombs: dict[int, None] = {}  # key hashes of the newer tombstones
         self._older: dict[int, None] = {}  # and of the generation before
-        # The windows kept requests name, by id(): held here so that an id names one
-        # window while any request names it; pruned every `capacity` requests dropped.
+        # The windows kept requests name, by number, and back: held here so that a number
+        # names one window while any request names it; pruned every `capacity` requests
+        # dropped. A put finds its window's number object here and makes no int.
         self._windows: dict[int, VariantWindow] = {}
+        self._numbers: dict[VariantWindow, int] = {}
         self._dropped = 0
 
     def __len__(self) -> int:
@@ -133,19 +139,19 @@ class FeedbackIndex:
         the request was routed at (its window's stratum), handed back by `take`."""
         now = self._clock()
         order = self._order
-        if order and order[0][1][3] <= now - self.max_age_s:
+        if order and order[0][4] <= now - self.max_age_s:
             self._forget_old(now)
         key = (model, client or "", request_id)
         live = self._live
         rows = len(predictions)
         if key in live or not 0 < rows <= self.capacity:
             return False
-        number = id(window)
-        if number not in self._windows:
-            self._windows[number] = window
-        kept = (number, window.generation, predictions, now, share)
+        number = self._numbers.get(window)
+        if number is None:
+            number = self._number(window)
+        kept = (key, number, window.generation, predictions, now, share)
         live[key] = kept
-        order.append((key, kept))
+        order.append(kept)
         self._rows += rows
         if self._rows > self.capacity:
             self._forget_old(now)
@@ -160,7 +166,7 @@ class FeedbackIndex:
             buried = hash(key)
             gone = buried in self._tombs or buried in self._older
             return Missing.EXPIRED if gone else Missing.UNKNOWN
-        return kept[2]
+        return kept[3]
 
     def take(
         self, model: str, client: str | None, request_id: str
@@ -172,7 +178,7 @@ class FeedbackIndex:
         if isinstance(found, Missing):
             return found
         key = (model, client or "", request_id)
-        number, generation, predictions, _, share = self._live.pop(key)
+        _, number, generation, predictions, _, share = self._live.pop(key)
         buried = hash(key)  # an id put again after it was forgotten: no longer
         self._tombs.pop(buried, None)
         self._older.pop(buried, None)
@@ -183,9 +189,10 @@ class FeedbackIndex:
         that could still take a label leaves a tombstone."""
         order, live = self._order, self._live
         oldest_kept = now - self.max_age_s
-        while order and (self._rows > self.capacity or order[0][1][3] <= oldest_kept):
-            key, kept = order.popleft()
-            self._rows -= len(kept[2])
+        while order and (self._rows > self.capacity or order[0][4] <= oldest_kept):
+            kept = order.popleft()
+            key = kept[0]
+            self._rows -= len(kept[3])
             self._dropped += 1
             if live.get(key) is kept:  # not labelled (nor put again after a label)
                 del live[key]
@@ -195,5 +202,13 @@ class FeedbackIndex:
                     self._older, self._tombs = tombs, {}
         if self._dropped >= self.capacity:  # let go of windows no request names any more
             self._dropped = 0
-            named = {kept[0] for _, kept in order}
+            named = {kept[1] for kept in order}
             self._windows = {n: w for n, w in self._windows.items() if n in named}
+            self._numbers = {w: n for n, w in self._windows.items()}
+
+    def _number(self, window: VariantWindow) -> int:
+        """A number for a window no kept request names yet: the smallest free one."""
+        number = next(n for n in range(len(self._windows) + 1) if n not in self._windows)
+        self._windows[number] = window
+        self._numbers[window] = number
+        return number
