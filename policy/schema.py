@@ -40,6 +40,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"{value!r} is not a duration (e.g. 250ms, 5s, 2m, 1h)")
+    if not math.isfinite(seconds):  # YAML's .nan and .inf; NaN compares false with anything
+        raise ValueError(f"{value!r} is not a duration: a finite number of seconds is")
     if seconds < 0:
         raise ValueError(f"{value!r}: durations are not negative")
     return seconds
@@ -72,7 +74,9 @@ progressDeadlineSeconds, 10 minutes by default, without aborting it)."""
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity in any number: `max: .nan` would make a check that never fails,
+    # and a NaN weight or bound would compare false with everything it guards.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Metadata(_Frozen):

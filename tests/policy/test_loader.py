@@ -209,6 +209,25 @@ def test_a_huge_flat_document_is_cut_short() -> None:
 
 
 @pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        # A NaN bound compares false with everything: a check that could never fail.
+        ("max: 0.01}", "max: .nan}", "fraud.yaml:14: spec.checks.0.max: Input should be a finite"),
+        ("max: 0.01}", "max: .inf}", "fraud.yaml:14: spec.checks.0.max: Input should be a finite"),
+        ("max_ratio_to_stable: 1.5", "max_ratio_to_stable: .inf", "fraud.yaml:16: spec.checks.1."),
+        ("weight: 5,", "weight: .nan,", "fraud.yaml:11: spec.steps.0.weight: Input should be a"),
+        # A NaN hold was no hold at all, and took the step's default deadline with it.
+        ("hold: 2s,", "hold: .nan,", "fraud.yaml:11: spec.steps.0.hold: nan is not a duration"),
+        ("hold: 2s,", "hold: .inf,", "fraud.yaml:11: spec.steps.0.hold: inf is not a duration"),
+        ("  checks:", "  interval: -.inf\n  checks:", "fraud.yaml:13: spec.interval: -inf is not"),
+    ],
+)
+def test_no_number_is_nan_or_infinite(old: str, new: str, expected: str) -> None:
+    assert old in VALID
+    assert str(_error(VALID.replace(old, new, 1))).startswith(expected)
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         ("9" * 5_000, "fraud.yaml:1: YAML: Exceeds the limit"),  # int() refuses; not a crash
