@@ -203,9 +203,16 @@ class Inference:
                 self._record_failure(window, model, version, role, start, Outcome.TIMEOUT, "503",
                                      request.rows(), share, unit)  # fmt: skip
             elif isinstance(failure, ModelExecutionError | UpstreamError):
+                failed_at = self._clock()
+                if table is not None and await self._other_fails_too(table, version, request):
+                    # Every version fails this input: it is the input's fault (or a fault
+                    # the versions share); it counts against neither, and fails no upstream.
+                    runner.excuse_failure()
+                    self.metrics.shared_failures.labels(model, role).inc()
+                    raise _shared(failure, table) from exc
                 code = "502" if isinstance(failure, UpstreamError) else "500"
                 self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR,
-                                     code, request.rows(), share, unit)  # fmt: skip
+                                     code, request.rows(), share, unit, failed_at)  # fmt: skip
             if failure is exc:
                 raise
             raise failure from exc
@@ -259,6 +266,34 @@ class Inference:
             return self.registry.get(model, version) is loaded
         except ServingError:
             return False
+
+    async def _other_fails_too(
+        self, table: SplitTable, version: str, request: InferRequest
+    ) -> bool:
+        """Whether the rollout's other version (stable for the candidate, the candidate for
+        the stable) fails `request` too, as a model error or an upstream error: asked once,
+        counted nowhere. False when it answers, times out, is overloaded or cannot take
+        traffic (then nothing says the input is at fault)."""
+        other = table.stable if version != table.stable else table.candidate
+        if other is None or other == version or table.failover is not None:
+            return False
+        if self.registry.availability(table.model, other) is not Availability.READY:
+            return False
+        loaded = self.registry.get(table.model, other)
+        try:
+            _validate(loaded.manifest, request)
+            await loaded.runner.predict(request)
+        except InvalidInput:
+            return True  # the other's own declared inputs refuse it
+        except Exception as exc:
+            failure = _of_version(exc, other)
+            if isinstance(failure, ModelExecutionError | UpstreamError) and not isinstance(
+                failure, UpstreamTimeout
+            ):
+                loaded.runner.excuse_failure()
+                return True
+            return False
+        return False
 
     def _candidate(self, table: SplitTable, version: str) -> tuple[LoadedVersion, str | None]:
         """The candidate's load, or the stable's and why when the candidate cannot take
@@ -329,8 +364,9 @@ class Inference:
         rows: int,
         share: float = 0.0,
         key: str | None = None,
+        failed_at: float | None = None,
     ) -> None:
-        latency = self._clock() - start
+        latency = (self._clock() if failed_at is None else failed_at) - start
         window.record(latency, outcome, rows=rows, share=share, key=key)
         self.metrics.variant(model, version, role).failed(code, latency)
 
@@ -448,6 +484,23 @@ def _validate(manifest: Manifest, request: InferRequest) -> None:
             raise InvalidInput(
                 f"unknown output(s) {unknown}; the model declares {sorted(declared)}"
             )
+
+
+def _shared(failure: Exception, table: SplitTable) -> Exception:
+    """The client's error for a failure both of a rollout's versions made on one request:
+    a model error is the input's fault (400); an upstream error stays a 502 (two
+    upstreams failing alike may be an outage they share, not the input)."""
+    both = f"{table.stable} and {table.candidate}"
+    shared: ServingError
+    if isinstance(failure, UpstreamError):
+        shared = UpstreamError(f"{failure} (versions {both} both failed this request)")
+    else:
+        shared = InvalidInput(
+            f"no version of model {table.model!r} can run this input ({both} both "
+            f"failed on it): {failure}"
+        )
+    shared.version = getattr(failure, "version", None)
+    return shared
 
 
 def _of_version(exc: Exception, version: str) -> Exception:

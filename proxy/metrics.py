@@ -273,6 +273,15 @@ class Metrics:
             ["model", "version", "role", "reason"],
             registry=r,
         )
+        self.shared_failures = Counter(
+            "rollguard_shared_failures",
+            "Routed requests that failed on their version and then on the rollout's other "
+            "version too: the input's fault, or a fault the two share, counted against "
+            "neither's error rate or upstream health (model errors answered 400, upstream "
+            "errors 502), by the role that answered first.",
+            ["model", "role"],
+            registry=r,
+        )
         self.rollouts = RolloutGauges(r)
         self.audit_chain_ok = Gauge(
             "rollguard_audit_chain_ok",

@@ -48,6 +48,7 @@ class UpstreamHealth:
         self.failed_calls = 0
         self.ejections = 0  # in a row; cleared by a good answer after the back-off
         self.ejected_until = 0.0
+        self._before_ejection = (0, 0.0)  # (ejections, ejected_until) the last one replaced
         self.probe_ok = True
 
     @property
@@ -87,7 +88,17 @@ class UpstreamHealth:
         if self.failed_calls < self.eject_after:
             return None
         self.failed_calls = 0
+        self._before_ejection = (self.ejections, self.ejected_until)
         self.ejections += 1
         length = min(self.eject_base_s * 2.0 ** (self.ejections - 1), self.eject_max_s)
         self.ejected_until = self._clock() + length
         return length
+
+    def excused(self) -> None:
+        """A failed call turned out not to be the upstream's (every version failed its
+        input): it no longer counts, and an ejection it completed is lifted."""
+        if self.failed_calls > 0:
+            self.failed_calls -= 1
+        elif self._clock() < self.ejected_until:
+            self.ejections, self.ejected_until = self._before_ejection
+            self.failed_calls = self.eject_after - 1

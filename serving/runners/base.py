@@ -86,6 +86,11 @@ class Runner(ABC):
         """Release what load() took."""
         self._ready = False
 
+    def excuse_failure(self) -> None:
+        """The last call that failed did so on an input every version fails: take it back
+        from whatever counts this version's failures (an upstream's health)."""
+        return None  # a model in this process keeps no count of failed calls
+
 
 class Wrapper(Runner):
     """A runner around another one (scheduling, deadline, batching), same interface."""
@@ -103,6 +108,9 @@ class Wrapper(Runner):
 
     async def unload(self) -> None:
         await self.inner.unload()
+
+    def excuse_failure(self) -> None:
+        self.inner.excuse_failure()
 
 
 class LocalRunner(Runner):

@@ -98,6 +98,9 @@ class RemoteRunner(Runner):
             log.warning("%s: %d upstream failures in a row, ejected for %g s",
                         self._what, self.health.eject_after, ejected)  # fmt: skip
 
+    def excuse_failure(self) -> None:
+        self.health.excused()
+
     async def unload(self) -> None:
         self._ready = False
         watcher, self._watcher = self._watcher, None

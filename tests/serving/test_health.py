@@ -78,3 +78,28 @@ def test_it_is_ejected_exactly_while_a_back_off_runs(events: list[str]) -> None:
         else:
             clock.now += 7.0
         assert health.ok == (clock.now >= until)
+
+
+@given(st.lists(st.sampled_from(["ok", "fail", "tick"]), max_size=40))
+def test_an_excused_failure_is_as_if_it_had_not_happened(events: list[str]) -> None:
+    """A failure every version made (the input's fault) is taken back at once: whatever
+    came before, the health after fail + excuse is the health before, ejection included."""
+    clock, twin_clock = Clock(), Clock()
+    health, twin = _health(clock), _health(twin_clock)
+    for event in events:
+        for h, c in ((health, clock), (twin, twin_clock)):
+            if event == "ok":
+                h.answered()
+            elif event == "fail":
+                h.failed()
+            else:
+                c.now += 7.0
+        health.failed()  # a shared failure, on one of the two only
+        health.excused()
+        assert (health.ok, health.state, health.ejections, health.ejected_until) == (
+            twin.ok,
+            twin.state,
+            twin.ejections,
+            twin.ejected_until,
+        )
+        assert health.failed_calls == twin.failed_calls
