@@ -13,7 +13,6 @@ import random
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from types import MappingProxyType
 from typing import Literal, Protocol
 
@@ -180,12 +179,24 @@ def stickiness_key(router: Router, model: str, headers: Mapping[str, str]) -> st
     if source is None:
         return None
     if source.kind == "cookie":
-        # Parsed only for cookie keys; a header the standard parser refuses has no key.
-        jar = SimpleCookie()
-        try:
-            jar.load(headers.get("cookie", ""))
-        except CookieError:
-            return None
-        return source.extract(headers, {name: morsel.value for name, morsel in jar.items()})
+        return cookie_value(headers.get("cookie", ""), source.name)
     # A header's name in lower case, as `headers` are keyed (what `extract` would read).
     return headers.get(source.name.lower()) or None
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """The first value of cookie `name` in a Cookie header, None when absent or empty.
+
+    Read as browsers send it and RFC 6265 section 5.4 writes it: `name=value` pairs split
+    on ';', whitespace around each trimmed, a value in double quotes unquoted. Parsed
+    leniently, pair by pair: another cookie that is not a valid `token=value` (JSON, a
+    space, non-ASCII, no '=') never hides this one. http.cookies stopped at the first such
+    pair, and the user lost their stickiness to the random split."""
+    for pair in header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
+    return None

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from rollguard.proxy.routing import BUCKETS, KeySource, Router, SplitTable, bucket
@@ -200,7 +200,32 @@ def test_stickiness_key_from_headers_or_cookies() -> None:
     by_cookie = gateway("cookie:session")
     assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark; session=s9"}) == "s9"
     assert stickiness_key(by_cookie, "m", {"cookie": "theme=dark"}) is None
-    assert stickiness_key(by_cookie, "m", {"cookie": 'session="unterminated'}) is None
+    assert stickiness_key(by_cookie, "m", {"cookie": 'session="s9"'}) == "s9"  # unquoted
+    assert stickiness_key(by_cookie, "m", {"cookie": "xsession=1; session=; a=b"}) is None
+
+
+@pytest.mark.parametrize(
+    "other",
+    ['other={"x":1}', "other=a b", "uid=ü", "flag", "=", "a=b=c", 'q="unterminated', ";;"],
+)
+def test_another_cookie_the_standard_parser_refuses_hides_no_key(other: str) -> None:
+    """Found by an adversarial probe: http.cookies stopped at such a cookie, before or
+    after the key's, and the user fell to the random split."""
+    from rollguard.proxy.routing import cookie_value
+
+    assert cookie_value(f"{other}; session=s9", "session") == "s9"
+    assert cookie_value(f"session=s9; {other}", "session") == "s9"
+    assert cookie_value(f"session=ü; {other}", "session") == "ü"
+
+
+@given(st.text(alphabet=st.characters(exclude_characters=";"), max_size=30), keys)
+def test_a_cookie_key_is_found_whatever_precedes_it(junk: str, key: str) -> None:
+    from rollguard.proxy.routing import cookie_value
+
+    value = key.strip().replace(";", "")
+    assume(value and '"' not in value and not junk.strip().startswith("session="))
+    assume(junk.partition("=")[0].strip() != "session")
+    assert cookie_value(f"{junk}; session={value}", "session") == value
 
 
 @given(keys, weights)
