@@ -33,7 +33,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rollguard.proxy import dashboard
 from rollguard.proxy.admin_urls import AdminUrls
 from rollguard.proxy.capacity import Capacity
-from rollguard.proxy.endpoints import REQUEST_ID, error_response, json_response
+from rollguard.proxy.endpoints import (
+    REQUEST_ID,
+    checked_request_id,
+    echoable,
+    error_response,
+    json_response,
+)
 from rollguard.proxy.errors import Forbidden, ProxyError, RateLimited, Unauthorized
 from rollguard.proxy.lockout import Lockout
 from rollguard.proxy.metrics import Metrics
@@ -131,9 +137,11 @@ class Admin:
     async def handle(self, request: Request) -> Response:
         """The answer to any request of the admin port, errors included; never raises."""
         given = request.headers.get(REQUEST_ID)
-        if given is not None and not given.isprintable():  # refused as on the data port
-            error = InvalidInput("the request id must not contain control characters")
-            return error_response(error, None, "admin port")
+        if given is not None:  # refused as on the data port
+            try:
+                checked_request_id(given)
+            except InvalidInput as error:
+                return error_response(error, None, "admin port")
         try:
             handler, params = self._urls.match(request.method, request.path)
             return await handler(request, params)
@@ -143,7 +151,7 @@ class Admin:
     def refuse(self, error: ProxyError, headers: Mapping[str, str]) -> Response:
         """The answer to a request that could not be read (malformed, too large, late)."""
         given = headers.get(REQUEST_ID)
-        request_id = given if given is not None and given.isprintable() else None
+        request_id = given if given is not None and echoable(given) else None
         return error_response(error, request_id, "admin port: reading a request")
 
     def _authorise(self, request: Request) -> None:

@@ -124,10 +124,25 @@ def error_response(exc: BaseException, request_id: str | None, what: str) -> Res
     return Response(status, orjson.dumps({"error": message}), JSON, headers)
 
 
-def _checked_id(value: str) -> str:
-    """A request id as it may be echoed in a header: printable, no control characters."""
+MAX_REQUEST_ID = 256  # characters; a UUID is 36, a W3C trace id 32
+
+
+def echoable(value: str) -> bool:
+    """Whether a client's request id may be echoed (`checked_request_id` would pass it)."""
+    return value.isprintable() and len(value) <= MAX_REQUEST_ID
+
+
+def checked_request_id(value: str) -> str:
+    """A request id as it may be echoed in a header and kept until its label comes:
+    printable, no control characters, at most MAX_REQUEST_ID characters. A longer one
+    was kept whole by the feedback index (a megabyte each, 100,000 of them) and echoed in
+    a header clients and upstreams refuse to read."""
     if not value.isprintable():
         raise InvalidInput("the request id must not contain control characters")
+    if len(value) > MAX_REQUEST_ID:
+        raise InvalidInput(
+            f"the request id has {len(value)} characters; at most {MAX_REQUEST_ID} are taken"
+        )
     return value
 
 
@@ -263,7 +278,7 @@ class DataPlane:
         admitted = False
         try:
             if header_id is not None:
-                _checked_id(header_id)
+                checked_request_id(header_id)
             handler, params = self._urls.match(request.method, request.path)
             if request.method == "POST" and self.inflight >= self.max_inflight:
                 self._rejected.labels(self._known(params.get("model", "")), "overloaded").inc()
@@ -274,7 +289,7 @@ class DataPlane:
             admitted = True
             response = await handler(request, params)
         except Exception as exc:
-            valid_id = header_id if header_id is not None and header_id.isprintable() else None
+            valid_id = header_id if header_id is not None and echoable(header_id) else None
             return error_response(exc, valid_id or self.inference.new_request_id(),
                                   f"{request.method} {request.path}")  # fmt: skip
         finally:
@@ -291,7 +306,7 @@ class DataPlane:
         """The answer to a request that could not be read (malformed, too large), with the
         client's request id when its headers got that far."""
         given = headers.get(REQUEST_ID)
-        request_id = given if given is not None and given.isprintable() else None
+        request_id = given if given is not None and echoable(given) else None
         return error_response(
             error, request_id or self.inference.new_request_id(), "reading a request"
         )
@@ -326,7 +341,7 @@ class DataPlane:
     def request_id_of(self, parsed: InferRequest, given: str | None) -> str:
         """A request's id: its body's, else the one its caller gave, else a new one."""
         if parsed.id is not None:
-            return _checked_id(parsed.id)
+            return checked_request_id(parsed.id)
         return given or self.inference.new_request_id()
 
     def infer_decoded(
@@ -374,7 +389,7 @@ class DataPlane:
         arrays, body_id, single = decode_predict_request(
             request.body, manifest.input_specs, schemas
         )
-        request_id = _checked_id(body_id) if body_id else request.headers.get(REQUEST_ID)
+        request_id = checked_request_id(body_id) if body_id else request.headers.get(REQUEST_ID)
         request_id = request_id or inference.new_request_id()
         parsed = InferRequest.of_arrays(arrays, id=body_id)
         decoded = _ns()

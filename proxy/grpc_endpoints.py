@@ -39,6 +39,7 @@ from rollguard.proxy.endpoints import (
     SERVER_NAME,
     VARIANT,
     DataPlane,
+    checked_request_id,
     error_response,
     version_metadata,
 )
@@ -203,9 +204,9 @@ class GrpcEndpoints:
         model = ""
         admitted = False
         try:
-            if request_id is not None and not request_id.isprintable():
-                request_id = None
-                raise InvalidInput("the request id must not contain control characters")
+            if request_id is not None:
+                given, request_id = request_id, None  # not echoed until it passes
+                request_id = checked_request_id(given)
             request = _parse(pb.ModelInferRequest, body)
             model = request.model_name
             if plane.inflight >= plane.max_inflight:

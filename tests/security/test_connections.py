@@ -82,6 +82,31 @@ async def test_control_characters_in_request_ids_are_400_on_both_ports(
         assert _served(server) == before  # refused, never counted as served
 
 
+async def test_request_ids_longer_than_256_characters_are_400_on_both_ports(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """Found by an adversarial probe: a megabyte id was kept whole by the feedback index
+    (100 requests: +95 MB of RSS) and echoed in a header clients could not read."""
+    longest, bad = "i" * 256, "i" * 257
+    async with serve(tmp_path, make_registry("fraud/1.0.0")) as server:
+        before = _served(server)
+        for request in (
+            _raw_header("/v2/health/live", bad),
+            _raw_header(INFER, bad, "POST")[:-2] + b"Content-Length: 2\r\n\r\n{}",
+            post(INFER, _body(bad)),
+            post(INFER, _body("i" * 1_000_000)),
+        ):
+            answer = await exchange(server.url, request)
+            _is_json_error(answer, 400)
+            assert "at most 256 are taken" in answer.json()["error"]
+            assert len(answer.headers["x-request-id"]) <= 256
+        answer = await exchange(server.admin_url, _raw_header("/metrics", bad))
+        _is_json_error(answer, 400)
+        assert _served(server) == before  # refused, never counted as served
+        answer = await exchange(server.url, post(INFER, _body(longest)))
+        assert answer.status == 200 and answer.headers["x-request-id"] == longest
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
