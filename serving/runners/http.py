@@ -39,7 +39,9 @@ _JSON = {"Content-Type": "application/json"}
 _BINARY = {"Content-Type": "application/octet-stream"}
 # An upstream's 4xx that blames the request itself: relayed, not the version's failure.
 # Others (404, 405, 408, 429, ...) say the upstream is misconfigured or unwell: 502.
-CLIENT_FAULTS = frozenset({400, 401, 403, 409, 413, 415, 422})
+# 431: headers too large, which only the client's forwarded headers make (a proxy such
+# as Envoy in front of the upstream answers it).
+CLIENT_FAULTS = frozenset({400, 401, 403, 409, 413, 415, 422, 431})
 
 
 def _error_text(body: bytes) -> str:

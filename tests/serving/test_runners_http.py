@@ -18,7 +18,13 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from rollguard.serving.demo import load_eval_data
-from rollguard.serving.errors import ArtifactError, NotReady, UpstreamError, UpstreamTimeout
+from rollguard.serving.errors import (
+    ArtifactError,
+    NotReady,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
 from rollguard.serving.manifest import parse_manifest
 from rollguard.serving.messages import InferRequest
 from rollguard.serving.runners.http import HttpRunner
@@ -40,6 +46,7 @@ class Upstream:
         self.model = model
         self.ready = True
         self.fail = False
+        self.status: int | None = None  # answer this status with an error body instead
         self.stall = False
         self.release = asyncio.Event()  # set at teardown: stalled handlers may finish
         self.url = ""
@@ -63,6 +70,8 @@ class Upstream:
         doc = await request.json()
         if self.fail:
             return web.json_response({"error": "model exploded"}, status=500)
+        if self.status is not None:
+            return web.json_response({"error": "not for me"}, status=self.status)
         if self.stall:
             await self.release.wait()
         if self.answer is not None:
@@ -165,6 +174,25 @@ async def test_upstream_500_is_an_upstream_error(upstream: Upstream, tmp_path: P
     with pytest.raises(UpstreamError, match="answered 500: model exploded") as info:
         await predict_arrays(runner, {"input": x[:2]})
     assert not isinstance(info.value, UpstreamTimeout)
+    await runner.unload()
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 409, 413, 415, 422, 431])
+async def test_an_upstream_refusing_the_clients_request_is_passed_back_uncounted(
+    upstream: Upstream, tmp_path: Path, status: int
+) -> None:
+    """431: headers too large, which only the client's forwarded headers can make (an
+    Envoy in front of the upstream answers it); it was a 502 that counted towards an
+    ejection (found by an adversarial probe)."""
+    runner = HttpRunner(_manifest_for(upstream.url), tmp_path)
+    await runner.load()
+    upstream.status = status
+    x, _ = load_eval_data()
+    for _ in range(runner.health.eject_after + 1):
+        with pytest.raises(UpstreamRejected) as info:
+            await predict_arrays(runner, {"input": x[:1]})
+        assert info.value.status == status
+    assert runner.health.ok and runner.health.failed_calls == 0
     await runner.unload()
 
 
