@@ -72,7 +72,13 @@ def tensor_from_item(
     try:
         if datatype == "BYTES":
             flat = np.asarray(data, dtype=object).reshape(-1)
-            array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
+            wrong = next((v for v in flat if not isinstance(v, str)), _NONE_WRONG)
+            if wrong is not _NONE_WRONG:  # null, a number, a boolean, an object
+                raise InvalidInput(
+                    f"input '{name}': BYTES elements are strings, the data holds "
+                    f"{type(wrong).__name__ if wrong is not None else 'null'}"
+                )
+            array = np.array([v.encode() for v in flat], dtype=object)
         else:
             with np.errstate(over="ignore"):  # refused just below, not warned about
                 array = np.asarray(data, dtype=dtype)
@@ -92,6 +98,9 @@ def tensor_from_item(
     return name, array.reshape(shape), offset
 
 
+_NONE_WRONG = object()  # no element of the wrong type was found
+
+
 def _bytes_from_binary(chunk: memoryview, count: int, name: str) -> np.ndarray:
     # BYTES elements are each a 4-byte little-endian length then the bytes.
     out: list[bytes] = []
@@ -100,6 +109,11 @@ def _bytes_from_binary(chunk: memoryview, count: int, name: str) -> np.ndarray:
         if pos + 4 > len(chunk):
             raise InvalidInput(f"input '{name}': truncated BYTES element")
         n = int.from_bytes(chunk[pos : pos + 4], "little")
+        if pos + 4 + n > len(chunk):
+            raise InvalidInput(
+                f"input '{name}': a BYTES element of {n} bytes runs past its tensor's "
+                f"{len(chunk)} binary bytes"
+            )
         out.append(bytes(chunk[pos + 4 : pos + 4 + n]))
         pos += 4 + n
     if len(out) != count:

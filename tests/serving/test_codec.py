@@ -51,6 +51,37 @@ def test_bytes_tensors_travel_as_text() -> None:
     assert list(back) == [b"cat", b"dog"]
 
 
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        ([None, "b"], "null"),
+        ([1, 2.5], "int"),
+        ([True, False], "bool"),
+        ([{"a": 1}, "b"], "dict"),
+        (["a", ["b"]], "list"),
+    ],
+)
+def test_bytes_elements_are_strings_and_nothing_else(data: list[Any], found: str) -> None:
+    """Found by an adversarial probe: the model got "None", "1", "True", "{'a': 1}"."""
+    item = {"name": "w", "datatype": "BYTES", "shape": [2], "data": data}
+    with pytest.raises(InvalidInput) as info:
+        tensor_from_item(item, "inputs[0]", None, 0)
+    assert str(info.value) == f"input 'w': BYTES elements are strings, the data holds {found}"
+
+
+def test_a_binary_bytes_element_longer_than_its_tensor_is_refused() -> None:
+    """Its length prefix said 0xFFFFFFFF: the element was cut short and served."""
+    chunk = (3).to_bytes(4, "little") + b"abc" + (0xFFFFFFFF).to_bytes(4, "little") + b"def"
+    item = {"name": "w", "datatype": "BYTES", "shape": [2],
+            "parameters": {"binary_data_size": len(chunk)}}  # fmt: skip
+    with pytest.raises(InvalidInput, match="a BYTES element of 4294967295 bytes runs past"):
+        tensor_from_item(item, "inputs[0]", memoryview(chunk), 0)
+    good = (3).to_bytes(4, "little") + b"abc" + (3).to_bytes(4, "little") + b"def"
+    _, back, _ = tensor_from_item(item | {"parameters": {"binary_data_size": len(good)}},
+                                  "inputs[0]", memoryview(good), 0)  # fmt: skip
+    assert list(back) == [b"abc", b"def"]
+
+
 def test_binary_response_carries_the_requested_outputs_after_the_json() -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     body, header_len = encode_infer_response(
