@@ -492,7 +492,12 @@ class DataPlane:
                 version = self.inference.primary_version(model)
             except ServingError:
                 continue  # nothing loaded to serve yet: said per model, not here
-            if registry.availability(model, version) is Availability.UNREADY:
+            # An upstream ejected for failed calls stays in service: a client's own inputs
+            # can fail five calls in a row, and the primary is called anyway.
+            if (
+                registry.availability(model, version) is Availability.UNREADY
+                and not registry.get(model, version).runner.probed_ready
+            ):
                 unready.append(f"{model} {version}")
         if unready and (self.strict_readiness or len(unready) == len(models)):
             raise NotReady(f"upstream not ready: {', '.join(unready)}")

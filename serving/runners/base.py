@@ -50,6 +50,14 @@ class Runner(ABC):
         """Loaded and able to answer."""
         return self._ready
 
+    @property
+    def probed_ready(self) -> bool:
+        """Ready as far as the version's own word goes (an upstream's ready probe),
+        whatever its calls did lately: what the gateway's readiness follows. An
+        upstream ejected for failed calls is not `ready` (routing fails a candidate's
+        share over) but still `probed_ready`: any client can make calls fail."""
+        return self.ready
+
     @abstractmethod
     async def load(self) -> None:
         """Load the artifact (or reach the upstream); ArtifactError on failure."""
@@ -102,6 +110,10 @@ class Wrapper(Runner):
     @property
     def ready(self) -> bool:
         return self.inner.ready
+
+    @property
+    def probed_ready(self) -> bool:
+        return self.inner.probed_ready
 
     async def load(self) -> None:
         await self.inner.load()

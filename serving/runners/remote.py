@@ -44,6 +44,10 @@ class RemoteRunner(Runner):
         """Loaded, its ready probes passing and not ejected for failing calls."""
         return self._ready and self.health.ok
 
+    @property
+    def probed_ready(self) -> bool:
+        return self._ready and self.health.probe_ok
+
     @abstractmethod
     def _open(self) -> None:
         """Make the connection pool or channel (again, after an unload)."""

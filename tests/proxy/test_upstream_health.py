@@ -119,6 +119,12 @@ async def test_an_unready_candidate_takes_no_traffic_until_its_probe_passes(
         await eventually(lambda: server.rollouts.describe("bc")["variants"]["candidate"]
                          ["availability"] == "ready")  # fmt: skip
         await eventually(lambda: server.rollouts.describe("bc")["phase"] != "waiting")
+
+        def routed_again() -> bool:  # the shell republishes the split at its next poll
+            table = server.gateway.router.table("bc")
+            return table is not None and table.failover is None
+
+        await eventually(routed_again)
         served = await _served(server, http, 60)
         assert served.get("2", 0) > 0
 
@@ -142,6 +148,27 @@ async def test_failing_calls_eject_a_version_for_its_back_off(
             return await _status(http, ready_2) == 200
 
         await _wait(back)  # the 0.3 s back-off ends by itself
+
+
+async def test_an_ejected_stable_leaves_the_gateway_ready(
+    tmp_path: Path, standin: tuple[MLServerStandIn, str]
+) -> None:
+    """One model behind a sidecar: three calls that fail (a client's inputs the upstream
+    cannot run, say) eject it, which steers nothing (the primary is called anyway) and
+    used to take the whole gateway out of service (found by an adversarial probe)."""
+    upstream, base = standin
+    registry = _registry(tmp_path, upstream, base)
+    (tmp_path / "policies" / "bc.yaml").unlink()  # no rollout: version 1 serves alone
+    async with serve(tmp_path, registry) as server, aiohttp.ClientSession() as http:
+        upstream.failing.add("1")
+        for _ in range(3):  # eject_after: 3 failed calls in a row
+            async with http.post(f"{server.url}/v2/models/bc/infer", json=BODY) as r:
+                assert r.status == 502
+        assert await _status(http, f"{server.url}/v2/models/bc/versions/1/ready") == 503
+        assert await _status(http, f"{server.url}/v2/health/ready") == 200
+        upstream.failing.discard("1")
+        async with http.post(f"{server.url}/v2/models/bc/infer", json=BODY) as r:
+            assert r.status == 200  # still called while ejected, and it answers
 
 
 async def test_an_unready_stable_makes_the_gateway_unready(
