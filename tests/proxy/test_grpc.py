@@ -361,3 +361,28 @@ async def test_tritons_statistics_extension_over_grpc(server: Server) -> None:
         assert unknown.value.status() == "StatusCode.NOT_FOUND"
     finally:
         await client.close()
+
+
+async def test_request_ids_over_256_characters_are_invalid_arguments(server: Server) -> None:
+    """As over REST: in the call's metadata or the message's id."""
+    rows = _rows(0, 1)
+    long_id = pb.ModelInferRequest(model_name=MODEL, id="i" * 300)
+    long_id.inputs.add(name="input", datatype="FP32", shape=rows.shape)
+    long_id.raw_input_contents.append(rows.tobytes())
+    plain = pb.ModelInferRequest(model_name=MODEL)
+    plain.CopyFrom(long_id)
+    plain.id = ""
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        infer = method(channel, "ModelInfer", pb.ModelInferResponse)
+        for body, metadata in (
+            (long_id.SerializeToString(), ()),
+            (plain.SerializeToString(), (("x-request-id", "i" * 257),)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await infer(body, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 256 are taken" in (refused.value.details() or "")
+        call = infer(plain.SerializeToString(), metadata=(("x-request-id", "i" * 256),))
+        await call
+        trailing = dict(await call.trailing_metadata() or ())
+    assert trailing["x-request-id"] == "i" * 256
