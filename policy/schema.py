@@ -26,6 +26,8 @@ from pydantic import (
 from rollguard.policy import webhooks
 from rollguard.policy.drift import drift_unavailable
 
+MIN_INTERVAL_S = 0.1
+MAX_NAME = 100
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -80,7 +82,11 @@ class _Frozen(BaseModel):
 
 
 class Metadata(_Frozen):
-    name: str = Field(min_length=1, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    # At most 100 characters: the name is a file name in the state directory (with a
+    # suffix), and a longer one stopped the gateway at its next start (ENAMETOOLONG).
+    name: str = Field(
+        min_length=1, max_length=MAX_NAME, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
+    )
     labels: dict[str, str] = Field(default_factory=dict)
 
 
@@ -281,7 +287,9 @@ class Spec(_Frozen):
     key: str | None = Field(default=None, pattern=r"^(header|cookie):[A-Za-z0-9_.-]+$")
     steps: list[Step] = Field(default_factory=list)
     window: int = Field(default=2000, ge=10, le=1_000_000)
-    interval: Duration = 5.0
+    # How often the rollout is looked at. At least 100 ms: a looks cost milliseconds, and a
+    # policy ticking every microsecond held a core and the other models' p99 (5.9 -> 174 ms).
+    interval: Annotated[Duration, Field(ge=MIN_INTERVAL_S)] = 5.0
     require_approval: bool = False
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     # ab: fixed split until a sample size or duration, then a verdict.
