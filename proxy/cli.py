@@ -408,6 +408,11 @@ def _audit(args: argparse.Namespace) -> int:
             entry = adopt_key(path, key)
             print(f"{path}: sealed with audit key {key.id} from entry {entry['seq']} on")
             return 0
+        if not path.exists():  # a mistyped --state, or a log that was deleted: no pass
+            raise CliError(
+                f"no audit log at {path}: check --state (a state directory has one once its "
+                "gateway has recorded anything)"
+            )
         result = verify(path, key)
         if not result.ok:
             raise CliError(

@@ -225,3 +225,9 @@ async def test_status_actions_and_audit_against_a_running_gateway(
     log.write_text("\n".join(lines) + "\n")
     assert main(["audit", "--state", state, "verify"]) == 1
     assert "line 2" in capsys.readouterr().err
+    # No log is no pass: a mistyped --state, or a log deleted from under its state files
+    # (found by an adversarial probe: "0 entries, chain intact", exit 0).
+    typo = cli("audit", "verify", "--state", str(tmp_path / "stat"))
+    assert typo.returncode == 1 and "no audit log at" in typo.stderr
+    log.unlink()
+    assert main(["audit", "--state", state, "verify"]) == 1
