@@ -215,6 +215,11 @@ class Admin:
             raise InvalidInput(f"'reason' is longer than {MAX_REASON_CHARS} characters")
         if len(actor) > MAX_REASON_CHARS:
             raise InvalidInput(f"'actor' is longer than {MAX_REASON_CHARS} characters")
+        # One line each: they go into the gateway log as they are, where a newline would
+        # let a token holder forge log lines.
+        for field, text in (("actor", actor), ("reason", reason or "")):
+            if not text.isprintable():
+                raise InvalidInput(f"'{field}' must not contain control characters (newlines)")
         result = await self.rollouts.act(params["name"], action, actor.strip(), reason or "")
         return json_response(result)
 

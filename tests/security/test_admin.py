@@ -195,3 +195,23 @@ async def test_cli_sends_the_token_and_never_follows_a_redirect(
     finally:
         await redirector_runner.cleanup()
         await collector_runner.cleanup()
+
+
+async def test_actors_and_reasons_are_one_line(tmp_path: Path, registry: Path) -> None:
+    """They are logged as they are: a newline let a token holder forge a log line (found
+    by an adversarial probe). Checked before the rollout is looked up."""
+    forged = "evil\n2026-12-07 17:00:00,000 INFO rollguard.rollouts: promoted by alice"
+    async with (
+        serve(tmp_path, registry, admin_token=TOKEN) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{server.admin_url}{ROLLOUTS}/fraud/pause"
+        for body in ({"actor": forged}, {"actor": "bob", "reason": "x\ry"}):
+            async with http.post(url, json=body, headers=server.admin_headers) as r:
+                assert r.status == 400
+                assert "must not contain control characters" in (await r.json())["error"]
+        headers = {**server.admin_headers, "x-rollguard-actor": "bob\tsmith"}
+        async with http.post(url, headers=headers) as r:
+            assert r.status == 400
+        async with http.post(url, json={"actor": "bob"}, headers=server.admin_headers) as r:
+            assert r.status == 404  # a fine actor reaches the lookup
