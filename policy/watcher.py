@@ -16,6 +16,7 @@ runs it in an executor thread, never on its event loop.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -154,6 +155,12 @@ class PolicyDirectory:
             if entry.name.startswith(".") or not entry.name.endswith((".yaml", ".yml")):
                 continue
             path = Path(entry.path)
+            if not _utf8(entry.path):
+                # Its name cannot go into a log line, an audit entry, a metric label or a
+                # JSON answer: rejected unread, under its name with the bad bytes replaced.
+                shown = Path(os.fsencode(entry.path).decode("utf-8", errors="replace"))
+                found[shown] = OSError(errno.EILSEQ, "its name is not UTF-8 text; rename it")
+                continue
             try:
                 if not entry.is_file():  # follows symlinks; a dangling one is absent
                     continue
@@ -224,6 +231,15 @@ class PolicyDirectory:
             if current.rollout.spec.model == rollout.spec.model:
                 return "spec.model", current.path
         return None
+
+
+def _utf8(name: str) -> bool:
+    """Whether a name from the file system is text (not bytes smuggled in as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field_value(rollout: Rollout, dotted: str) -> Any:

@@ -213,3 +213,39 @@ async def _is_rejected(server: Server, http: aiohttp.ClientSession, name: str) -
 
 async def _is_clear(server: Server, http: aiohttp.ClientSession) -> bool:
     return not await _rejected(server, http)
+
+
+@pytest.mark.parametrize("content", ["valid", "invalid"])
+async def test_a_file_name_that_is_not_utf8_is_rejected_and_breaks_nothing(
+    tmp_path: Path, make_registry: MakeRegistry, content: str
+) -> None:
+    """Found by an adversarial probe: the name reached the audit log and the metric
+    labels as surrogates; /metrics (and with bad content /admin/rollouts) answered 500
+    from then on, even after the file was deleted, and the next start exited 1."""
+    registry = make_registry(*VERSIONS)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(POLICY.format(name="fraud", weight=5))
+    text = POLICY.format(name="fraud-onnx", weight=5) if content == "valid" else "spec: [\n"
+    odd = policies / Path(bytes.fromhex("6672ff61756427").decode("utf-8", "surrogateescape"))
+    for attempt in range(2):  # the second start finds the file already there
+        async with (
+            serve(tmp_path, registry, policies=policies, policy_poll_s=0.1) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            if attempt == 0:
+                odd.with_name(odd.name + ".yaml").write_bytes(text.encode())
+            await until(lambda: _is_rejected(server, http, "fr\ufffdaud'.yaml"))
+            error = (await _rejected(server, http))["fr\ufffdaud'.yaml"]
+            assert "its name is not UTF-8 text; rename it" in error
+            async with http.get(f"{server.admin_url}/metrics") as r:
+                assert r.status == 200
+                assert 'rollguard_policy_invalid{file="' in await r.text()
+            rollouts = (await _overview(server, http))["rollouts"]
+            assert [r["name"] for r in rollouts] == ["fraud"]
+            # Later changes still apply: the scan goes on past the odd file.
+            before = await _applied(server, http, "fraud")
+            weight = 20 + 10 * attempt
+            (policies / "fraud.yaml").write_text(POLICY.format(name="fraud", weight=weight))
+            await until(lambda n=before + 1: _applied_at_least(server, http, "fraud", n))  # type: ignore[misc]
+    odd.with_name(odd.name + ".yaml").unlink()
