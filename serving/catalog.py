@@ -7,6 +7,7 @@ Registry uses the same walk and the same verification before it loads anything.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from rollguard.serving.manifest import (
 from rollguard.serving.remote_metadata import upstream_grpc_signature, upstream_signature
 from rollguard.serving.signatures import onnx_external_files, read_signature
 
+log = logging.getLogger(__name__)
 Status = Literal["ok", "refused"]
 # (file name, st_dev, st_ino, st_size, st_mtime_ns) of every visible file, sorted.
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
@@ -60,12 +62,31 @@ def subdirectories(path: Path) -> list[Path]:
         return []
     found = []
     for entry in entries:
+        if not _text_name(entry.path):
+            continue
         try:
             if not entry.name.startswith(".") and entry.is_dir():
                 found.append(Path(entry.path))
         except OSError:  # vanished or dangling while we looked
             continue
     return sorted(found)
+
+
+_WARNED: set[str] = set()
+
+
+def _text_name(path: str) -> bool:
+    """Whether a file name is UTF-8 text. One that is not could go into no metric label,
+    log line or JSON answer (surrogates): the directory is passed over, said once."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", errors="replace")
+        if shown not in _WARNED:
+            _WARNED.add(shown)
+            log.warning("registry: %s is passed over: its name is not UTF-8 text", shown)
+        return False
+    return True
 
 
 def version_directories(root: Path) -> list[tuple[str, str, Path]]:
