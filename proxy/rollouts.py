@@ -243,24 +243,31 @@ class Rollouts:
         before = "" if event.previous is None else event.previous.model_dump_json()
         self._note("policy_applied", event.name, data, before + rollout.model_dump_json())
         self._prepare_windows(rollout.spec)
+        # The model this rollout routed until now, and how far it got there.
+        moved = (managed.rollout.spec.model, managed.state) if managed is not None else None
         if self.fleet is not None:
             self._fleet_applied(self.fleet, event, managed)
-            return
-        if managed is not None:
+        elif managed is not None:
             candidate = self._unavailable(rollout.spec)
             transition = lifecycle.edit(managed.rollout, managed.state, rollout, _now(), candidate)
             self._run(managed, rollout, transition)
             managed.path = event.path
             log.info("rollout %s updated (%s)", event.name, ", ".join(event.changed_fields))
-            return
-        saved = recover(event.name, self.store, self.audit).state  # checked against the log
-        state = None if saved is None else RolloutState.from_json(saved)
-        transition = lifecycle.start(rollout, state, _now(), self._unavailable(rollout.spec))
-        managed = _Managed(rollout, transition.state, event.path)
-        self._run(managed, rollout, transition)
-        self._managed[event.name] = managed
-        managed.task = asyncio.get_running_loop().create_task(self._tick_loop(managed))
-        log.info("rollout %s: %s", event.name, managed.state.reason)
+        else:
+            saved = recover(event.name, self.store, self.audit).state  # checked against the log
+            state = None if saved is None else RolloutState.from_json(saved)
+            transition = lifecycle.start(rollout, state, _now(), self._unavailable(rollout.spec))
+            managed = _Managed(rollout, transition.state, event.path)
+            self._run(managed, rollout, transition)
+            self._managed[event.name] = managed
+            managed.task = asyncio.get_running_loop().create_task(self._tick_loop(managed))
+            log.info("rollout %s: %s", event.name, managed.state.reason)
+        if moved is not None and moved[0] != rollout.spec.model and not self._routes(moved[0]):
+            # The rollout moved to another model: the one it leaves keeps what it had
+            # reached, as when a policy is removed, and is split no more.
+            left, serving = moved[0], _serving(moved[1])
+            self._publish(SplitTable.single(left, serving))
+            log.info("rollout %s left model %s; it now serves %s", event.name, left, serving)
 
     def _removed(self, event: Removed) -> None:
         managed = self._managed.pop(event.name, None)
@@ -271,13 +278,18 @@ class Rollouts:
         if self.fleet is not None:
             self._background(self.fleet.forget(event.name))
         state = managed.state
-        # A finished rollout leaves its outcome in place; an unfinished one falls back to stable.
-        version = state.candidate if state.phase is Phase.PROMOTED else state.stable
-        self._publish(SplitTable.single(state.model, version))
+        version = _serving(state)
+        if not self._routes(state.model):  # a rollout that took the model over routes it
+            self._publish(SplitTable.single(state.model, version))
         self.inference.metrics.rollouts.forget(event.name)
         data = {"file": str(event.path), "phase": state.phase.value, "serving": version}
         self._note("policy_removed", event.name, data)
         log.info("rollout %s removed; %s now serves %s", event.name, state.model, version)
+
+    def _routes(self, model: str) -> bool:
+        """Whether a rollout now in force routes `model` (one may take over a model in the
+        same scan that removes, or moves away, the rollout that had it)."""
+        return any(m.rollout.spec.model == model for m in self._managed.values())
 
     # -- running effects --
 
@@ -593,6 +605,12 @@ def _table(spec: Spec, route: Route) -> SplitTable:
         shadows=(spec.candidate,) if route.mirroring and route.failover is None else (),
         failover=route.failover,
     )
+
+
+def _serving(state: RolloutState) -> str:
+    """The version a model keeps when its rollout goes (removed, or moved to another
+    model): a finished rollout leaves its outcome in place, an unfinished one the stable."""
+    return state.candidate if state.phase is Phase.PROMOTED else state.stable
 
 
 def _next_kind(effects: tuple[Effect, ...], i: int) -> str | None:

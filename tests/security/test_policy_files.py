@@ -249,3 +249,91 @@ async def test_a_file_name_that_is_not_utf8_is_rejected_and_breaks_nothing(
             (policies / "fraud.yaml").write_text(POLICY.format(name="fraud", weight=weight))
             await until(lambda n=before + 1: _applied_at_least(server, http, "fraud", n))  # type: ignore[misc]
     odd.with_name(odd.name + ".yaml").unlink()
+
+
+MOVABLE = """\
+apiVersion: rollguard/v1
+kind: Rollout
+metadata: {{name: {name}}}
+spec:
+  model: {model}
+  stable: "1.0.0"
+  candidate: "1.1.0"
+  strategy: canary
+  split: random
+  interval: 0.2s
+  steps:
+    - {{weight: 50, hold: 1h}}
+    - {{weight: 100}}
+"""
+
+
+async def _answered_by(server: Server, http: aiohttp.ClientSession, model: str) -> set[str]:
+    """The versions that answered 40 requests to `model`."""
+    row = [0.0] * 30
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": row}]}
+    found: set[str] = set()
+    for _ in range(40):
+        async with http.post(f"{server.url}/v2/models/{model}/infer", json=body) as r:
+            assert r.status == 200, await r.text()
+            found.add(r.headers["x-rollguard-variant"])
+    return found
+
+
+def _split(server: Server, model: str) -> tuple[str | None, float] | None:
+    table = server.gateway.router.table(model)
+    return None if table is None else (table.candidate, table.weight)
+
+
+async def test_a_rollout_moved_to_another_model_leaves_the_first_unsplit(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """Found by an adversarial probe: the model a rollout left kept sending its share to
+    the old candidate until a restart, though no rollout routed it any more."""
+    registry = make_registry(*VERSIONS)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    moving = policies / "moving.yaml"
+    moving.write_text(MOVABLE.format(name="moving", model="fraud-onnx"))
+    async with (
+        serve(tmp_path, registry, policies=policies, policy_poll_s=0.1) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        await until(lambda: _async(_split(server, "fraud-onnx") == ("1.1.0", 50.0)))
+        moving.write_text(MOVABLE.format(name="moving", model="fraud"))
+        await until(lambda: _async(_split(server, "fraud") == ("1.1.0", 50.0)))
+        assert _split(server, "fraud-onnx") == (None, 0.0)
+        assert await _answered_by(server, http, "fraud-onnx") == {"1.0.0"}
+        assert await _answered_by(server, http, "fraud") == {"1.0.0", "1.1.0"}
+
+
+async def test_a_rollout_taking_over_a_model_whose_rollout_is_removed_routes_it(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """`other` moves to fraud, refused while fraud.yaml holds the model; fraud.yaml is
+    deleted, so in one scan `other` takes fraud and the removed rollout lets it go. The
+    removal used to publish fraud's stable alone over `other`'s split (found by an
+    adversarial probe: /admin said 50 %, the candidate got nothing)."""
+    registry = make_registry(*VERSIONS)
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "fraud.yaml").write_text(MOVABLE.format(name="fraud", model="fraud"))
+    (policies / "other.yaml").write_text(MOVABLE.format(name="other", model="fraud-onnx"))
+    async with (
+        serve(tmp_path, registry, policies=policies, policy_poll_s=0.1) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        await until(lambda: _async(_split(server, "fraud-onnx") == ("1.1.0", 50.0)))
+        (policies / "other.yaml").write_text(MOVABLE.format(name="other", model="fraud"))
+        await until(lambda: _is_rejected(server, http, "other.yaml"))
+        (policies / "fraud.yaml").unlink()
+        await until(lambda: _async(_split(server, "fraud-onnx") == (None, 0.0)))
+        assert _split(server, "fraud") == ("1.1.0", 50.0)
+        rollouts = (await _overview(server, http))["rollouts"]
+        assert [(r["name"], r["model"]) for r in rollouts] == [("other", "fraud")]
+        assert await _answered_by(server, http, "fraud") == {"1.0.0", "1.1.0"}
+        assert await _answered_by(server, http, "fraud-onnx") == {"1.0.0"}
+
+
+async def _async(value: bool) -> bool:
+    return value
