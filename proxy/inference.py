@@ -28,6 +28,7 @@ from rollguard.serving.errors import (
     ServingError,
     UpstreamError,
     UpstreamTimeout,
+    VersionNotFound,
 )
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
@@ -112,9 +113,18 @@ class Inference:
         self.stats = Statistics()  # Triton's statistics extension (proxy/stats.py)
 
     def primary_version(self, model: str) -> str:
-        """The version that answers for the model as a whole: rollout stable, else default."""
+        """The version that answers for the model as a whole: the rollout's stable, else
+        (no rollout, or a stable the registry has no load of: `_stable`) the default."""
         table = self.router.table(model)
-        return table.stable if table is not None else self.registry.default_version(model)
+        if table is None:
+            return self.registry.default_version(model)
+        if self.registry.availability(model, table.stable) in _LOADED:
+            return table.stable
+        try:
+            default = self.registry.default_version(model)
+        except NotReady:
+            return table.stable
+        return table.stable if default == table.candidate else default
 
     async def infer(
         self,
@@ -155,7 +165,9 @@ class Inference:
             if role == "candidate":
                 loaded, failover = self._candidate(table, version)
             else:
-                loaded = self._get(model, version, role)
+                loaded, version = self._stable(table)
+                if version != table.stable:
+                    table = None  # answered outside the rollout: counted in neither arm
         _validate(loaded.manifest, request)  # bad input: raised here, counted against no one
         # Sample-ratio checks count the split's units: keys when it hashed one.
         unit = key if table is not None and table.split == "hash" else None
@@ -294,6 +306,26 @@ class Inference:
                 return True
             return False
         return False
+
+    def _stable(self, table: SplitTable) -> tuple[LoadedVersion, str]:
+        """The stable's load and version; when the registry has none for it (a policy
+        naming a version that is not there, or refused, or whose directory was removed),
+        the model's default version's, as if it had no rollout, counted in
+        rollguard_failover_requests_total{reason="stable_<why>"}. Raises as `_get` when
+        the default is that stable too, or the candidate (which must not answer for it)."""
+        model, stable = table.model, table.stable
+        try:
+            return self.registry.get(model, stable), stable
+        except (NotReady, VersionNotFound):
+            try:
+                default = self.registry.default_version(model)
+            except NotReady:
+                default = stable
+            if default in (stable, table.candidate):
+                return self._get(model, stable, "stable"), stable
+        why = self.registry.availability(model, stable).value
+        self.metrics.failover(model, stable, f"stable_{why}").inc()
+        return self._get(model, default, "stable"), default
 
     def _candidate(self, table: SplitTable, version: str) -> tuple[LoadedVersion, str | None]:
         """The candidate's load, or the stable's and why when the candidate cannot take
@@ -452,6 +484,7 @@ class Labelled:
     expired: list[str] = field(default_factory=list)
 
 
+_LOADED = frozenset({Availability.READY, Availability.UNREADY, Availability.STALE})
 _OK = Outcome.OK  # a module constant: an enum member's lookup costs more, per request
 
 

@@ -259,7 +259,9 @@ class Metrics:
         self.failovers = Counter(
             "rollguard_failover_requests",
             "Requests the split gave a candidate that could not take them, served by the "
-            "stable instead, by why (missing, loading, refused, stale, unready).",
+            "stable instead, by why (missing, loading, refused, stale, unready); and those "
+            "it gave a stable the registry has no load of, served by the model's default "
+            "version (stable_missing, stable_refused, stable_loading).",
             ["model", "version", "reason"],
             registry=r,
         )

@@ -308,3 +308,35 @@ async def test_a_stable_whose_files_turn_bad_keeps_serving_its_last_verified_loa
         assert clients.errors == [] and set(clients.statuses) == {200}, clients.statuses
         status = await admin(server, http, "rollouts/fraud")
         assert status["phase"] not in ("rolled_back", "promoted"), status
+
+
+@pytest.mark.parametrize("stable", ["missing", "refused"])
+async def test_a_stable_that_cannot_serve_leaves_the_model_to_its_default_version(
+    tmp_path: Path, make_registry: MakeRegistry, demo_registry: Path, stable: str
+) -> None:
+    """A policy whose stable is not in the registry, or refused: its share of the split
+    was 404 or 503 (found by an adversarial probe: 87 requests in 100). It is answered by
+    the model's default version, as if the model had no rollout, and counted."""
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    name = "9.9.9"
+    if stable == "refused":
+        name = "1.2.0"
+        change_bytes(copy_version(demo_registry, registry, name))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    text = policy().replace('stable: "1.0.0"', f'stable: "{name}"')
+    (policies / "fraud.yaml").write_text(text)
+    async with (
+        serve(tmp_path, registry, policies=policies, **FAST) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        clients = Clients(server, http)
+        async with clients.running():
+            await eventually(lambda: clients.served_by("1.0.0") >= 20)
+            await eventually(lambda: clients.served_by("1.1.0") >= 20)
+        assert clients.errors == [] and set(clients.statuses) == {200}, clients.statuses
+        assert set(clients.variants) == {"1.0.0", "1.1.0"}
+        failovers = await metric(server, http, "rollguard_failover_requests_total")
+        reason = "missing" if stable == "missing" else "refused"
+        key = f"model=fraud,reason=stable_{reason},version={name}"
+        assert failovers.get(key, 0) >= 20, failovers
