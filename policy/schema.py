@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -58,6 +59,11 @@ _DURATION_SCHEMA = {
     "description": "seconds, or a number with a unit: 250ms, 5s, 2m, 1h",
 }
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+# Numbers, counts and flags as YAML writes them, nothing coerced: `weight: yes` was a 1 %
+# step, `min_samples: true` one sample, `require_approval: "no"` false by luck.
+Number = Annotated[float, Strict()]  # an int is a number too
+Count = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
 Strategy = Literal["canary", "ab", "blue_green", "shadow"]
 OnFail = Literal["rollback", "hold", "alert"]
 OnDeadline = Literal["rollback", "hold", "alert"]
@@ -93,9 +99,9 @@ class Metadata(_Frozen):
 class Step(_Frozen):
     """One canary / blue-green step: candidate weight in percent, how long, how many."""
 
-    weight: float = Field(ge=0, le=100)
+    weight: Number = Field(ge=0, le=100)
     hold: Duration = 0.0
-    min_requests: int = Field(default=0, ge=0)
+    min_requests: Count = Field(default=0, ge=0)
     deadline: Duration | None = None  # undecided this long after the step began: on_deadline
 
     @model_validator(mode="after")
@@ -141,17 +147,17 @@ class Check(_Frozen):
     """
 
     metric: str
-    max: float | None = None
-    min: float | None = None
-    max_ratio_to_stable: float | None = Field(default=None, gt=0)
-    max_increase_vs_stable: float | None = Field(default=None, ge=0)
-    max_drop_vs_stable: float | None = Field(default=None, ge=0)
-    threshold: float | None = Field(default=None, gt=0)
+    max: Number | None = None
+    min: Number | None = None
+    max_ratio_to_stable: Number | None = Field(default=None, gt=0)
+    max_increase_vs_stable: Number | None = Field(default=None, ge=0)
+    max_drop_vs_stable: Number | None = Field(default=None, ge=0)
+    threshold: Number | None = Field(default=None, gt=0)
     method: Literal["psi", "ks"] | None = None
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    min_samples: int = Field(default=200, ge=1)
+    confidence: Number = Field(default=0.95, gt=0.5, lt=1)
+    min_samples: Count = Field(default=200, ge=1)
     on_fail: OnFail = "rollback"
-    fail_margin: float | None = Field(default=None, ge=0)
+    fail_margin: Number | None = Field(default=None, ge=0)
     pass_when: PassWhen = "bound"
     test: ComparisonTest | None = None
 
@@ -255,7 +261,7 @@ class Webhook(_Frozen):
 
     webhook: str = Field(pattern=r"^https?://")
     timeout: Duration = 5.0
-    retries: int = Field(default=3, ge=0, le=10)
+    retries: Count = Field(default=3, ge=0, le=10)
     headers_from_env: dict[str, str] = Field(default_factory=dict)  # header -> env variable
 
     @field_validator("webhook")
@@ -286,21 +292,21 @@ class Spec(_Frozen):
     split: Literal["hash", "random"] = "hash"
     key: str | None = Field(default=None, pattern=r"^(header|cookie):[A-Za-z0-9_.-]+$")
     steps: list[Step] = Field(default_factory=list)
-    window: int = Field(default=2000, ge=10, le=1_000_000)
+    window: Count = Field(default=2000, ge=10, le=1_000_000)
     # How often the rollout is looked at. At least 100 ms: a looks cost milliseconds, and a
     # policy ticking every microsecond held a core and the other models' p99 (5.9 -> 174 ms).
     interval: Annotated[Duration, Field(ge=MIN_INTERVAL_S)] = 5.0
-    require_approval: bool = False
-    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    require_approval: Flag = False
+    alpha: Number = Field(default=0.05, gt=0, lt=0.5)
     # ab: fixed split until a sample size or duration, then a verdict.
-    ab_weight: float = Field(default=50.0, gt=0, lt=100)
-    sample_size: int | None = Field(default=None, ge=10)
+    ab_weight: Number = Field(default=50.0, gt=0, lt=100)
+    sample_size: Count | None = Field(default=None, ge=10)
     duration: Duration | None = None
     primary_metric: Literal["error_rate", "accuracy", "latency"] = "error_rate"
     # blue_green: how long the old side stays warm after the flip.
     warm_hold: Duration = 300.0
     # shadow: hand over to a canary of these steps once the shadow checks pass.
-    then_canary: bool = False
+    then_canary: Flag = False
     checks: list[Check] = Field(default_factory=list)
     notify: list[Webhook] = Field(default_factory=list)
     # A candidate that cannot take traffic (refused, unloaded, unready): its share fails

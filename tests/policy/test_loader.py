@@ -215,11 +215,15 @@ def test_a_huge_flat_document_is_cut_short() -> None:
         # from 5.9 to 174 ms (found by an adversarial probe).
         ("  checks:", "  interval: 1ms\n  checks:", "fraud.yaml:13: spec.interval: Input should"),
         ("  checks:", "  interval: 0.000001\n  checks:", "fraud.yaml:13: spec.interval: Input"),
+        # Nothing coerced (found by an adversarial probe: `weight: yes` was a 1 % step).
+        ("weight: 5,", "weight: yes,", "fraud.yaml:11: spec.steps.0.weight: Input should be"),
+        ("  checks:", '  require_approval: "yes"\n  checks:', "fraud.yaml:13: spec.require_"),
+        ("max: 0.01}", "max: 0.01, min_samples: true}", "fraud.yaml:14: spec.checks.0.min_"),
         # The name is a state file's name: 245 characters stopped the next start.
         ("{name: fraud}", "{name: %s}" % ("f" * 101), "fraud.yaml:3: metadata.name: String should"),
     ],
 )
-def test_bounds_that_keep_one_policy_from_hurting_the_gateway(
+def test_values_that_would_mislead_or_hurt_the_gateway_are_refused(
     old: str, new: str, expected: str
 ) -> None:
     assert old in VALID
