@@ -15,6 +15,7 @@ YAML library becomes this file's PolicyInvalid rather than escaping.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator, Sequence
@@ -229,9 +230,17 @@ def _locate(root: Node, loc: _Loc) -> tuple[int, _Loc]:
     return line, found
 
 
+# What an unknown key may look like to be named in an error. Another key is described,
+# not quoted: a policy file symlinked to any file the gateway can read (/etc/shadow)
+# had every line echoed as an unknown field, into the log and /admin/rollouts.
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
 def _describe(err: Any, root: Node) -> tuple[int, str, str]:
     loc: _Loc = tuple(err["loc"])
     line, found = _locate(root, loc)
+    if err["type"] == "extra_forbidden" and not _FIELD_NAME.fullmatch(str(loc[-1])):
+        loc = (*loc[:-1], f"<a key of {len(str(loc[-1]))} characters>")
     kind, value = err["type"], err.get("input")
     # An absent or unknown field is named in full; its line is its parent's.
     path = _dotted(loc if kind in ("missing", "extra_forbidden") else found)
@@ -240,6 +249,8 @@ def _describe(err: Any, root: Node) -> tuple[int, str, str]:
         reason = "required field is missing"
     elif kind == "extra_forbidden":
         reason = f"unknown field {loc[-1]!r}" + _suggestion(loc)
+        if str(loc[-1]).startswith("<a key of "):
+            reason = f"unknown field: {str(loc[-1])[1:-1]} that is no field name"
     elif kind in ("model_type", "dict_type"):
         reason = f"expected a mapping, got {_yaml_kind(value)}"
     elif kind == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):

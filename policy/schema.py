@@ -293,7 +293,7 @@ class Spec(_Frozen):
     key: str | None = Field(default=None, pattern=r"^(header|cookie):[A-Za-z0-9_.-]+$")
     steps: list[Step] = Field(default_factory=list)
     window: Count = Field(default=2000, ge=10, le=1_000_000)
-    # How often the rollout is looked at. At least 100 ms: a looks cost milliseconds, and a
+    # How often the rollout is looked at. At least 100 ms: a look costs milliseconds, and a
     # policy ticking every microsecond held a core and the other models' p99 (5.9 -> 174 ms).
     interval: Annotated[Duration, Field(ge=MIN_INTERVAL_S)] = 5.0
     require_approval: Flag = False

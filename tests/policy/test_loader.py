@@ -89,6 +89,17 @@ def test_unknown_field_suggests_the_close_one() -> None:
     assert "did you mean 'max_ratio_to_stable'?" in str(error)
 
 
+def test_a_key_that_is_no_field_name_is_described_not_quoted() -> None:
+    """A policy file symlinked to /etc/shadow had each line echoed as an unknown field,
+    into the log and /admin/rollouts (found by an adversarial probe)."""
+    shadow = "root:$6$salt$0123456789abcdef:19000:0:99999:7:::\ndaemon:*:19000::::::\n"
+    error = str(_error(shadow))
+    assert "$6$" not in error and "daemon" not in error and "19000" not in error, error
+    assert "fraud.yaml:1: <a key of 47 characters>: unknown field: a key of 47" in error
+    typo = str(_error(VALID.replace("max_ratio_to_stable", "max_ratio_to_stabel")))
+    assert "unknown field 'max_ratio_to_stabel'" in typo  # a plausible name is still named
+
+
 def test_unquoted_version_number_gets_a_quoting_hint() -> None:
     error = _error(VALID.replace('stable: "1.0.0"', "stable: 1.10"))
     assert str(error) == (
