@@ -89,9 +89,16 @@ def changed_fields(old: Rollout | None, new: Rollout) -> tuple[str, ...]:
 class PolicyDirectory:
     """The Rollout files of one directory and the current good Rollout of each name."""
 
-    def __init__(self, root: Path, *, webhook_hosts: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, *, webhook_hosts: tuple[str, ...] = (), last_good: Path | None = None
+    ) -> None:
+        """`last_good`: a directory (in the state directory) where each file's last applied
+        content is kept, so that a file found rejected at start runs its last good version
+        as it would have in the process before (None: not kept, e.g. fleet mode)."""
         self.root = root
         self.webhook_hosts = webhook_hosts  # the operator's allow-list (empty allows none)
+        self.last_good = last_good
+        self._pruned = False  # kept copies of files gone while the gateway was down
         self.missing: str | None = None  # why the directory cannot be listed, while it cannot
         self._seen: dict[Path, _Seen] = {}
         self._current: dict[str, _Current] = {}
@@ -117,8 +124,12 @@ class PolicyDirectory:
         # Rollouts whose file vanished are reported Removed only at the end: if another
         # file declares the same name in this scan (a renamed file), it is a move.
         self._vanished = {}
+        if not self._pruned:
+            self._pruned = True
+            self._prune_kept({path.name for path in files})
         for path in sorted(self._seen.keys() - files.keys()):
             seen = self._seen.pop(path)
+            self._forget_kept(path)
             if seen.name is not None and self.path_of(seen.name) == path:
                 self._vanished[seen.name] = self._current.pop(seen.name)
         events: list[PolicyEvent] = []
@@ -181,21 +192,48 @@ class PolicyDirectory:
         if seen is not None and seen.digest == digest:
             return []
         held = seen.name if seen is not None else None
+        line: int | None = None
         if isinstance(content, OSError):
             error = f"{path}: cannot read: {content.strerror or content}"
-            self._seen[path] = _Seen(digest, held, error=error)
-            return [Rejected(path, error, held)]
+        else:
+            try:
+                rollout = parse_rollout_bytes(content, str(path), webhook_hosts=self.webhook_hosts)
+            except PolicyInvalid as exc:
+                error, line = str(exc), exc.line
+            except Exception:  # a bug of ours or the YAML library's: this file's problem only
+                log.exception("policy %s could not be parsed", path)
+                error = f"{path}:1: (document): could not be parsed (the gateway log has details)"
+                line = 1
+            else:
+                return self._apply(path, rollout, digest, content.decode("utf-8"))
+        if seen is None:  # first seen by this process: its last good version, if kept
+            resumed = self._resume(path, digest, error, line)
+            if resumed is not None:
+                return resumed
+        self._seen[path] = _Seen(digest, held, error=error)
+        return [Rejected(path, error, held, line)]
+
+    def _resume(
+        self, path: Path, digest: str, error: str, line: int | None
+    ) -> list[PolicyEvent] | None:
+        """A file rejected the first time this process reads it (at start, usually) whose
+        last good content is kept: that version runs, as it ran before the restart, and
+        the file stays rejected until it is fixed. Without this, a typo made while the
+        gateway ran cost nothing until the next start, which dropped the canary (and a
+        promoted candidate's traffic went back to the old version)."""
+        kept = self._kept(path)
+        if kept is None:
+            return None
         try:
-            rollout = parse_rollout_bytes(content, str(path), webhook_hosts=self.webhook_hosts)
-        except PolicyInvalid as exc:
-            self._seen[path] = _Seen(digest, held, error=str(exc))
-            return [Rejected(path, str(exc), held, exc.line)]
-        except Exception:  # a bug of ours or the YAML library's: this file's problem only
-            log.exception("policy %s could not be parsed", path)
-            error = f"{path}:1: (document): could not be parsed (the gateway log has details)"
-            self._seen[path] = _Seen(digest, held, error=error)
-            return [Rejected(path, error, held, 1)]
-        return self._apply(path, rollout, digest, content.decode("utf-8"))
+            rollout = parse_rollout_bytes(kept, str(path), webhook_hosts=self.webhook_hosts)
+        except Exception:  # kept by an older gateway whose rules were looser: not resumed
+            return None
+        events = self._apply(path, rollout, digest, kept.decode("utf-8"))
+        seen = self._seen[path]
+        if seen.pending is None:
+            error += f"\n{path}: its last good version, kept in the state directory, runs"
+            seen.error = error
+        return [Rejected(path, error, rollout.name, line), *events]
 
     def _apply(self, path: Path, rollout: Rollout, digest: str, text: str) -> list[PolicyEvent]:
         seen = self._seen.get(path)
@@ -218,6 +256,7 @@ class PolicyDirectory:
         old = previous.rollout if previous is not None else None
         self._current[rollout.name] = _Current(rollout, path)
         self._seen[path] = _Seen(digest, rollout.name)
+        self._keep(path, text)
         events.append(Applied(rollout.name, rollout, path, changed_fields(old, rollout), old))
         return events
 
@@ -231,6 +270,53 @@ class PolicyDirectory:
             if current.rollout.spec.model == rollout.spec.model:
                 return "spec.model", current.path
         return None
+
+    # -- the last good content of each file, kept across restarts (file mode) --
+
+    def _kept(self, path: Path) -> bytes | None:
+        if self.last_good is None:
+            return None
+        try:
+            return (self.last_good / path.name).read_bytes()
+        except OSError:
+            return None
+
+    def _keep(self, path: Path, text: str) -> None:
+        """Keep what a file held when it applied (atomically; a failure is said, not fatal:
+        the rollout runs, only a later restart with a broken file would not resume it)."""
+        if self.last_good is None:
+            return
+        target = self.last_good / path.name
+        try:
+            data = text.encode("utf-8")
+            if target.is_file() and target.read_bytes() == data:
+                return
+            self.last_good.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_bytes(data)
+            os.replace(partial, target)
+        except OSError as exc:
+            log.warning("cannot keep the last good version of %s in %s: %s", path,
+                        self.last_good, exc)  # fmt: skip
+
+    def _forget_kept(self, path: Path) -> None:
+        if self.last_good is not None:
+            try:
+                (self.last_good / path.name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot forget the kept version of %s: %s", path, exc)
+
+    def _prune_kept(self, names: set[str]) -> None:
+        """Forget kept copies of files deleted while no gateway watched."""
+        if self.last_good is None:
+            return
+        try:
+            entries = list(os.scandir(self.last_good))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name not in names:
+                self._forget_kept(self.root / entry.name)
 
 
 def _utf8(name: str) -> bool:

@@ -103,7 +103,10 @@ class Rollouts:
         self.inference = inference
         self.settings = settings
         self.directory = PolicyDirectory(
-            settings.policies, webhook_hosts=settings.webhook_allowed_hosts
+            settings.policies,
+            webhook_hosts=settings.webhook_allowed_hosts,
+            # File mode: each file's last good content, for a start that finds it broken.
+            last_good=None if settings.fleet_state is not None else settings.state / "policies",
         )
         # Fleet mode (`state: redis://`): state and audit live in Redis, through the fleet
         # shell (proxy/fleet/shell.py); the file store and log below are not opened.

@@ -179,3 +179,65 @@ def test_sigkill_soak_short(tmp_path: Path, demo_registry: Path) -> None:
     table = output.read_text()
     assert "cycles: 3 of 3; failed checks: 0" in table
     assert table.count("| ok |") >= 3
+
+
+async def _answered_by(gateway: Any, http: aiohttp.ClientSession) -> set[str]:
+    """The versions that answered 40 requests with 40 keys."""
+    found: set[str] = set()
+    for i in range(40):
+        body = {"features": X[i].tolist()}
+        headers = {"x-user-id": f"user-{i}"}
+        async with http.post(f"{gateway.url}/predict/fraud", json=body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            found.add(r.headers["x-rollguard-variant"])
+    return found
+
+
+@pytest.mark.parametrize("outcome", ["progressing", "promoted"])
+async def test_a_policy_broken_while_the_gateway_ran_keeps_running_after_a_restart(
+    tmp_path: Path, make_registry: MakeRegistry, outcome: str
+) -> None:
+    """A typo while the gateway runs costs nothing (its last good version keeps running);
+    the next start used to drop the rollout: the canary vanished, and a promoted
+    candidate's traffic went back to the old version (found by an adversarial probe). The
+    last good content is kept in the state directory and resumed; deleting the file
+    while no gateway runs forgets it."""
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    policies = tmp_path / "policies"
+    write_policy(policies)
+    env = child_env()
+    async with aiohttp.ClientSession() as http:
+        gateway = start(tmp_path, registry, env)
+        try:
+            assert await ready_or_exit(gateway, http) is None
+            before = await wait_rollout(gateway, http)
+            if outcome == "promoted":
+                assert await act(gateway, http, "fraud", "promote") == 200
+                before = await wait_rollout(gateway, http)
+            assert before["phase"] == outcome
+            served = await _answered_by(gateway, http)
+            (policies / "fraud.yaml").write_text("spec: [\n")  # broken while it runs
+        finally:
+            gateway.stop()
+        gateway = start(tmp_path, registry, env)
+        try:
+            assert await ready_or_exit(gateway, http) is None
+            after = await wait_rollout(gateway, http)
+            keep = ("phase", "weight", "generation", "step", "stable", "candidate")
+            assert {k: after[k] for k in keep} == {k: before[k] for k in keep}
+            assert await _answered_by(gateway, http) == served
+            overview = await admin_get(gateway, http, "/admin/rollouts")
+            (rejected,) = overview["rejected"]
+            assert rejected["file"].endswith("fraud.yaml")
+            assert "its last good version, kept in the state directory, runs" in rejected["error"]
+        finally:
+            gateway.stop()
+        (policies / "fraud.yaml").unlink()
+        gateway = start(tmp_path, registry, env)
+        try:
+            assert await ready_or_exit(gateway, http) is None
+            overview = await admin_get(gateway, http, "/admin/rollouts")
+            assert overview["rollouts"] == [] and overview["rejected"] == []
+        finally:
+            gateway.stop()
+    assert not (tmp_path / "state" / "policies" / "fraud.yaml").exists()
