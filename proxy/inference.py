@@ -29,6 +29,7 @@ from rollguard.serving.errors import (
     UpstreamError,
     UpstreamTimeout,
     VersionNotFound,
+    WorkerLost,
 )
 from rollguard.serving.manifest import Manifest
 from rollguard.serving.messages import InferRequest, InferResponse
@@ -175,7 +176,8 @@ class Inference:
             # The split chose the candidate (sample-ratio checks count that); stable answers.
             self.windows.get(model, version).count_routed(unit)
             self.metrics.failover(model, version, failover).inc()
-            version, role = table.stable, "stable"
+            # The stable, or the model's default when the stable cannot serve (`_stable`).
+            version, role = loaded.manifest.version, "stable"
         window = self.windows.get(model, version)
         if failover is None:
             window.count_routed(unit)
@@ -216,13 +218,22 @@ class Inference:
                                      request.rows(), share, unit)  # fmt: skip
             elif isinstance(failure, ModelExecutionError | UpstreamError):
                 failed_at = self._clock()
-                if table is not None and await self._other_fails_too(table, version, request):
+                code = "502" if isinstance(failure, UpstreamError) else "500"
+                try:
+                    shared = table is not None and await self._other_fails_too(
+                        table, version, failure, request
+                    )
+                except BaseException:  # cancelled while asking: the failure still counts
+                    self._record_failure(window, model, version, role, start,
+                                         Outcome.MODEL_ERROR, code, request.rows(), share,
+                                         unit, failed_at)  # fmt: skip
+                    raise
+                if shared and table is not None:
                     # Every version fails this input: it is the input's fault (or a fault
                     # the versions share); it counts against neither, and fails no upstream.
-                    runner.excuse_failure()
+                    runner.excuse_failure(failure)
                     self.metrics.shared_failures.labels(model, role).inc()
                     raise _shared(failure, table) from exc
-                code = "502" if isinstance(failure, UpstreamError) else "500"
                 self._record_failure(window, model, version, role, start, Outcome.MODEL_ERROR,
                                      code, request.rows(), share, unit, failed_at)  # fmt: skip
             if failure is exc:
@@ -280,14 +291,24 @@ class Inference:
             return False
 
     async def _other_fails_too(
-        self, table: SplitTable, version: str, request: InferRequest
+        self, table: SplitTable, version: str, failure: Exception, request: InferRequest
     ) -> bool:
         """Whether the rollout's other version (stable for the candidate, the candidate for
         the stable) fails `request` too, as a model error or an upstream error: asked once,
-        counted nowhere. False when it answers, times out, is overloaded or cannot take
-        traffic (then nothing says the input is at fault)."""
+        counted nowhere (an upstream failure or timeout of that call is excused from its
+        health). False when it answers, refuses the input by its own declared inputs,
+        times out, is overloaded or cannot take traffic: nothing then says the input is at
+        fault. Not asked when the version's worker process died on the input (a poison
+        input must not kill the other's worker too), nor when the other takes no routed
+        traffic (a rolled-back or shadow candidate says nothing for the stable)."""
         other = table.stable if version != table.stable else table.candidate
-        if other is None or other == version or table.failover is not None:
+        if (
+            other is None
+            or other == version
+            or isinstance(failure, WorkerLost)
+            or table.failover is not None
+            or (other == table.candidate and table.weight <= 0)
+        ):
             return False
         if self.registry.availability(table.model, other) is not Availability.READY:
             return False
@@ -296,15 +317,14 @@ class Inference:
             _validate(loaded.manifest, request)
             await loaded.runner.predict(request)
         except InvalidInput:
-            return True  # the other's own declared inputs refuse it
+            return False  # its own inputs differ: that says nothing about this failure
         except Exception as exc:
-            failure = _of_version(exc, other)
-            if isinstance(failure, ModelExecutionError | UpstreamError) and not isinstance(
-                failure, UpstreamTimeout
-            ):
-                loaded.runner.excuse_failure()
-                return True
-            return False
+            second = _of_version(exc, other)
+            if isinstance(second, UpstreamError):
+                loaded.runner.excuse_failure(second)  # never charged for being asked
+            return isinstance(second, ModelExecutionError | UpstreamError) and not isinstance(
+                second, UpstreamTimeout | WorkerLost
+            )
         return False
 
     def _stable(self, table: SplitTable) -> tuple[LoadedVersion, str]:
@@ -337,7 +357,7 @@ class Inference:
             if found is Availability.READY:  # a stale candidate fails over; a stale stable serves
                 return self.registry.get(model, version), None
             reason = found.value
-        return self._get(model, table.stable, "stable"), reason
+        return self._stable(table)[0], reason
 
     def feedback(
         self,

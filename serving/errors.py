@@ -9,6 +9,7 @@ ServingError
 ├── NotReady               the version exists but is not loaded / not ready
 ├── InvalidInput           tensors do not match the manifest (name, datatype, shape)
 ├── ModelExecutionError    the model raised while predicting
+│   └── WorkerLost         its worker process died during the call
 ├── DeadlineExceeded       a local version did not answer within its time limit
 ├── UpstreamError          an HTTP upstream answered with an error or not at all
 │   └── UpstreamTimeout    the upstream did not answer in time
@@ -62,12 +63,22 @@ class ModelExecutionError(ServingError):
     """The model itself raised while predicting."""
 
 
+class WorkerLost(ModelExecutionError):
+    """A process-isolated version's worker process died during the call (a crash, the
+    memory limit): the version's failure, and one no other version is asked to repeat."""
+
+
 class DeadlineExceeded(ServingError):
     """A version's call did not finish within its time limit (it may still run on)."""
 
 
 class UpstreamError(ServingError):
-    """An HTTP upstream failed: connection refused, 5xx, or an unreadable answer."""
+    """An HTTP upstream failed: connection refused, 5xx, or an unreadable answer.
+
+    `health_serial`: where the failure stands in its upstream's health record
+    (serving/health.py), so that it alone can be excused later."""
+
+    health_serial: int | None = None
 
 
 class UpstreamTimeout(UpstreamError):

@@ -49,6 +49,9 @@ class UpstreamHealth:
         self.ejections = 0  # in a row; cleared by a good answer after the back-off
         self.ejected_until = 0.0
         self._before_ejection = (0, 0.0)  # (ejections, ejected_until) the last one replaced
+        # Every recorded outcome bumps it; a failure may be excused only while it is the
+        # last thing recorded (`excused`), and once.
+        self.serial = 0
         self.probe_ok = True
 
     @property
@@ -78,12 +81,14 @@ class UpstreamHealth:
 
     def answered(self) -> None:
         """A call succeeded (or was the client's fault: the upstream is fine)."""
+        self.serial += 1
         self.failed_calls = 0
         if self.ejections and self._clock() >= self.ejected_until:
             self.ejections = 0
 
     def failed(self) -> float | None:
         """A call failed; the ejection's length in seconds when this one ejects it."""
+        self.serial += 1
         self.failed_calls += 1
         if self.failed_calls < self.eject_after:
             return None
@@ -94,9 +99,15 @@ class UpstreamHealth:
         self.ejected_until = self._clock() + length
         return length
 
-    def excused(self) -> None:
-        """A failed call turned out not to be the upstream's (every version failed its
-        input): it no longer counts, and an ejection it completed is lifted."""
+    def excused(self, serial: int) -> None:
+        """The failed call recorded as `serial` turned out not to be the upstream's (every
+        version failed its input): it no longer counts, and an ejection it completed is
+        lifted. Only while nothing was recorded since (a late excuse would forgive another
+        call's failure or lift an ejection other failures earned), and only once (a
+        batched call that failed several callers is one failure)."""
+        if serial != self.serial:
+            return
+        self.serial += 1
         if self.failed_calls > 0:
             self.failed_calls -= 1
         elif self._clock() < self.ejected_until:

@@ -45,10 +45,10 @@ from typing import Any
 from rollguard.serving.bulkhead import Lane, current_lane
 from rollguard.serving.errors import (
     DeadlineExceeded,
-    ModelExecutionError,
     NotReady,
     Overloaded,
     ServingError,
+    WorkerLost,
 )
 from rollguard.serving.messages import InferRequest, InferResponse
 from rollguard.serving.runners.base import LocalRunner, Wrapper
@@ -191,7 +191,7 @@ class _Pool:
             self.idle.remove(worker)
         during = worker.pending is not None
         worker.fail(
-            ModelExecutionError(
+            WorkerLost(
                 f"{self.label}: its worker process (pid {worker.pid}) died during the call "
                 f"({cause})"
             )

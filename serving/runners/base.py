@@ -94,8 +94,8 @@ class Runner(ABC):
         """Release what load() took."""
         self._ready = False
 
-    def excuse_failure(self) -> None:
-        """The last call that failed did so on an input every version fails: take it back
+    def excuse_failure(self, failure: Exception) -> None:
+        """`failure`, this version's, was on an input every version fails: take it back
         from whatever counts this version's failures (an upstream's health)."""
         return None  # a model in this process keeps no count of failed calls
 
@@ -121,8 +121,8 @@ class Wrapper(Runner):
     async def unload(self) -> None:
         await self.inner.unload()
 
-    def excuse_failure(self) -> None:
-        self.inner.excuse_failure()
+    def excuse_failure(self, failure: Exception) -> None:
+        self.inner.excuse_failure(failure)
 
 
 class LocalRunner(Runner):

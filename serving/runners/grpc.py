@@ -141,8 +141,8 @@ class GrpcRunner(RemoteRunner):
             raise self._failure(exc) from None
         try:
             response = response_of_message(reply)
-        except UpstreamError:
-            self._failed()
+        except UpstreamError as failure:
+            self._failed(failure)
             raise
         self._answered()
         return response
@@ -157,7 +157,10 @@ class GrpcRunner(RemoteRunner):
             self._answered()
             body = orjson.dumps({"error": details})
             return UpstreamRejected(message, status, body, "application/json")
-        self._failed()
-        if code == Code.DEADLINE_EXCEEDED:
-            return UpstreamTimeout(f"grpc://{self.target}: no answer within {self._timeout_s:g} s")
-        return UpstreamError(message)
+        failure = (
+            UpstreamTimeout(f"grpc://{self.target}: no answer within {self._timeout_s:g} s")
+            if code == Code.DEADLINE_EXCEEDED
+            else UpstreamError(message)
+        )
+        self._failed(failure)
+        return failure

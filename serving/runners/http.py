@@ -134,8 +134,8 @@ class HttpRunner(RemoteRunner):
                 content_type = reply.content_type or "application/json"
                 raise UpstreamRejected(message, status, reply.body, content_type)
             raise UpstreamError(message)
-        except UpstreamError:  # 5xx, reset, timeout, unreadable: the upstream's failure
-            self._failed()
+        except UpstreamError as failure:  # 5xx, reset, timeout, unreadable: the upstream's
+            self._failed(failure)
             raise
 
     async def _close(self) -> None:

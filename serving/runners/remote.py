@@ -15,7 +15,7 @@ import logging
 from abc import abstractmethod
 from pathlib import Path
 
-from rollguard.serving.errors import ArtifactError
+from rollguard.serving.errors import ArtifactError, UpstreamError
 from rollguard.serving.health import UpstreamHealth
 from rollguard.serving.manifest import Manifest, UpstreamOptions
 from rollguard.serving.runners.base import Runner
@@ -95,15 +95,19 @@ class RemoteRunner(Runner):
         """A call was answered (or refused as the client's fault: the upstream is fine)."""
         self.health.answered()
 
-    def _failed(self) -> None:
-        """A call failed as the upstream's fault (5xx, reset, timeout, nonsense)."""
+    def _failed(self, failure: UpstreamError) -> None:
+        """A call failed as the upstream's fault (5xx, reset, timeout, nonsense); the
+        failure remembers its place in the health record (see `excuse_failure`)."""
         ejected = self.health.failed()
+        failure.health_serial = self.health.serial
         if ejected is not None:
             log.warning("%s: %d upstream failures in a row, ejected for %g s",
                         self._what, self.health.eject_after, ejected)  # fmt: skip
 
-    def excuse_failure(self) -> None:
-        self.health.excused()
+    def excuse_failure(self, failure: Exception) -> None:
+        serial = getattr(failure, "health_serial", None)
+        if serial is not None:
+            self.health.excused(serial)
 
     async def unload(self) -> None:
         self._ready = False

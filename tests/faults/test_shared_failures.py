@@ -233,3 +233,54 @@ async def test_an_upstream_only_the_candidate_fails_is_charged_and_ejected(
         doc = await _variants(server, http, "remote")
         assert doc["variants"]["candidate"]["errors"] == 5
         assert await metric(server, http, "rollguard_shared_failures_total") == {}
+
+
+async def test_a_candidate_whose_inputs_the_stable_refuses_is_still_charged(
+    tmp_path: Path,
+) -> None:
+    """Found in review: the stable refusing the input by its own declared inputs (the
+    candidate takes a new feature) counted as the stable failing it too, so a candidate
+    failing every request was never charged nor ejected."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def infer(request: web.Request) -> web.Response:
+        return web.json_response({"error": "boom"}, status=500)  # the candidate: broken
+
+    app = web.Application()
+    app.router.add_get("/v2/models/remote/versions/{version}/ready", ready)
+    app.router.add_post("/v2/models/remote/versions/{version}/infer", infer)
+    runner, base = await start_upstream(app)
+    registry = tmp_path / "registry"
+    for version, width in (("1", 2), ("2", 3)):  # version 2 takes a new feature
+        directory = registry / "remote" / version
+        directory.mkdir(parents=True)
+        (directory / "model.yaml").write_text(
+            f"name: remote\nversion: '{version}'\nframework: http\n"
+            f"endpoint: {base}/v2/models/remote/versions/{version}\nstage: production\n"
+            f"inputs: [{{name: x, datatype: FP32, shape: [-1, {width}]}}]\n"
+        )
+    policies = _policies(tmp_path, "remote", "1", "2")
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    try:
+        async with (
+            serve(tmp_path, registry, policies=policies, admin_token=TOKEN) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{server.url}/v2/models/remote/infer"
+            charged = 0
+            for i in range(200):
+                status, variant, text = await _post(http, url, body, f"u{i}")
+                if variant == "2":
+                    assert status == 502 and "both failed" not in text, text
+                    charged += 1
+                if charged == 5:
+                    break
+            doc = await _variants(server, http, "remote")
+            assert doc["variants"]["candidate"]["errors"] == 5
+            async with http.get(f"{server.url}/v2/models/remote/versions/2/ready") as r:
+                assert r.status == 503  # ejected after 5 failed calls in a row
+            assert await metric(server, http, "rollguard_shared_failures_total") == {}
+    finally:
+        await runner.cleanup()

@@ -95,7 +95,7 @@ def test_an_excused_failure_is_as_if_it_had_not_happened(events: list[str]) -> N
             else:
                 c.now += 7.0
         health.failed()  # a shared failure, on one of the two only
-        health.excused()
+        health.excused(health.serial)
         assert (health.ok, health.state, health.ejections, health.ejected_until) == (
             twin.ok,
             twin.state,
@@ -103,3 +103,26 @@ def test_an_excused_failure_is_as_if_it_had_not_happened(events: list[str]) -> N
             twin.ejected_until,
         )
         assert health.failed_calls == twin.failed_calls
+
+
+def test_an_excuse_that_comes_late_or_twice_forgives_nothing() -> None:
+    """Found in review: an excuse arriving after a success and new failures lifted an
+    ejection those failures earned; a batched call failing several callers was excused
+    once per caller, forgiving other failures."""
+    clock = Clock()
+    health = _health(clock)  # eject_after 3
+    health.failed()
+    late = health.serial
+    health.answered()
+    for _ in range(3):
+        health.failed()
+    assert health.state is Health.EJECTED
+    health.excused(late)  # something was recorded since: nothing to take back
+    assert health.state is Health.EJECTED
+    health = _health(clock)
+    health.failed()
+    health.failed()
+    batch = health.serial
+    health.excused(batch)
+    health.excused(batch)  # the same failure again (a second caller of the batch)
+    assert health.failed_calls == 1
