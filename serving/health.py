@@ -17,6 +17,7 @@ Pure state with an injected clock; the runner does the I/O and the logging.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -49,9 +50,14 @@ class UpstreamHealth:
         self.ejections = 0  # in a row; cleared by a good answer after the back-off
         self.ejected_until = 0.0
         self._before_ejection = (0, 0.0)  # (ejections, ejected_until) the last one replaced
-        # Every recorded outcome bumps it; a failure may be excused only while it is the
-        # last thing recorded (`excused`), and once.
+        # Every recorded call outcome bumps `serial`. A failure names its serial when it is
+        # excused (`excused`): only a failure of the current run of failures, or of the run
+        # that ejected the upstream, is taken back, and each serial once.
         self.serial = 0
+        self._run_start = 0  # serial of the first failure of the current run
+        self._ejecting_run: tuple[int, int] | None = None  # (first, last) serial of the run
+        # that ejected it, while that ejection stands
+        self._excused: deque[int] = deque(maxlen=256)
         self.probe_ok = True
 
     @property
@@ -89,11 +95,14 @@ class UpstreamHealth:
     def failed(self) -> float | None:
         """A call failed; the ejection's length in seconds when this one ejects it."""
         self.serial += 1
+        if self.failed_calls == 0:
+            self._run_start = self.serial
         self.failed_calls += 1
         if self.failed_calls < self.eject_after:
             return None
         self.failed_calls = 0
         self._before_ejection = (self.ejections, self.ejected_until)
+        self._ejecting_run = (self._run_start, self.serial)
         self.ejections += 1
         length = min(self.eject_base_s * 2.0 ** (self.ejections - 1), self.eject_max_s)
         self.ejected_until = self._clock() + length
@@ -101,15 +110,19 @@ class UpstreamHealth:
 
     def excused(self, serial: int) -> None:
         """The failed call recorded as `serial` turned out not to be the upstream's (every
-        version failed its input): it no longer counts, and an ejection it completed is
-        lifted. Only while nothing was recorded since (a late excuse would forgive another
-        call's failure or lift an ejection other failures earned), and only once (a
-        batched call that failed several callers is one failure)."""
-        if serial != self.serial:
+        version failed its input): it no longer counts. When its run of failures ejected
+        the upstream, the ejection is lifted (that run would have fallen one short).
+        A failure from before the current run (a success or an ejection came since) is
+        past forgiving: excusing it would lift what other failures earned. Each serial is
+        excused once: a batched call that failed several callers is one failure."""
+        if serial in self._excused:
             return
-        self.serial += 1
-        if self.failed_calls > 0:
-            self.failed_calls -= 1
-        elif self._clock() < self.ejected_until:
+        self._excused.append(serial)
+        run = self._ejecting_run
+        if run is not None and run[0] <= serial <= run[1] and self._clock() < self.ejected_until:
             self.ejections, self.ejected_until = self._before_ejection
-            self.failed_calls = self.eject_after - 1
+            self._ejecting_run = None
+            self._run_start = run[0]
+            self.failed_calls += self.eject_after - 1  # and any failures since
+        elif serial >= self._run_start and self.failed_calls > 0:
+            self.failed_calls -= 1

@@ -126,3 +126,22 @@ def test_an_excuse_that_comes_late_or_twice_forgives_nothing() -> None:
     health.excused(batch)
     health.excused(batch)  # the same failure again (a second caller of the batch)
     assert health.failed_calls == 1
+
+
+@given(st.permutations(list(range(1, 6))), st.integers(1, 5))
+def test_concurrent_shared_failures_excused_in_any_order_leave_it_whole(
+    order: list[int], count: int
+) -> None:
+    """Several inputs every version fails, in flight at once: their failures land back
+    to back (ejecting it at the third), and their excuses come back in any order; in the
+    end nothing is counted and it is not ejected."""
+    clock = Clock()
+    health = _health(clock)  # eject_after 3
+    serials = []
+    for _ in range(count):
+        health.failed()
+        serials.append(health.serial)
+    for i in order:
+        if i <= count:
+            health.excused(serials[i - 1])
+    assert health.ok and health.failed_calls == 0 and health.ejections == 0
