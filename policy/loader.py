@@ -257,7 +257,7 @@ def _describe(err: Any, root: Node) -> tuple[int, str, str]:
         text = _scalar_text(root, found) or str(value)
         reason = f'expected a string, got the number {text}; quote it: "{text}"'
     elif kind != "value_error" and _is_scalar(value):
-        reason = f"{reason} (got {value!r})"
+        reason = f"{reason} (got {_shown(value)})"
     return line, path, reason
 
 
@@ -309,7 +309,19 @@ def _scalar_text(root: Node, loc: _Loc) -> str | None:
 def _yaml_kind(value: object) -> str:
     if isinstance(value, list):
         return "a list"
-    return "nothing" if value is None else f"{value!r}"
+    return "nothing" if value is None else _shown(value)
+
+
+_SHOWN_CHARS = 24  # a value longer than this is described, not quoted
+
+
+def _shown(value: object) -> str:
+    """A value as an error quotes it: short ones whole (a typo is seen at once), longer
+    text by its length. A policy file symlinked to a secret (a token, a key file) must not
+    have its content quoted into the log and /admin/rollouts."""
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        return f"a text of {len(value)} characters"
+    return repr(value)
 
 
 def _is_scalar(value: object) -> bool:

@@ -98,6 +98,17 @@ def test_a_key_that_is_no_field_name_is_described_not_quoted() -> None:
     assert "fraud.yaml:1: <a key of 47 characters>: unknown field: a key of 47" in error
     typo = str(_error(VALID.replace("max_ratio_to_stable", "max_ratio_to_stabel")))
     assert "unknown field 'max_ratio_to_stabel'" in typo  # a plausible name is still named
+    # Found in review: a whole-file scalar (a token) and a known field's long value.
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzYSJ9.c2lnbmF0dXJl"
+    assert token not in str(_error(token + "\n"))
+    assert "got a text of 47 characters" in str(_error(f"apiVersion: sk-{'0' * 44}\n"))
+    assert "got 'canery'" in str(_error(VALID.replace("strategy: canary", "strategy: canery")))
+
+
+def test_a_duration_of_hundreds_of_digits_is_an_error_not_a_crash() -> None:
+    """Found in review: float() raised OverflowError; `policy check` died."""
+    error = str(_error(VALID.replace("hold: 2s,", f"hold: {'9' * 400},")))
+    assert "spec.steps.0.hold: that duration is not a finite number of seconds" in error
 
 
 def test_unquoted_version_number_gets_a_quoting_hint() -> None:
