@@ -99,6 +99,7 @@ class PolicyDirectory:
         self.webhook_hosts = webhook_hosts  # the operator's allow-list (empty allows none)
         self.last_good = last_good
         self._pruned = False  # kept copies of files gone while the gateway was down
+        self._resumable: list[tuple[Path, str, str, int | None]] = []  # this scan's
         self.missing: str | None = None  # why the directory cannot be listed, while it cannot
         self._seen: dict[Path, _Seen] = {}
         self._current: dict[str, _Current] = {}
@@ -133,8 +134,12 @@ class PolicyDirectory:
             if seen.name is not None and self.path_of(seen.name) == path:
                 self._vanished[seen.name] = self._current.pop(seen.name)
         events: list[PolicyEvent] = []
+        self._resumable = []
         for path in sorted(files):
             events.extend(self._consider(path, files[path]))
+        for path, digest, error, line in self._resumable:
+            events.extend(self._resume(path, digest, error, line))
+        self._resumable = []
         # A file rejected as a duplicate may be free to apply now that this scan
         # removed or renamed the rollout it collided with.
         for path, seen in sorted(self._seen.items()):
@@ -206,34 +211,33 @@ class PolicyDirectory:
                 line = 1
             else:
                 return self._apply(path, rollout, digest, content.decode("utf-8"))
-        if seen is None:  # first seen by this process: its last good version, if kept
-            resumed = self._resume(path, digest, error, line)
-            if resumed is not None:
-                return resumed
+        if seen is None and self.last_good is not None:  # its last good version, if kept:
+            self._resumable.append((path, digest, error, line))  # after every file is read
         self._seen[path] = _Seen(digest, held, error=error)
         return [Rejected(path, error, held, line)]
 
-    def _resume(
-        self, path: Path, digest: str, error: str, line: int | None
-    ) -> list[PolicyEvent] | None:
+    def _resume(self, path: Path, digest: str, error: str, line: int | None) -> list[PolicyEvent]:
         """A file rejected the first time this process reads it (at start, usually) whose
         last good content is kept: that version runs, as it ran before the restart, and
         the file stays rejected until it is fixed. Without this, a typo made while the
         gateway ran cost nothing until the next start, which dropped the canary (and a
-        promoted candidate's traffic went back to the old version)."""
+        promoted candidate's traffic went back to the old version). Tried once every
+        file of the scan is read, so a valid file claiming the same name or model wins;
+        a kept version that would collide is not resumed (nor held pending)."""
         kept = self._kept(path)
         if kept is None:
-            return None
+            return []
         try:
             rollout = parse_rollout_bytes(kept, str(path), webhook_hosts=self.webhook_hosts)
         except Exception:  # kept by an older gateway whose rules were looser: not resumed
-            return None
+            return []
+        if self._owner_conflict(rollout, path) is not None:
+            return []
         events = self._apply(path, rollout, digest, kept.decode("utf-8"))
-        seen = self._seen[path]
-        if seen.pending is None:
-            error += f"\n{path}: its last good version, kept in the state directory, runs"
-            seen.error = error
-        return [Rejected(path, error, rollout.name, line), *events]
+        self._seen[
+            path
+        ].error = f"{error}\n{path}: its last good version, kept in the state directory, runs"
+        return events
 
     def _apply(self, path: Path, rollout: Rollout, digest: str, text: str) -> list[PolicyEvent]:
         seen = self._seen.get(path)

@@ -304,3 +304,35 @@ def test_a_vanished_directory_keeps_what_is_loaded(tmp_path: Path) -> None:
     assert watcher.scan() == [] and watcher.missing is None
     (root / "fraud.yaml").unlink()
     assert watcher.scan() == [Removed("fraud", root / "fraud.yaml")]
+
+
+def _rollout_text(name: str, candidate: str) -> str:
+    return policy().replace("name: fraud", f"name: {name}").replace('"1.1.0"', f'"{candidate}"')
+
+
+def test_a_file_broken_while_running_resumes_its_kept_version_unless_a_valid_file_claims_it(
+    tmp_path: Path,
+) -> None:
+    """The last good content of each file is kept (`last_good`); a start that finds the
+    file broken runs that version. A valid file claiming the same model wins over a kept
+    copy, and the kept copy is not held pending to apply later (found in review)."""
+    policies, kept = tmp_path / "policies", tmp_path / "state" / "policies"
+    policies.mkdir()
+    (policies / "z.yaml").write_text(_rollout_text("fraud", "1.1.0"))
+    PolicyDirectory(policies, last_good=kept).scan()
+    (policies / "z.yaml").write_text("spec: [broken\n")
+    alone = PolicyDirectory(policies, last_good=kept)  # a restart
+    events = alone.scan()
+    assert [type(e).__name__ for e in events] == ["Rejected", "Applied"]
+    assert alone.current()["fraud"].spec.candidate == "1.1.0"
+    assert (
+        "its last good version, kept in the state directory, runs"
+        in (alone.rejected()[policies / "z.yaml"])
+    )
+    (policies / "c.yaml").write_text(_rollout_text("fraud-b", "1.2.0"))  # same model
+    contested = PolicyDirectory(policies, last_good=kept)
+    contested.scan()
+    assert {n: r.spec.candidate for n, r in contested.current().items()} == {"fraud-b": "1.2.0"}
+    (policies / "c.yaml").unlink()
+    contested.scan()
+    assert contested.current() == {}  # the kept copy never applies by itself later
