@@ -284,3 +284,26 @@ async def test_a_candidate_whose_inputs_the_stable_refuses_is_still_charged(
             assert await metric(server, http, "rollguard_shared_failures_total") == {}
     finally:
         await runner.cleanup()
+
+
+async def test_a_rolled_back_candidate_is_not_asked_for_the_stable(
+    tmp_path: Path, make_registry: MakeRegistry
+) -> None:
+    """Found in review: after a rollback the table still names the candidate; asking it
+    would excuse the stable's own failures by a version that takes no traffic."""
+    registry = make_registry("fraud/1.0.0", "fraud/1.1.0")
+    policies = _policies(tmp_path, "fraud", "1.0.0", "1.1.0")
+    async with (
+        serve(tmp_path, registry, policies=policies, admin_token=TOKEN) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{server.admin_url}/admin/rollouts/fraud/rollback"
+        async with http.post(url, json={"actor": "ops"}, headers=server.admin_headers) as r:
+            assert r.status == 200, await r.text()
+        for i in range(5):
+            status, variant, text = await _post(
+                http, f"{server.url}/v2/models/fraud/infer", ZERO_ROWS, f"user-{i}"
+            )
+            assert (status, variant) == (500, "1.0.0"), text
+        assert await metric(server, http, "rollguard_shared_failures_total") == {}
+        assert (await requests_by_code(server, http, "fraud", "1.0.0")).get("500") == 5
