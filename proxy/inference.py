@@ -121,11 +121,7 @@ class Inference:
             return self.registry.default_version(model)
         if self.registry.availability(model, table.stable) in _LOADED:
             return table.stable
-        try:
-            default = self.registry.default_version(model)
-        except NotReady:
-            return table.stable
-        return table.stable if default == table.candidate else default
+        return self._stand_in(table) or table.stable
 
     async def infer(
         self,
@@ -337,15 +333,21 @@ class Inference:
         try:
             return self.registry.get(model, stable), stable
         except (NotReady, VersionNotFound):
-            try:
-                default = self.registry.default_version(model)
-            except NotReady:
-                default = stable
-            if default in (stable, table.candidate):
+            default = self._stand_in(table)
+            if default is None:
                 return self._get(model, stable, "stable"), stable
         why = self.registry.availability(model, stable).value
         self.metrics.failover(model, stable, f"stable_{why}").inc()
         return self._get(model, default, "stable"), default
+
+    def _stand_in(self, table: SplitTable) -> str | None:
+        """The version that answers for a stable the registry has no load of: the model's
+        default, unless there is none or it is that stable or the rollout's candidate."""
+        try:
+            default = self.registry.default_version(table.model)
+        except NotReady:
+            return None
+        return None if default in (table.stable, table.candidate) else default
 
     def _candidate(self, table: SplitTable, version: str) -> tuple[LoadedVersion, str | None]:
         """The candidate's load, or the stable's and why when the candidate cannot take

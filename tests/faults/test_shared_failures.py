@@ -12,19 +12,17 @@ The real gateway over loopback, the demo's real models and stand-in V2 upstreams
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from rollguard.serving.demo.build import load_eval_data
 from tests.faults.support import admin, metric, requests_by_code, until
+from tests.fleet.support import upstream
 from tests.proxy.conftest import MakeRegistry
-from tests.proxy.support import Server, serve, start_upstream, write_remote_version
+from tests.proxy.support import Server, serve, start_upstream
 
 X, _ = load_eval_data()
 TOKEN = "shared-failures-token-0123456789"
@@ -138,34 +136,9 @@ async def test_a_failure_only_the_candidate_makes_still_counts(
 MARK = -999.0  # an input value the stand-in upstreams answer 500 to
 
 
-@contextlib.asynccontextmanager
-async def _upstreams(registry: Path, failing: set[str]) -> AsyncIterator[None]:
-    """`remote/1` and `remote/2`, each a stand-in V2 upstream; a version in `failing`
-    answers 500 to any request holding MARK, as a server does to an input its model
-    cannot run."""
-
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(status=200)
-
-    async def infer(request: web.Request) -> web.Response:
-        version = request.match_info["version"]
-        doc = orjson.loads(await request.read())
-        if version in failing and MARK in doc["inputs"][0]["data"]:
-            refusal = {"error": "Input X contains a value I cannot take"}
-            return web.json_response(refusal, status=500)
-        tensor = {"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]}
-        return web.json_response({"model_name": "remote", "id": doc.get("id"), "outputs": [tensor]})
-
-    app = web.Application()
-    app.router.add_get("/v2/models/remote/versions/{version}/ready", ready)
-    app.router.add_post("/v2/models/remote/versions/{version}/infer", infer)
-    runner, base = await start_upstream(app)
-    for version in ("1", "2"):
-        write_remote_version(registry, version, f"{base}/v2/models/remote/versions/{version}")
-    try:
-        yield
-    finally:
-        await runner.cleanup()
+def _marked(doc: dict[str, Any]) -> bool:
+    """An input the stand-in upstreams cannot run, as a server cannot run some inputs."""
+    return MARK in doc["inputs"][0]["data"]
 
 
 def _remote(value: float) -> dict[str, Any]:
@@ -191,7 +164,7 @@ async def test_upstreams_that_both_fail_an_input_are_neither_charged_nor_ejected
     registry = tmp_path / "registry"
     policies = _policies(tmp_path, "remote", "1", "2")
     async with (
-        _upstreams(registry, failing={"1", "2"}),
+        upstream(registry, failing={"1", "2"}, when=_marked),
         serve(tmp_path, registry, policies=policies, admin_token=TOKEN) as server,
         aiohttp.ClientSession() as http,
     ):
@@ -219,7 +192,7 @@ async def test_an_upstream_only_the_candidate_fails_is_charged_and_ejected(
     registry = tmp_path / "registry"
     policies = _policies(tmp_path, "remote", "1", "2")
     async with (
-        _upstreams(registry, failing={"2"}),
+        upstream(registry, failing={"2"}, when=_marked),
         serve(tmp_path, registry, policies=policies, admin_token=TOKEN) as server,
         aiohttp.ClientSession() as http,
     ):

@@ -85,16 +85,21 @@ def write_policy(tmp_path: Path, text: str) -> Path:
 
 
 @asynccontextmanager
-async def upstream(registry: Path, failing: Collection[str] = ()) -> AsyncIterator[None]:
+async def upstream(
+    registry: Path,
+    failing: Collection[str] = (),
+    when: Callable[[dict[str, Any]], bool] = lambda doc: True,
+) -> AsyncIterator[None]:
     """`remote/1` and `remote/2`, `framework: http` versions served by one stand-in
-    upstream; a version in `failing` answers every infer 500."""
+    upstream; a version in `failing` answers 500 to every infer request whose body
+    `when` holds for (all of them by default)."""
 
     async def ready(request: web.Request) -> web.Response:
         return web.Response(status=200)
 
     async def infer(request: web.Request) -> web.Response:
         version = request.match_info["version"]
-        if version in failing:
+        if version in failing and when(await request.json()):
             return web.json_response({"error": "boom"}, status=500)
         tensor = {"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]}
         return web.json_response({"model_name": "remote", "outputs": [tensor]})
